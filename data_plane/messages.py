@@ -1,0 +1,256 @@
+"""Turning Great Expectations results into messages a person can act on (used by `validation`).
+
+GX says "expect_column_values_to_be_between failed, unexpected_count 3"; the report should say
+"column 'f7': 3 values outside [-4.1, 5.2] (e.g. inf, 1e9) in part-00001.csv — if the change
+is real, widen the bounds in the suite". Follow-on failures (checks that could not run because
+the column is missing or holds text) are dropped from the list; the raw GX result keeps them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from data_plane.landing import data_columns
+from data_plane.readers import SOURCE_COLUMN
+
+if TYPE_CHECKING:
+    from data_plane.validation import Failure, ValidationReport
+    from evergreen.config import DataConfig
+
+_FINITE_MAX = sys.float_info.max
+_SAMPLES = 5
+
+
+def _exception_message(info: Any) -> str | None:
+    """GX nests exception info per metric in 1.x; return the first message, if any."""
+    if not isinstance(info, dict):
+        return None
+    if "raised_exception" in info:
+        return info.get("exception_message") if info.get("raised_exception") else None
+    for nested in info.values():
+        message = _exception_message(nested)
+        if message:
+            return message
+    return None
+
+
+def _files(frame: pd.DataFrame, rows: list) -> str:
+    if SOURCE_COLUMN not in frame.columns or not rows:
+        return ""
+    valid = [r for r in rows if isinstance(r, int) and 0 <= r < len(frame)]
+    names = sorted(set(frame[SOURCE_COLUMN].iloc[valid].astype(str)))
+    return f" in {', '.join(names)}" if names else ""
+
+
+def _counts(result: dict) -> str:
+    pairs = result.get("partial_unexpected_counts") or []
+    return ", ".join(f"{p['value']!r} ×{p['count']}" for p in pairs[:_SAMPLES])
+
+
+def _non_numeric(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Values of `column` that are present but are not numbers (e.g. "abc", "1,5")."""
+    values = frame[column].dropna()
+    return values[pd.to_numeric(values, errors="coerce").isna()]
+
+
+def _type_message(
+    frame: pd.DataFrame, column: str, kwargs: dict, result: dict, cfg: DataConfig
+) -> str:
+    col = f"column {column!r}"
+    if column not in cfg.features:
+        observed = result.get("observed_value") or str(frame[column].dtype)
+        return f"{col} must hold {kwargs.get('type_list')} values; found {observed}"
+    bad = _non_numeric(frame, column)
+    if bad.empty:
+        return f"{col} must be numeric; its type is {frame[column].dtype}"
+    samples = list(dict.fromkeys(bad.tolist()))[:_SAMPLES]
+    return (
+        f"{col} must be numeric but {len(bad)} values are not numbers (e.g. {samples})"
+        f"{_files(frame, bad.index.tolist())} — fix the producer, or drop it from data.features"
+    )
+
+
+def _message(kind: str, column: str | None, kwargs: dict, result: dict, ctx: dict) -> str:
+    """The sentence for one failed expectation (`ctx`: frame, config, counts, files)."""
+    frame, cfg, count, where = ctx["frame"], ctx["cfg"], ctx["count"], ctx["where"]
+    col = f"column {column!r}"
+    if kind == "expect_column_to_exist":
+        present = [str(c) for c in frame.columns if c != SOURCE_COLUMN]
+        expected = {*cfg.features, cfg.text, cfg.label}
+        unexpected = [c for c in present if c not in expected]
+        close = difflib.get_close_matches(str(column), unexpected, n=1, cutoff=0.6)
+        hint = f"; did the producer rename it to {close[0]!r}?" if close else ""
+        shown = present[:12] + ([f"… {len(present)} in all"] if len(present) > 12 else [])
+        return f"{col} is missing (the batch has {shown}){hint}"
+    if kind == "expect_column_values_to_be_in_type_list":
+        return _type_message(frame, column, kwargs, result, cfg)
+    if kind == "expect_column_values_to_not_be_null":
+        return f"{col} has {count} missing values (null/NaN){where}; expected none"
+    if kind == "expect_column_values_to_be_between":
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        if low == -_FINITE_MAX and high == _FINITE_MAX:
+            return f"{col} has {count} non-finite values (±inf){where}; expected finite numbers"
+        values = pd.to_numeric(frame[column], errors="coerce")
+        infinite = int(np.isinf(values.to_numpy(dtype=float, na_value=np.nan)).sum())
+        inf_note = f", {infinite} of them ±inf" if infinite else ""
+        return (
+            f"{col} has {count} values outside [{low:.6g}, {high:.6g}]{inf_note} "
+            f"(e.g. {_counts(result)}){where} — if the shift is real, widen the bounds in the "
+            "suite file"
+        )
+    if kind == "expect_column_values_to_be_in_set":
+        return (
+            f"{col} has {count} rows with labels not in data.classes {cfg.classes}: "
+            f"{_counts(result)}{where} — new_class_policy={cfg.new_class_policy}: the batch is "
+            "held back; if the class is real, add it to data.classes"
+        )
+    if kind == "expect_table_row_count_to_be_between":
+        return (
+            f"the batch has {result.get('observed_value')} rows; expected between "
+            f"{kwargs.get('min_value')} and {kwargs.get('max_value')} (data.min_rows/max_rows)"
+        )
+    if kind == "expect_compound_columns_to_be_unique":
+        share = count / max(len(frame), 1) if count is not None else float("nan")
+        allowed = 1.0 - float(kwargs.get("mostly", 1.0))
+        return (
+            f"{count} rows ({share:.1%}) are exact duplicates over the feature and label "
+            f"columns (every copy counted; {_repeats(frame, kwargs.get('column_list', []))} "
+            f"repeat an earlier row){where}; "
+            f"tolerated: at most {allowed:.1%} (data.max_duplicate_fraction)"
+        )
+    return f"{kind} failed on {column or 'the table'} ({kwargs}): observed {result}"
+
+
+def _failed_columns(results: list[dict], kind: str) -> set[str]:
+    return {
+        item["expectation_config"]["kwargs"].get("column")
+        for item in results
+        if not item["success"] and item["expectation_config"]["type"] == kind
+    }
+
+
+def _is_consequence(
+    kind: str, involved: set[str], missing: set[str], mistyped: set[str], error: str | None
+) -> bool:
+    """A check that failed only because its column is missing, or could not run on a wrongly
+    typed column, is a consequence: the cause is reported once."""
+    if kind == "expect_column_to_exist":
+        return False
+    return bool(involved & missing) or bool(error and involved & mistyped)
+
+
+def failures_from_result(result: dict, frame: pd.DataFrame, data_cfg: DataConfig) -> list[Failure]:
+    """Actionable `Failure`s from a GX validation result (in suite order)."""
+    from data_plane.validation import Failure
+
+    results = result.get("results", [])
+    missing = _failed_columns(results, "expect_column_to_exist")
+    mistyped = _failed_columns(results, "expect_column_values_to_be_in_type_list")
+    failures = []
+    for item in results:
+        if item["success"]:
+            continue
+        config = item["expectation_config"]
+        kind, kwargs = config["type"], dict(config["kwargs"])
+        column = kwargs.get("column")
+        involved = {column, *kwargs.get("column_list", [])} - {None}
+        error = _exception_message(item.get("exception_info"))
+        if _is_consequence(kind, involved, missing, mistyped, error):
+            continue
+        res = item.get("result") or {}
+        count = res.get("unexpected_count")
+        samples = list(res.get("partial_unexpected_list") or [])[:_SAMPLES]
+        if error:
+            target = column or sorted(involved) or "the table"
+            message = f"{kind} on {target} could not run: {error}"
+        else:
+            ctx = {
+                "frame": frame,
+                "cfg": data_cfg,
+                "count": count,
+                "where": _files(frame, list(res.get("partial_unexpected_index_list") or [])),
+            }
+            message = _message(kind, column, kwargs, res, ctx)
+        if kind == "expect_column_values_to_be_in_type_list" and column in data_cfg.features:
+            bad = _non_numeric(frame, column) if column in frame.columns else None
+            if bad is not None:
+                samples, count = list(dict.fromkeys(bad.tolist()))[:_SAMPLES], len(bad)
+        failures.append(Failure(kind, column, count, samples, message))
+    return failures
+
+
+def _repeats(frame: pd.DataFrame, columns: list[str]) -> int:
+    present = [c for c in columns if c in frame.columns]
+    return int(frame.duplicated(subset=present).sum()) if present else 0
+
+
+def batch_statistics(frame: pd.DataFrame, data_cfg: DataConfig) -> dict:
+    """Counts worth keeping with the report: rows per file, classes, nulls, duplicates."""
+    present = [c for c in data_columns(data_cfg) if c in frame.columns]
+    stats: dict[str, Any] = {"n_rows": len(frame), "n_columns": len(present)}
+    if SOURCE_COLUMN in frame.columns:
+        stats["rows_per_file"] = frame[SOURCE_COLUMN].value_counts().sort_index().to_dict()
+    if data_cfg.label in frame.columns:
+        counts = frame[data_cfg.label].value_counts(dropna=False)
+        stats["class_counts"] = {str(k): int(v) for k, v in counts.items()}
+    nulls = frame[present].isna().sum()
+    stats["null_counts"] = {str(k): int(v) for k, v in nulls[nulls > 0].items()}
+    repeats = _repeats(frame, present)
+    stats["duplicate_rows"] = repeats
+    stats["duplicate_fraction"] = repeats / len(frame) if len(frame) else 0.0
+    return stats
+
+
+def compact_result(result: dict) -> dict:
+    """The GX result for the record: failed checks in full (minus tracebacks, which belong in
+    logs), passed ones as type + column only (the arguments are in the suite file)."""
+    compact = dict(result)
+    compact["results"] = []
+    for item in result.get("results", []):
+        config = item["expectation_config"]
+        if item["success"]:
+            entry = {"success": True, "type": config["type"]}
+            if "column" in config["kwargs"]:
+                entry["column"] = config["kwargs"]["column"]
+        else:
+            entry = dict(item)
+            message = _exception_message(item.get("exception_info"))
+            entry["exception_info"] = {"exception_message": message} if message else None
+        compact["results"].append(entry)
+    return compact
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def render_summary(report: ValidationReport) -> str:
+    """Markdown: verdict, one table row per failure, the statistics."""
+    verdict = "valid" if report.success else "INVALID"
+    lines = [f"# Batch `{report.batch_id}`: {verdict}", "", f"- rows: {report.n_rows}"]
+    stats = report.statistics
+    if "gx" in stats:
+        gx_stats = stats["gx"]
+        lines.append(
+            f"- checks: {gx_stats.get('evaluated_expectations')} evaluated, "
+            f"{gx_stats.get('unsuccessful_expectations')} failed (suite `{stats.get('suite')}`)"
+        )
+    if report.failures:
+        lines += ["", "## What to fix", "", "| check | column | rows | sample values | problem |"]
+        lines.append("|---|---|---|---|---|")
+        for failure in report.failures:
+            rows = "" if failure.unexpected_count is None else failure.unexpected_count
+            lines.append(
+                f"| {_cell(failure.expectation)} | {_cell(failure.column or '—')} | {rows} | "
+                f"{_cell(failure.sample_values)} | {_cell(failure.message)} |"
+            )
+    lines += ["", "## Statistics", ""]
+    for key, value in stats.items():
+        if key not in ("gx",):
+            lines.append(f"- {key}: {_cell(value)}")
+    return "\n".join(lines) + "\n"

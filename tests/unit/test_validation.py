@@ -1,0 +1,304 @@
+"""Validation: a matrix of corrupt batches, each failing with a message that names the problem.
+
+The `test_zone_*` functions also run against S3 (tests/integration/test_s3_landing.py).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_plane.landing import LandingZone, open_landing, write_frame
+from data_plane.validation import (
+    Failure,
+    ValidationReport,
+    build_suite,
+    ensure_suite,
+    infer_feature_bounds,
+    load_suite,
+    read_and_validate,
+    save_report,
+    suite_path,
+    validate_batch,
+    write_suite,
+)
+from tests.fixtures_data import make_batch, make_config, snapshot
+
+
+@pytest.fixture
+def zone(tmp_path) -> LandingZone:
+    return open_landing(str(tmp_path / "landing"))
+
+
+def _suite_for_tests(home: Path) -> Path:
+    """Suite with bounds inferred from a reference batch, as bootstrap would write it."""
+    reference = make_batch(500, seed=99)
+    bounds = infer_feature_bounds(reference, make_config().features)
+    return ensure_suite(home, make_config(), feature_bounds=bounds)
+
+
+def _parquet(frame: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+def _with(frame: pd.DataFrame, column: str, rows: list[int], value: object) -> pd.DataFrame:
+    frame = frame.copy()
+    if not isinstance(value, float | int):
+        frame[column] = frame[column].astype(object)
+    frame.loc[rows, column] = value
+    return frame
+
+
+def _non_utf8_csv(frame: pd.DataFrame) -> bytes:
+    text = frame.assign(note="ok").to_csv(index=False)
+    return text.replace("ok", "caf\u00e9", 1).encode("latin-1")
+
+
+# name -> (write the batch, substrings the failure message must contain)
+Writer = Callable[[LandingZone, str, pd.DataFrame], None]
+CORRUPT: dict[str, tuple[Writer, list[str]]] = {
+    "missing column": (
+        lambda z, b, f: write_frame(z, b, f.drop(columns=["f1"])),
+        ["column 'f1' is missing"],
+    ),
+    "strings in numeric feature": (
+        lambda z, b, f: write_frame(z, b, _with(f, "f2", [5, 9], "abc"), fmt="csv"),
+        ["column 'f2' must be numeric", "2 values are not numbers", "'abc'", "part-00000.csv"],
+    ),
+    "NaN": (
+        lambda z, b, f: write_frame(z, b, _with(f, "f0", [1, 2, 3], np.nan)),
+        ["column 'f0' has 3 missing values"],
+    ),
+    "inf": (
+        lambda z, b, f: write_frame(z, b, _with(f, "f3", [4, 8], np.inf), fmt="csv"),
+        ["column 'f3' has 2 values outside", "2 of them ±inf"],
+    ),
+    "unknown label": (
+        lambda z, b, f: write_frame(z, b, _with(f, "label", [0, 1, 2, 3], 7)),
+        ["4 rows with labels not in data.classes [0, 1, 2]", "7 ×4"],
+    ),
+    "empty file": (
+        lambda z, b, f: (write_frame(z, b, f), z.write_bytes(b, "b.csv", b"")),
+        ["file 'b.csv'", "the file is empty"],
+    ),
+    "truncated parquet": (
+        lambda z, b, f: z.write_bytes(b, "a.parquet", _parquet(f)[:300]),
+        ["file 'a.parquet'", "truncated or corrupt"],
+    ),
+    "duplicates beyond tolerance": (
+        lambda z, b, f: write_frame(z, b, pd.concat([f[:30], f[:15]], ignore_index=True)),
+        ["30 rows (66.7%) are exact duplicates", "15 repeat an earlier row", "at most 20.0%"],
+    ),
+    "wildly out of range": (
+        lambda z, b, f: write_frame(z, b, _with(f, "f1", [10, 11], 1e9)),
+        ["column 'f1' has 2 values outside", "1000000000.0 ×2"],
+    ),
+    "mixed schemas (columns)": (
+        lambda z, b, f: (
+            z.write_bytes(b, "a.parquet", _parquet(f[:30])),
+            z.write_bytes(b, "b.parquet", _parquet(f[30:].assign(extra=1))),
+        ),
+        ["mixed schemas", "'a.parquet'", "'b.parquet'", "['extra']"],
+    ),
+    "mixed schemas (types)": (
+        lambda z, b, f: (
+            z.write_bytes(b, "a.csv", f[:30].to_csv(index=False).encode()),
+            z.write_bytes(b, "b.csv", f[30:].assign(f2="x").to_csv(index=False).encode()),
+        ),
+        ["mixed schemas", "'f2': numeric vs string", "'a.csv'", "'b.csv'"],
+    ),
+    "non-UTF-8 CSV": (
+        lambda z, b, f: z.write_bytes(b, "latin1.csv", _non_utf8_csv(f)),
+        ["file 'latin1.csv'", "not valid UTF-8", "0xe9", "re-export it as UTF-8"],
+    ),
+    "too few rows": (
+        lambda z, b, f: write_frame(z, b, f[:5]),
+        ["the batch has 5 rows; expected between 20 and"],
+    ),
+    "unparseable JSONL": (
+        lambda z, b, f: z.write_bytes(b, "rows.jsonl", b'{"f0": 1}\n{"f0": 2}\n{"f0": 3,\n'),
+        ["file 'rows.jsonl'", "line 3 is not valid JSON"],
+    ),
+    "no data files": (
+        lambda z, b, f: z.write_bytes(b, "readme.txt", b"see the wiki"),
+        ["no .parquet/.csv/.jsonl/.json files"],
+    ),
+    "header-only CSV": (
+        lambda z, b, f: z.write_bytes(b, "a.csv", b"f0,f1,f2,f3,label\n"),
+        ["file 'a.csv'", "holds no rows"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT))
+def test_zone_corrupt_batch_fails_with_a_specific_message(
+    zone: LandingZone, tmp_path: Path, case: str
+) -> None:
+    write, expected = CORRUPT[case]
+    suite_file = _suite_for_tests(tmp_path / "home")
+    write(zone, "2026-11-21", make_batch(60, seed=7))
+    before = snapshot(zone)
+    frame, report = read_and_validate(zone, "2026-11-21", make_config(), suite_file)
+    assert not report.success
+    messages = [f.message for f in report.failures]
+    assert len(messages) == 1, messages  # one cause, reported once (no follow-on noise)
+    for needle in expected:
+        assert needle in messages[0], (case, needle, messages[0])
+    assert (frame is None) == (report.failures[0].expectation == "read_batch")
+    assert snapshot(zone) == before  # nothing in the landing zone was modified or deleted
+    assert "2026-11-21" in report.headline() and "INVALID" in report.headline()
+
+
+def test_zone_valid_batch_in_three_formats_passes(zone: LandingZone, tmp_path: Path) -> None:
+    suite_file = _suite_for_tests(tmp_path / "home")
+    frame = make_batch(90, seed=11)
+    write_frame(zone, "2026-11-22", frame[:30], fmt="parquet")
+    write_frame(zone, "2026-11-22", frame[30:60], fmt="csv")
+    write_frame(zone, "2026-11-22", frame[60:], fmt="jsonl")
+    read, report = read_and_validate(zone, "2026-11-22", make_config(), suite_file)
+    assert report.success, report.summary()
+    assert read is not None and report.n_rows == 90 and report.failures == []
+    assert report.statistics["rows_per_file"] == {
+        "part-00000.parquet": 30,
+        "part-00001.csv": 30,
+        "part-00002.jsonl": 30,
+    }
+
+
+def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    path = _suite_for_tests(home)
+    assert path == suite_path(home) == home / "expectations" / "evergreen-batch.json"
+    data = json.loads(path.read_text())
+    kinds = {e["type"] for e in data["expectations"]}
+    assert {"expect_column_to_exist", "expect_column_values_to_be_between"} <= kinds
+    batch = make_batch(60, seed=7)
+    assert validate_batch(batch, "b", make_config(), path).success
+    for item in data["expectations"]:  # the user tightens f1's range by hand
+        if (
+            item["type"] == "expect_column_values_to_be_between"
+            and item["kwargs"]["column"] == "f1"
+        ):
+            item["kwargs"].update(min_value=-0.1, max_value=0.1)
+    path.write_text(json.dumps(data, indent=2))
+    assert ensure_suite(home, make_config()) == path
+    assert json.loads(path.read_text()) == data  # ensure_suite kept the user's file
+    report = validate_batch(batch, "b", make_config(), path)
+    assert [f.column for f in report.failures] == ["f1"]
+    assert "outside [-0.1, 0.1]" in report.failures[0].message
+
+
+def test_malformed_suite_files_give_actionable_errors(tmp_path: Path) -> None:
+    path = write_suite(build_suite(make_config()), tmp_path / "suite.json")
+    assert len(load_suite(path).expectations) == len(build_suite(make_config()).expectations)
+    text = path.read_text()
+    path.write_text(text.replace('"expectations": [', '"expectations": [,', 1))
+    with pytest.raises(ValueError, match=r"suite.json is not valid JSON \(line \d+"):
+        load_suite(path)
+    data = json.loads(text)
+    data["expectations"][5]["kwargs"]["colum"] = data["expectations"][5]["kwargs"].pop("column")
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"expectation #5 \('expect_column_values_to_be_in_type"):
+        load_suite(path)
+    data["expectations"][4] = {"type": "expect_the_unexpected", "kwargs": {}}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"#4 .*expect_the_unexpected"):
+        load_suite(path)
+    with pytest.raises(FileNotFoundError, match="bootstrap"):
+        validate_batch(make_batch(), "b", make_config(), tmp_path / "missing.json")
+
+
+def test_infer_feature_bounds_widens_the_observed_range() -> None:
+    frame = pd.DataFrame(
+        {"a": [0.0, 10.0, np.inf], "b": [3.0, 3.0, 3.0], "c": [-2.0, -2.0, np.nan]}
+    )
+    bounds = infer_feature_bounds(frame, ["a", "b", "c"], margin=0.5)
+    assert bounds == {"a": (-5.0, 15.0), "b": (0.0, 6.0), "c": (-4.0, 0.0)}
+    with pytest.raises(ValueError, match="'d' is missing"):
+        infer_feature_bounds(frame, ["d"])
+
+
+def test_bounds_from_config_take_precedence_and_inf_always_fails(tmp_path: Path) -> None:
+    config = make_config(feature_bounds={"f0": (-1.0, 1.0)})
+    suite_file = write_suite(build_suite(config), tmp_path / "s.json")  # f1..f3: finite only
+    batch = _with(_with(make_batch(60, seed=3, shift=0.0), "f0", [0], 1.5), "f2", [1], -np.inf)
+    batch.loc[2, "f3"] = 1e300  # huge but finite: no bounds configured for f3, so accepted
+    report = validate_batch(batch, "b", config, suite_file)
+    by_column = {f.column: f.message for f in report.failures}
+    assert set(by_column) == {"f0", "f2"}
+    assert "outside [-1, 1]" in by_column["f0"]
+    assert "1 non-finite values (±inf)" in by_column["f2"]
+
+
+def test_duplicates_within_tolerance_pass(tmp_path: Path) -> None:
+    suite_file = _suite_for_tests(tmp_path)
+    frame = make_batch(60, seed=5)
+    few = pd.concat([frame, frame[:5]], ignore_index=True)  # 10 of 65 rows have a copy: 15%
+    assert validate_batch(few, "b", make_config(), suite_file).success
+    many = pd.concat([frame, frame[:8]], ignore_index=True)  # 16 of 68: 23.5% > 20%
+    report = validate_batch(many, "b", make_config(), suite_file)
+    assert [f.expectation for f in report.failures] == ["expect_compound_columns_to_be_unique"]
+
+
+def test_text_column_batches(tmp_path: Path) -> None:
+    config = make_config(n_features=0, features=[], text="text")
+    suite_file = ensure_suite(tmp_path, config)
+    frame = pd.DataFrame({"text": [f"message {i}" for i in range(30)], "label": [0, 1, 2] * 10})
+    assert validate_batch(frame, "b", config, suite_file).success
+    broken = _with(_with(frame, "text", [3], None), "text", [4], 12.5)
+    messages = [f.message for f in validate_batch(broken, "b", config, suite_file).failures]
+    assert any("column 'text' must hold ['str'] values" in m for m in messages)
+    assert any("column 'text' has 1 missing values" in m for m in messages)
+
+
+def test_report_round_trips_and_renders(tmp_path: Path) -> None:
+    failure = Failure("expect_column_values_to_be_between", "f1", 2, [np.inf, 1e9], "f1 | bad")
+    report = ValidationReport("2026-11-21", False, 60, [failure], {"n_rows": 60}, None)
+    parsed = json.loads(report.to_json())  # strict JSON: inf became a string
+    assert parsed["failures"][0]["sample_values"] == ["inf", 1e9]
+    assert ValidationReport.from_json(report.to_json()).failures[0].column == "f1"
+    json_path, md_path = save_report(report, tmp_path / "reports")
+    assert json_path.name == "2026-11-21.json" and md_path.name == "2026-11-21.md"
+    markdown = md_path.read_text()
+    assert "| expect_column_values_to_be_between | f1 | 2 |" in markdown
+    assert "f1 \\| bad" in markdown  # table cells are escaped
+    assert "\n" not in report.headline()
+    assert sorted(p.name for p in (tmp_path / "reports").iterdir()) == [
+        "2026-11-21.json",
+        "2026-11-21.md",
+    ]
+
+
+def test_read_error_report(zone: LandingZone, tmp_path: Path) -> None:
+    zone.write_bytes("b", "a.csv", b"")
+    frame, report = read_and_validate(zone, "b", make_config(), tmp_path / "unused.json")
+    assert frame is None and not report.success and report.n_rows == 0
+    assert report.statistics["read_error"]["file"] == "a.csv"
+    assert "file 'a.csv'" in report.summary()
+
+
+@pytest.mark.slow
+def test_validation_latency_2000_rows_64_features(tmp_path: Path) -> None:
+    """Measured for the report: first call (GX import + registration) and warm calls."""
+    config = make_config(n_features=64)
+    frame = make_batch(2000, 64, seed=1)
+    suite_file = ensure_suite(
+        tmp_path, config, feature_bounds=infer_feature_bounds(frame, config.features)
+    )
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        report = validate_batch(frame, "b", config, suite_file)
+        timings.append(time.perf_counter() - started)
+        assert report.success and report.statistics["gx"]["evaluated_expectations"] == 261
+    print(f"\nGX validate 2000x64: first {timings[0]:.2f}s, warm {min(timings[1:]):.2f}s")
+    assert min(timings[1:]) < 30.0
