@@ -12,5 +12,7 @@ for _key, _value in {
     "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "TOKENIZERS_PARALLELISM": "false",
+    # tiny test models: one intra-op thread is faster than two and immune to a busy machine
+    "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_key, _value)

@@ -1,0 +1,19 @@
+"""Continual-learning algorithms in plain PyTorch: tensors and files in, tensors and dataclasses out.
+
+Nothing here knows about Prefect, MLflow or the landing zone, and nothing is re-exported: import
+from the module you need (keeps `import continual` cheap; peft/transformers load only on use).
+
+- `models`: `ModelSpec` and the model families (MLP, tabular transformer, local Hugging Face
+  encoder, or any "package.module:factory"), built by name from one registry.
+- `checkpoint`: a model version on disk (`spec.json` + `model.safetensors` + optional `adapter/`).
+- `training`: the one training loop (steps, not epochs; EWC/replay/distillation as arguments)
+  and the prediction helpers the gate and drift monitor use.
+- `ewc`: per-example diagonal Fisher and online EWC (monthly/weekly cadences).
+- `replay`: reservoir / class-balanced replay buffer and batch mixing (weekly cadence).
+- `lora`: online LoRA via peft with validation gating, merge, save/load (daily cadence).
+- `distillation`: knowledge distillation from a frozen teacher (LwF).
+- `streaming`: EMA teacher and Page-Hinkley drift detection (real-time cadence).
+- `merging`: linear interpolation, EMA over a lineage, Fisher-weighted merge.
+- `metrics`: accuracy matrix, forgetting, backward transfer, negative flip rate.
+- `gating`: the champion-vs-challenger promotion decision (paired statistics).
+"""

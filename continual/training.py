@@ -1,0 +1,251 @@
+"""The one explicit training loop every cadence uses, and the evaluation helpers around it.
+
+`train` counts optimiser steps, not epochs (small batches still get enough updates). The
+continual-learning methods plug in as explicit, optional arguments rather than callbacks on a
+shared strategy object:
+
+- `replay` + `replay_ratio`: `continual.replay.mix_batch` swaps that share of every mini-batch
+  for buffer samples, so old and new examples share one forward pass;
+- `distiller`: `distiller.loss(inputs, student_logits, task_loss)` replaces the task loss;
+- `ewc`: `ewc.add_penalty_grad_(model)` adds the EWC gradient 2λF(θ−θ*) after backward.
+
+On CPU a fixed seed gives identical losses run after run; on CUDA the forward pass runs under
+bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from continual.distillation import Distiller
+    from continual.ewc import EWC
+    from continual.replay import ReservoirBuffer
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings of one training run.
+
+    Attributes:
+        steps: optimiser steps (not epochs).
+        batch_size: examples per step (new + replayed).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        seed: seeds batch order, dropout and replay sampling.
+        max_grad_norm: clip the total gradient norm to this (None: no clipping).
+    """
+
+    steps: int = 300
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    seed: int = 0
+    max_grad_norm: float | None = 5.0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(
+                f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}"
+            )
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(
+                f"need lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}"
+            )
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: per-step losses, timing and volume."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    seconds: float = 0.0
+    examples_seen: int = 0
+    device: str = "cpu"
+
+    def _window(self) -> int:
+        return max(1, len(self.losses) // 10)
+
+    @property
+    def first_loss(self) -> float:
+        """Mean loss over the first 10% of steps (at least one step)."""
+        return float(np.mean(self.losses[: self._window()])) if self.losses else float("nan")
+
+    @property
+    def last_loss(self) -> float:
+        """Mean loss over the last 10% of steps (at least one step)."""
+        return float(np.mean(self.losses[-self._window() :])) if self.losses else float("nan")
+
+
+def pick_device() -> torch.device:
+    """CUDA when available, else CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless index batches: a fresh seeded permutation per epoch, no repeats within one."""
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n - size + 1, size):
+            yield order[start : start + size]
+
+
+def _check_inputs(X: Tensor, y: Tensor) -> None:
+    if len(X) == 0:
+        raise ValueError("train: X is empty; nothing to train on")
+    if len(X) != len(y):
+        raise ValueError(f"train: X has {len(X)} rows but y has {len(y)}")
+    if y.dtype != torch.long:
+        raise ValueError(f"train: y must hold class indices (torch.long), got {y.dtype}")
+
+
+def _next_batch(
+    X: Tensor,
+    y: Tensor,
+    indices: Tensor,
+    replay: ReservoirBuffer | None,
+    replay_ratio: float,
+    generator: torch.Generator,
+) -> tuple[Tensor, Tensor]:
+    xb, yb = X[indices], y[indices]
+    if replay is not None and replay_ratio > 0 and len(replay) > 0:
+        from continual.replay import mix_batch
+
+        xb, yb = mix_batch(xb, yb, replay, replay_ratio, generator)
+    return xb, yb
+
+
+def train(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    settings: TrainSettings,
+    *,
+    ewc: EWC | None = None,
+    replay: ReservoirBuffer | None = None,
+    replay_ratio: float = 0.0,
+    distiller: Distiller | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    device: torch.device | str | None = None,
+) -> TrainResult:
+    """Train `model` in place for `settings.steps` AdamW steps on mini-batches of (X, y).
+
+    Args:
+        model: the model; only parameters with `requires_grad` are optimised (LoRA-friendly).
+        X: inputs [N, ...] (features, or token ids for text models), on CPU.
+        y: class indices [N] (torch.long).
+        settings: steps, batch size, learning rate, seed, clipping.
+        ewc: optional EWC penalty; its gradient is added after backward.
+        replay: optional replay buffer, mixed in at `replay_ratio` when it holds examples.
+        replay_ratio: share of each batch taken from `replay` (0 disables replay).
+        distiller: optional teacher; its loss replaces the plain cross-entropy.
+        on_step: called as on_step(step, loss) after each step (step counts from 1).
+        device: where to train (default: `pick_device()`); the model stays there afterwards.
+
+    Returns:
+        TrainResult with one loss per step (task loss, plus distillation; without the EWC
+        penalty). The model is left in eval mode.
+
+    Raises:
+        ValueError: empty or mismatched inputs, non-integer labels, no trainable parameter.
+    """
+    _check_inputs(X, y)
+    if not 0 <= replay_ratio < 1:
+        raise ValueError(f"replay_ratio must be in [0, 1), got {replay_ratio}")
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("train: the model has no trainable parameter (all requires_grad=False)")
+    device = torch.device(device) if device is not None else pick_device()
+    model.to(device)
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    generator = torch.Generator().manual_seed(settings.seed)
+    result = TrainResult(device=str(device))
+    started = time.perf_counter()
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    model.train()
+    with torch.random.fork_rng(devices=cuda):  # seeds dropout without leaking global RNG state
+        torch.manual_seed(settings.seed)
+        batches = _batches(len(X), settings.batch_size, generator)
+        for step in range(1, settings.steps + 1):
+            xb, yb = _next_batch(X, y, next(batches), replay, replay_ratio, generator)
+            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb)
+                if distiller is not None:
+                    loss = distiller.loss(xb, logits.float(), loss)
+            loss.backward()  # type: ignore[no-untyped-call]
+            if ewc is not None:
+                ewc.add_penalty_grad_(model)
+            if settings.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            optimizer.step()
+            result.losses.append(float(loss.detach()))
+            result.examples_seen += len(yb)
+            if on_step is not None:
+                on_step(step, result.losses[-1])
+    model.eval()
+    result.steps = settings.steps
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    tensor = next(iter(model.parameters()), None)
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, X: Tensor, *, batch_size: int = 1024) -> Tensor:
+    """Logits [N, C] as a CPU float tensor; the model is put in eval mode.
+
+    Args:
+        model: the model, on any device (inputs are moved to it).
+        X: inputs [N, ...].
+        batch_size: rows per forward pass.
+    """
+    model.eval()
+    device = _model_device(model)
+    chunks = [
+        model(X[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)
+    ]
+    if not chunks:
+        raise ValueError("predict_logits: X is empty")
+    return torch.cat(chunks)
+
+
+def predict_proba(model: nn.Module, X: Tensor, *, batch_size: int = 1024) -> Tensor:
+    """Class probabilities [N, C] (softmax of the logits), CPU float."""
+    return torch.softmax(predict_logits(model, X, batch_size=batch_size), dim=-1)
+
+
+def correct_mask(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) -> np.ndarray:
+    """Boolean array [N]: whether the model's top class is the label (paired gate input)."""
+    predicted = predict_logits(model, X, batch_size=batch_size).argmax(dim=-1)
+    return (predicted == y.cpu()).numpy()
+
+
+def accuracy(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) -> float:
+    """Share of examples classified correctly."""
+    return float(correct_mask(model, X, y, batch_size=batch_size).mean())
+
+
+def per_example_loss(
+    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024
+) -> np.ndarray:
+    """Cross-entropy per example [N] as float64 (the drift monitor's input stream)."""
+    logits = predict_logits(model, X, batch_size=batch_size)
+    return F.cross_entropy(logits, y.cpu().long(), reduction="none").double().numpy()
