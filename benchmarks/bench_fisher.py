@@ -173,7 +173,7 @@ def bench_penalty_grad(name: str, model: nn.Module, repeats: int) -> dict[str, A
     }
 
 
-def _markdown(result: dict[str, Any]) -> str:
+def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Fisher, N={result['fisher'][0]['N']}, torch {result['torch']}, "
         f"{result['threads']} threads",
@@ -257,7 +257,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1)")
     args = parser.parse_args()
     result = run(quick=args.quick, threads=args.threads)
-    print(_markdown(result))
+    print(markdown(result))
     print(f"\nwrote {RESULTS}")
 
 

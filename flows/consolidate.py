@@ -1,0 +1,61 @@
+"""Periodic: EMA (or linear interpolation) over the champion lineage, gated like any challenger.
+
+Run: `evergreen run consolidate` (or the `consolidate` deployment, `0 5 * * 0`).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import begin, require_champion
+from tasks.common import FlowParams
+from tasks.evaluate import evaluate_against_champion
+from tasks.merge import consolidate_lineage, lineage_versions, load_versions, retention_slices
+from tasks.promote import (
+    FlowOutcome,
+    cleanup_staging,
+    load_champion,
+    promote_or_reject,
+    register_challenger,
+)
+from tasks.state import staging_dir
+from tasks.validate import PreparedData
+
+CADENCE = "consolidate"
+
+
+@flow(name=CADENCE, description="Consolidate the champion lineage by EMA or interpolation.")
+def consolidate(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
+    cfg = begin(params)
+    # 1. ingest: the recent champions
+    champion = require_champion(load_champion(cfg), CADENCE)
+    versions = lineage_versions(cfg, cfg.consolidate.lineage)
+    if len(versions) < 2:
+        return FlowOutcome(
+            cadence=CADENCE,
+            decision="skipped",
+            champion=champion.version,
+            reasons=[f"lineage has {len(versions)} champion(s); need at least 2"],
+        ).to_dict()
+    # 2. validate: same architecture (checked while loading)
+    lineage = load_versions(cfg, versions)
+    staging = staging_dir(cfg, CADENCE)
+    try:
+        # 3. train challenger: weight-space consolidation, no gradient steps
+        challenger, distances = consolidate_lineage(cfg, lineage, champion)
+        # 4. evaluate against champion
+        latest, retention = retention_slices(champion.retention)
+        decision = evaluate_against_champion(cfg, champion, challenger, latest, retention)
+        # 5. promote or reject
+        data = PreparedData(
+            batch_ids=[], train=latest.iloc[:0], holdout=latest, data_hash="lineage"
+        )
+        method = f"{cfg.consolidate.mode}:" + "+".join(versions)
+        version = register_challenger(
+            cfg, CADENCE, method, challenger, champion, data, decision, staging
+        )
+        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
+        outcome.metrics.update(distances)
+        return outcome.to_dict()
+    finally:
+        cleanup_staging(staging)

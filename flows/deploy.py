@@ -1,0 +1,69 @@
+"""`evergreen deploy`: register prefect.yaml's deployments on the configured Prefect server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_URL
+from rich.console import Console
+
+from evergreen.config import EvergreenConfig
+from tasks.limits import ensure_limits
+
+WORK_POOL = "evergreen-process"
+
+
+def ensure_work_pool(name: str = WORK_POOL, pool_type: str = "process") -> bool:
+    """Create the work pool if it does not exist; True when it was created."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(name)
+            return False
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=name, type=pool_type))
+            return True
+
+
+def deploy_all(
+    cfg: EvergreenConfig, prefect_file: Path, *, names: list[str] | None, console: Console
+) -> int:
+    """Work pool + concurrency limits + `prefect deploy` of every (or the named) deployment."""
+    if not PREFECT_API_URL.value():
+        console.print(
+            "[red]deploy needs a Prefect server[/red]: run `prefect server start` and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (see README, 'Servers and S3')"
+        )
+        return 2
+    if not prefect_file.exists():
+        console.print(f"[red]{prefect_file} not found[/red]")
+        return 2
+    if ensure_work_pool():
+        console.print(f"created work pool {WORK_POOL} (process)")
+    ensure_limits()
+    selection = [arg for name in names for arg in ("--name", name)] if names else ["--all"]
+    env = {**os.environ, "EVERGREEN_WORKDIR": str(Path.cwd())}
+    command = [
+        str(Path(sys.executable).with_name("prefect")),
+        "--no-prompt",
+        "deploy",
+        "--prefect-file",
+        str(prefect_file),
+        *selection,
+    ]
+    done = subprocess.run(command, env=env, text=True, capture_output=True, check=False)
+    console.print(done.stdout[-4000:])
+    if done.returncode != 0:
+        console.print(f"[red]prefect deploy failed[/red]:\n{done.stderr[-4000:]}")
+        return done.returncode
+    console.print(
+        f"deployments registered; start a worker: prefect worker start --pool {WORK_POOL}  "
+        f"(working directory {Path.cwd()}, config {cfg.home_path})"
+    )
+    return 0

@@ -1,0 +1,53 @@
+"""`evergreen report`: a Markdown + PNG report from what the registry and ledger recorded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from evergreen.config import EvergreenConfig
+from flows.report import TimelineRow, write_report
+from model_registry.ledger import Ledger
+from model_registry.registry import Registry
+
+
+def _metric(version_tags: dict[str, str], key: str) -> float | None:
+    try:
+        return float(json.loads(version_tags.get("evergreen.gate_metrics", "{}"))[key])
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def timeline_from_registry(cfg: EvergreenConfig) -> list[TimelineRow]:
+    """One row per recorded flow outcome (ledger), oldest first, with the gate's numbers."""
+    registry = Registry.from_config(cfg)
+    versions = {v.version: v for v in registry.versions(limit=500)}
+    rows: list[TimelineRow] = []
+    for entry in reversed(Ledger.from_config(cfg).entries(limit=1000)):
+        version = versions.get(entry.details.get("version", ""))
+        tags = version.tags if version else {}
+        rows.append(
+            TimelineRow(
+                date=entry.at[:19],
+                flow=entry.cadence,
+                batch_ids=[entry.batch_id],
+                decision=entry.outcome,
+                champion_version=entry.details.get("version"),
+                new_accuracy=_metric(tags, "gate.new.challenger"),
+                retention_accuracy=_metric(tags, "gate.retention.challenger"),
+                forgetting=None,
+                note=entry.details.get("reasons", entry.details.get("reason", ""))[:160],
+            )
+        )
+    return rows
+
+
+def write_registry_report(cfg: EvergreenConfig, out: Path) -> Path:
+    champion = Registry.from_config(cfg).champion()
+    extra = f"\nChampion: v{champion.version}\n" if champion else "\nNo champion yet.\n"
+    return write_report(
+        out,
+        timeline=timeline_from_registry(cfg),
+        title=f"evergreen report: {cfg.registry.name}",
+        extra_markdown=extra,
+    )

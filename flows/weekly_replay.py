@@ -1,0 +1,56 @@
+"""Weekly: experience replay (reservoir) + EWC on the week's batches.
+
+Run: `evergreen run weekly-replay` (or the `weekly-replay` deployment, `0 3 * * 1`).
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from flows.common import all_quarantined, begin, nothing_to_do, require_champion
+from tasks.common import FlowParams
+from tasks.evaluate import evaluate_against_champion
+from tasks.ingest import discover_batches, read_batches
+from tasks.promote import cleanup_staging, load_champion, promote_or_reject, register_challenger
+from tasks.state import staging_dir
+from tasks.train import train_replay_ewc
+from tasks.validate import record_drift, validate_batches
+
+CADENCE = "weekly-replay"
+
+
+@flow(name=CADENCE, description="Experience replay from the reservoir buffer plus online EWC.")
+def weekly_replay(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
+    cfg = begin(params)
+    # 1. ingest
+    batch_ids = discover_batches(cfg, CADENCE, params)
+    if not batch_ids:
+        return nothing_to_do(CADENCE)
+    raw = read_batches(cfg, batch_ids)
+    # 2. validate
+    data = validate_batches(cfg, CADENCE, raw)
+    if data.empty:
+        return all_quarantined(cfg, CADENCE, data.quarantined)
+    champion = require_champion(load_champion(cfg), CADENCE)
+    drift = record_drift(cfg, champion.retention, data)
+    staging = staging_dir(cfg, CADENCE)
+    try:
+        # 3. train challenger
+        challenger = train_replay_ewc(cfg, champion, data)
+        # 4. evaluate against champion
+        decision = evaluate_against_champion(
+            cfg, champion, challenger, data.holdout, champion.retention
+        )
+        # 5. promote or reject
+        version = register_challenger(
+            cfg, CADENCE, "replay+ewc", challenger, champion, data, decision, staging, drift
+        )
+        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
+        outcome.metrics.update(drift)
+        return outcome.to_dict()
+    finally:
+        cleanup_staging(staging)
+
+
+if __name__ == "__main__":
+    weekly_replay()

@@ -1,0 +1,60 @@
+"""Ingest: find the batches a cadence has not processed yet and read them from the landing zone."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+from prefect import get_run_logger, task
+from prefect.tasks import exponential_backoff
+
+from data_plane.landing import BatchReadError, open_landing, read_batch
+from evergreen.config import EvergreenConfig
+from model_registry.ledger import Ledger
+from tasks.common import FlowParams
+
+
+@dataclass
+class RawBatch:
+    """One batch as read from the landing zone: a frame, or the reason it could not be read."""
+
+    batch_id: str
+    frame: pd.DataFrame | None
+    read_error: BatchReadError | None = None
+
+
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), timeout_seconds=300)
+def discover_batches(cfg: EvergreenConfig, cadence: str, params: FlowParams) -> list[str]:
+    """Batches this cadence still has to process, in batch_id order (the ledger says which)."""
+    zone = open_landing(cfg.data.landing)
+    available = zone.list_batches()
+    if params.batch_ids:
+        missing = sorted(set(params.batch_ids) - set(available))
+        if missing:
+            raise ValueError(f"batches {missing} are not in the landing zone {cfg.data.landing}")
+        chosen = sorted(params.batch_ids)
+    else:
+        chosen = available
+    if params.until:
+        chosen = [b for b in chosen if b <= params.until]
+    if not params.force:
+        done = Ledger.from_config(cfg).processed(cadence)
+        done_ids = {b for b, entry in done.items() if entry.outcome != "failed"}
+        chosen = [b for b in chosen if b not in done_ids]
+    if params.max_batches:
+        chosen = chosen[: params.max_batches]
+    get_run_logger().info("%s: %d batch(es) to process: %s", cadence, len(chosen), chosen)
+    return chosen
+
+
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), timeout_seconds=900)
+def read_batches(cfg: EvergreenConfig, batch_ids: list[str]) -> list[RawBatch]:
+    """Read each batch (bounded memory per batch); unreadable files become a read error, not a crash."""
+    zone = open_landing(cfg.data.landing)
+    batches = []
+    for batch_id in batch_ids:
+        try:
+            batches.append(RawBatch(batch_id, read_batch(zone, batch_id, cfg.data)))
+        except BatchReadError as error:
+            batches.append(RawBatch(batch_id, None, error))
+    return batches

@@ -1,0 +1,194 @@
+"""Register the challenger and promote it (compare-and-set) or reject it; record everything."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from continual.gating import GateDecision
+from evergreen.config import EvergreenConfig
+from model_registry.ledger import Ledger
+from model_registry.registry import Registry, VersionInfo
+from tasks.common import current_flow_run_id, git_commit
+from tasks.events import emit
+from tasks.limits import promotion_slot
+from tasks.state import ModelState, read_state, write_state
+
+
+@dataclass
+class FlowOutcome:
+    """What a cadence run did: the summary the CLI, the demo and the report read."""
+
+    cadence: str
+    decision: str  # promoted | rejected | quarantined | skipped | failed
+    batch_ids: list[str] = field(default_factory=list)
+    version: str | None = None
+    champion: str | None = None
+    reasons: list[str] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)
+    quarantined: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+def load_champion(cfg: EvergreenConfig) -> ModelState | None:
+    """Download and load the current champion (integrity-checked), or None before bootstrap."""
+    registry = Registry.from_config(cfg)
+    champion = registry.champion()
+    if champion is None:
+        return None
+    target = cfg.home_path / "cache" / "versions" / champion.version
+    if not target.exists():
+        registry.download(champion.version, target)
+    return read_state(target, version=champion.version)
+
+
+def lineage_tags(cfg, cadence, method, parent, data, decision: GateDecision) -> dict[str, str]:
+    return {
+        "parent_version": parent.version if parent and parent.version else "none",
+        "cadence": cadence,
+        "method": method,
+        "batch_ids": ",".join(data.batch_ids),
+        "data_hash": data.data_hash,
+        "git_commit": git_commit(),
+        "flow_run_id": current_flow_run_id(),
+        "gate_decision": "pass" if decision.promote else "fail",
+        "gate_metrics": json.dumps(decision.to_metrics(), sort_keys=True)[:4900],
+    }
+
+
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+def register_challenger(
+    cfg: EvergreenConfig,
+    cadence: str,
+    method: str,
+    challenger: ModelState,
+    parent: ModelState | None,
+    data,
+    decision: GateDecision,
+    staging: Path,
+    extra_metrics: dict[str, float] | None = None,
+) -> VersionInfo:
+    """Log the challenger as a new model version (alias `challenger`) with lineage and gate metrics."""
+    registry = Registry.from_config(cfg)
+    checkpoint = staging / "checkpoint"
+    if not checkpoint.exists():
+        write_state(challenger, checkpoint)
+    gate_file = staging / "gate.json"
+    gate_file.write_text(json.dumps(decision.to_dict(), indent=2, default=str))
+    info = registry.log_version(
+        checkpoint,
+        lineage=lineage_tags(cfg, cadence, method, parent, data, decision),
+        metrics={**decision.to_metrics(), **(extra_metrics or {})},
+        params={"cadence": cadence, "method": method},
+        run_name=f"{cadence}-{data.batch_ids[-1] if data.batch_ids else 'merge'}",
+        reports={"gate.json": gate_file, **data.reports},
+    )
+    registry.set_challenger(info.version)
+    return info
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def promote_or_reject(
+    cfg: EvergreenConfig,
+    cadence: str,
+    version: VersionInfo,
+    parent: ModelState | None,
+    decision: GateDecision,
+    data,
+) -> FlowOutcome:
+    """Compare-and-set promotion if the gate passed; otherwise the champion stays."""
+    registry = Registry.from_config(cfg)
+    reasons = list(decision.reasons)
+    expected = parent.version if parent else None
+    promoted = False
+    if decision.promote:
+        with promotion_slot():
+            result = registry.promote(
+                version.version,
+                expected_champion=expected,
+                reason=f"{cadence}: " + "; ".join(reasons)[:400],
+                actor=f"flow:{cadence}",
+                flow_run_id=current_flow_run_id(),
+            )
+        promoted = result.promoted
+        if not result.promoted:
+            reasons.append(result.reason)
+    outcome = "promoted" if promoted else "rejected"
+    registry.set_version_tags(version.version, {"evergreen.decision": outcome})
+    champion = registry.champion()
+    result = FlowOutcome(
+        cadence=cadence,
+        decision=outcome,
+        batch_ids=list(data.batch_ids),
+        version=version.version,
+        champion=champion.version if champion else None,
+        reasons=reasons,
+        metrics=decision.to_metrics(),
+        quarantined=list(data.quarantined),
+    )
+    record_outcome(cfg, result)
+    return result
+
+
+def record_outcome(cfg: EvergreenConfig, outcome: FlowOutcome, *, ledger: bool = True) -> None:
+    """Ledger entries per batch, an event, and the run's Markdown + table artifacts."""
+    for batch_id in outcome.batch_ids if ledger else []:
+        Ledger.from_config(cfg).record(
+            outcome.cadence,
+            batch_id,
+            outcome.decision,
+            details={
+                "version": str(outcome.version),
+                "reasons": " | ".join(outcome.reasons)[:4000],
+            },
+        )
+    if outcome.decision in ("promoted", "rejected"):
+        emit(
+            f"evergreen.model.{outcome.decision}",
+            cfg,
+            {"cadence": outcome.cadence, "version": outcome.version, "champion": outcome.champion},
+        )
+    create_markdown_artifact(
+        key=f"{outcome.cadence}-decision", markdown=decision_markdown(cfg, outcome)
+    )
+    if outcome.metrics:
+        rows = [{"metric": k, "value": round(v, 5)} for k, v in sorted(outcome.metrics.items())]
+        create_table_artifact(key=f"{outcome.cadence}-gate", table=rows)
+    get_run_logger().info(
+        "%s: %s (champion v%s)", outcome.cadence, outcome.decision, outcome.champion
+    )
+
+
+def decision_markdown(cfg: EvergreenConfig, outcome: FlowOutcome) -> str:
+    lines = [
+        f"# {outcome.cadence}: {outcome.decision.upper()}",
+        "",
+        f"- batches: {', '.join(outcome.batch_ids) or '—'}",
+        f"- challenger: v{outcome.version}" if outcome.version else "- challenger: none",
+        f"- champion now: v{outcome.champion}" if outcome.champion else "- champion: none",
+        f"- registry: `{cfg.tracking_uri}` model `{cfg.registry.name}`",
+        "",
+        "## Reasons",
+        *[f"- {r}" for r in outcome.reasons],
+    ]
+    if outcome.quarantined:
+        lines += ["", "## Quarantined", *[f"- {b}" for b in outcome.quarantined]]
+    if outcome.metrics:
+        lines += ["", "## Gate metrics", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(outcome.metrics.items())]
+    return "\n".join(lines)
+
+
+def cleanup_staging(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)

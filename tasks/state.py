@@ -1,0 +1,98 @@
+"""A model version's working state: weights, EWC Fisher, replay buffer, retention set.
+
+The champion is downloaded from the registry into this shape, a challenger is built in it, and
+`write_state` lays it out as the checkpoint directory the registry logs (docs/CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from continual.checkpoint import load_checkpoint, save_checkpoint
+from continual.ewc import EWC
+from continual.models import ModelSpec
+from continual.replay import ReservoirBuffer
+from evergreen.config import EvergreenConfig
+
+EWC_FILE = "ewc.safetensors"
+REPLAY_DIR = "replay"
+RETENTION_FILE = "retention.parquet"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class ModelState:
+    """Everything a cadence needs from a model version (or produces for a new one)."""
+
+    model: nn.Module
+    spec: ModelSpec
+    version: str | None = None
+    ewc: EWC | None = None
+    buffer: ReservoirBuffer | None = None
+    retention: pd.DataFrame | None = None
+    extra_dirs: dict[str, Path] = field(default_factory=dict)
+
+    def clone_model(self) -> nn.Module:
+        """A trainable deep copy (the champion itself is never modified in place)."""
+        twin = copy.deepcopy(self.model)
+        for parameter in twin.parameters():
+            parameter.requires_grad_(True)
+        return twin
+
+
+def read_state(directory: Path, version: str | None = None) -> ModelState:
+    """Load a checkpoint directory written by `write_state` (or downloaded from the registry)."""
+    model, spec = load_checkpoint(directory)
+    ewc_file = directory / EWC_FILE
+    replay_dir = directory / REPLAY_DIR
+    retention_file = directory / RETENTION_FILE
+    return ModelState(
+        model=model,
+        spec=spec,
+        version=version,
+        ewc=EWC.load(ewc_file) if ewc_file.exists() else None,
+        buffer=ReservoirBuffer.load(replay_dir) if replay_dir.exists() else None,
+        retention=pd.read_parquet(retention_file) if retention_file.exists() else None,
+    )
+
+
+def staging_dir(cfg: EvergreenConfig, cadence: str) -> Path:
+    """A fresh folder for a challenger's checkpoint (removed after it is logged)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    path = cfg.home_path / "staging" / f"{cadence}-{stamp}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True, exist_ok=False)
+    return path
+
+
+def write_state(state: ModelState, directory: Path) -> Path:
+    """Lay a state out as a checkpoint directory; on error nothing half-written is left."""
+    try:
+        save_checkpoint(directory, state.model, state.spec)
+        if state.ewc is not None:
+            state.ewc.save(directory / EWC_FILE)
+        if state.buffer is not None:
+            state.buffer.save(directory / REPLAY_DIR)
+        if state.retention is not None:
+            tmp = directory / f".{RETENTION_FILE}.tmp"
+            state.retention.to_parquet(tmp, index=False)
+            tmp.replace(directory / RETENTION_FILE)
+        for name, source in state.extra_dirs.items():
+            shutil.copytree(source, directory / name, dirs_exist_ok=True)
+    except BaseException:
+        shutil.rmtree(directory, ignore_errors=True)
+        raise
+    return directory
+
+
+def parameters_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of the trainable parameters (an EWC anchor)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,173 @@
+"""Every cadence flow end to end on the embedded default (ephemeral Prefect, SQLite MLflow).
+
+One module-scoped pipeline is walked through in order: bootstrap → daily-lora → rerun (no-op)
+→ corrupt batch (quarantine) → weekly-replay → monthly-finetune → stream-monitor (drift) →
+consolidate → merge → rollback, checking the registry, ledger and files after each step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evergreen.config import load_config
+from flows.registry import run_flow
+from model_registry.ledger import Ledger
+from model_registry.registry import Registry
+from tests.digits_pipeline import digits_frame, write_batch, write_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    landing = root / "landing"
+    write_batch(landing, "2026-01-01", digits_frame(slice(0, 700)))
+    write_batch(landing, "2026-01-02", digits_frame(slice(700, 900)))
+    broken = digits_frame(slice(900, 960)).drop(columns=["pixel_5"])
+    write_batch(landing, "2026-01-03", broken, fmt="csv")
+    write_batch(landing, "2026-01-05", digits_frame(slice(960, 1260), shift=1))
+    write_batch(landing, "2026-01-08", digits_frame(slice(1260, 1560), shift=1))
+    write_batch(landing, "2026-01-09", digits_frame(slice(1560, 1797), shift=2))
+    config = write_config(root, landing, root / "home")
+    cfg = load_config(config)
+    return {
+        "config": str(config),
+        "cfg": cfg,
+        "landing": landing,
+        "registry": Registry.from_config(cfg),
+        "ledger": Ledger.from_config(cfg),
+    }
+
+
+def _run(pipeline, name, **params):
+    return run_flow(name, config_path=pipeline["config"], **params)
+
+
+def _champion(pipeline) -> str | None:
+    champion = pipeline["registry"].champion()
+    return champion.version if champion else None
+
+
+def test_01_bootstrap_registers_first_champion(pipeline):
+    result = _run(pipeline, "bootstrap", batch_ids=["2026-01-01"])
+    assert result["decision"] == "promoted", result
+    assert _champion(pipeline) == result["version"]
+    tags = pipeline["registry"].get_version(result["version"]).tags
+    for key in (
+        "parent_version",
+        "cadence",
+        "method",
+        "batch_ids",
+        "data_hash",
+        "git_commit",
+        "flow_run_id",
+        "gate_decision",
+    ):
+        assert f"evergreen.{key}" in tags, key
+    assert tags["evergreen.batch_ids"] == "2026-01-01"
+    # the bootstrap batch is not new to the update cadences
+    assert pipeline["ledger"].is_processed("daily-lora", "2026-01-01")
+
+
+def test_02_daily_lora_gates_and_records(pipeline):
+    before = _champion(pipeline)
+    result = _run(pipeline, "daily-lora", batch_ids=["2026-01-02"])
+    assert result["decision"] in ("promoted", "rejected")
+    assert result["reasons"], "a decision always carries its reasons"
+    expected = result["version"] if result["decision"] == "promoted" else before
+    assert _champion(pipeline) == expected
+    assert pipeline["ledger"].is_processed("daily-lora", "2026-01-02")
+
+
+def test_03_rerun_of_processed_batch_is_a_noop(pipeline):
+    versions_before = len(pipeline["registry"].versions(limit=100))
+    result = _run(pipeline, "daily-lora", batch_ids=["2026-01-02"])
+    assert result["decision"] == "skipped"
+    assert len(pipeline["registry"].versions(limit=100)) == versions_before
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_04_corrupt_batch_is_quarantined_and_nothing_changes(pipeline):
+    folder = pipeline["landing"] / "2026-01-03"
+    files_before, champion_before = _digest(folder), _champion(pipeline)
+    result = _run(pipeline, "daily-lora", batch_ids=["2026-01-03"])
+    assert result["decision"] == "quarantined"
+    assert "2026-01-03" in result["quarantined"]
+    assert _digest(folder) == files_before
+    assert _champion(pipeline) == champion_before
+    entry = pipeline["ledger"].processed("daily-lora")["2026-01-03"]
+    assert entry.outcome == "quarantined"
+    assert "pixel_5" in entry.details["reason"]
+    report = pipeline["cfg"].home_path / "reports" / "validation" / "daily-lora" / "2026-01-03.md"
+    assert "pixel_5" in report.read_text()
+
+
+@pytest.mark.parametrize(
+    ("flow", "batch"), [("weekly-replay", "2026-01-05"), ("monthly-finetune", "2026-01-08")]
+)
+def test_05_update_cadences_train_and_gate(pipeline, flow, batch):
+    before = _champion(pipeline)
+    result = _run(pipeline, flow, batch_ids=[batch])
+    assert result["decision"] in ("promoted", "rejected"), result
+    assert result["metrics"]["gate.retention.n"] > 0
+    tags = pipeline["registry"].get_version(result["version"]).tags
+    assert tags["evergreen.parent_version"] == before
+    assert tags["evergreen.cadence"] == flow
+
+
+def test_06_stream_monitor_detects_drift_on_shifted_digits(pipeline):
+    result = _run(pipeline, "stream-monitor", batch_ids=["2026-01-09"])
+    assert result["metrics"]["stream.samples"] > 100
+    assert result["decision"] in ("drift", "skipped")
+
+
+def _other_version(pipeline) -> str:
+    current = _champion(pipeline)
+    return next(v.version for v in pipeline["registry"].versions(limit=50) if v.version != current)
+
+
+def test_07_consolidate_and_merge_are_gated(pipeline):
+    consolidated = _run(pipeline, "consolidate")
+    assert consolidated["decision"] in ("promoted", "rejected", "skipped")
+    merged = _run(pipeline, "merge", versions=[_champion(pipeline), _other_version(pipeline)])
+    assert merged["decision"] in ("promoted", "rejected")
+    assert any(k.startswith("merge.distance") for k in merged["metrics"])
+
+
+def test_08_rollback_restores_previous_champion(pipeline):
+    registry, current = pipeline["registry"], _champion(pipeline)
+    other = _other_version(pipeline)
+    assert registry.promote(other, expected_champion=current, reason="test", actor="test").promoted
+    result = _run(pipeline, "rollback", reason="test rollback")
+    assert result["rolled_back"], result
+    assert result["champion"] == current
+    assert registry.history()[0].action == "rollback"
+
+
+def test_09_champion_serves_in_a_fresh_process(pipeline):
+    cfg = pipeline["cfg"]
+    code = (
+        "import mlflow, pandas as pd; from tests.digits_pipeline import digits_frame;"
+        f"mlflow.set_tracking_uri({cfg.tracking_uri!r});"
+        f"m = mlflow.pyfunc.load_model('models:/{cfg.registry.name}@champion');"
+        "df = digits_frame(slice(1700, 1797)); out = m.predict(df.drop(columns=['label']));"
+        "acc = (pd.Series(out['prediction']).to_numpy() == df['label'].to_numpy()).mean();"
+        "print(acc); assert acc > 0.5, acc"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
