@@ -1,0 +1,355 @@
+"""Append-only records in MLflow: the batch ledger and the registry's promotion history.
+
+`Ledger` says which batches each cadence processed; `PromotionHistory` holds every champion
+change of a registered model (what `Registry.rollback` and `evergreen status` read). Each record
+is one small, finished MLflow run (tags only, no artifacts) in its own experiment
+(`<experiment>-ledger`, `<experiment>-registry`). Runs need no schema of our own, survive
+process restarts, work through a remote `mlflow server` exactly like against the embedded SQLite
+store, and show up in the MLflow UI.
+Records are ordered by a `seq` metric (microseconds since the epoch, strictly increasing per
+writer), so two records written within the same millisecond still have a defined order.
+
+A batch counts as processed for a cadence when its latest entry is promoted, rejected or
+quarantined; failed runs (a crash, a lost race) are retried by the next run, and skipped
+entries are informational.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, get_args
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Run, RunTag, ViewType
+from mlflow.exceptions import MlflowException
+
+if TYPE_CHECKING:
+    from evergreen.config import EvergreenConfig
+
+Outcome = Literal["promoted", "rejected", "quarantined", "failed", "skipped"]
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
+DONE_OUTCOMES = frozenset({"promoted", "rejected", "quarantined"})
+SEQ_METRIC = "seq"
+_PAGE = 1000
+_REMOTE_SCHEMES = ("http://", "https://", "databricks")
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Where a client-side store keeps artifacts when none is configured.
+
+    SQLite stores get `mlartifacts/` beside the database file (never MLflow's `./mlruns`
+    relative to whatever the current directory is); servers decide for themselves (None).
+    """
+    prefix = "sqlite:///"
+    if tracking_uri.startswith(prefix):
+        return (Path(tracking_uri[len(prefix) :]).resolve().parent / "mlartifacts").as_uri()
+    return None
+
+
+def is_remote(tracking_uri: str) -> bool:
+    """True for tracking servers (they choose artifact locations), False for client-side stores."""
+    return tracking_uri.startswith(_REMOTE_SCHEMES)
+
+
+def now_iso() -> str:
+    """UTC timestamp with microseconds, e.g. 2026-11-21T04:00:00.123456+00:00."""
+    return datetime.now(UTC).isoformat()
+
+
+def quote(value: str) -> str:
+    """A value for an MLflow filter string, single-quoted.
+
+    Raises:
+        ValueError: the value contains a quote (MLflow filter strings cannot escape it).
+    """
+    if "'" in value or '"' in value:
+        raise ValueError(f"{value!r}: quotes are not allowed in names used for searching")
+    return f"'{value}'"
+
+
+class RunLog:
+    """An append-only log of small records, each a finished, tags-only MLflow run."""
+
+    _last_seq = 0
+    _seq_lock = threading.Lock()
+
+    def __init__(
+        self, client: MlflowClient, experiment: str, artifact_location: str | None
+    ) -> None:
+        self.client = client
+        self.experiment = experiment
+        self.artifact_location = artifact_location
+        self._experiment_id: str | None = None
+
+    def experiment_id(self, *, create: bool = True) -> str | None:
+        """The log's experiment id; created (or restored) on first write, None before that."""
+        if self._experiment_id is None:
+            if create:
+                self._experiment_id = ensure_experiment(
+                    self.client, self.experiment, self.artifact_location
+                )
+            else:
+                found = self.client.get_experiment_by_name(self.experiment)
+                return found.experiment_id if found else None
+        return self._experiment_id
+
+    def append(self, tags: dict[str, str], *, run_name: str, after: int = 0) -> str:
+        """Write one record and return its run id.
+
+        Its `seq` is now in µs, strictly above `after` and above every seq this process issued.
+        """
+        seq = self.next_seq(after)
+        run = self.client.create_run(str(self.experiment_id()), run_name=run_name)
+        stamp = int(time.time() * 1000)
+        self.client.log_batch(
+            run.info.run_id,
+            metrics=[Metric(SEQ_METRIC, float(seq), stamp, 0)],
+            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+        )
+        # update_run, not set_terminated: that one prints "View run …" to stdout on servers.
+        self.client.update_run(run.info.run_id, status="FINISHED")
+        return run.info.run_id
+
+    @classmethod
+    def next_seq(cls, floor: int) -> int:
+        """Microseconds since the epoch, above `floor` and above every seq this process issued."""
+        with cls._seq_lock:
+            cls._last_seq = max(time.time_ns() // 1000, floor + 1, cls._last_seq + 1)
+            return cls._last_seq
+
+    def search(self, filter_string: str, limit: int | None = None) -> list[Run]:
+        """Records matching `filter_string`, newest (highest seq) first; all when limit=None."""
+        experiment_id = self.experiment_id(create=False)  # reading never creates anything
+        runs: list[Run] = []
+        token = None
+        while experiment_id is not None:
+            want = _PAGE if limit is None else min(_PAGE, limit - len(runs))
+            if want <= 0:
+                break
+            page = self.client.search_runs(
+                [experiment_id],
+                filter_string=filter_string,
+                run_view_type=ViewType.ACTIVE_ONLY,
+                max_results=want,
+                order_by=[f"metrics.{SEQ_METRIC} DESC", "attributes.start_time DESC"],
+                page_token=token,
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                break
+        return runs
+
+
+def run_seq(run: Run) -> int:
+    """The ordering key of a record written by `RunLog.append`."""
+    return int(run.data.metrics.get(SEQ_METRIC, 0))
+
+
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    """Get or create experiment `name` (restoring it if deleted); safe against a racing creator."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location)
+        except MlflowException as exc:  # another process created it first
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                raise exc from None
+    if experiment.lifecycle_stage == "deleted":
+        client.restore_experiment(experiment.experiment_id)
+    return experiment.experiment_id
+
+
+@dataclass
+class LedgerEntry:
+    """One outcome for one batch on one cadence."""
+
+    cadence: str
+    batch_id: str
+    outcome: str
+    at: str
+    run_id: str | None = None
+    details: dict[str, str] = field(default_factory=dict)
+
+
+class Ledger:
+    """Per-cadence record of processed batches (at most once per cadence unless forced)."""
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        *,
+        experiment: str = "evergreen-ledger",
+        artifact_location: str | None = None,
+    ) -> None:
+        self.tracking_uri = tracking_uri
+        location = artifact_location or default_artifact_location(tracking_uri)
+        self.log = RunLog(
+            MlflowClient(tracking_uri), experiment, None if is_remote(tracking_uri) else location
+        )
+
+    @classmethod
+    def from_config(cls, cfg: EvergreenConfig) -> Ledger:
+        """The ledger of the configured tracking store (experiment `<experiment>-ledger`)."""
+        return cls(
+            cfg.tracking_uri,
+            experiment=f"{cfg.registry.experiment}-ledger",
+            artifact_location=cfg.artifact_location,
+        )
+
+    def record(
+        self,
+        cadence: str,
+        batch_id: str,
+        outcome: Outcome,
+        *,
+        details: dict[str, str] | None = None,
+        run_id: str | None = None,
+    ) -> LedgerEntry:
+        """Append an outcome for a batch (later entries supersede earlier ones).
+
+        Args:
+            cadence: e.g. "daily".
+            batch_id: the landing-zone folder name.
+            outcome: one of promoted, rejected, quarantined, failed, skipped.
+            details: free-form strings (reasons, version, file names).
+            run_id: the MLflow run that did the work, if any.
+
+        Raises:
+            ValueError: unknown outcome, or a quote in cadence/batch_id.
+        """
+        if outcome not in OUTCOMES:
+            raise ValueError(f"ledger outcome {outcome!r} is not one of {list(OUTCOMES)}")
+        for value in (cadence, batch_id):
+            quote(value)
+        entry = LedgerEntry(cadence, batch_id, outcome, now_iso(), run_id, dict(details or {}))
+        tags = {
+            "evergreen.cadence": cadence,
+            "evergreen.batch_id": batch_id,
+            "evergreen.outcome": outcome,
+            "evergreen.at": entry.at,
+            "evergreen.details": json.dumps(entry.details, sort_keys=True, default=str),
+        }
+        if run_id:
+            tags["evergreen.run_id"] = run_id
+        self.log.append(tags, run_name=f"{cadence}-{batch_id}-{outcome}")
+        return entry
+
+    def entries(self, cadence: str | None = None, limit: int = 200) -> list[LedgerEntry]:
+        """Entries newest first, optionally of one cadence."""
+        return [_entry(r) for r in self.log.search(_cadence_filter(cadence), limit)]
+
+    def processed(self, cadence: str) -> dict[str, LedgerEntry]:
+        """The latest entry of every batch this cadence has seen (done or not)."""
+        latest: dict[str, LedgerEntry] = {}
+        for run in self.log.search(_cadence_filter(cadence)):
+            entry = _entry(run)
+            latest.setdefault(entry.batch_id, entry)
+        return latest
+
+    def is_processed(self, cadence: str, batch_id: str) -> bool:
+        """True when the batch's latest entry is promoted, rejected or quarantined."""
+        where = f"{_cadence_filter(cadence)} and tags.`evergreen.batch_id` = {quote(batch_id)}"
+        runs = self.log.search(where, limit=1)
+        return bool(runs) and runs[0].data.tags.get("evergreen.outcome") in DONE_OUTCOMES
+
+
+def _cadence_filter(cadence: str | None) -> str:
+    return "" if cadence is None else f"tags.`evergreen.cadence` = {quote(cadence)}"
+
+
+def _entry(run: Run) -> LedgerEntry:
+    tags = run.data.tags
+    try:
+        details = json.loads(tags.get("evergreen.details", "{}"))
+    except json.JSONDecodeError:  # a truncated tag (MLflow caps values): keep what is readable
+        details = {"raw": tags.get("evergreen.details", "")}
+    return LedgerEntry(
+        cadence=tags.get("evergreen.cadence", ""),
+        batch_id=tags.get("evergreen.batch_id", ""),
+        outcome=tags.get("evergreen.outcome", ""),
+        at=tags.get("evergreen.at", ""),
+        run_id=tags.get("evergreen.run_id"),
+        details={str(k): str(v) for k, v in details.items()},
+    )
+
+
+@dataclass
+class PromotionEvent:
+    """One champion change: who moved the alias from which version to which, when and why."""
+
+    at: str
+    action: str  # "promote" | "rollback"
+    version: str
+    previous: str | None
+    actor: str
+    reason: str
+    flow_run_id: str | None
+
+
+class PromotionHistory:
+    """The champion changes of one registered model (runs tagged with its name)."""
+
+    def __init__(self, log: RunLog, model_name: str) -> None:
+        self.log = log
+        self.model_name = model_name
+        self._filter = f"tags.`evergreen.model` = {quote(model_name)}"
+
+    def record(self, event: PromotionEvent) -> None:
+        """Append an event, ordered after every event already recorded (call under the lock)."""
+        latest = self.log.search(self._filter, limit=1)
+        fields = {"model": self.model_name, **{k: v for k, v in vars(event).items() if v}}
+        tags = {f"evergreen.{k}": str(v)[:5000] for k, v in fields.items()}
+        after = run_seq(latest[0]) if latest else 0
+        self.log.append(tags, run_name=f"{event.action}-v{event.version}", after=after)
+
+    def events(self, limit: int | None = None) -> list[PromotionEvent]:
+        """Events newest first (all of them when limit=None)."""
+        return [_promotion_event(run.data.tags) for run in self.log.search(self._filter, limit)]
+
+
+def _promotion_event(tags: dict[str, str]) -> PromotionEvent:
+    def get(key: str) -> str:
+        return tags.get(f"evergreen.{key}", "")
+
+    return PromotionEvent(
+        at=get("at"),
+        action=get("action"),
+        version=get("version"),
+        previous=get("previous") or None,
+        actor=get("actor"),
+        reason=get("reason"),
+        flow_run_id=get("flow_run_id") or None,
+    )
+
+
+def rollback_target(events: Iterable[PromotionEvent], current: str) -> str | None:
+    """The champion to restore when rolling back from `current` (pure, tested directly).
+
+    Each version's predecessor is the `previous` of its latest promotion (the champion it was
+    gated against). Walk that chain from `current`, skipping versions that were rolled back
+    from and not made champion again since; stop at a cycle or the start of the history.
+    """
+    predecessor: dict[str, str | None] = {}
+    rolled_back_from: set[str] = set()
+    for event in events:
+        if event.action == "promote":
+            predecessor[event.version] = event.previous
+        elif event.action == "rollback" and event.previous is not None:
+            rolled_back_from.add(event.previous)
+        rolled_back_from.discard(event.version)
+    seen = {current}
+    candidate = predecessor.get(current)
+    while candidate is not None and candidate not in seen:
+        if candidate not in rolled_back_from:
+            return candidate
+        seen.add(candidate)
+        candidate = predecessor.get(candidate)
+    return None

@@ -1,0 +1,344 @@
+"""The MLflow pyfunc that serves an evergreen checkpoint ("models from code").
+
+MLflow copies this file into every logged model and executes it at load time, so it must stay
+importable on its own: no relative imports, no import of `model_registry` or `evergreen`. It
+needs `continual` (checkpoint loading, model families), torch, safetensors, pandas and mlflow.
+`Registry.log_version` ships a copy of the `continual` package with each model (`code_paths`),
+which MLflow puts first on `sys.path` in a fresh process, so a serving host only needs the pip
+requirements recorded with the model — and a version keeps loading with the code that wrote it.
+Custom families ("package.module:factory") and `hf_path` directories must be importable /
+present on the serving host as well.
+
+The second half of the file ("packaging") is what `Registry.log_version` uses to snapshot,
+hash, validate and log a checkpoint as such a model; it is inert when the model is served.
+
+Usage (any process that can reach the registry):
+
+    model = mlflow.pyfunc.load_model("models:/<name>@champion")
+    model.predict(df)  # DataFrame with the spec's feature columns → prediction, probability
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shutil
+import sys
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlflow
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:  # torch is imported where it is used: registry code that only hashes files
+    import torch  # (promotion, download) should not pay for it
+
+CHECKPOINT_ARTIFACT = "checkpoint"
+MODEL_NAME = "model"  # the logged model's name inside its run
+_TAG_KEY = re.compile(r"^[/\w.\- :]*$")  # what MLflow accepts in a tag key
+_FLUENT_LOCK = threading.RLock()
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+_COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*.tmp")
+
+
+class EvergreenPyfunc(mlflow.pyfunc.PythonModel):
+    """Predict labels and their probability from a checkpoint directory (no pickle).
+
+    Output columns: `prediction` (the label from `spec.classes`, logit i ↔ classes[i]) and
+    `probability` (the probability of that label).
+    """
+
+    def __init__(self) -> None:
+        self.model: torch.nn.Module | None = None
+        self.spec: Any = None
+
+    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+        """Load the checkpoint MLflow downloaded as the `checkpoint` artifact."""
+        self.load_checkpoint_dir(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
+
+    def load_checkpoint_dir(self, directory: Path) -> EvergreenPyfunc:
+        """Load a checkpoint directory directly (used to validate before logging).
+
+        Raises:
+            continual.checkpoint.CheckpointError: missing or invalid spec/weights.
+        """
+        from continual.checkpoint import load_checkpoint
+
+        self.model, self.spec = load_checkpoint(directory, map_location=_device())
+        return self
+
+    def predict(
+        self,
+        context: mlflow.pyfunc.PythonModelContext | None,
+        model_input: pd.DataFrame,
+        params: dict[str, Any] | None = None,
+    ) -> pd.DataFrame:
+        """Class label and its probability for each row of `model_input`.
+
+        Args:
+            context: unused (the checkpoint is loaded in `load_context`).
+            model_input: a DataFrame holding every feature column of the spec (extra columns
+                are ignored, column order does not matter).
+            params: unused.
+
+        Returns:
+            DataFrame [prediction, probability] with the index of `model_input`.
+
+        Raises:
+            ValueError: feature columns are missing (the message names them).
+        """
+        if self.model is None or self.spec is None:
+            raise RuntimeError("EvergreenPyfunc.predict called before the checkpoint was loaded")
+        frame = pd.DataFrame(model_input)
+        columns = list(self.spec.feature_columns)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise ValueError(
+                f"input is missing feature columns {missing}; the model expects {columns}"
+            )
+        from continual.training import predict_proba
+
+        proba = predict_proba(self.model, self._inputs(frame[columns])).numpy()
+        best = proba.argmax(axis=1)
+        labels = np.asarray(self.spec.classes, dtype=object)[best]
+        return pd.DataFrame(
+            {"prediction": labels.tolist(), "probability": proba.max(axis=1).astype(np.float64)},
+            index=frame.index,
+        )
+
+    def _inputs(self, features: pd.DataFrame) -> torch.Tensor:
+        tokenize = getattr(self.model, "tokenize", None)
+        if callable(tokenize):  # text family: one text column → token ids
+            return tokenize(features.iloc[:, 0].astype(str).tolist())
+        bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
+        if bad:
+            raise ValueError(
+                f"feature columns {bad} are not numeric (dtypes "
+                f"{[str(features[c].dtype) for c in bad]}); the model expects numbers"
+            )
+        import torch
+
+        return torch.from_numpy(features.to_numpy(dtype=np.float32, copy=True))
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- packaging: used by `Registry.log_version` in the training process, never when serving ----
+
+
+def stage_checkpoint(source: Path, workdir: Path) -> Path:
+    """Copy a checkpoint to `<workdir>/checkpoint`: the folder name MLflow stores it under,
+    and a snapshot, so the files hashed are exactly the files logged.
+
+    Raises:
+        FileNotFoundError: `source` is not a directory.
+    """
+    if not source.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {source} does not exist")
+    return Path(shutil.copytree(source, workdir / CHECKPOINT_ARTIFACT, ignore=_COPY_IGNORE))
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def checkpoint_manifest(directory: Path) -> dict[str, str]:
+    """relative posix path → sha256 of every file under `directory`.
+
+    Raises:
+        ValueError: a file name cannot be part of an MLflow tag key.
+    """
+    manifest = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        relative = path.relative_to(directory).as_posix()
+        if not _TAG_KEY.match(relative):
+            raise ValueError(
+                f"checkpoint file {relative!r}: only letters, digits and _ - . / : space are"
+                " allowed in checkpoint file names (they become MLflow tag keys)"
+            )
+        manifest[relative] = file_sha256(path)
+    return manifest
+
+
+def manifest_problems(directory: Path, expected: dict[str, str]) -> list[str]:
+    """Every missing, unexpected or modified file of `directory` versus `expected` hashes."""
+    actual = checkpoint_manifest(directory)
+    problems = [f"{rel}: missing" for rel in sorted(set(expected) - set(actual))]
+    problems += [f"{rel}: not recorded when logged" for rel in sorted(set(actual) - set(expected))]
+    problems += [
+        f"{rel}: sha256 {actual[rel][:12]}… but {expected[rel][:12]}… was recorded"
+        for rel in sorted(set(actual) & set(expected))
+        if actual[rel] != expected[rel]
+    ]
+    return problems
+
+
+def prepare_checkpoint(source: Path, workdir: Path) -> tuple[Path, dict[str, str], Any, Any]:
+    """Snapshot a checkpoint, hash it, and prove it serves (load + predict an example).
+
+    Returns:
+        (staged copy, relpath → sha256, input example, signature).
+    """
+    staged = stage_checkpoint(source, workdir)
+    manifest = checkpoint_manifest(staged)
+    example, signature = example_and_signature(staged)
+    return staged, manifest, example, signature
+
+
+def example_and_signature(checkpoint: Path) -> tuple[pd.DataFrame, Any]:
+    """Load the checkpoint, predict on a few typical rows: the input example and signature.
+
+    This is the real check that a version can be served before it is registered.
+
+    Raises:
+        continual.checkpoint.CheckpointError, ValueError: the checkpoint does not load/predict.
+    """
+    from mlflow.models import infer_signature
+
+    pyfunc = EvergreenPyfunc().load_checkpoint_dir(checkpoint)
+    spec = pyfunc.spec
+    if callable(getattr(pyfunc.model, "tokenize", None)):
+        example = pd.DataFrame({spec.feature_columns[0]: ["an example text", "another one"]})
+    else:
+        rows = [[0.0] * len(spec.feature_columns)]
+        if spec.input_mean:
+            rows.append([float(v) for v in spec.input_mean])
+        example = pd.DataFrame(rows, columns=list(spec.feature_columns), dtype="float64")
+    with warnings.catch_warnings():  # integer labels: MLflow's "missing values" hint is noise
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        return example, infer_signature(example, pyfunc.predict(None, example))
+
+
+def pip_requirements(checkpoint: Path) -> list[str]:
+    """Pinned requirements of the serving environment (no slow import-capturing inference)."""
+    names = ["mlflow", "torch", "safetensors", "numpy", "pandas"]
+    if (checkpoint / "adapter").is_dir():
+        names.append("peft")
+    spec = json.loads((checkpoint / "spec.json").read_text(encoding="utf-8"))
+    if spec.get("family") == "hf":
+        names.append("transformers")
+    pins = []
+    for name in names:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            pins.append(name)
+    return pins
+
+
+def log_pyfunc(checkpoint: Path, workdir: Path, example: pd.DataFrame, signature: Any) -> Any:
+    """Log this file as a "models from code" pyfunc into the active run, shipping `continual`.
+
+    Returns:
+        mlflow.models.model.ModelInfo of the logged model.
+    """
+    import continual
+
+    code = workdir / "code"
+    shutil.copytree(Path(continual.__file__).parent, code / "continual", ignore=_COPY_IGNORE)
+    return mlflow.pyfunc.log_model(
+        name=MODEL_NAME,
+        python_model=str(Path(__file__).resolve()),
+        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+        code_paths=[str(code / "continual")],
+        signature=signature,
+        input_example=example,
+        pip_requirements=pip_requirements(checkpoint),
+    )
+
+
+@contextlib.contextmanager
+def fluent_tracking(uri: str) -> Iterator[None]:
+    """Point MLflow's process-global fluent API at `uri` for the block, then restore it.
+
+    `mlflow.pyfunc.log_model` only exists in the fluent API. The lock serialises our own
+    logging threads; `sys.path` is restored because loading the model to validate its input
+    example prepends the model's code folder. MLflow's "View run" lines and progress bars are
+    silenced meanwhile: they would corrupt the JSON the CLI prints on stdout.
+    """
+    quiet = {
+        "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
+    with _FLUENT_LOCK:
+        saved_env = {key: os.environ.get(key) for key in (*_URI_ENV, *quiet)}
+        saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), list(sys.path))
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        os.environ.update(quiet)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(saved[0])
+            mlflow.set_registry_uri(saved[1])
+            sys.path[:] = saved[2]
+            for key, value in saved_env.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@contextlib.contextmanager
+def logging_run(
+    client: Any, run_id: str | None, run_name: str | None, experiment_id: Callable[[], str]
+) -> Iterator[str]:
+    """The fluent run to log into: `run_id` (its status kept), or a new run in the experiment."""
+    active = mlflow.active_run()
+    if run_id and active is not None and active.info.run_id == run_id:
+        yield run_id
+    elif run_id:
+        status = client.get_run(run_id).info.status
+        with mlflow.start_run(run_id=run_id, nested=active is not None):
+            yield run_id
+        if status == "RUNNING":  # the caller keeps logging into its run
+            client.update_run(run_id, status="RUNNING")
+    else:
+        with mlflow.start_run(
+            experiment_id=experiment_id(), run_name=run_name, nested=active is not None
+        ) as run:
+            yield run.info.run_id
+
+
+def log_run_data(
+    tags: dict[str, str],
+    metrics: dict[str, float] | None,
+    params: dict[str, str] | None,
+    reports: dict[str, Path] | None,
+    workdir: Path,
+) -> None:
+    """Lineage tags, metrics, params and report files on the active run."""
+    mlflow.set_tags(tags)
+    if params:
+        mlflow.log_params({k: str(v) for k, v in params.items()})
+    if metrics:
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    for name, path in (reports or {}).items():
+        target = Path("reports") / name
+        if Path(path).is_dir():
+            mlflow.log_artifacts(str(path), artifact_path=target.as_posix())
+            continue
+        copy = workdir / target  # the artifact takes the report's name, not the file's
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, copy)
+        mlflow.log_artifact(str(copy), artifact_path=target.parent.as_posix())
+
+
+mlflow.models.set_model(EvergreenPyfunc())

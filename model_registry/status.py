@@ -1,0 +1,128 @@
+"""What `evergreen status` shows: plain data (`--json`) and rich tables for people.
+
+`status_snapshot` gathers everything into JSON-able dicts once; the renderers only format, so
+the JSON and the tables always agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from model_registry.ledger import Ledger
+from model_registry.registry import Registry, VersionInfo
+
+# Version tags worth a column (prefix "evergreen." is implied); the rest stays in the JSON.
+VERSION_COLUMNS = ("cadence", "method", "parent_version", "batch_ids", "gate_decision", "decision")
+
+
+def status_snapshot(
+    registry: Registry,
+    ledger: Ledger,
+    *,
+    versions: int = 20,
+    history: int = 20,
+    ledger_entries: int = 50,
+) -> dict[str, Any]:
+    """Champion, aliases, recent versions with their decisions, promotion history, ledger.
+
+    Args:
+        registry: the pipeline's registry.
+        ledger: the batch ledger.
+        versions, history, ledger_entries: how many of each to include (newest first).
+
+    Returns:
+        A JSON-able dict: model, tracking_uri, champion, challenger, aliases, versions,
+        history, ledger.
+    """
+    champion = registry.champion()
+    challenger = registry.challenger()
+    return {
+        "model": registry.model_name,
+        "tracking_uri": registry.tracking_uri,
+        "champion": _version(champion) if champion else None,
+        "challenger": _version(challenger) if challenger else None,
+        "aliases": registry.aliases(),
+        "versions": [_version(v) for v in registry.versions(limit=versions)],
+        "history": [dataclasses.asdict(e) for e in registry.history(limit=history)],
+        "ledger": [dataclasses.asdict(e) for e in ledger.entries(limit=ledger_entries)],
+    }
+
+
+def _version(info: VersionInfo) -> dict[str, Any]:
+    data = dataclasses.asdict(info)
+    data["created"] = _ms_to_iso(info.created_ms)
+    data["lineage"] = {
+        k.removeprefix("evergreen."): v
+        for k, v in info.tags.items()
+        if k.startswith("evergreen.") and not k.startswith("evergreen.sha256.")
+    }
+    return data
+
+
+def _ms_to_iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC).isoformat(timespec="seconds")
+
+
+def render_status(snapshot: Mapping[str, Any], console: Console) -> None:
+    """Print a snapshot as a summary line and tables (versions, history, ledger)."""
+    champion = snapshot.get("champion")
+    summary = f"[bold]{snapshot['model']}[/] @ {snapshot['tracking_uri']}\n"
+    if champion:
+        lineage = champion["lineage"]
+        parent = lineage.get("parent_version", "none")
+        summary += (
+            f"champion: [green]v{champion['version']}[/] "
+            f"({lineage.get('cadence', '?')}/{lineage.get('method', '?')}, "
+            f"parent {'none' if parent == 'none' else 'v' + parent})"
+        )
+    else:
+        summary += "champion: [yellow]none[/] (run the bootstrap flow first)"
+    aliases = ", ".join(f"{a} → v{v}" for a, v in sorted(snapshot["aliases"].items()))
+    console.print(summary + (f"\naliases: {aliases}" if aliases else ""))
+    console.print(_versions_table(snapshot["versions"]))
+    render_history(snapshot["history"], console)
+    console.print(_ledger_table(snapshot["ledger"]))
+
+
+def _versions_table(versions: Iterable[Mapping[str, Any]]) -> Table:
+    table = Table(title="Model versions (newest first)")
+    for column in ("version", "created", "aliases", *VERSION_COLUMNS):
+        table.add_column(column)
+    for v in versions:
+        lineage = v["lineage"]
+        cells = [lineage.get(c, "") for c in VERSION_COLUMNS]
+        table.add_row(f"v{v['version']}", v["created"], ", ".join(v["aliases"]), *cells)
+    return table
+
+
+def render_history(events: Iterable[Any], console: Console) -> None:
+    """Print promotion events (PromotionEvent objects or their dicts), newest first."""
+    table = Table(title="Promotion history (newest first)")
+    for column in ("at", "action", "version", "replaced", "actor", "reason"):
+        table.add_column(column, overflow="fold")
+    for event in events:
+        e = dataclasses.asdict(event) if dataclasses.is_dataclass(event) else dict(event)
+        previous = f"v{e['previous']}" if e.get("previous") else "—"
+        table.add_row(
+            e["at"][:19], e["action"], f"v{e['version']}", previous, e["actor"], e["reason"]
+        )
+    console.print(table)
+
+
+def _ledger_table(entries: Iterable[Mapping[str, Any]]) -> Table:
+    table = Table(title="Batch ledger (newest first)")
+    for column in ("at", "cadence", "batch", "outcome", "details"):
+        table.add_column(column, overflow="fold")
+    colours = {"promoted": "green", "rejected": "yellow", "quarantined": "red", "failed": "red"}
+    for e in entries:
+        colour = colours.get(e["outcome"], "white")
+        details = "; ".join(f"{k}={v}" for k, v in sorted(e["details"].items()))
+        outcome = f"[{colour}]{e['outcome']}[/]"
+        table.add_row(e["at"][:19], e["cadence"], e["batch_id"], outcome, details[:200])
+    return table

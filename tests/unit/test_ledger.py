@@ -1,0 +1,118 @@
+"""The batch ledger and the RunLog under it, on an embedded SQLite MLflow store."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from model_registry.ledger import Ledger, RunLog, default_artifact_location, is_remote
+from model_registry.locking import LockTimeoutError, lock_path, promotion_lock
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('ledger')}/mlflow.db"
+
+
+@pytest.fixture
+def ledger(uri: str, request: pytest.FixtureRequest) -> Ledger:
+    return Ledger(uri, experiment=f"ledger-{request.node.name}")
+
+
+def test_record_twice_latest_wins_and_failed_does_not_count(ledger):
+    ledger.record("daily", "2026-11-20", "failed", details={"error": "OOM"})
+    assert not ledger.is_processed("daily", "2026-11-20")  # a failed run is retried
+    ledger.record("daily", "2026-11-20", "promoted", details={"version": "3"}, run_id="r1")
+    ledger.record("daily", "2026-11-20", "promoted", details={"version": "3"}, run_id="r1")
+    assert ledger.is_processed("daily", "2026-11-20")
+    assert not ledger.is_processed("weekly", "2026-11-20")  # per cadence
+    assert not ledger.is_processed("daily", "2026-11-21")
+    latest = ledger.processed("daily")
+    assert list(latest) == ["2026-11-20"]
+    assert (latest["2026-11-20"].outcome, latest["2026-11-20"].run_id) == ("promoted", "r1")
+    assert latest["2026-11-20"].details == {"version": "3"}
+    assert [e.outcome for e in ledger.entries("daily")] == ["promoted", "promoted", "failed"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "done"),
+    [
+        ("promoted", True),
+        ("rejected", True),
+        ("quarantined", True),
+        ("failed", False),
+        ("skipped", False),
+    ],
+)
+def test_which_outcomes_count_as_processed(ledger, outcome, done):
+    ledger.record("weekly", "b1", outcome)
+    assert ledger.is_processed("weekly", "b1") is done
+
+
+def test_entries_are_newest_first_filtered_and_limited(ledger):
+    for i in range(6):  # written faster than MLflow's millisecond timestamps can order them
+        ledger.record("daily" if i % 2 else "monthly", f"b{i}", "rejected")
+    assert [e.batch_id for e in ledger.entries()] == ["b5", "b4", "b3", "b2", "b1", "b0"]
+    assert [e.batch_id for e in ledger.entries("daily", limit=2)] == ["b5", "b3"]
+    assert set(ledger.processed("monthly")) == {"b0", "b2", "b4"}
+    assert all(e.at.endswith("+00:00") for e in ledger.entries())
+
+
+def test_ledger_survives_a_new_instance(ledger, uri):
+    ledger.record("daily", "2026-11-21", "quarantined", details={"file": "a.csv"})
+    reopened = Ledger(uri, experiment=ledger.log.experiment)
+    assert reopened.is_processed("daily", "2026-11-21")
+    assert reopened.entries()[0].details == {"file": "a.csv"}
+
+
+def test_bad_input_is_refused(ledger):
+    with pytest.raises(ValueError, match="'done' is not one of"):
+        ledger.record("daily", "b", "done")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="quotes"):
+        ledger.record("daily", "it's", "promoted")
+    assert ledger.entries() == [] and ledger.processed("daily") == {}
+    assert ledger.log.client.get_experiment_by_name(ledger.log.experiment) is None  # reads: no-op
+
+
+def test_seq_is_strictly_increasing_across_threads():
+    seen: list[int] = []
+
+    def grab() -> None:
+        seen.extend(RunLog.next_seq(0) for _ in range(200))
+
+    threads = [threading.Thread(target=grab) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(seen)) == 800
+    assert RunLog.next_seq(10**17) == 10**17 + 1  # never below a given floor
+
+
+def test_artifact_location_defaults():
+    location = default_artifact_location("sqlite:////srv/evergreen/mlflow.db")
+    assert location == "file:///srv/evergreen/mlartifacts"
+    assert default_artifact_location("http://127.0.0.1:5000") is None
+    assert is_remote("https://mlflow.example.com") and not is_remote("sqlite:///x.db")
+
+
+def test_promotion_lock_excludes_others_and_times_out(tmp_path):
+    path = lock_path("my model/v1", tmp_path)
+    assert path == tmp_path / "my_model_v1.lock"
+    with promotion_lock("my model/v1", tmp_path):
+        errors: list[BaseException] = []
+
+        def contender() -> None:
+            try:
+                with promotion_lock("my model/v1", tmp_path, timeout=0.3):
+                    pass
+            except LockTimeoutError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=contender)
+        thread.start()
+        thread.join()
+        assert len(errors) == 1 and str(path) in str(errors[0])
+    with promotion_lock("my model/v1", tmp_path, timeout=0.3):  # released on exit
+        pass
