@@ -104,6 +104,9 @@ class DailyConfig(_Strict):
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="None: q_proj/v_proj where present.")
+    max_regression: float = Field(
+        0.01, ge=0, description="Validation accuracy the adapter may lose before it is discarded."
+    )
     replay_ratio: float = Field(0.3, ge=0, lt=1, description="Retention rows mixed into training.")
 
 
@@ -155,9 +158,12 @@ class EvergreenConfig(_Strict):
 
     @property
     def tracking_uri(self) -> str:
-        """The MLflow tracking URI: configured, or SQLite under home (the embedded default)."""
+        """The MLflow tracking URI: configured, else `MLFLOW_TRACKING_URI`, else SQLite under
+        home (the embedded default)."""
         if self.registry.tracking_uri:
             return self.registry.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
         return f"sqlite:///{self.home_path / 'mlflow.db'}"
 
     @property
@@ -185,13 +191,13 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> EvergreenConfig:
-    """Read `evergreen.yaml` (or `path`), apply `--set` overrides, validate.
+    """Read `path` (default: $EVERGREEN_CONFIG, else ./evergreen.yaml), apply overrides, validate.
 
     Raises:
         FileNotFoundError: the file does not exist (with a hint to run `evergreen init`).
         pydantic.ValidationError: a key is unknown or a value is invalid.
     """
-    config_path = Path(path) if path else DEFAULT_CONFIG_PATH
+    config_path = Path(path or os.environ.get("EVERGREEN_CONFIG") or DEFAULT_CONFIG_PATH)
     if not config_path.exists():
         raise FileNotFoundError(
             f"config file {config_path} not found: run `evergreen init` to write an example"

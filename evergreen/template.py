@@ -48,6 +48,7 @@ daily:                            # online LoRA with validation gating
   lora_alpha: 16
   target_modules: null            # null: q_proj/v_proj where present, else every Linear but the head
   replay_ratio: 0.3
+  max_regression: 0.01             # validation accuracy the adapter may lose before it is discarded
 
 stream:                           # Page-Hinkley on the champion's per-sample loss + EMA weights
   ema_decay: 0.99

@@ -31,11 +31,20 @@ QUIET_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
+# The demo prints its own timeline; flow-run logs stay in the Prefect UI/API.
+DEMO_DEFAULTS = {"PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default="evergreen.yaml", help="config file (evergreen.yaml)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="config file (default: $EVERGREEN_CONFIG or ./evergreen.yaml)",
+    )
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -197,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        for key, value in DEMO_DEFAULTS.items():
+            os.environ.setdefault(key, value)
     try:
         return COMMANDS[args.command](args)
     except (FileNotFoundError, ValueError, KeyError) as error:

@@ -43,7 +43,7 @@ def daily_lora(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefe
     staging = staging_dir(cfg, CADENCE)
     try:
         # 3. train challenger (the adapter is restored exactly if validation regresses)
-        challenger, lora_gate = train_lora_gated(cfg, champion, data, staging)
+        challenger, lora_gate = train_lora_gated(cfg, champion, data)
         if challenger is None:
             outcome = FlowOutcome(
                 cadence=CADENCE,

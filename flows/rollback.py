@@ -16,7 +16,9 @@ from tasks.limits import ensure_limits, promotion_slot
 
 
 class RollbackParams(BaseModel):
-    config_path: str = Field("evergreen.yaml", description="Path of evergreen.yaml.")
+    config_path: str | None = Field(
+        None, description="Path of evergreen.yaml (default: $EVERGREEN_CONFIG or ./evergreen.yaml)."
+    )
     overrides: list[str] = Field(default_factory=list, description="Config overrides key=value.")
     to: str | None = Field(None, description="Version to restore (default: the previous champion).")
     reason: str = Field("manual rollback", description="Why: recorded in the promotion history.")

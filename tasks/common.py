@@ -22,8 +22,10 @@ from evergreen.config import EvergreenConfig, load_config
 class FlowParams(BaseModel):
     """Parameters every cadence flow accepts (rendered as a form in the Prefect UI)."""
 
-    config_path: str = Field(
-        "evergreen.yaml", description="Path of evergreen.yaml, relative to the working directory."
+    config_path: str | None = Field(
+        None,
+        description="Path of evergreen.yaml (default: $EVERGREEN_CONFIG, else ./evergreen.yaml "
+        "in the working directory).",
     )
     overrides: list[str] = Field(
         default_factory=list,

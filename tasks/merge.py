@@ -12,7 +12,7 @@ from continual.models import build_model
 from evergreen.config import EvergreenConfig
 from model_registry.registry import Registry
 from tasks.common import frame_to_tensors
-from tasks.state import ModelState, read_state
+from tasks.state import ModelState, parameters_of, read_state
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -56,7 +56,7 @@ def _with_weights(base: ModelState, merged: dict, champion: ModelState) -> Model
     if champion.ewc is not None:
         ewc = EWC(
             champion.ewc.fisher,
-            {n: p.detach().clone() for n, p in model.named_parameters()},
+            parameters_of(model),
             lam=champion.ewc.lam,
             gamma=champion.ewc.gamma,
         )

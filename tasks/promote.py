@@ -14,10 +14,11 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from continual.gating import GateDecision
+from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
 from model_registry.ledger import Ledger
-from model_registry.registry import Registry, VersionInfo
-from tasks.common import current_flow_run_id, git_commit
+from model_registry.registry import ArtifactIntegrityError, Registry, VersionInfo
+from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
 from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.state import ModelState, read_state, write_state
@@ -84,6 +85,7 @@ def register_challenger(
     checkpoint = staging / "checkpoint"
     if not checkpoint.exists():
         write_state(challenger, checkpoint)
+    verify_round_trip(cfg, challenger, checkpoint, data.holdout)
     gate_file = staging / "gate.json"
     gate_file.write_text(json.dumps(decision.to_dict(), indent=2, default=str))
     info = registry.log_version(
@@ -98,7 +100,27 @@ def register_challenger(
     return info
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5)
+def verify_round_trip(cfg, challenger: ModelState, checkpoint: Path, rows) -> None:
+    """The checkpoint that will be served must predict exactly what the gate evaluated.
+
+    Raises:
+        RuntimeError: the reloaded model's logits differ from the in-memory challenger's.
+    """
+    if rows is None or rows.empty:
+        return
+    sample = rows.head(64)
+    X, _ = frame_to_tensors(sample, challenger.spec, cfg.data.label)
+    expected = predict_logits(challenger.model, X)
+    reloaded = predict_logits(read_state(checkpoint).model, X)
+    gap = float((expected - reloaded).abs().max())
+    if gap > 1e-4:
+        raise RuntimeError(
+            f"the saved checkpoint does not reproduce the evaluated challenger (max logit gap "
+            f"{gap:.2e}); nothing was registered"
+        )
+
+
+@task(cache_policy=NO_CACHE)
 def promote_or_reject(
     cfg: EvergreenConfig,
     cadence: str,
@@ -113,17 +135,21 @@ def promote_or_reject(
     expected = parent.version if parent else None
     promoted = False
     if decision.promote:
-        with promotion_slot():
-            result = registry.promote(
-                version.version,
-                expected_champion=expected,
-                reason=f"{cadence}: " + "; ".join(reasons)[:400],
-                actor=f"flow:{cadence}",
-                flow_run_id=current_flow_run_id(),
-            )
-        promoted = result.promoted
-        if not result.promoted:
-            reasons.append(result.reason)
+        try:
+            with promotion_slot():
+                result = registry.promote(
+                    version.version,
+                    expected_champion=expected,
+                    reason=f"{cadence}: " + "; ".join(reasons)[:400],
+                    actor=f"flow:{cadence}",
+                    flow_run_id=current_flow_run_id(),
+                )
+        except ArtifactIntegrityError as error:  # tampered/corrupt artifacts: never served
+            reasons.append(f"not promoted: {error}")
+        else:
+            promoted = result.promoted
+            if not result.promoted:
+                reasons.append(result.reason)
     outcome = "promoted" if promoted else "rejected"
     registry.set_version_tags(version.version, {"evergreen.decision": outcome})
     champion = registry.champion()

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import shutil
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,7 +26,6 @@ from evergreen.config import EvergreenConfig
 EWC_FILE = "ewc.safetensors"
 REPLAY_DIR = "replay"
 RETENTION_FILE = "retention.parquet"
-ADAPTER_DIR = "adapter"
 
 
 @dataclass
@@ -39,7 +38,6 @@ class ModelState:
     ewc: EWC | None = None
     buffer: ReservoirBuffer | None = None
     retention: pd.DataFrame | None = None
-    extra_dirs: dict[str, Path] = field(default_factory=dict)
 
     def clone_model(self) -> nn.Module:
         """A trainable deep copy (the champion itself is never modified in place)."""
@@ -85,8 +83,6 @@ def write_state(state: ModelState, directory: Path) -> Path:
             tmp = directory / f".{RETENTION_FILE}.tmp"
             state.retention.to_parquet(tmp, index=False)
             tmp.replace(directory / RETENTION_FILE)
-        for name, source in state.extra_dirs.items():
-            shutil.copytree(source, directory / name, dirs_exist_ok=True)
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
@@ -94,5 +90,8 @@ def write_state(state: ModelState, directory: Path) -> Path:
 
 
 def parameters_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Detached copies of the trainable parameters (an EWC anchor)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """Detached copies of every parameter (an EWC anchor).
+
+    Not filtered on requires_grad: a model that went through peft's merge comes back frozen.
+    """
+    return {n: p.detach().clone() for n, p in model.named_parameters()}

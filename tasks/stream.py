@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
@@ -33,7 +34,8 @@ def monitor_state_file(cfg: EvergreenConfig) -> Path:
 
 
 def load_detector(cfg: EvergreenConfig, champion: ModelState, stream_length: int) -> PageHinkley:
-    """Resume the detector for this champion, or calibrate a new one on its retention losses."""
+    """Resume the detector for this champion, or calibrate and warm a new one on its retention
+    losses (held-out rows of every earlier batch: the known-stable period)."""
     s = cfg.stream
     path = monitor_state_file(cfg)
     if path.exists():
@@ -44,14 +46,22 @@ def load_detector(cfg: EvergreenConfig, champion: ModelState, stream_length: int
             )
             detector.load_state_dict(saved["detector"])
             return detector
+    X, y = frame_to_tensors(champion.retention, champion.spec, cfg.data.label)
+    stable = np.random.default_rng(0).permutation(per_example_loss(champion.model, X, y))
     threshold = s.ph_threshold
     if threshold is None:
-        X, y = frame_to_tensors(champion.retention, champion.spec, cfg.data.label)
-        stable = per_example_loss(champion.model, X, y)
         threshold = calibrate_threshold(
-            stable, delta=s.ph_delta, min_samples=s.ph_min_samples, stream_length=stream_length
+            stable,
+            delta=s.ph_delta,
+            min_samples=s.ph_min_samples,
+            stream_length=len(stable) + stream_length,
         )
-    return PageHinkley(delta=s.ph_delta, threshold=threshold, min_samples=s.ph_min_samples)
+    detector = PageHinkley(delta=s.ph_delta, threshold=threshold, min_samples=s.ph_min_samples)
+    # Warm start on the known-stable losses: the running mean becomes the champion's reference
+    # loss, so a shift in the incoming stream accumulates against it rather than against itself.
+    for loss in stable:
+        detector.update(float(loss))
+    return detector
 
 
 def save_detector(cfg: EvergreenConfig, champion: ModelState, detector: PageHinkley) -> None:

@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from continual.ewc import EWC
-from continual.lora import LoraSettings, attach_lora, gated_update, merge_adapter, save_adapter
+from continual.lora import LoraSettings, attach_lora, gated_update
 from continual.models import ModelSpec, build_model, fit_standardizer
 from continual.replay import ReservoirBuffer
 from continual.training import TrainResult, TrainSettings, accuracy, train
@@ -17,7 +17,7 @@ from evergreen.config import EvergreenConfig, TrainConfig
 from tasks.common import frame_to_tensors
 from tasks.limits import training_slot
 from tasks.progress import step_progress
-from tasks.state import ADAPTER_DIR, ModelState, parameters_of
+from tasks.state import ModelState, parameters_of
 
 
 def settings_from(config: TrainConfig) -> TrainSettings:
@@ -57,7 +57,7 @@ def carry_forward(cfg: EvergreenConfig, state: ModelState, train_df: pd.DataFram
             seed=cfg.bootstrap_train.seed,
         )
     for batch_id in sorted(train_df["batch_id"].unique()):
-        rows = (train_df["batch_id"] == batch_id).to_numpy()
+        rows = torch.from_numpy((train_df["batch_id"] == batch_id).to_numpy(copy=True))
         state.buffer.add(X[rows], y[rows], batch_id=str(batch_id))
     retention = state.retention
     for batch_id, part in holdout.groupby("batch_id", sort=True):
@@ -157,7 +157,7 @@ def train_replay_ewc(cfg: EvergreenConfig, champion: ModelState, data) -> ModelS
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
-def train_lora_gated(cfg: EvergreenConfig, champion: ModelState, data, staging) -> tuple:
+def train_lora_gated(cfg: EvergreenConfig, champion: ModelState, data) -> tuple:
     """Daily: a LoRA adapter trained on the batch, kept only if validation does not regress.
 
     Validation is the batch's holdout plus the champion's retention set, so the adapter has to
@@ -176,20 +176,17 @@ def train_lora_gated(cfg: EvergreenConfig, champion: ModelState, data, staging) 
         peft_model,
         lambda m: _fit(m, X, y, d.train, "lora", replay=buffer, replay_ratio=d.replay_ratio),
         lambda m: accuracy(m, Xv, yv),
-        max_regression=0.0,
+        max_regression=d.max_regression,
     )
     if not result.accepted:
         return None, result
-    adapter_dir = staging / "_adapter"
-    save_adapter(peft_model, adapter_dir)
-    merged = merge_adapter(peft_model)
+    # The version keeps the adapter separate (base weights + adapter/); loading merges it.
     state = ModelState(
-        model=merged,
+        model=peft_model,
         spec=champion.spec,
         ewc=champion.ewc,
         buffer=champion.buffer,
         retention=champion.retention,
-        extra_dirs={ADAPTER_DIR: adapter_dir},
     )
     carry_forward(cfg, state, data.train, data.holdout)
     return state, result

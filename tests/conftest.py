@@ -16,3 +16,7 @@ for _key, _value in {
     "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_key, _value)
+
+# A developer's own settings must not redirect the tests' stores.
+for _key in ("MLFLOW_TRACKING_URI", "EVERGREEN_HOME", "EVERGREEN_CONFIG", "PREFECT_API_URL"):
+    os.environ.pop(_key, None)
