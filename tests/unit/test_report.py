@@ -212,8 +212,9 @@ def test_matrix_label_mismatch_is_explained_and_nothing_is_written(tmp_path):
     assert not out.exists()
 
 
-def test_terminal_table_shows_every_row_with_markup_escaped():
+def test_terminal_table_shows_every_row_and_leaves_notes_to_the_markdown():
     rows = _timeline()
+    rows[0].flow = "[bold]flow[/bold]"  # cells are shown as written, not as markup
     table = timeline_table(rows)
     assert table.row_count == len(rows)
     console = Console(record=True, width=240, color_system=None)
@@ -221,7 +222,9 @@ def test_terminal_table_shows_every_row_with_markup_escaped():
     text = console.export_text()
     for row in rows:
         assert row.date in text and row.decision in text
-    assert "[bold]4.1 points[/bold]" in text  # a note is shown as written, not as markup
+    assert "[bold]flow[/bold]" in text
+    assert "4.1 points" not in text  # the full reasons live in report.md
+    assert "4.1 points" in timeline_markdown(rows)
     assert "0.930" in text and "—" in text
 
 

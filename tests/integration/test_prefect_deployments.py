@@ -1,0 +1,155 @@
+"""prefect.yaml deployments on a real Prefect server with a real process worker.
+
+`evergreen deploy` registers every deployment; `daily-lora` is triggered through the REST API
+exactly as the UI's "Custom run" does (POST /deployments/{id}/create_flow_run with parameters);
+the worker runs it and the MLflow champion alias moves, or stays with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+
+from evergreen.config import load_config
+from model_registry.ledger import Ledger
+from model_registry.registry import Registry
+from tests.digits_pipeline import digits_frame, write_batch, write_config
+from tests.integration.servers import BIN, background, prefect_env, prefect_server
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def deployed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deployed")
+    landing = root / "landing"
+    write_batch(landing, "2026-02-01", digits_frame(slice(0, 600)))
+    write_batch(landing, "2026-02-02", digits_frame(slice(600, 800)))
+    config = write_config(root, landing, root / "home")
+    with prefect_server(root / "prefect") as api:
+        env = prefect_env(root / "prefect", api)
+        _check(env, root, [str(BIN / "evergreen"), "run", "bootstrap", "--batch", "2026-02-01"])
+        _check(
+            env,
+            root,
+            [str(BIN / "evergreen"), "deploy", "--prefect-file", str(ROOT / "prefect.yaml")],
+        )
+        worker = [str(BIN / "prefect"), "worker", "start", "--pool", "evergreen-process"]
+        with background(worker, env=env, log=root / "worker.log", cwd=root):
+            yield {"api": api, "config": config, "root": root}
+
+
+def _check(env, cwd, command):
+    import subprocess
+
+    done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+
+
+def _deployment(api: str, name: str) -> dict:
+    response = httpx.get(f"{api}/deployments/name/{name}/{name}", timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def _wait_final(api: str, run_id: str, timeout: float = 900) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(3)
+    raise TimeoutError(f"flow run {run_id} did not finish in {timeout}s")
+
+
+def test_every_cadence_is_deployed_with_its_schedule(deployed):
+    expected = {
+        "monthly-finetune": "0 2 1 * *",
+        "weekly-replay": "0 3 * * 1",
+        "daily-lora": "0 4 * * *",
+        "consolidate": "0 5 * * 0",
+    }
+    for name, cron in expected.items():
+        deployment = _deployment(deployed["api"], name)
+        assert deployment["enforce_parameter_schema"] is True
+        assert deployment["schedules"][0]["schedule"]["cron"] == cron
+        assert deployment["schedules"][0]["schedule"]["timezone"] == "UTC"
+        assert deployment["work_pool_name"] == "evergreen-process"
+    for name in ("bootstrap", "merge", "rollback", "stream-monitor"):
+        assert _deployment(deployed["api"], name)["id"]
+
+
+def test_scheduled_runs_have_the_expected_next_times(deployed):
+    deployment = _deployment(deployed["api"], "daily-lora")
+    deadline, runs = time.monotonic() + 120, []
+    while time.monotonic() < deadline and not runs:
+        runs = httpx.post(
+            f"{deployed['api']}/flow_runs/filter",
+            timeout=30,
+            json={
+                "deployments": {"id": {"any_": [deployment["id"]]}},
+                "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}},
+                "sort": "EXPECTED_START_TIME_ASC",
+                "limit": 5,
+            },
+        ).json()
+        time.sleep(2)
+    assert runs, "the scheduler created no runs for daily-lora"
+    starts = [datetime.fromisoformat(r["expected_start_time"]).astimezone(UTC) for r in runs]
+    assert all((s.hour, s.minute) == (4, 0) for s in starts), starts
+    assert all((b - a).days == 1 for a, b in itertools.pairwise(starts)), starts
+    assert starts[0] > datetime.now(UTC)
+
+
+def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
+    cfg = load_config(deployed["config"])
+    registry = Registry.from_config(cfg)
+    champion_before = registry.champion().version
+    deployment = _deployment(deployed["api"], "daily-lora")
+    response = httpx.post(
+        f"{deployed['api']}/deployments/{deployment['id']}/create_flow_run",
+        timeout=30,
+        json={
+            "parameters": {
+                "params": {
+                    "config_path": "evergreen.yaml",
+                    "overrides": [],
+                    "batch_ids": ["2026-02-02"],
+                    "force": False,
+                }
+            }
+        },
+    )
+    assert response.status_code == 201, response.text
+    run = _wait_final(deployed["api"], response.json()["id"])
+    log = (deployed["root"] / "worker.log").read_text()[-4000:]
+    assert run["state_type"] == "COMPLETED", log
+    entry = Ledger.from_config(cfg).processed("daily-lora")["2026-02-02"]
+    champion_after = registry.champion().version
+    if entry.outcome == "promoted":
+        assert champion_after != champion_before
+    else:
+        assert entry.outcome == "rejected" and entry.details["reasons"]
+        assert champion_after == champion_before
+    artifacts = httpx.post(
+        f"{deployed['api']}/artifacts/filter",
+        timeout=30,
+        json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
+    ).json()
+    assert any(a["key"] == "daily-lora-decision" for a in artifacts), artifacts
+
+
+def test_invalid_parameters_are_refused_by_the_schema(deployed):
+    deployment = _deployment(deployed["api"], "daily-lora")
+    response = httpx.post(
+        f"{deployed['api']}/deployments/{deployment['id']}/create_flow_run",
+        timeout=30,
+        json={"parameters": {"params": {"max_batches": "many"}}},
+    )
+    assert response.status_code == 409, response.text
