@@ -1,0 +1,46 @@
+"""prefect.yaml: one deployment per cadence, entrypoints that import, schedules as in DESIGN.md."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.flows import load_flow_from_entrypoint
+
+from flows.registry import FLOWS
+
+PREFECT_YAML = Path(__file__).resolve().parents[2] / "prefect.yaml"
+SCHEDULES = {
+    "monthly-finetune": "0 2 1 * *",
+    "weekly-replay": "0 3 * * 1",
+    "daily-lora": "0 4 * * *",
+    "consolidate": "0 5 * * 0",
+}
+
+
+@pytest.fixture(scope="module")
+def deployments() -> dict[str, dict]:
+    spec = yaml.safe_load(PREFECT_YAML.read_text())
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def test_one_deployment_per_flow(deployments):
+    assert set(deployments) == set(FLOWS)
+
+
+@pytest.mark.parametrize("name", sorted(FLOWS))
+def test_entrypoint_loads_the_registered_flow(deployments, name):
+    flow = load_flow_from_entrypoint(deployments[name]["entrypoint"])
+    assert flow.name == name
+    assert deployments[name]["enforce_parameter_schema"] is True
+    assert deployments[name]["work_pool"]["name"] == "evergreen-process"
+
+
+def test_cron_schedules_and_drift_trigger(deployments):
+    for name, cron in SCHEDULES.items():
+        (schedule,) = deployments[name]["schedules"]
+        assert (schedule["cron"], schedule["timezone"]) == (cron, "UTC")
+    (trigger,) = deployments["weekly-replay"]["triggers"]
+    assert trigger["expect"] == ["evergreen.drift.detected"]
+    assert trigger["match"]["prefect.resource.id"] == "evergreen.model.*"
