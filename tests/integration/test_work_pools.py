@@ -14,6 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tests.integration.servers import BIN, prefect_env, prefect_server
 
@@ -44,7 +45,7 @@ async def _resolve(pool_name: str, values: dict) -> dict:
         return {"type": pool.type, "template": pool.base_job_template, "env": config.env}
 
 
-def test_readme_commands_create_all_three_pools(tmp_path, monkeypatch):
+def test_readme_commands_create_all_three_pools(tmp_path):
     with prefect_server(tmp_path / "prefect") as api:
         env = prefect_env(tmp_path / "prefect", api)
         env.update(AWS_ACCESS_KEY_ID="key-id-from-env", AWS_SECRET_ACCESS_KEY="secret-from-env")
@@ -74,10 +75,10 @@ def test_readme_commands_create_all_three_pools(tmp_path, monkeypatch):
                 ],
                 env,
             )
-        monkeypatch.setenv("PREFECT_API_URL", api)
-        monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
-        resolved = {name: asyncio.run(_resolve(name, {})) for name in POOLS}
-        docker = asyncio.run(_resolve("evergreen-docker", {"env": {"EXTRA": "1"}}))
+        # settings context, not env: an earlier test may already have loaded Prefect's settings
+        with temporary_settings(updates={PREFECT_API_URL: api}):
+            resolved = {name: asyncio.run(_resolve(name, {})) for name in POOLS}
+            docker = asyncio.run(_resolve("evergreen-docker", {"env": {"EXTRA": "1"}}))
 
     for name, (pool_type, path) in POOLS.items():
         assert resolved[name]["type"] == pool_type
