@@ -135,7 +135,9 @@ class GateConfig(_Strict):
 
 
 class EvergreenConfig(_Strict):
-    home: str = Field(".evergreen", description="State: MLflow store, artifacts, reports.")
+    home: str = Field(
+        ".evergreen", description="State: MLflow store, artifacts, reports.", validate_default=True
+    )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)

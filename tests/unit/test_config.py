@@ -1,0 +1,63 @@
+"""evergreen.yaml: validation, `--set` overrides parsed as YAML, the `init` template, env fallbacks."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from evergreen.config import config_from_dict, load_config
+from evergreen.template import CONFIG_TEMPLATE
+from flows.cli import main
+
+MINIMAL = {"data": {"features": ["a", "b"], "label": "y", "classes": [0, 1]}}
+
+
+def test_init_template_is_a_valid_config_and_init_writes_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    cfg = load_config(tmp_path / "evergreen.yaml")
+    assert yaml.safe_load(CONFIG_TEMPLATE)["data"]["features"] == cfg.data.features
+    assert main(["init"]) == 1  # never overwrites silently
+
+
+def test_overrides_are_parsed_as_yaml(tmp_path):
+    path = tmp_path / "evergreen.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    cfg = load_config(path, ["data.classes=[0,1,2]", "data.landing=s3://b/p", "daily.lora_r=16"])
+    assert cfg.data.classes == [0, 1, 2]
+    assert cfg.data.landing == "s3://b/p"
+    assert cfg.daily.lora_r == 16
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.clases=[1]", "clases"),  # typo in a key: unknown keys are errors
+        ("daily.lora_r=-1", "lora_r"),
+        ("data.classes=[1]", "at least two classes"),
+        ("data.features=[]", "features"),
+    ],
+)
+def test_invalid_values_name_the_key(override, message):
+    with pytest.raises((ValidationError, ValueError), match=message):
+        config_from_dict(MINIMAL, [override])
+
+
+def test_embedded_default_and_env_fallbacks(tmp_path, monkeypatch):
+    cfg = config_from_dict({**MINIMAL, "home": str(tmp_path)})
+    assert cfg.tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert cfg.tracking_uri == "http://mlflow:5000"
+    monkeypatch.setenv("EVERGREEN_HOME", str(tmp_path / "elsewhere"))
+    assert config_from_dict(MINIMAL).home_path == tmp_path / "elsewhere"
+    path = tmp_path / "custom.yaml"
+    path.write_text(yaml.safe_dump(MINIMAL))
+    monkeypatch.setenv("EVERGREEN_CONFIG", str(path))
+    assert load_config(None).data.label == "y"
+
+
+def test_missing_config_file_says_how_to_create_one(tmp_path):
+    with pytest.raises(FileNotFoundError, match="evergreen init"):
+        load_config(tmp_path / "nope.yaml")
+    assert main(["status", "--config", str(tmp_path / "nope.yaml")]) == 2
