@@ -31,6 +31,7 @@ def deployed(tmp_path_factory):
     landing = root / "landing"
     write_batch(landing, "2026-02-01", digits_frame(slice(0, 600)))
     write_batch(landing, "2026-02-02", digits_frame(slice(600, 800)))
+    write_batch(landing, "2026-02-03", digits_frame(slice(800, 1200), shift=3))  # new writers
     config = write_config(root, landing, root / "home")
     with prefect_server(root / "prefect") as api:
         env = prefect_env(root / "prefect", api)
@@ -153,3 +154,44 @@ def test_invalid_parameters_are_refused_by_the_schema(deployed):
         json={"parameters": {"params": {"max_batches": "many"}}},
     )
     assert response.status_code == 409, response.text
+
+
+def _runs_of(api: str, deployment_id: str) -> list[dict]:
+    return httpx.post(
+        f"{api}/flow_runs/filter",
+        timeout=30,
+        json={"deployments": {"id": {"any_": [deployment_id]}}, "limit": 20},
+    ).json()
+
+
+def _started_soon(run: dict) -> bool:
+    """A run due now (an automation's), not one of the cron schedule's future runs."""
+    expected = datetime.fromisoformat(run["expected_start_time"]).astimezone(UTC)
+    return (expected - datetime.now(UTC)).total_seconds() < 300
+
+
+def test_drift_event_triggers_the_update_deployment(deployed):
+    api = deployed["api"]
+    weekly = _deployment(api, "weekly-replay")
+    before = {r["id"] for r in _runs_of(api, weekly["id"])}
+    monitor = _deployment(api, "stream-monitor")
+    response = httpx.post(
+        f"{api}/deployments/{monitor['id']}/create_flow_run",
+        timeout=30,
+        json={"parameters": {"params": {"batch_ids": ["2026-02-03"]}}},
+    )
+    assert response.status_code == 201, response.text
+    run = _wait_final(api, response.json()["id"])
+    assert run["state_type"] == "COMPLETED", (deployed["root"] / "worker.log").read_text()[-4000:]
+    deadline, triggered, events = time.monotonic() + 180, [], []
+    while time.monotonic() < deadline and not (triggered and events):
+        events = httpx.post(
+            f"{api}/events/filter",
+            timeout=30,
+            json={"filter": {"event": {"name": ["evergreen.drift.detected"]}}},
+        ).json()["events"]
+        runs = _runs_of(api, weekly["id"])
+        triggered = [r for r in runs if r["id"] not in before and _started_soon(r)]
+        time.sleep(3)
+    assert events, "the monitor saw shifted digits but no drift event reached the server"
+    assert triggered, "drift did not trigger a weekly-replay run"
