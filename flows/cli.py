@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -214,12 +213,6 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError, KeyError) as error:
         console.print(f"[red]error:[/red] {error}")
         return 2
-
-
-def prefect_cli(*argv: str) -> subprocess.CompletedProcess:
-    """Run the `prefect` CLI of this environment."""
-    exe = Path(sys.executable).with_name("prefect")
-    return subprocess.run([str(exe), *argv], capture_output=True, text=True, check=False)
 
 
 if __name__ == "__main__":

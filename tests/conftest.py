@@ -1,17 +1,11 @@
-"""Shared test set-up: quiet, offline, deterministic."""
+"""Shared test set-up: quiet, offline, deterministic, isolated from a developer's own settings."""
 
 import os
 
+from flows.cli import QUIET_DEFAULTS
+
 for _key, _value in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "DO_NOT_TRACK": "1",
-    "GX_ANALYTICS_ENABLED": "false",
-    "MLFLOW_ENABLE_TELEMETRY": "false",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
-    "TOKENIZERS_PARALLELISM": "false",
+    **QUIET_DEFAULTS,
     # tiny test models: one intra-op thread is faster than two and immune to a busy machine
     "OMP_NUM_THREADS": "1",
 }.items():

@@ -8,6 +8,7 @@ consolidate → merge → rollback, checking the registry, ledger and files afte
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -171,3 +172,14 @@ def test_09_champion_serves_in_a_fresh_process(pipeline):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_10_cli_status_json_and_report(pipeline, capsys):
+    from flows.cli import main
+
+    assert main(["status", "--json", "--config", pipeline["config"]]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert str(status["champion"]["version"]) == _champion(pipeline)
+    assert main(["report", "--config", pipeline["config"]]) == 0
+    report = pipeline["cfg"].home_path / "reports" / "latest" / "report.md"
+    assert "daily-lora" in report.read_text()
