@@ -8,7 +8,8 @@ from the module you need (keeps `import continual` cheap; peft/transformers load
 - `checkpoint`: a model version on disk (`spec.json` + `model.safetensors` + optional `adapter/`).
 - `training`: the one training loop (steps, not epochs; EWC/replay/distillation as arguments)
   and the prediction helpers the gate and drift monitor use.
-- `ewc`: per-example diagonal Fisher and online EWC (monthly/weekly cadences).
+- `fisher`: per-example diagonal Fisher (closed form for `nn.Linear`, chunked vmap elsewhere).
+- `ewc`: online EWC penalty and its saved state (monthly/weekly cadences).
 - `replay`: reservoir / class-balanced replay buffer and batch mixing (weekly cadence).
 - `lora`: online LoRA via peft with validation gating, merge, save/load (daily cadence).
 - `distillation`: knowledge distillation from a frozen teacher (LwF).

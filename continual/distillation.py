@@ -13,16 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _as_logits(output: object) -> Tensor:
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise TypeError(f"teacher returned {type(output).__name__}; expected logits")
+from continual.models import as_logits
 
 
 def distillation_loss(
@@ -72,7 +63,7 @@ class Distiller:
     def teacher_logits(self, inputs: Tensor) -> Tensor:
         """The frozen teacher's logits on `inputs` (re-set to eval mode on every call)."""
         self.teacher.eval()
-        return _as_logits(self.teacher(inputs))
+        return as_logits(self.teacher(inputs))
 
     def loss(self, inputs: Tensor, student_logits: Tensor, task_loss: Tensor) -> Tensor:
         """α·distillation_loss(student, teacher(inputs)) + (1−α)·task_loss.

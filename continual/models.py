@@ -126,6 +126,22 @@ def _spec_problems(spec: ModelSpec) -> list[str]:
     return problems
 
 
+def as_logits(output: object) -> Tensor:
+    """The logits of a model's output: a tensor, an object with `.logits` (Hugging Face), or
+    the first item of a tuple. One rule for every place that calls a user model."""
+    if isinstance(output, Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise TypeError(
+        f"model returned {type(output).__name__}; expected a logits tensor, an object with "
+        "`.logits`, or a tuple whose first item is the logits"
+    )
+
+
 def fit_standardizer(X: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-column mean and standard deviation for the model's input standardisation.
 
