@@ -64,7 +64,12 @@ def bootstrap(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefec
         ledger = Ledger.from_config(cfg)
         for cadence in CONSUMES_FOR:
             for batch_id in data.batch_ids:
-                ledger.record(cadence, batch_id, "promoted", details={"by": "bootstrap"})
+                ledger.record(
+                    cadence,
+                    batch_id,
+                    "promoted",
+                    details={"by": "bootstrap", "version": str(outcome.version)},
+                )
     return outcome.to_dict()
 
 

@@ -223,7 +223,23 @@ def example_and_signature(checkpoint: Path) -> tuple[pd.DataFrame, Any]:
         example = pd.DataFrame(rows, columns=list(spec.feature_columns), dtype="float64")
     with warnings.catch_warnings():  # integer labels: MLflow's "missing values" hint is noise
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
-        return example, infer_signature(example, pyfunc.predict(None, example))
+        signature = infer_signature(example, pyfunc.predict(None, example))
+    return example, _lenient_inputs(signature)
+
+
+def _lenient_inputs(signature: Any) -> Any:
+    """Declare the feature columns by name but not by dtype.
+
+    MLflow refuses int64 → double ("Can not safely convert"), and integer features are common
+    (counts, pixels, JSON numbers in a serving request). Column presence is still enforced by
+    MLflow; `predict` checks that every feature is numeric and converts it to float32.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Schema
+
+    names = [spec.name for spec in signature.inputs.inputs]
+    inputs = Schema([ColSpec(type=AnyType(), name=name) for name in names])
+    return ModelSignature(inputs=inputs, outputs=signature.outputs)
 
 
 def pip_requirements(checkpoint: Path) -> list[str]:

@@ -116,13 +116,14 @@ def render_history(events: Iterable[Any], console: Console) -> None:
 
 
 def _ledger_table(entries: Iterable[Mapping[str, Any]]) -> Table:
-    table = Table(title="Batch ledger (newest first)")
-    for column in ("at", "cadence", "batch", "outcome", "details"):
-        table.add_column(column, overflow="fold")
+    table = Table(title="Batch ledger (newest first; reasons: evergreen status --json)")
+    for column in ("at", "cadence", "batch", "outcome", "version"):
+        table.add_column(column, no_wrap=True)
     colours = {"promoted": "green", "rejected": "yellow", "quarantined": "red", "failed": "red"}
     for e in entries:
         colour = colours.get(e["outcome"], "white")
-        details = "; ".join(f"{k}={v}" for k, v in sorted(e["details"].items()))
         outcome = f"[{colour}]{e['outcome']}[/]"
-        table.add_row(e["at"][:19], e["cadence"], e["batch_id"], outcome, details[:200])
+        at = e["at"][:16].replace("T", " ")
+        version = e["details"].get("version") or e["details"].get("by", "—")
+        table.add_row(at, e["cadence"], e["batch_id"], outcome, version)
     return table

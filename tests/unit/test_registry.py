@@ -412,7 +412,10 @@ def test_champion_serves_in_a_fresh_interpreter(registry, store):
     version = log(registry, store, 2)
     registry.promote(version, expected_champion=None, reason="bootstrap")
     rows = torch.randn(6, len(FEATURES), generator=torch.Generator().manual_seed(3))
+    rows[:, 0] = rows[:, 0].mul(3).round()
     frame = pd.DataFrame(rows.double().numpy(), columns=FEATURES).assign(extra="ignored")
+    # integer features (counts, pixels, JSON numbers) must pass MLflow's schema enforcement
+    frame[FEATURES[0]] = frame[FEATURES[0]].astype("int64")
     code = (
         "import sys, mlflow, pandas as pd;"
         f"m = mlflow.pyfunc.load_model('models:/{registry.model_name}@champion');"
