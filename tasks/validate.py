@@ -97,7 +97,13 @@ def validate_batches(cfg: EvergreenConfig, cadence: str, raw: list[RawBatch]) ->
         else:
             report = validate_batch(batch.frame, batch.batch_id, cfg.data, suite_file)
         files = save_report(report, report_dir)
+        prepared.reports[f"validation/{batch.batch_id}.json"] = files[0]
         prepared.reports[f"validation/{batch.batch_id}.md"] = files[1]
+        create_markdown_artifact(
+            key=f"validation-{cadence}",
+            markdown=report.summary(),
+            description=f"Great Expectations: batch {batch.batch_id}",
+        )
         if not report.success:
             quarantine(cfg, cadence, report, files)
             prepared.quarantined.append(batch.batch_id)

@@ -1,4 +1,5 @@
-"""The registry through a real `mlflow server` on 127.0.0.1 (SQLite backend, proxied artifacts).
+"""The registry through a real `mlflow server` on 127.0.0.1 (SQLite and PostgreSQL backends,
+proxied artifacts).
 
 Everything the flows do against a remote tracking server: register, promote, concurrent
 promotion, rollback, integrity check of artifacts served by the server, the ledger, and
@@ -14,6 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -34,9 +38,42 @@ FEATURES = ["x0", "x1", "x2"]
 CLASSES = [0, 1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("mlflow-server")
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"
+
+
+@contextmanager
+def backend_store(kind: str, root: Path) -> Iterator[str]:
+    """A fresh backend store: a SQLite file, or a new database on the local PostgreSQL
+    (the production backend), dropped afterwards. Skips with the reason when PostgreSQL or
+    its driver is not there (a laptop), never passes silently."""
+    if kind == "sqlite":
+        yield f"sqlite:///{root}/server.db"
+        return
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 (PostgreSQL driver) not installed")
+    name = f"evergreen_{uuid.uuid4().hex[:12]}"
+    try:
+        admin = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3)
+    except psycopg2.OperationalError as error:
+        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(error).strip()[:80]})")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp(f"mlflow-server-{request.param}")
+    with backend_store(request.param, root) as store:
+        yield from _serve(root, store)
+
+
+def _serve(root: Path, store: str):
     port = free_port()
     command = [
         str(BIN / "mlflow"),
@@ -46,7 +83,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         "--port",
         str(port),
         "--backend-store-uri",
-        f"sqlite:///{root}/server.db",
+        store,
         "--artifacts-destination",
         str(root / "artifacts"),
         "--workers",
