@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
@@ -49,6 +51,8 @@ def _fit(model, X, y, config: TrainConfig, label: str, **methods) -> TrainResult
 def carry_forward(cfg: EvergreenConfig, state: ModelState, train_df: pd.DataFrame, holdout):
     """Add the new rows to the replay buffer and the new holdout to the retention set."""
     X, y = frame_to_tensors(train_df, state.spec, cfg.data.label)
+    # the buffer may be the champion's own object: the challenger gets its own copy
+    state.buffer = copy.deepcopy(state.buffer)
     if state.buffer is None:
         state.buffer = ReservoirBuffer(
             cfg.weekly.replay_capacity,

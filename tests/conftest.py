@@ -1,5 +1,6 @@
 """Shared test set-up: quiet, offline, deterministic, isolated from a developer's own settings."""
 
+import logging
 import os
 
 from flows.cli import QUIET_DEFAULTS
@@ -14,3 +15,7 @@ for _key, _value in {
 # A developer's own settings must not redirect the tests' stores.
 for _key in ("MLFLOW_TRACKING_URI", "EVERGREEN_HOME", "EVERGREEN_CONFIG", "PREFECT_API_URL"):
     os.environ.pop(_key, None)
+
+# Prefect stops its ephemeral test server at interpreter exit and logs it to a stream pytest has
+# already closed; that log line is the only casualty, so do not print a traceback for it.
+logging.raiseExceptions = False
