@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shutil
 import sys
@@ -205,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     if args.command == "demo":
         for key, value in DEMO_DEFAULTS.items():
             os.environ.setdefault(key, value)

@@ -2,6 +2,7 @@
 
 import logging
 import os
+import tempfile
 
 from flows.cli import QUIET_DEFAULTS
 
@@ -11,6 +12,9 @@ for _key, _value in {
     "OMP_NUM_THREADS": "1",
 }.items():
     os.environ.setdefault(_key, _value)
+
+# Ephemeral Prefect keeps its database under PREFECT_HOME: tests get their own, not ~/.prefect.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="evergreen-tests-prefect-")
 
 # A developer's own settings must not redirect the tests' stores.
 for _key in ("MLFLOW_TRACKING_URI", "EVERGREEN_HOME", "EVERGREEN_CONFIG", "PREFECT_API_URL"):
