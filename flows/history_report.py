@@ -33,8 +33,8 @@ def timeline_from_registry(cfg: EvergreenConfig) -> list[TimelineRow]:
                 batch_ids=[entry.batch_id],
                 decision=entry.outcome,
                 champion_version=entry.details.get("version"),
-                new_accuracy=_metric(tags, "gate.new.challenger"),
-                retention_accuracy=_metric(tags, "gate.retention.challenger"),
+                new_accuracy=_metric(tags, "gate.challenger_new_accuracy"),
+                retention_accuracy=_metric(tags, "gate.challenger_retention_accuracy"),
                 forgetting=None,
                 note=entry.details.get("reasons", entry.details.get("reason", ""))[:160],
             )

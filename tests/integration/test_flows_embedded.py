@@ -182,4 +182,7 @@ def test_10_cli_status_json_and_report(pipeline, capsys):
     assert str(status["champion"]["version"]) == _champion(pipeline)
     assert main(["report", "--config", pipeline["config"]]) == 0
     report = pipeline["cfg"].home_path / "reports" / "latest" / "report.md"
-    assert "daily-lora" in report.read_text()
+    text = report.read_text()
+    assert "daily-lora" in text
+    bootstrap_row = next(line for line in text.splitlines() if "| bootstrap |" in line)
+    assert "0." in bootstrap_row.split("|")[6], bootstrap_row  # the gate's new-data accuracy
