@@ -14,12 +14,11 @@ from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.promote import (
     FlowOutcome,
-    cleanup_staging,
+    challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
 )
-from tasks.state import staging_dir
 from tasks.train import train_first_model
 from tasks.validate import validate_batches
 
@@ -47,8 +46,7 @@ def bootstrap(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefec
     data = validate_batches(cfg, CADENCE, raw)
     if data.empty:
         return all_quarantined(cfg, CADENCE, data.quarantined)
-    staging = staging_dir(cfg, CADENCE)
-    try:
+    with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train the first model
         challenger = train_first_model(cfg, data.train, data.holdout)
         # 4. evaluate (no champion: the accuracy floor of the gate policy applies)
@@ -58,8 +56,6 @@ def bootstrap(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefec
             cfg, CADENCE, "plain", challenger, None, data, decision, staging
         )
         outcome = promote_or_reject(cfg, CADENCE, version, current, decision, data)
-    finally:
-        cleanup_staging(staging)
     if outcome.decision == "promoted":
         ledger = Ledger.from_config(cfg)
         for cadence in CONSUMES_FOR:

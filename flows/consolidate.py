@@ -13,12 +13,11 @@ from tasks.evaluate import evaluate_against_champion
 from tasks.merge import consolidate_lineage, lineage_versions, load_versions, retention_slices
 from tasks.promote import (
     FlowOutcome,
-    cleanup_staging,
+    challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
 )
-from tasks.state import staging_dir
 from tasks.validate import PreparedData
 
 CADENCE = "consolidate"
@@ -39,8 +38,7 @@ def consolidate(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Pref
         ).to_dict()
     # 2. validate: same architecture (checked while loading)
     lineage = load_versions(cfg, versions)
-    staging = staging_dir(cfg, CADENCE)
-    try:
+    with challenger_workspace(cfg, CADENCE, []) as staging:
         # 3. train challenger: weight-space consolidation, no gradient steps
         challenger, distances = consolidate_lineage(cfg, lineage, champion)
         # 4. evaluate against champion
@@ -57,5 +55,3 @@ def consolidate(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Pref
         outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
         outcome.metrics.update(distances)
         return outcome.to_dict()
-    finally:
-        cleanup_staging(staging)

@@ -13,13 +13,12 @@ from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.promote import (
     FlowOutcome,
-    cleanup_staging,
+    challenger_workspace,
     load_champion,
     promote_or_reject,
     record_outcome,
     register_challenger,
 )
-from tasks.state import staging_dir
 from tasks.train import train_lora_gated
 from tasks.validate import record_drift, validate_batches
 
@@ -40,8 +39,7 @@ def daily_lora(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefe
         return all_quarantined(cfg, CADENCE, data.quarantined)
     champion = require_champion(load_champion(cfg), CADENCE)
     drift = record_drift(cfg, champion.retention, data)
-    staging = staging_dir(cfg, CADENCE)
-    try:
+    with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger (the adapter is restored exactly if validation regresses)
         challenger, lora_gate = train_lora_gated(cfg, champion, data)
         if challenger is None:
@@ -74,8 +72,6 @@ def daily_lora(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefe
         outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
         outcome.metrics.update(drift)
         return outcome.to_dict()
-    finally:
-        cleanup_staging(staging)
 
 
 if __name__ == "__main__":

@@ -12,8 +12,12 @@ from flows.common import begin, require_champion
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.merge import fisher_merge_models, load_versions, retention_slices
-from tasks.promote import cleanup_staging, load_champion, promote_or_reject, register_challenger
-from tasks.state import staging_dir
+from tasks.promote import (
+    challenger_workspace,
+    load_champion,
+    promote_or_reject,
+    register_challenger,
+)
 from tasks.validate import PreparedData
 
 CADENCE = "merge"
@@ -32,8 +36,7 @@ def merge(params: MergeParams) -> dict:
     # 1. ingest: the versions to merge and the champion's retention set
     champion = require_champion(load_champion(cfg), CADENCE)
     parents = load_versions(cfg, [str(v) for v in params.versions])
-    staging = staging_dir(cfg, CADENCE)
-    try:
+    with challenger_workspace(cfg, CADENCE, []) as staging:
         # 2. validate: parents share an architecture (checked while loading)
         # 3. train challenger: no training, a merge
         challenger, distances = fisher_merge_models(cfg, parents, champion, params.eps)
@@ -55,5 +58,3 @@ def merge(params: MergeParams) -> dict:
         outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
         outcome.metrics.update(distances)
         return outcome.to_dict()
-    finally:
-        cleanup_staging(staging)

@@ -11,8 +11,12 @@ from flows.common import all_quarantined, begin, nothing_to_do, require_champion
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
-from tasks.promote import cleanup_staging, load_champion, promote_or_reject, register_challenger
-from tasks.state import staging_dir
+from tasks.promote import (
+    challenger_workspace,
+    load_champion,
+    promote_or_reject,
+    register_challenger,
+)
 from tasks.train import train_finetune_ewc
 from tasks.validate import record_drift, validate_batches
 
@@ -33,8 +37,7 @@ def monthly_finetune(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 -
         return all_quarantined(cfg, CADENCE, data.quarantined)
     champion = require_champion(load_champion(cfg), CADENCE)
     drift = record_drift(cfg, champion.retention, data)
-    staging = staging_dir(cfg, CADENCE)
-    try:
+    with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger
         challenger = train_finetune_ewc(cfg, champion, data)
         # 4. evaluate against champion
@@ -48,8 +51,6 @@ def monthly_finetune(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 -
         outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
         outcome.metrics.update(drift)
         return outcome.to_dict()
-    finally:
-        cleanup_staging(staging)
 
 
 if __name__ == "__main__":

@@ -16,12 +16,11 @@ from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.promote import (
     FlowOutcome,
-    cleanup_staging,
+    challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
 )
-from tasks.state import staging_dir
 from tasks.stream import monitor_stream
 from tasks.validate import validate_batches
 
@@ -69,8 +68,7 @@ def stream_monitor(params: StreamParams = StreamParams()) -> dict:  # noqa: B008
             metrics=metrics,
             reasons=[f"drift at {report.drift_at[:3]}" if report.drift_at else "no drift"],
         ).to_dict()
-    staging = staging_dir(cfg, CADENCE)
-    try:
+    with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 4. evaluate the EMA weights against the champion
         decision = evaluate_against_champion(
             cfg, champion, report.ema, data.holdout, champion.retention
@@ -82,5 +80,3 @@ def stream_monitor(params: StreamParams = StreamParams()) -> dict:  # noqa: B008
         outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
         outcome.metrics.update(metrics)
         return outcome.to_dict()
-    finally:
-        cleanup_staging(staging)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from model_registry.registry import ArtifactIntegrityError, Registry, VersionInf
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
 from tasks.events import emit
 from tasks.limits import promotion_slot
-from tasks.state import ModelState, read_state, write_state
+from tasks.state import ModelState, read_state, staging_dir, write_state
 
 
 @dataclass
@@ -216,5 +218,23 @@ def decision_markdown(cfg: EvergreenConfig, outcome: FlowOutcome) -> str:
     return "\n".join(lines)
 
 
-def cleanup_staging(staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
+@contextmanager
+def challenger_workspace(
+    cfg: EvergreenConfig, cadence: str, batch_ids: list[str]
+) -> Iterator[Path]:
+    """A staging folder for the challenger, removed afterwards whatever happens.
+
+    If training, evaluation or registration raises, the batches are recorded as `failed` in the
+    ledger (with the error) before the exception propagates: the flow run fails visibly, nothing
+    was promoted, and the batches stay pending for the next run.
+    """
+    staging = staging_dir(cfg, cadence)
+    try:
+        yield staging
+    except Exception as error:
+        ledger = Ledger.from_config(cfg)
+        for batch_id in batch_ids:
+            ledger.record(cadence, batch_id, "failed", details={"error": repr(error)[:2000]})
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,36 @@
+"""A flow that crashes mid-way leaves no staging files and records `failed` in the ledger."""
+
+from __future__ import annotations
+
+import pytest
+
+from evergreen.config import config_from_dict
+from model_registry.ledger import Ledger
+from tasks.promote import challenger_workspace
+
+
+def test_crash_records_failed_and_cleans_up(tmp_path):
+    cfg = config_from_dict(
+        {"home": str(tmp_path), "data": {"features": ["a"], "label": "y", "classes": [0, 1]}}
+    )
+    with (
+        pytest.raises(RuntimeError, match="out of memory"),
+        challenger_workspace(cfg, "weekly-replay", ["2026-01-01"]) as staging,
+    ):
+        (staging / "checkpoint").mkdir()
+        raise RuntimeError("out of memory")
+    assert not staging.exists()
+    ledger = Ledger.from_config(cfg)
+    entry = ledger.processed("weekly-replay")["2026-01-01"]
+    assert entry.outcome == "failed" and "out of memory" in entry.details["error"]
+    assert not ledger.is_processed("weekly-replay", "2026-01-01")  # retried by the next run
+
+
+def test_success_leaves_no_ledger_entry_of_its_own(tmp_path):
+    cfg = config_from_dict(
+        {"home": str(tmp_path), "data": {"features": ["a"], "label": "y", "classes": [0, 1]}}
+    )
+    with challenger_workspace(cfg, "daily-lora", ["2026-01-02"]) as staging:
+        assert staging.is_dir()
+    assert not staging.exists()
+    assert Ledger.from_config(cfg).processed("daily-lora") == {}
