@@ -25,11 +25,11 @@ import pandas as pd
 import pytest
 import torch
 
-from continual.checkpoint import load_checkpoint, save_checkpoint
-from continual.models import ModelSpec, build_model
+from continual.checkpoint import load_checkpoint
 from continual.training import predict_proba
 from model_registry.ledger import Ledger
 from model_registry.registry import CHECKPOINT_SUBPATH, ArtifactIntegrityError, Registry
+from tests.checkpoints import tiny_checkpoint
 from tests.integration.servers import BIN, background, free_port, wait_http
 
 pytestmark = pytest.mark.integration
@@ -110,18 +110,7 @@ def _serve(root: Path, store: str):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     root = tmp_path_factory.mktemp("checkpoints")
-    paths = []
-    for seed in range(3):
-        torch.manual_seed(seed)
-        spec = ModelSpec(
-            family="mlp",
-            n_features=len(FEATURES),
-            n_classes=len(CLASSES),
-            feature_columns=list(FEATURES),
-            classes=list(CLASSES),
-            hidden=[6],
-        )
-        paths.append(save_checkpoint(root / f"c{seed}", build_model(spec), spec))
+    paths = [tiny_checkpoint(root / f"c{seed}", seed, FEATURES, CLASSES, 6) for seed in range(3)]
     return paths
 
 

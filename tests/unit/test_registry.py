@@ -23,8 +23,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from continual.checkpoint import load_checkpoint, save_checkpoint
-from continual.models import ModelSpec, build_model
+from continual.checkpoint import load_checkpoint
 from continual.training import predict_proba
 from evergreen.config import config_from_dict
 from model_registry.ledger import Ledger, PromotionEvent, ensure_experiment, rollback_target
@@ -38,25 +37,14 @@ from model_registry.registry import (
     StaleChampionError,
 )
 from model_registry.status import render_status, status_snapshot
+from tests.checkpoints import tiny_checkpoint
 
 FEATURES = ["f0", "f1", "f2", "f3"]
 CLASSES = ["cat", "dog", "eel"]
 
 
 def make_checkpoint(directory: Path, seed: int) -> Path:
-    """A tiny real MLP checkpoint; different seeds give different weights."""
-    torch.manual_seed(seed)
-    spec = ModelSpec(
-        family="mlp",
-        n_features=len(FEATURES),
-        n_classes=len(CLASSES),
-        feature_columns=list(FEATURES),
-        classes=list(CLASSES),
-        hidden=[8],
-        input_mean=[0.5] * len(FEATURES),
-        input_std=[2.0] * len(FEATURES),
-    )
-    return save_checkpoint(directory, build_model(spec), spec)
+    return tiny_checkpoint(directory, seed, FEATURES, CLASSES)
 
 
 @pytest.fixture(scope="module")
