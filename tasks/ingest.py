@@ -8,7 +8,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from data_plane.landing import BatchReadError, open_landing, read_batch
+from data_plane.landing import BatchReadError, open_landing, pending_batches, read_batch
 from evergreen.config import EvergreenConfig
 from model_registry.ledger import Ledger
 from tasks.common import FlowParams
@@ -27,20 +27,22 @@ class RawBatch:
 def discover_batches(cfg: EvergreenConfig, cadence: str, params: FlowParams) -> list[str]:
     """Batches this cadence still has to process, in batch_id order (the ledger says which)."""
     zone = open_landing(cfg.data.landing)
-    available = zone.list_batches()
+    done: set[str] = set()
+    if not params.force:  # anything but `failed` counts as processed
+        entries = Ledger.from_config(cfg).processed(cadence)
+        done = {b for b, entry in entries.items() if entry.outcome != "failed"}
+    chosen = pending_batches(zone, done)  # the data plane's rule: not done, files arrived
     if params.batch_ids:
-        missing = sorted(set(params.batch_ids) - set(available))
-        if missing:
-            raise ValueError(f"batches {missing} are not in the landing zone {cfg.data.landing}")
-        chosen = sorted(params.batch_ids)
-    else:
-        chosen = available
+        requested = set(params.batch_ids)
+        absent = sorted(b for b in requested if not zone.has_files(b))
+        if absent:
+            raise ValueError(
+                f"batches {absent} are not in the landing zone {cfg.data.landing} (or have no "
+                "files yet)"
+            )
+        chosen = [b for b in chosen if b in requested]
     if params.until:
         chosen = [b for b in chosen if b <= params.until]
-    if not params.force:
-        done = Ledger.from_config(cfg).processed(cadence)
-        done_ids = {b for b, entry in done.items() if entry.outcome != "failed"}
-        chosen = [b for b in chosen if b not in done_ids]
     if params.max_batches:
         chosen = chosen[: params.max_batches]
     get_run_logger().info("%s: %d batch(es) to process: %s", cadence, len(chosen), chosen)
