@@ -18,15 +18,15 @@ from rich.console import Console
 from rich.table import Table
 
 from continual.training import TrainSettings, accuracy, train
-from data_plane.landing import BatchReadError, open_landing, read_batch
+from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
 from data_plane.splits import split_holdout
 from evergreen.config import EvergreenConfig, load_config
 from flows.demo_data import DemoBatch, build_demo_landing, demo_config_dict
 from flows.registry import run_flow
 from flows.report import TimelineRow, timeline_table, write_report
 from tasks.common import frame_to_tensors
+from tasks.merge import lineage_versions
 from tasks.promote import load_champion
-from tasks.validate import data_columns
 
 CADENCE_FLOW = {"daily": "daily-lora", "weekly": "weekly-replay", "monthly": "monthly-finetune"}
 
@@ -42,7 +42,7 @@ class Holdouts:
 
 
 def load_holdouts(cfg: EvergreenConfig, batches: list[DemoBatch]) -> Holdouts:
-    zone, columns, holdouts = open_landing(cfg.data.landing), data_columns(cfg), Holdouts()
+    zone, columns, holdouts = open_landing(cfg.data.landing), data_columns(cfg.data), Holdouts()
     for batch in batches:
         try:
             frame = read_batch(zone, batch.batch_id, cfg.data)[columns]
@@ -97,7 +97,7 @@ def naive_baseline(cfg: EvergreenConfig, batches, holdouts: Holdouts) -> dict[st
     baseline. Returns its retention accuracy after each batch."""
     champion = load_champion.fn(cfg)  # the bootstrap champion: same starting point
     model = champion.clone_model()
-    zone, columns, results = open_landing(cfg.data.landing), data_columns(cfg), {}
+    zone, columns, results = open_landing(cfg.data.landing), data_columns(cfg.data), {}
     for batch in batches[1:]:
         if batch.batch_id not in holdouts.frames:
             continue
@@ -188,11 +188,9 @@ def _run_calendar(cfg, config_path: Path, batches, holdouts, console: Console):
 
 
 def _champion_and_previous(cfg: EvergreenConfig) -> list[str]:
-    from model_registry.registry import Registry
-
-    history = [e.version for e in Registry.from_config(cfg).history()]
-    distinct = list(dict.fromkeys(history))
-    return distinct[:2][::-1] if len(distinct) >= 2 else distinct * 2
+    """The previous and the current champion (the same version twice if there is only one)."""
+    versions = lineage_versions(cfg, 2)
+    return versions if len(versions) == 2 else versions * 2
 
 
 def _write(cfg, timeline, matrix_rows, holdouts: Holdouts) -> Path:

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from data_plane.drift import drift_report
-from data_plane.landing import data_columns as landing_columns
+from data_plane.landing import data_columns
 from data_plane.splits import content_hash, split_holdout
 from data_plane.validation import (
     ValidationReport,
@@ -41,11 +41,6 @@ class PreparedData:
     @property
     def empty(self) -> bool:
         return not self.batch_ids
-
-
-def data_columns(cfg: EvergreenConfig) -> list[str]:
-    """The columns the model reads plus the label."""
-    return landing_columns(cfg.data)
 
 
 def suite_for(cfg: EvergreenConfig, first_frame: pd.DataFrame | None) -> Path:
@@ -88,7 +83,7 @@ def validate_batches(cfg: EvergreenConfig, cadence: str, raw: list[RawBatch]) ->
     first = next((b.frame for b in raw if b.frame is not None), None)
     suite_file = suite_for(cfg, first)
     report_dir = cfg.home_path / "reports" / "validation" / cadence
-    columns = data_columns(cfg)
+    columns = data_columns(cfg.data)
     good: list[tuple[str, pd.DataFrame]] = []
     prepared = PreparedData([], pd.DataFrame(), pd.DataFrame(), "")
     for batch in raw:
@@ -117,7 +112,7 @@ def validate_batches(cfg: EvergreenConfig, cadence: str, raw: list[RawBatch]) ->
 
 
 def _split(cfg: EvergreenConfig, good: list[tuple[str, pd.DataFrame]], prepared: PreparedData):
-    columns = data_columns(cfg)
+    columns = data_columns(cfg.data)
     trains, holdouts = [], []
     for batch_id, frame in good:
         train, holdout = split_holdout(frame, columns, cfg.data.holdout_fraction, salt=batch_id)
