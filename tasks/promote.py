@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
+from continual.checkpoint import load_checkpoint
 from continual.gating import GateDecision
 from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
@@ -113,7 +114,7 @@ def verify_round_trip(cfg, challenger: ModelState, checkpoint: Path, rows) -> No
     sample = rows.head(64)
     X, _ = frame_to_tensors(sample, challenger.spec, cfg.data.label)
     expected = predict_logits(challenger.model, X)
-    reloaded = predict_logits(read_state(checkpoint).model, X)
+    reloaded = predict_logits(load_checkpoint(checkpoint)[0], X)
     gap = float((expected - reloaded).abs().max())
     if gap > 1e-4:
         raise RuntimeError(
