@@ -8,14 +8,24 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from continual.gate_power import (
+    Scenario,
+    gate_rule,
+    noninferiority_power,
+    paired_correctness,
+    promotion_rates,
+)
 from continual.gating import (
     MCNEMAR_CHI2,
     MCNEMAR_EXACT,
     GatePolicy,
+    accuracy_by_batch,
     decide,
     mcnemar_test,
+    minimum_detectable_effect,
     newcombe_paired_ci,
     paired_bootstrap,
+    paired_se,
 )
 
 
@@ -104,68 +114,243 @@ def _model_pair(rng, n: int, accuracy: float, break_rate: float, fix_rate: float
     return champion, challenger
 
 
+def _decide(new, retained=None, **kwargs):
+    """decide() on (champion, challenger) pairs of the new-data and, optionally, retention set."""
+    if retained is not None:
+        kwargs |= {
+            "champion_retention_correct": retained[0],
+            "challenger_retention_correct": retained[1],
+        }
+    return decide(champion_new_correct=new[0], challenger_new_correct=new[1], **kwargs)
+
+
+def _z(q: float) -> float:
+    return float(stats.norm.ppf(q))
+
+
+CLEAR_GAIN = _pairs(only_champion=5, only_challenger=105, both=780, neither=110)  # +10 pts, n=1000
+
+
+def _reason(decision, start: str) -> str:
+    """The one reason that starts with `start` ("retention accuracy", "The new-data check", ...)."""
+    (reason,) = [r for r in decision.reasons if r.startswith(start)]
+    return reason
+
+
 def test_identical_models_are_promoted() -> None:
     rng = np.random.default_rng(3)
     new, retained = rng.random(400) < 0.9, rng.random(600) < 0.85
-    decision = decide(
-        challenger_new_correct=new,
-        champion_new_correct=new,
-        challenger_retention_correct=retained,
-        champion_retention_correct=retained,
-    )
+    decision = _decide((new, new), (retained, retained))
     assert decision.promote and decision.negative_flip_rate == 0.0
-    assert all("within" in reason for reason in decision.reasons)
+    new_reason, new_note, retention_reason = decision.reasons
+    assert new_reason.endswith("— non-inferior.") and retention_reason.endswith("— non-inferior.")
+    assert "n=400 < min_examples 500" in new_note and decision.underpowered
 
 
 def test_clear_forgetting_on_retention_is_rejected_with_a_retention_reason() -> None:
     rng = np.random.default_rng(4)
-    new_champion, new_challenger = _model_pair(rng, 400, 0.80, 0.02, 0.30)  # better on new data
+    new = _model_pair(rng, 600, 0.80, 0.02, 0.30)  # better on new data
     old_champion, old_challenger = _model_pair(rng, 600, 0.90, 0.10, 0.05)  # forgets
-    decision = decide(
-        challenger_new_correct=new_challenger,
-        champion_new_correct=new_champion,
-        challenger_retention_correct=old_challenger,
-        champion_retention_correct=old_champion,
-    )
+    decision = _decide(new, (old_champion, old_challenger))
     assert not decision.promote
-    new_reason, retention_reason = decision.reasons
-    assert new_reason.startswith("new-data accuracy rose") and "within" in new_reason
-    assert retention_reason.startswith("retention accuracy fell")
-    assert "2.0-pt tolerance" in retention_reason and "McNemar p=" in retention_reason
-    assert decision.retention is not None and decision.retention.p_value < 0.001
+    assert _reason(decision, "new-data accuracy rose").endswith("— non-inferior.")
+    retention_reason = _reason(decision, "retention accuracy fell")
+    assert "≤ −5.0-pt tolerance, n=600, MDE" in retention_reason
+    assert retention_reason.endswith("not shown non-inferior: rejected.")
     assert decision.negative_flip_rate == pytest.approx(np.mean(old_champion & ~old_challenger))
 
 
-def test_significant_drop_beyond_tolerance_is_rejected_even_if_the_ci_overlaps_it() -> None:
-    champion, challenger = _pairs(only_champion=120, only_challenger=70, both=1600, neither=210)
-    decision = decide(
-        challenger_new_correct=challenger,
-        champion_new_correct=champion,
-        policy=GatePolicy(new_data_tolerance=0.02),
+@pytest.mark.parametrize(
+    ("only_champion", "only_challenger", "both", "neither"),
+    [(15, 0, 435, 50), (45, 30, 405, 20)],  # both lose exactly 3 pts of 500; the second churns
+)
+def test_a_three_point_retention_loss_at_n_500_is_rejected(
+    only_champion, only_challenger, both, neither
+) -> None:
+    """The issue's example: a challenger that certainly loses 3 pts of retention. The per-step
+    evidence margin (5 pts) alone would let it through; the fixed-reference budget (2.5 pts of
+    what the batch's first champion reached) does not."""
+    champion, challenger = _pairs(only_champion, only_challenger, both, neither)
+    decision = _decide(
+        CLEAR_GAIN,
+        (champion, challenger),
+        retention_groups=["batch-1"] * 500,
+        references={"batch-1": float(champion.mean())},
     )
-    assert decision.new_data is not None and decision.new_data.ci_high > -0.02
-    assert not decision.promote and "significant (p < 0.05)" in decision.reasons[0]
+    test = decision.retention
+    assert test is not None and test.n == 500 and test.diff == pytest.approx(-0.03)
+    assert not decision.promote
+    assert decision.forgetting == pytest.approx(0.03)
+    assert _reason(decision, "cumulative forgetting +3.0 pts").endswith("rejected.")
 
 
-def test_short_validation_set_with_one_example_difference_is_promoted() -> None:
+def test_beyond_tolerance_but_not_significant_is_now_rejected() -> None:
+    # The churning 3-pt loss of 500 with a 2-pt tolerance: not significant (p ≈ 0.11), 95% CI
+    # reaches above −2 pts — the old rule called it noise and promoted it.
+    retained = _pairs(only_champion=45, only_challenger=30, both=405, neither=20)
+    decision = _decide(CLEAR_GAIN, retained, policy=GatePolicy(retention_tolerance=0.02))
+    test = decision.retention
+    assert test is not None and test.p_value > 0.05
+    assert newcombe_paired_ci(405, 30, 45, 20, 0.95)[1] > -0.02  # the old rule's rule (b) passed
+    assert not decision.promote
+    assert _reason(decision, "retention").endswith("not shown non-inferior: rejected.")
+
+
+def test_short_validation_set_with_one_example_lost_is_rejected_and_underpowered() -> None:
     champion, challenger = _pairs(only_champion=1, only_challenger=0, both=26, neither=3)
-    decision = decide(
-        challenger_new_correct=challenger,
-        champion_new_correct=champion,
-        challenger_retention_correct=challenger,
-        champion_retention_correct=champion,
-    )
-    assert decision.promote
-    assert "not significant" in decision.reasons[0] and "treated as noise" in decision.reasons[0]
+    decision = _decide((champion, challenger))
+    assert decision.new_data is not None and decision.new_data.p_value == 1.0
+    assert not decision.promote and decision.underpowered
+    assert decision.reasons[0].endswith("not shown non-inferior: rejected.")
+    assert "n=30 < min_examples 500" in decision.reasons[1]
+    assert "even an unchanged challenger passes it less than 80% of the time" in decision.reasons[1]
 
 
-def test_large_drop_on_a_short_set_is_rejected_when_the_whole_ci_is_beyond_tolerance() -> None:
+def test_large_drop_on_a_short_set_is_rejected() -> None:
     champion, challenger = _pairs(only_champion=4, only_challenger=0, both=6, neither=0)
-    decision = decide(challenger_new_correct=challenger, champion_new_correct=champion)
-    test = decision.new_data
-    assert test is not None and test.p_value > 0.05  # the exact test alone would let it pass
-    assert test.ci_high < -0.01
-    assert not decision.promote and "whole 95% interval" in decision.reasons[0]
+    decision = _decide((champion, challenger))
+    assert not decision.promote and "fell 40.0 pts" in decision.reasons[0]
+
+
+def test_the_bound_is_the_lower_end_of_the_two_sided_interval_at_1_minus_2_alpha() -> None:
+    champion, challenger = _pairs(only_champion=120, only_challenger=70, both=1600, neither=210)
+    for confidence, promote in ((0.95, True), (0.975, False)):
+        policy = GatePolicy(new_data_tolerance=0.037, confidence=confidence)
+        decision = _decide((champion, challenger), policy=policy)
+        low, high = newcombe_paired_ci(1600, 70, 120, 210, confidence=2 * confidence - 1)
+        assert decision.to_metrics()["gate.new.lcb"] == pytest.approx(low)
+        assert decision.new_data is not None and decision.new_data.ci_high == pytest.approx(high)
+        assert decision.promote is promote
+    # 90% interval: −3.64 … −1.37 pts; 95%: −3.86 … −1.15 pts
+    assert "97.5% lower bound −3.9 pts ≤ −3.7-pt tolerance, n=2000" in decision.reasons[0]
+
+
+def test_superior_rule_needs_the_bound_above_zero() -> None:
+    small_gain = _pairs(only_champion=20, only_challenger=30, both=480, neither=70)  # +1.7 pts
+    superior = GatePolicy(new_data_rule="superior")
+    assert _decide(small_gain).promote
+    rejected = _decide(small_gain, policy=superior)
+    assert not rejected.promote and rejected.new_data is not None
+    assert rejected.new_data.ci_low < 0 < rejected.new_data.diff
+    assert rejected.reasons[0].endswith("≤ 0, n=600, MDE 2.9 pts) — not shown superior: rejected.")
+    accepted = _decide(CLEAR_GAIN, policy=superior)
+    assert accepted.promote and accepted.reasons[0].endswith("— superior.")
+
+
+def test_minimum_detectable_effect_matches_the_formula_by_hand() -> None:
+    b, c, n = 30, 10, 2000
+    retained = _pairs(only_champion=b, only_challenger=c, both=1750, neither=210)
+    decision = _decide(CLEAR_GAIN, retained)
+    se = np.sqrt((b + c) / n - ((c - b) / n) ** 2) / np.sqrt(n)
+    expected = (_z(0.95) + _z(0.80)) * se
+    assert paired_se(b, c, n) == pytest.approx(se, rel=1e-12)
+    assert decision.retention_mde == pytest.approx(expected, rel=1e-9)
+    assert decision.to_metrics()["gate.retention.mde"] == pytest.approx(expected, rel=1e-9)
+    assert f"MDE {expected * 100:.1f} pts)" in _reason(decision, "retention accuracy fell")
+    assert minimum_detectable_effect(se, confidence=0.9, power=0.5) == pytest.approx(_z(0.9) * se)
+
+
+def test_zero_discordance_is_floored_at_three_pairs() -> None:
+    same = np.r_[np.ones(450, bool), np.zeros(50, bool)]
+    decision = _decide(CLEAR_GAIN, (same, same))
+    assert decision.retention is not None and decision.retention.se == pytest.approx(
+        np.sqrt(3 / 500) / np.sqrt(500)
+    )
+    assert decision.retention_mde == pytest.approx((_z(0.95) + _z(0.8)) * np.sqrt(3) / 500)
+    assert paired_se(1, 0, 100) == pytest.approx(np.sqrt(3 / 100 - 1e-4) / 10)
+
+
+def test_underpowered_when_the_mde_exceeds_the_tolerance_even_with_enough_examples() -> None:
+    churning = _pairs(only_champion=100, only_challenger=100, both=360, neither=40)  # n=600
+    decision = _decide(CLEAR_GAIN, churning, policy=GatePolicy(min_examples=100))
+    assert decision.retention_mde is not None and decision.retention_mde > 0.05
+    assert decision.promote and decision.underpowered  # reported, never blocking
+    note = _reason(decision, "The retention check is underpowered (MDE 5.9 pts > 5.0-pt tolerance")
+    assert note.endswith("this alone does not block.")
+    assert decision.to_metrics()["gate.underpowered"] == 1.0
+    quiet = _decide(CLEAR_GAIN, _pairs(10, 10, 880, 100), policy=GatePolicy(min_examples=100))
+    assert not quiet.underpowered and quiet.to_metrics()["gate.underpowered"] == 0.0
+
+
+def _batches(accuracies: dict[str, tuple[int, int, int]]):
+    """Retention (champion, challenger, groups): per batch (rows, champion-only, both right)."""
+    champion, challenger, groups = [], [], []
+    for batch, (rows, only_champion, both) in accuracies.items():
+        old, new = _pairs(only_champion, 0, both, rows - only_champion - both)
+        champion.append(old)
+        challenger.append(new)
+        groups += [batch] * rows
+    return np.concatenate(champion), np.concatenate(challenger), groups
+
+
+def test_forgetting_budget_bounds_the_loss_against_fixed_references() -> None:
+    # The challenger loses 1 pt vs the current champion (non-inferior: well within 5 pts), but
+    # earlier promotions already lost some: the references do not move.
+    champion, challenger, groups = _batches({"b1": (1000, 10, 880), "b2": (1000, 10, 880)})
+    cases = [
+        ({"b1": 0.90, "b2": 0.90}, True, 0.02),  # 2 pts accumulated: within the 2.5-pt budget
+        ({"b1": 0.89, "b2": 0.87}, True, 0.0),  # b2 improved since its reference: nets out
+        ({"b1": 0.93, "b2": 0.91}, False, 0.04),  # 4 pts accumulated: beyond it
+    ]
+    for references, promote, forgetting in cases:
+        decision = _decide(
+            CLEAR_GAIN, (champion, challenger), retention_groups=groups, references=references
+        )
+        assert decision.retention is not None and decision.retention.diff == pytest.approx(-0.01)
+        assert decision.retention.ci_low > -0.035  # the per-step check alone would promote
+        assert decision.promote is promote
+        assert decision.forgetting == pytest.approx(forgetting, abs=1e-12)
+        assert decision.retention_by_batch == {"b1": pytest.approx(0.88), "b2": pytest.approx(0.88)}
+        verdict = "within the 2.5-pt budget." if promote else "beyond the 2.5-pt budget: rejected."
+        assert verdict in decision.reasons[-1]
+        assert decision.to_metrics()["gate.forgetting"] == pytest.approx(forgetting, abs=1e-12)
+
+
+def test_forgetting_is_weighted_by_rows_and_skips_batches_without_a_reference() -> None:
+    champion, challenger, groups = _batches(
+        {"b1": (200, 2, 170), "b2": (800, 8, 720), "b3": (300, 3, 270)}
+    )
+    references = {"b1": 0.95, "b2": 0.90, "gone": 0.99}
+    decision = _decide(
+        CLEAR_GAIN, (champion, challenger), retention_groups=groups, references=references
+    )
+    # (200·(0.95 − 0.85) + 800·(0.90 − 0.90)) / 1000 = 2 pts; the unweighted mean would be 5 pts.
+    assert decision.forgetting == pytest.approx(0.02)
+    assert decision.promote
+    assert decision.retention_by_batch == pytest.approx({"b1": 0.85, "b2": 0.90, "b3": 0.90})
+    reason = decision.reasons[-1]
+    assert reason.startswith("cumulative forgetting +2.0 pts against the fixed references of 2 ")
+    assert "largest loss: batch 'b1' 0.950 → 0.850" in reason
+    assert reason.endswith("Batches without a reference, not counted: b3.")
+
+
+def test_forgetting_budget_applies_without_champion_retention_scores() -> None:
+    _, challenger, groups = _batches({"b1": (500, 0, 430)})  # challenger 0.86
+    decision = decide(
+        challenger_new_correct=CLEAR_GAIN[1],
+        champion_new_correct=CLEAR_GAIN[0],
+        challenger_retention_correct=challenger,
+        retention_groups=groups,
+        references={"b1": 0.92},
+    )
+    assert decision.retention is None and decision.forgetting == pytest.approx(0.06)
+    assert not decision.promote
+    assert "retention was not compared" in decision.reasons[-1]
+
+
+def test_batch_accuracies_without_references_and_for_the_first_champion() -> None:
+    _, challenger, groups = _batches({"a": (100, 0, 90), "b": (50, 0, 40)})
+    decision = _decide(CLEAR_GAIN, (challenger, challenger), retention_groups=groups)
+    assert decision.promote and decision.forgetting is None
+    assert decision.retention_by_batch == pytest.approx({"a": 0.9, "b": 0.8})
+    assert "cumulative forgetting was not checked" in decision.reasons[-1]
+    first = decide(
+        challenger_new_correct=CLEAR_GAIN[1],
+        challenger_retention_correct=challenger,
+        retention_groups=np.array(groups),
+    )
+    assert first.promote and first.retention_by_batch == pytest.approx({"a": 0.9, "b": 0.8})
+    assert accuracy_by_batch(challenger, groups) == {"a": (0.9, 100), "b": (0.8, 50)}
 
 
 def test_no_champion_uses_the_accuracy_floor() -> None:
@@ -180,18 +365,25 @@ def test_no_champion_uses_the_accuracy_floor() -> None:
 def test_decision_exports_flat_metrics_and_json() -> None:
     rng = np.random.default_rng(5)
     champion, challenger = _model_pair(rng, 300, 0.85, 0.05, 0.2)
-    decision = decide(
-        challenger_new_correct=challenger,
-        champion_new_correct=champion,
-        challenger_retention_correct=challenger,
-        champion_retention_correct=champion,
+    groups = ["b1"] * 150 + ["b2"] * 150
+    decision = _decide(
+        (champion, challenger),
+        (champion, challenger),
+        retention_groups=groups,
+        references={"b1": 0.9},
     )
     metrics = decision.to_metrics()
     assert metrics["gate.promote"] == float(decision.promote)
-    for key in ("gate.new.diff", "gate.new.ci_low", "gate.retention.p_value", "gate.new.n"):
-        assert isinstance(metrics[key], float)
+    keys = ["gate.new.diff", "gate.new.ci_low", "gate.retention.p_value", "gate.new.n"]
+    keys += ["gate.new.lcb", "gate.retention.lcb", "gate.new.mde", "gate.retention.mde"]
+    keys += ["gate.forgetting", "gate.underpowered"]
+    for key in keys:
+        assert isinstance(metrics[key], float), key
+    assert all(isinstance(value, float) for value in metrics.values())
     record = json.loads(json.dumps(decision.to_dict()))
     assert record["reasons"] == list(decision.reasons) and record["policy"]["confidence"] == 0.95
+    assert record["retention_by_batch"].keys() == {"b1", "b2"} and record["underpowered"] is True
+    assert record["policy"]["new_data_rule"] == "non_inferior"
 
 
 def test_continuous_scores_go_through_the_paired_bootstrap() -> None:
@@ -200,6 +392,14 @@ def test_continuous_scores_go_through_the_paired_bootstrap() -> None:
     decision = decide(challenger_new_correct=champion - 0.2, champion_new_correct=champion)
     assert decision.new_data is not None and decision.new_data.method == "paired bootstrap"
     assert not decision.promote and "mean score fell 20.0 pts" in decision.reasons[0]
+    # identical differences: the SE is floored at three examples moving across the score range
+    spread = max(champion.max(), (champion - 0.2).max()) - min(champion.min(), champion.min() - 0.2)
+    assert decision.new_data.se == pytest.approx(np.sqrt(3 * spread**2 / 200) / np.sqrt(200))
+    noisy = decide(
+        challenger_new_correct=champion + 0.01 * rng.standard_normal(200),
+        champion_new_correct=champion,
+    )
+    assert noisy.promote and noisy.new_data is not None and noisy.new_data.ci_low > -0.03
 
 
 def test_inconsistent_arguments_are_refused() -> None:
@@ -210,3 +410,67 @@ def test_inconsistent_arguments_are_refused() -> None:
         decide(challenger_new_correct=ok, champion_new_correct=ok[:5])
     with pytest.raises(ValueError, match="non-empty"):
         decide(challenger_new_correct=[])
+    both = {"challenger_retention_correct": ok, "champion_retention_correct": ok}
+    with pytest.raises(ValueError, match="9 batch ids but the retention set has 10"):
+        _decide((ok, ok), (ok, ok), retention_groups=["a"] * 9)
+    with pytest.raises(ValueError, match="without retention_groups"):
+        decide(challenger_new_correct=ok, champion_new_correct=ok, references={"a": 0.9}, **both)
+    with pytest.raises(ValueError, match="retention_groups was given without"):
+        decide(challenger_new_correct=ok, champion_new_correct=ok, retention_groups=["a"] * 10)
+    with pytest.raises(ValueError, match=r"references\['a'\] must be a finite"):
+        _decide((ok, ok), (ok, ok), retention_groups=["a"] * 10, references={"a": float("nan")})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("new_data_tolerance", -0.01, "new_data_tolerance must be in"),
+        ("retention_tolerance", 2.0, "retention_tolerance must be in"),
+        ("forgetting_budget", -1.0, "forgetting_budget must be in"),
+        ("confidence", 0.5, "one-sided level"),
+        ("confidence", 1.0, "one-sided level"),
+        ("new_data_rule", "better", "new_data_rule must be one of"),
+        ("min_examples", 0, "min_examples must be >= 1"),
+        ("min_accuracy", 1.5, "min_accuracy must be in"),
+        ("n_bootstrap", 0, "n_bootstrap must be >= 1"),
+    ],
+)
+def test_policy_is_validated_with_a_clear_message(field, value, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        GatePolicy(**{field: value})
+
+
+def test_generator_realises_the_requested_paired_table() -> None:
+    rng = np.random.default_rng(7)
+    champion, challenger = paired_correctness(
+        rng, trials=20, n=5000, accuracy=0.9, discordance=0.08, effect=-0.02
+    )
+    only_champion = (champion & ~challenger).mean()
+    only_challenger = (~champion & challenger).mean()
+    assert champion.mean() == pytest.approx(0.9, abs=0.003)
+    assert only_champion == pytest.approx(0.05, abs=0.002)  # (d − δ)/2
+    assert only_challenger == pytest.approx(0.03, abs=0.002)  # (d + δ)/2
+    with pytest.raises(ValueError, match="discordance must be in"):
+        paired_correctness(rng, trials=1, n=10, accuracy=0.9, discordance=0.01, effect=-0.02)
+
+
+def test_operating_characteristics_meet_both_targets_at_the_defaults() -> None:
+    # Churn 0.05 on both sets, n_new = 200, n_retention = 500, new data +5 pts (module
+    # continual.gate_power); tolerance + 1 pt of true retention loss must be caught.
+    policy = GatePolicy()
+    rules = {"gate": gate_rule(policy)}
+
+    def rate(retention_effect: float, seed: int) -> float:
+        scenario = Scenario(200, 500, 0.05, retention_effect, new_churn=0.05, retention_churn=0.05)
+        return promotion_rates(scenario, rules, trials=1500, seed=seed)["gate"]
+
+    assert rate(-(policy.retention_tolerance + 0.01), seed=1) <= 0.05
+    power = rate(0.0, seed=2)
+    assert power >= 0.80
+    # and matches the normal approximation: the product of the two checks' pass rates
+    approx = noninferiority_power(
+        effect=0.05, discordance=0.10, n=200, margin=policy.new_data_tolerance, confidence=0.95
+    ) * noninferiority_power(
+        effect=0.0, discordance=0.05, n=500, margin=policy.retention_tolerance, confidence=0.95
+    )
+    assert power == pytest.approx(approx, abs=0.03)
