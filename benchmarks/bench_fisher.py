@@ -1,16 +1,21 @@
-"""Benchmark: per-example diagonal Fisher and the EWC penalty gradient, against plain PyTorch.
+"""Benchmark: per-example diagonal Fisher and the EWC penalty, against plain PyTorch.
 
-Run: `python -m benchmarks.bench_fisher` (add `--quick` for a smoke run). Prints a Markdown table
-and writes `benchmarks/results/fisher.json`.
+Run: `python -m benchmarks.bench_fisher` (add `--quick` for a smoke run). Prints Markdown tables
+and writes `benchmarks/results/fisher.json`. Times are medians of interleaved repeats in one
+process (single-threaded by default), so ratios compare like with like on a busy machine.
 
-Same process, same models, same data (N=2048 on CPU):
-  Fisher  on an MLP, a small transformer, and the same transformer with only its Linear layers
-          trainable (as with LoRA adapters):
-          (a) baseline: per-example autograd loop (`brute_force_fisher`)
-          (b) vmap(grad(functional_call)) for every parameter
-          (c) `diagonal_fisher`: closed-form (g∘g)ᵀ(a∘a) for nn.Linear + vmap for the rest
-  EWC     (a) baseline: autograd graph of λΣF(θ−θ*)² and backward
-          (b) `EWC.add_penalty_grad_`: 2λF(θ−θ*) with torch._foreach ops, no graph
+Models: an MLP, a small transformer, and the same transformer with only its Linear layers
+trainable (as with LoRA adapters); N=2048 random examples, 10 classes, CPU.
+  (a) Fisher vs the per-example autograd loop (`brute_force_fisher`): empirical kind timed at N
+      against the loop and against vmap(grad) for every parameter; every kind ("empirical",
+      "true", "sampled") checked against the loop of the same kind on the first 128 examples.
+  (b) every kind of `diagonal_fisher` against the cheap biased estimate most libraries ship
+      (square the gradient of each mini-batch mean; |B| = 64 and 256, the latter being the
+      forward batch `diagonal_fisher` uses). Target: ≤ 2× its time.
+  (c) one training step of `continual.training.train` (AdamW, clipping, batch 64) on a 1.1M
+      parameter MLP: plain vs EWC "proximal" (default) vs EWC "gradient". Target: ≤ 1.15×.
+  EWC penalty gradient micro-benchmark: autograd graph of λΣF̂(θ−θ*)² vs `add_penalty_grad_`
+  (foreach, no graph), plus the cost of one `proximal_step_`.
 Every fast result is checked against its baseline (max error relative to the largest value).
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -29,8 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from continual.ewc import EWC, brute_force_fisher, diagonal_fisher, fisher_paths
+from continual.training import TrainSettings, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fisher.json"
+KINDS = ("empirical", "sampled", "true")
 
 
 class _Attention(nn.Module):
@@ -79,9 +87,13 @@ class TinyTransformer(nn.Module):
         return self.head(self.norm(h.mean(dim=1)))
 
 
-def _mlp() -> nn.Module:
+def _mlp(hidden: int = 256) -> nn.Module:
     return nn.Sequential(
-        nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10)
+        nn.Linear(64, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, 10),
     )
 
 
@@ -104,19 +116,63 @@ def _timed(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
     return best, result
 
 
+def _medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+    """Median wall time (seconds) of each function over `repeats` interleaved rounds."""
+    for fn in fns.values():
+        fn()  # warm-up: lazy imports, caches, allocator
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def _max_rel_error(got: dict[str, Tensor], want: dict[str, Tensor]) -> float:
     scale = max(float(v.abs().max()) for v in want.values())
     return max(float((got[k] - want[k]).abs().max()) for k in want) / scale
 
 
-def bench_fisher_model(name: str, model: nn.Module, n: int) -> dict[str, Any]:
-    """Time the three Fisher implementations on one model and check they agree."""
-    gen = torch.Generator().manual_seed(0)
-    X, y = torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-    diagonal_fisher(model, X[:8], y[:8], linear_fast_path=False)  # warm-up (lazy imports)
-    t_base, base = _timed(lambda: brute_force_fisher(model, X, y))
-    t_vmap, vmapped = _timed(lambda: diagonal_fisher(model, X, y, linear_fast_path=False), 2)
-    t_ours, ours = _timed(lambda: diagonal_fisher(model, X, y), 2)
+def _data(n: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 64, generator=gen), torch.randint(0, 10, (n,), generator=gen)
+
+
+def squared_batch_gradients(model: nn.Module, X: Tensor, y: Tensor, batch: int) -> list[Tensor]:
+    """The cheap, biased estimate: mean over mini-batches of (∇ mean-batch loss)² (≈ F/|B|)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for start in range(0, len(X), batch):
+        loss = F.cross_entropy(model(X[start : start + batch]), y[start : start + batch])
+        for acc, g in zip(total, torch.autograd.grad(loss, params), strict=True):
+            acc.add_(g.square())
+    return total
+
+
+def bench_fisher_model(name: str, model: nn.Module, n: int, repeats: int) -> dict[str, Any]:
+    """(a) and (b) on one model: times, ratios and errors against the loop of the same kind."""
+    X, y = _data(n)
+    t_loop, base = _timed(lambda: brute_force_fisher(model, X, y, kind="empirical"))
+    fns: dict[str, Callable[[], Any]] = {
+        "biased_batch64": lambda: squared_batch_gradients(model, X, y, 64),
+        "biased_batch256": lambda: squared_batch_gradients(model, X, y, 256),
+        "vmap_all_empirical": lambda: diagonal_fisher(
+            model, X, y, kind="empirical", linear_fast_path=False
+        ),
+    }
+    fns |= {kind: lambda kind=kind: diagonal_fisher(model, X, y, kind=kind) for kind in KINDS}
+    seconds = _medians(fns, repeats)
+    vmapped = diagonal_fisher(model, X, y, kind="empirical", linear_fast_path=False)
+    ours = diagonal_fisher(model, X, y, kind="empirical")
+    small = slice(0, 128)
+    errors = {
+        kind: _max_rel_error(
+            diagonal_fisher(model, X[small], y[small], kind=kind),
+            brute_force_fisher(model, X[small], y[small], kind=kind),
+        )
+        for kind in KINDS
+    }
     paths = list(fisher_paths(model, X, y).values())
     return {
         "model": name,
@@ -124,27 +180,39 @@ def bench_fisher_model(name: str, model: nn.Module, n: int) -> dict[str, Any]:
         "params_linear_path": paths.count("linear"),
         "params_vmap_path": paths.count("vmap"),
         "N": n,
-        "seconds": {"autograd_loop": t_base, "vmap_all": t_vmap, "diagonal_fisher": t_ours},
-        "speedup_vs_loop": {"vmap_all": t_base / t_vmap, "diagonal_fisher": t_base / t_ours},
+        "seconds": {"autograd_loop_empirical": t_loop, **seconds},
+        "speedup_vs_loop": {
+            "vmap_all": t_loop / seconds["vmap_all_empirical"],
+            "diagonal_fisher": t_loop / seconds["empirical"],
+        },
         "max_rel_error_vs_loop": {
             "vmap_all": _max_rel_error(vmapped, base),
             "diagonal_fisher": _max_rel_error(ours, base),
+            **{f"{kind} (N=128)": error for kind, error in errors.items()},
+        },
+        "ratio_vs_biased": {
+            f"{kind}/batch{b}": seconds[kind] / seconds[f"biased_batch{b}"]
+            for kind in KINDS
+            for b in (64, 256)
         },
     }
 
 
 def _autograd_penalty_grad(model: nn.Module, ewc: EWC) -> None:
-    fisher, anchor = ewc.fisher, ewc.anchor
+    fisher, anchor, scale = ewc.fisher, ewc.anchor, ewc.fisher_scale
     params = dict(model.named_parameters())
-    penalty = sum(ewc.lam * (fisher[n] * (params[n] - anchor[n]).square()).sum() for n in fisher)
+    penalty = sum(
+        ewc.lam / scale * (fisher[n] * (params[n] - anchor[n]).square()).sum() for n in fisher
+    )
     penalty.backward()
 
 
 def bench_penalty_grad(name: str, model: nn.Module, repeats: int) -> dict[str, Any]:
-    """Time the EWC gradient: autograd graph vs foreach, from zeroed grads, and compare."""
+    """Time the EWC gradient (autograd graph vs foreach, from zeroed grads) and the proximal
+    step, and compare the gradients."""
+    X, y = _data(256, seed=1)
+    ewc = EWC.from_model(model, X, y, lam=100.0, mode="gradient")
     gen = torch.Generator().manual_seed(1)
-    X, y = torch.randn(256, 64, generator=gen), torch.randint(0, 10, (256,), generator=gen)
-    ewc = EWC.from_model(model, X, y, lam=100.0)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.01)
@@ -155,51 +223,114 @@ def bench_penalty_grad(name: str, model: nn.Module, repeats: int) -> dict[str, A
             step()
         return [p.grad.clone() for p in model.parameters()]
 
-    for step in (lambda: _autograd_penalty_grad(model, ewc), lambda: ewc.add_penalty_grad_(model)):
-        run(step)  # warm-up, builds add_penalty_grad_'s cached plan
-    t_graph, graph = _timed(lambda: run(lambda: _autograd_penalty_grad(model, ewc)), 3)
-    t_foreach, foreach = _timed(lambda: run(lambda: ewc.add_penalty_grad_(model)), 3)
+    graph = run(lambda: _autograd_penalty_grad(model, ewc))
+    foreach = run(lambda: ewc.add_penalty_grad_(model))
+    state = {n: p.detach().clone() for n, p in model.named_parameters()}
+    times = _medians(
+        {
+            "autograd_graph": lambda: run(lambda: _autograd_penalty_grad(model, ewc)),
+            "add_penalty_grad_": lambda: run(lambda: ewc.add_penalty_grad_(model)),
+            "proximal_step_": lambda: [ewc.proximal_step_(model, 1e-9) for _ in range(repeats)],
+        },
+        3,
+    )
+    model.load_state_dict(state, strict=False)
     scale = max(float(g.abs().max()) for g in graph)
     error = max(float((a - b).abs().max()) for a, b in zip(foreach, graph, strict=True)) / scale
     return {
         "model": name,
         "calls": repeats,
-        "ms_per_call": {
-            "autograd_graph": 1e3 * t_graph / repeats,
-            "add_penalty_grad_": 1e3 * t_foreach / repeats,
-        },
-        "speedup": t_graph / t_foreach,
+        "ms_per_call": {k: 1e3 * v / repeats for k, v in times.items()},
+        "speedup": times["autograd_graph"] / times["add_penalty_grad_"],
         "max_rel_error": error,
+    }
+
+
+def bench_train_step(steps: int, repeats: int) -> dict[str, Any]:
+    """(c) ms per step of `train` (AdamW, clip 5.0, batch 64): plain vs the two EWC modes."""
+    torch.manual_seed(0)
+    model = _mlp(hidden=1024)
+    X, y = _data(2048, seed=2)
+    ewc = {
+        mode: EWC.from_model(model, X[:512], y[:512], lam=100.0, mode=mode)
+        for mode in ("proximal", "gradient")
+    }
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = TrainSettings(steps=steps, batch_size=64, lr=1e-3, seed=0)
+
+    def run(method: EWC | None) -> None:
+        model.load_state_dict(start)
+        train(model, X, y, settings, ewc=method, device="cpu")
+
+    seconds = _medians(
+        {"plain": lambda: run(None), **{f"ewc_{m}": lambda m=m: run(ewc[m]) for m in ewc}},
+        repeats,
+    )
+    ms = {name: 1e3 * value / steps for name, value in seconds.items()}
+    return {
+        "model": "mlp 64-1024-1024-10",
+        "n_params": sum(p.numel() for p in model.parameters()),
+        "batch": 64,
+        "steps": steps,
+        "ms_per_step": ms,
+        "ratio_vs_plain": {k: v / ms["plain"] for k, v in ms.items() if k != "plain"},
     }
 
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Fisher, N={result['fisher'][0]['N']}, torch {result['torch']}, "
-        f"{result['threads']} threads",
+        f"{result['threads']} threads; times are medians",
         "",
-        "| model | params (tensors on linear/vmap path) | autograd loop s | vmap all s | "
-        "diagonal_fisher s | speed-up vmap | speed-up ours | max rel err |",
+        "(a) | model | params (tensors on linear/vmap path) | autograd loop s | vmap all s | "
+        "diagonal_fisher s | speed-up vmap | speed-up ours | max rel err (all kinds) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in result["fisher"]:
         s, up, err = row["seconds"], row["speedup_vs_loop"], row["max_rel_error_vs_loop"]
         lines.append(
             f"| {row['model']} | {row['n_params']} ({row['params_linear_path']}/"
-            f"{row['params_vmap_path']}) | {s['autograd_loop']:.2f} | {s['vmap_all']:.3f} | "
-            f"{s['diagonal_fisher']:.3f} | {up['vmap_all']:.1f}× | {up['diagonal_fisher']:.1f}× | "
-            f"{max(err.values()):.1e} |"
+            f"{row['params_vmap_path']}) | {s['autograd_loop_empirical']:.2f} | "
+            f"{s['vmap_all_empirical']:.3f} | {s['empirical']:.3f} | {up['vmap_all']:.1f}× | "
+            f"{up['diagonal_fisher']:.1f}× | {max(err.values()):.1e} |"
         )
     lines += [
         "",
-        "| EWC gradient | autograd graph ms | add_penalty_grad_ ms | speed-up | max rel err |",
+        "(b) | model | biased |B|=64 s | biased |B|=256 s | "
+        + " | ".join(f"{k} s (vs 64 / 256)" for k in KINDS)
+        + " |",
+        "|---|---|---|" + "---|" * len(KINDS),
+    ]
+    for row in result["fisher"]:
+        s, r = row["seconds"], row["ratio_vs_biased"]
+        cells = [
+            f"{s[k]:.3f} ({r[f'{k}/batch64']:.1f}× / {r[f'{k}/batch256']:.1f}×)" for k in KINDS
+        ]
+        lines.append(
+            f"| {row['model']} | {s['biased_batch64']:.3f} | {s['biased_batch256']:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    step = result["train_step"]
+    ms, ratio = step["ms_per_step"], step["ratio_vs_plain"]
+    lines += [
+        "",
+        f"(c) training step, {step['model']} ({step['n_params']} params), batch {step['batch']}",
+        "",
+        "| plain ms | EWC proximal ms | EWC gradient ms | proximal vs plain | gradient vs plain |",
         "|---|---|---|---|---|",
+        f"| {ms['plain']:.2f} | {ms['ewc_proximal']:.2f} | {ms['ewc_gradient']:.2f} | "
+        f"{ratio['ewc_proximal']:.3f}× | {ratio['ewc_gradient']:.3f}× |",
+        "",
+        "| EWC penalty | autograd graph ms | add_penalty_grad_ ms | proximal_step_ ms | "
+        "speed-up | max rel err |",
+        "|---|---|---|---|---|---|",
     ]
     for row in result["penalty_grad"]:
         ms = row["ms_per_call"]
         lines.append(
             f"| {row['model']} | {ms['autograd_graph']:.3f} | {ms['add_penalty_grad_']:.3f} | "
-            f"{row['speedup']:.1f}× | {row['max_rel_error']:.1e} |"
+            f"{ms['proximal_step_']:.3f} | {row['speedup']:.1f}× | {row['max_rel_error']:.1e} |"
         )
     return "\n".join(lines)
 
@@ -227,7 +358,8 @@ def run(quick: bool = False, threads: int | None = 1) -> dict[str, Any]:
 
 def _run(quick: bool) -> dict[str, Any]:
     torch.manual_seed(0)
-    n, repeats = (256, 10) if quick else (2048, 50)
+    n, repeats, calls, steps = (256, 3, 10, 10) if quick else (2048, 7, 50, 30)
+    step_repeats = 3 if quick else 15  # a whole step is short: more rounds for a stable median
     models = {"mlp 64-256-256-10": _mlp(), "tiny transformer": TinyTransformer()}
     fisher_models = {
         **models,
@@ -239,8 +371,9 @@ def _run(quick: bool) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
-        "fisher": [bench_fisher_model(name, m, n) for name, m in fisher_models.items()],
-        "penalty_grad": [bench_penalty_grad(name, m, repeats) for name, m in models.items()],
+        "fisher": [bench_fisher_model(name, m, n, repeats) for name, m in fisher_models.items()],
+        "train_step": bench_train_step(steps, step_repeats),
+        "penalty_grad": [bench_penalty_grad(name, m, calls) for name, m in models.items()],
     }
     for row in result["fisher"]:
         assert max(row["max_rel_error_vs_loop"].values()) < 1e-4, row

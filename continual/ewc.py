@@ -1,9 +1,38 @@
-"""Online Elastic Weight Consolidation: the penalty, its gradient, and the state on disk.
+"""Online Elastic Weight Consolidation: the penalty, how training applies it, and the state on disk.
 
-The diagonal Fisher it needs comes from `continual.fisher` (per-example gradients; see there);
-`diagonal_fisher`, `brute_force_fisher` and `fisher_paths` are re-exported here so callers can
-keep importing them from `continual.ewc`. The EWC penalty gradient 2λF(θ−θ*) is added with
-`torch._foreach_*` ops after `loss.backward()`: no autograd graph of the penalty is ever built.
+Penalty: λ · Σ_i F̂_i (θ_i − θ*_i)² with θ* the anchor (the champion's weights).
+
+State, per model version:
+- `own_fisher`: the Fisher of this version's weights on this version's own training data. A
+  Fisher-weighted merge needs exactly this; the accumulator below counts the parents again.
+- `fisher`: the online accumulator F ← γ·F + F_own (raw, as estimated), which the penalty uses.
+- `anchor`: θ*, the weights the accumulator was last consolidated at.
+
+Normalisation: the penalty uses F̂ = F / mean(F), the mean taken over every entry of every
+tensor (`fisher_scale`; saved in the metadata, raw tensors on disk). λ then means "the stiffness
+of a parameter of average importance", whatever the dataset, the loss scale, the Fisher kind or
+the number of consolidations; F only sets the relative importance. Without it λ silently
+changes meaning whenever the Fisher's scale moves: the empirical Fisher grows with (p − y)², so
+after a drift it grew 10⁵× in the demo and stiffened the model. `normalize=False` keeps raw F
+(Laplace reading: with the true Fisher, λ = 0.5 makes the penalty ≈ the rise of the old data's
+mean loss, i.e. old and new examples count alike).
+
+Application (`mode`):
+- "proximal" (default): after `optimizer.step()`, the closed-form proximal step of λF̂(θ−θ*)²
+  with step size lr, θ ← (θ + 2·lr·λ·F̂·θ*) / (1 + 2·lr·λ·F̂) (`proximal_step_`, one foreach
+  lerp, no autograd graph). Adam never sees the penalty, so it cannot normalise the F-weighting
+  away (with the penalty inside Adam every dominated parameter moves ≈ lr per step whatever its
+  F), and the penalty does not count against gradient clipping. A huge λF̂ pins a parameter to
+  θ*; F̂ = 0 leaves the optimiser's step untouched. It is AdamW's decoupled weight decay, toward
+  θ* instead of 0, with coefficient 2λF̂.
+- "gradient": `add_penalty_grad_` adds 2λF̂(θ−θ*) to `.grad` after `loss.backward()` and before
+  clipping, as the textbook penalty does; Adam then rescales it per parameter, and a large
+  penalty eats the clipping budget, shrinking the task gradient of every other parameter.
+`continual.training.train` applies whichever `mode` says.
+
+The Fisher comes from `continual.fisher` (per-example gradients; the kind, default "auto", is
+explained there); `diagonal_fisher`, `brute_force_fisher` and `fisher_paths` are re-exported
+here so callers can keep importing them from `continual.ewc`.
 """
 
 from __future__ import annotations
@@ -13,17 +42,27 @@ import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from continual.fisher import LossFn, brute_force_fisher, diagonal_fisher, fisher_paths
+from continual.fisher import (
+    FISHER_KINDS,
+    FisherKind,
+    LossFn,
+    brute_force_fisher,
+    diagonal_fisher,
+    fisher_paths,
+)
 
 __all__ = [
     "EWC",
+    "EWC_MODES",
     "FORMAT",
+    "EWCMode",
     "EWCStateError",
     "LossFn",
     "brute_force_fisher",
@@ -31,51 +70,138 @@ __all__ = [
     "fisher_paths",
 ]
 
-FORMAT = "evergreen.ewc/1"
-_RESERVED_METADATA = ("format", "lambda", "gamma", "names")
+FORMAT = "evergreen.ewc/2"  # /2 adds own.<name> tensors and mode/kind/normalize metadata
+_READABLE_FORMATS = ("evergreen.ewc/1", FORMAT)
+_RESERVED_METADATA = (
+    "format",
+    "lambda",
+    "gamma",
+    "names",
+    "own_names",
+    "mode",
+    "fisher_kind",
+    "normalize",
+    "fisher_scale",
+)
+EWCMode = Literal["proximal", "gradient"]
+EWC_MODES: tuple[str, ...] = ("proximal", "gradient")
 
 
 class EWCStateError(ValueError):
     """A saved EWC state is missing, truncated, corrupt or inconsistent."""
 
 
-def _validate_state(fisher: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
+def _validate_state(fisher: dict[str, Tensor], anchor: dict[str, Tensor], what: str) -> None:
     missing = [name for name in fisher if name not in anchor]
     if missing:
-        raise ValueError(f"EWC anchor lacks {len(missing)} Fisher entries, e.g. {missing[:5]}")
+        raise ValueError(f"EWC anchor lacks {len(missing)} {what} entries, e.g. {missing[:5]}")
     for name, f in fisher.items():
         if f.shape != anchor[name].shape:
             raise ValueError(
-                f"EWC {name!r}: fisher shape {tuple(f.shape)} != anchor {tuple(anchor[name].shape)}"
+                f"EWC {name!r}: {what} shape {tuple(f.shape)} != anchor {tuple(anchor[name].shape)}"
             )
         if not f.is_floating_point() or not bool(torch.isfinite(f).all()) or bool((f < 0).any()):
-            raise ValueError(f"EWC fisher {name!r} must be finite, non-negative floats")
+            raise ValueError(f"EWC {what} {name!r} must be finite, non-negative floats")
+
+
+def _float32_copy(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Detached copies, upcast to float32 at least (sums of bf16/fp16 squares lose mass)."""
+    return {
+        n: t.detach().to(torch.promote_types(t.dtype, torch.float32), copy=True)
+        for n, t in tensors.items()
+    }
+
+
+def _mean_entry(fisher: dict[str, Tensor]) -> float:
+    """Mean over every entry of every tensor, in float64; 1.0 when there is nothing to scale."""
+    count = sum(f.numel() for f in fisher.values())
+    total = sum(float(f.double().sum()) for f in fisher.values())
+    return total / count if count and total > 0 else 1.0
 
 
 class EWC:
     """Online EWC: one decayed Fisher and one anchor, so the cost stays constant over time.
 
-    The anchor may hold more entries than the Fisher (e.g. every parameter); only those with a
-    Fisher entry are kept.
+    Args:
+        fisher: the accumulator F (raw; normalised for the penalty, see the module docstring).
+        anchor: θ*; may hold more entries than `fisher` (e.g. every parameter), only those with
+            a Fisher entry are kept.
+        lam: λ ≥ 0.
+        gamma: Fisher decay γ in [0, 1] used by `consolidate`.
+        own_fisher: this version's own Fisher (None if unknown); its names ⊆ `fisher`'s.
+        mode: "proximal" (default) or "gradient": how training applies the penalty.
+        kind: Fisher kind `from_model`/`consolidate` estimate ("auto", "true", "sampled",
+            "empirical").
+        normalize: divide F by its mean entry for the penalty (default True).
 
-    `penalty(model)` = λ Σ_i F_i (θ_i − θ*_i)² (for logging); training adds its gradient
-    2λF(θ−θ*) with `add_penalty_grad_(model)` right after `loss.backward()`.
+    `penalty(model)` = λ Σ_i F̂_i (θ_i − θ*_i)² (for logging).
     """
 
     def __init__(
-        self, fisher: dict[str, Tensor], anchor: dict[str, Tensor], lam: float, gamma: float = 1.0
+        self,
+        fisher: dict[str, Tensor],
+        anchor: dict[str, Tensor],
+        lam: float,
+        gamma: float = 1.0,
+        *,
+        own_fisher: dict[str, Tensor] | None = None,
+        mode: EWCMode = "proximal",
+        kind: FisherKind = "auto",
+        normalize: bool = True,
     ) -> None:
         if not math.isfinite(lam) or lam < 0:
             raise ValueError(f"EWC lambda must be a finite number >= 0, got {lam}")
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"EWC gamma (Fisher decay) must be in [0, 1], got {gamma}")
-        _validate_state(fisher, anchor)
-        self._fisher = {n: t.detach().clone() for n, t in fisher.items()}
-        self._anchor = {n: anchor[n].detach().clone() for n in fisher}
+        _validate_state(fisher, anchor, "fisher")
+        if own_fisher is not None:
+            stray = [n for n in own_fisher if n not in fisher]
+            if stray:
+                raise ValueError(f"EWC own_fisher has entries without a Fisher, e.g. {stray[:5]}")
+            _validate_state(own_fisher, anchor, "own_fisher")
         self.lam = float(lam)
         self.gamma = float(gamma)
+        self.mode = mode
+        self.kind = kind
+        self._normalize = bool(normalize)
         self.metadata: dict[str, str] = {}
-        self._plan: tuple[object, list[Tensor], list[Tensor], list[Tensor]] | None = None
+        self._anchor = {n: anchor[n].detach().clone() for n in fisher}
+        self._set_fisher(_float32_copy(fisher), own_fisher)
+
+    @property
+    def mode(self) -> EWCMode:
+        """How training applies the penalty: "proximal" or "gradient" (validated on assignment:
+        a typo must not silently switch EWC off)."""
+        return self._mode
+
+    @mode.setter
+    def mode(self, mode: EWCMode) -> None:
+        if mode not in EWC_MODES:
+            raise ValueError(f"EWC mode must be one of {EWC_MODES}, got {mode!r}")
+        self._mode: EWCMode = mode
+
+    @property
+    def kind(self) -> FisherKind:
+        """The Fisher kind `consolidate` estimates (see `continual.fisher`)."""
+        return self._kind
+
+    @kind.setter
+    def kind(self, kind: FisherKind) -> None:
+        if kind not in FISHER_KINDS:
+            raise ValueError(f"EWC Fisher kind must be one of {FISHER_KINDS}, got {kind!r}")
+        self._kind: FisherKind = kind
+
+    @property
+    def normalize(self) -> bool:
+        """Whether the penalty divides the Fisher by its mean entry (fixed at construction)."""
+        return self._normalize
+
+    def _set_fisher(self, fisher: dict[str, Tensor], own: dict[str, Tensor] | None) -> None:
+        self._fisher = fisher
+        self._own = None if own is None else _float32_copy(own)
+        self._scale = _mean_entry(fisher) if self._normalize else 1.0
+        # cached (key, params, anchors, coefficients), one per mode (gradient: lr None)
+        self._plans: dict[bool, tuple[object, list[Tensor], list[Tensor], list[Tensor]]] = {}
 
     @classmethod
     def from_model(
@@ -88,25 +214,46 @@ class EWC:
         gamma: float = 1.0,
         batch_size: int = 256,
         loss_fn: LossFn | None = None,
+        mode: EWCMode = "proximal",
+        kind: FisherKind = "auto",
+        normalize: bool = True,
     ) -> EWC:
-        """Fisher of `model` on (X, y), anchored at the model's current parameters."""
-        fisher = diagonal_fisher(model, X, y, batch_size=batch_size, loss_fn=loss_fn)
+        """Fisher of `model` on (X, y), anchored at the model's current parameters.
+
+        (X, y) should be the model's own training data: the Fisher is also its `own_fisher`.
+        """
+        fisher = diagonal_fisher(model, X, y, kind=kind, batch_size=batch_size, loss_fn=loss_fn)
         params = dict(model.named_parameters())
-        return cls(fisher, {n: params[n].detach() for n in fisher}, lam, gamma)
+        anchor = {n: params[n].detach() for n in fisher}
+        return cls(
+            fisher, anchor, lam, gamma, own_fisher=fisher, mode=mode, kind=kind, normalize=normalize
+        )
 
     @property
     def fisher(self) -> dict[str, Tensor]:
+        """The raw accumulator γ·F_old + F_own (the penalty divides it by `fisher_scale`)."""
         return dict(self._fisher)
+
+    @property
+    def own_fisher(self) -> dict[str, Tensor] | None:
+        """This version's own Fisher (at `anchor`, on its own data), or None if unknown."""
+        return None if self._own is None else dict(self._own)
 
     @property
     def anchor(self) -> dict[str, Tensor]:
         return dict(self._anchor)
 
+    @property
+    def fisher_scale(self) -> float:
+        """The penalty uses fisher / fisher_scale: the mean entry, or 1.0 without normalize."""
+        return self._scale
+
     def to(self, device: torch.device | str) -> EWC:
-        """Move Fisher and anchor to `device` (returns self)."""
+        """Move Fisher, own Fisher and anchor to `device` (returns self)."""
         self._fisher = {n: t.to(device) for n, t in self._fisher.items()}
         self._anchor = {n: t.to(device) for n, t in self._anchor.items()}
-        self._plan = None
+        self._own = None if self._own is None else {n: t.to(device) for n, t in self._own.items()}
+        self._plans = {}
         return self
 
     def _model_params(self, model: nn.Module) -> dict[str, nn.Parameter]:
@@ -126,38 +273,44 @@ class EWC:
 
     @torch.no_grad()
     def penalty(self, model: nn.Module) -> Tensor:
-        """λ Σ F (θ−θ*)² over every Fisher entry, as a detached scalar (for logging)."""
+        """λ Σ F̂ (θ−θ*)² over every Fisher entry, as a detached float32 scalar (for logging)."""
         params = self._model_params(model)
         total = torch.zeros((), dtype=torch.float64, device=next(iter(params.values())).device)
         for name, f in self._fisher.items():
             p = params[name]
-            diff = p - self._anchor[name].to(p.device, p.dtype)
-            total += (f.to(p.device) * diff.square()).sum().to(total.dtype)
-        return (self.lam * total).to(torch.float32)
+            diff = p.double() - self._anchor[name].to(p.device, torch.float64)
+            total += (f.to(p.device, torch.float64) * diff.square()).sum()
+        return (self.lam / self._scale * total).to(torch.float32)
 
-    def _grad_plan(self, model: nn.Module) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """Cached (params, anchors, 2λF) for trainable params with a Fisher entry."""
+    def _coefficients(self, model: nn.Module, lr: float | None) -> tuple[list[Tensor], ...]:
+        """Cached (params, anchors, coefficients) for trainable params with a Fisher entry.
+
+        Coefficients: 2λF̂ (gradient mode, lr None) or the lerp weight c/(1+c) toward θ* with
+        c = 2·lr·λ·F̂ (proximal step); computed in float32 at least, stored in the parameter's
+        dtype.
+        """
         named = list(model.named_parameters())
-        key = (id(model), self.lam, tuple((id(p), p.requires_grad) for _, p in named))
-        plan = self._plan
+        key = (id(model), self.lam, lr, tuple((id(p), p.requires_grad) for _, p in named))
+        plan = self._plans.get(lr is None)
         if plan is None or plan[0] != key:
             params = self._model_params(model)
             names = [n for n in self._fisher if params[n].requires_grad]
             ps: list[Tensor] = [params[n] for n in names]
-            anchors = [
-                self._anchor[n].to(p.device, p.dtype) for n, p in zip(names, ps, strict=True)
-            ]
-            scaled = [
-                (2.0 * self.lam) * self._fisher[n].to(p.device, p.dtype)
-                for n, p in zip(names, ps, strict=True)
-            ]
-            plan = self._plan = (key, ps, anchors, scaled)
+            anchors, coefficients = [], []
+            for name, p in zip(names, ps, strict=True):
+                anchors.append(self._anchor[name].to(p.device, p.dtype))
+                c = (2.0 * self.lam / self._scale) * self._fisher[name].to(p.device)
+                if lr is not None:  # c/(1+c) written so that c = 0 gives 0 and c = inf gives 1
+                    c = torch.reciprocal(1.0 + torch.reciprocal(lr * c))
+                coefficients.append(c.to(p.dtype))
+            plan = self._plans[lr is None] = (key, ps, anchors, coefficients)
         return plan[1], plan[2], plan[3]
 
     @torch.no_grad()
     def add_penalty_grad_(self, model: nn.Module) -> None:
-        """Add 2λF(θ−θ*) to `p.grad` (created if None) of trainable params with a Fisher entry."""
-        params, anchors, scaled = self._grad_plan(model)
+        """Gradient mode: add 2λF̂(θ−θ*) to `p.grad` (created if None) of trainable params with
+        a Fisher entry. Call after `loss.backward()`, before clipping and `optimizer.step()`."""
+        params, anchors, scaled = self._coefficients(model, None)
         if not params:
             return
         for p in params:
@@ -166,6 +319,17 @@ class EWC:
         diffs = torch._foreach_sub(params, anchors)
         grads = [p.grad for p in params if p.grad is not None]
         torch._foreach_addcmul_(grads, diffs, scaled)
+
+    @torch.no_grad()
+    def proximal_step_(self, model: nn.Module, lr: float) -> None:
+        """Proximal mode: θ ← (θ + 2·lr·λ·F̂·θ*) / (1 + 2·lr·λ·F̂) for trainable params with a
+        Fisher entry, i.e. θ ← θ + w·(θ* − θ) with w = c/(1+c), c = 2·lr·λ·F̂. Call right after
+        `optimizer.step()` with that step's learning rate."""
+        if not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"proximal_step_ needs a learning rate > 0, got {lr}")
+        params, anchors, weights = self._coefficients(model, float(lr))
+        if params:
+            torch._foreach_lerp_(params, anchors, weights)
 
     def consolidate(
         self,
@@ -176,52 +340,68 @@ class EWC:
         batch_size: int = 256,
         loss_fn: LossFn | None = None,
     ) -> None:
-        """Online EWC step: F ← γ·F_old + F_new on (X, y); θ* ← the model's current parameters.
+        """After training a new version on (X, y): its own Fisher F_own (at the new weights, on
+        (X, y), of kind `self.kind`) becomes `own_fisher`; F ← γ·F + F_own; θ* ← the weights.
 
-        Parameters without a new Fisher (frozen now) keep γ·F_old; new trainable ones get F_new.
+        Parameters without a new Fisher (frozen now) keep γ·F_old; new trainable ones get F_own.
         """
         params = self._model_params(model)
-        new = diagonal_fisher(model, X, y, batch_size=batch_size, loss_fn=loss_fn)
+        own = diagonal_fisher(model, X, y, kind=self.kind, batch_size=batch_size, loss_fn=loss_fn)
         fisher: dict[str, Tensor] = {}
-        for name in [*self._fisher, *(n for n in new if n not in self._fisher)]:
-            old, fresh = self._fisher.get(name), new.get(name)
+        for name in [*self._fisher, *(n for n in own if n not in self._fisher)]:
+            old, fresh = self._fisher.get(name), own.get(name)
             if old is None:
                 assert fresh is not None
-                fisher[name] = fresh
+                fisher[name] = fresh.clone()
             elif fresh is None:
                 fisher[name] = self.gamma * old
             else:
-                fisher[name] = self.gamma * old.to(fresh.device, fresh.dtype) + fresh
-        self._fisher = fisher
+                fisher[name] = torch.add(fresh, old.to(fresh.device, fresh.dtype), alpha=self.gamma)
         self._anchor = {n: params[n].detach().clone() for n in fisher}
-        self._plan = None
+        self._set_fisher(fisher, own)
 
     def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-        """Write `fisher.<name>`/`anchor.<name>` tensors + metadata to safetensors, atomically."""
+        """Write `fisher.<name>`/`anchor.<name>`/`own.<name>` tensors + metadata to
+        safetensors, atomically."""
         extra = dict(metadata or {})
         clash = [k for k in extra if k in _RESERVED_METADATA]
         if clash or not all(isinstance(v, str) for v in extra.values()):
             raise ValueError(f"EWC metadata must map str->str without keys {_RESERVED_METADATA}")
-        meta = {**extra, "format": FORMAT, "lambda": repr(self.lam), "gamma": repr(self.gamma)}
-        meta["names"] = json.dumps(list(self._fisher))  # safetensors sorts keys; keep model order
-        tensors = {f"fisher.{n}": t.detach().cpu().contiguous() for n, t in self._fisher.items()}
-        tensors |= {f"anchor.{n}": t.detach().cpu().contiguous() for n, t in self._anchor.items()}
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb+") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        meta = {
+            **extra,
+            "format": FORMAT,
+            "lambda": repr(self.lam),
+            "gamma": repr(self.gamma),
+            "mode": self.mode,
+            "fisher_kind": self.kind,
+            "normalize": json.dumps(self._normalize),
+            "fisher_scale": repr(self._scale),  # informational: recomputed from the tensors
+            "names": json.dumps(list(self._fisher)),  # safetensors sorts keys; keep model order
+        }
+        groups = {"fisher": self._fisher, "anchor": self._anchor}
+        if self._own is not None:
+            meta["own_names"] = json.dumps(list(self._own))
+            groups["own"] = self._own
+        tensors = {
+            f"{prefix}.{n}": t.detach().cpu().contiguous()
+            for prefix, group in groups.items()
+            for n, t in group.items()
+        }
+        _write_atomically(Path(path), tensors, meta)
 
     @classmethod
-    def load(cls, path: str | Path, *, lam: float | None = None, gamma: float | None = None) -> EWC:
-        """Read a state written by `save`; `lam`/`gamma` override the stored values.
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        lam: float | None = None,
+        gamma: float | None = None,
+        mode: EWCMode | None = None,
+    ) -> EWC:
+        """Read a state written by `save`; `lam`/`gamma`/`mode` override the stored values.
+
+        A file without own-Fisher tensors (e.g. format evergreen.ewc/1) loads with
+        `own_fisher` None; missing mode/kind/normalize metadata take the constructor defaults.
 
         Raises:
             FileNotFoundError: no file at `path`.
@@ -236,12 +416,16 @@ class EWC:
                 tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
         except Exception as exc:
             raise EWCStateError(f"{path} is not a readable safetensors file: {exc}") from exc
-        if meta.get("format") != FORMAT:
-            raise EWCStateError(f"{path}: metadata format is {meta.get('format')!r}, not {FORMAT}")
+        if meta.get("format") not in _READABLE_FORMATS:
+            raise EWCStateError(
+                f"{path}: metadata format is {meta.get('format')!r}, not one of {_READABLE_FORMATS}"
+            )
         try:
             names = json.loads(meta["names"])
             fisher = {n: tensors.pop(f"fisher.{n}") for n in names}
             anchor = {n: tensors.pop(f"anchor.{n}") for n in names}
+            own_names = json.loads(meta["own_names"]) if "own_names" in meta else None
+            own = None if own_names is None else {n: tensors.pop(f"own.{n}") for n in own_names}
         except (KeyError, ValueError, TypeError) as exc:
             raise EWCStateError(f"{path}: tensors do not match the stored names: {exc}") from exc
         if tensors:
@@ -252,8 +436,27 @@ class EWC:
                 anchor,
                 float(meta["lambda"]) if lam is None else lam,
                 float(meta.get("gamma", 1.0)) if gamma is None else gamma,
+                own_fisher=own,
+                mode=mode or meta.get("mode", "proximal"),  # type: ignore[arg-type]
+                kind=meta.get("fisher_kind", "auto"),  # type: ignore[arg-type]
+                normalize=json.loads(meta.get("normalize", "true")),
             )
         except (ValueError, KeyError) as exc:
             raise EWCStateError(f"{path}: inconsistent EWC state: {exc}") from exc
         ewc.metadata = {k: v for k, v in meta.items() if k not in _RESERVED_METADATA}
         return ewc
+
+
+def _write_atomically(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
+    """safetensors file via a fsynced temp file + rename: never a half-written state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -7,7 +7,10 @@ shared strategy object:
 - `replay` + `replay_ratio`: `continual.replay.mix_batch` swaps that share of every mini-batch
   for buffer samples, so old and new examples share one forward pass;
 - `distiller`: `distiller.loss(inputs, student_logits, task_loss)` replaces the task loss;
-- `ewc`: `ewc.add_penalty_grad_(model)` adds the EWC gradient 2λF(θ−θ*) after backward.
+- `ewc`: applied as its `mode` says. "proximal" (default): `ewc.proximal_step_(model, lr)`
+  right after `optimizer.step()`, the closed-form proximal step of the penalty with the step's
+  learning rate, so AdamW never rescales it and clipping never sees it. "gradient":
+  `ewc.add_penalty_grad_(model)` adds 2λF̂(θ−θ*) after backward, before clipping.
 
 On CPU a fixed seed gives identical losses run after run; on CUDA the forward pass runs under
 bf16 autocast.
@@ -147,7 +150,8 @@ def train(
         X: inputs [N, ...] (features, or token ids for text models), on CPU.
         y: class indices [N] (torch.long).
         settings: steps, batch size, learning rate, seed, clipping.
-        ewc: optional EWC penalty; its gradient is added after backward.
+        ewc: optional EWC penalty, applied as `ewc.mode` says (proximal step after each
+            optimiser step, or its gradient added before clipping).
         replay: optional replay buffer, mixed in at `replay_ratio` when it holds examples.
         replay_ratio: share of each batch taken from `replay` (0 disables replay).
         distiller: optional teacher; its loss replaces the plain cross-entropy.
@@ -188,11 +192,13 @@ def train(
                 if distiller is not None:
                     loss = distiller.loss(xb, logits.float(), loss)
             loss.backward()  # type: ignore[no-untyped-call]
-            if ewc is not None:
+            if ewc is not None and ewc.mode == "gradient":
                 ewc.add_penalty_grad_(model)
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
+            if ewc is not None and ewc.mode == "proximal":
+                ewc.proximal_step_(model, optimizer.param_groups[0]["lr"])
             result.losses.append(float(loss.detach()))
             result.examples_seen += len(yb)
             if on_step is not None:

@@ -91,6 +91,8 @@ def test_only_trainable_parameters_move() -> None:
 class _HugeEWC:
     """EWC stand-in that pins every parameter to its anchor with an enormous quadratic pull."""
 
+    mode = "gradient"
+
     def __init__(self, model: torch.nn.Module) -> None:
         self.calls = 0
         self.anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -118,7 +120,8 @@ def test_ewc_hook_is_applied_after_backward() -> None:
     assert _drift(pinned, anchor) < 0.2 * _drift(free, anchor)
 
 
-def test_real_ewc_with_huge_lambda_barely_moves() -> None:
+@pytest.mark.parametrize("mode", ["proximal", "gradient"])
+def test_real_ewc_with_huge_lambda_barely_moves(mode: str) -> None:
     ewc_module = pytest.importorskip("continual.ewc")
     X, y, _ = _digits()
     model = _model()
@@ -128,11 +131,80 @@ def test_real_ewc_with_huge_lambda_barely_moves() -> None:
     reference.load_state_dict(model.state_dict())
     # new task: labels shifted by one, which pulls every parameter somewhere else
     shifted = (y[300:600] + 1) % 10
-    ewc = ewc_module.EWC.from_model(model, X[:300], y[:300], lam=1e6)
+    ewc = ewc_module.EWC.from_model(model, X[:300], y[:300], lam=1e6, mode=mode)
     settings = TrainSettings(steps=30, lr=1e-2, seed=1)
     train(model, X[300:600], shifted, settings, ewc=ewc)
     train(reference, X[300:600], shifted, settings)
     assert _drift(model, anchor) < 0.5 * _drift(reference, anchor)
+
+
+def _fisher_groups(model: torch.nn.Module) -> tuple[dict, dict]:
+    """A hand-made Fisher: each entry is 1, 0.01 or 0 (group 0, 1, 2), at random."""
+    gen = torch.Generator().manual_seed(0)
+    groups = {n: torch.randint(0, 3, p.shape, generator=gen) for n, p in model.named_parameters()}
+    levels = torch.tensor([1.0, 0.01, 0.0])
+    return groups, {n: levels[g] for n, g in groups.items()}
+
+
+def _drift_per_group(
+    mode: str | None, *, lam: float = 1e4, max_grad_norm: float | None = None
+) -> list[float]:
+    """Mean |θ − θ*| per Fisher group after learning shifted labels under EWC in `mode`."""
+    ewc_module = pytest.importorskip("continual.ewc")
+    X, y, _ = _digits()
+    model = _model()
+    train(model, X[:300], y[:300], TrainSettings(steps=30, lr=1e-2))
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    groups, fisher = _fisher_groups(model)
+    ewc = None if mode is None else ewc_module.EWC(fisher, anchor, lam=lam, mode=mode)
+    settings = TrainSettings(steps=60, lr=1e-2, seed=1, max_grad_norm=max_grad_norm)
+    train(model, X[300:600], (y[300:600] + 1) % 10, settings, ewc=ewc)
+    moved = {n: (p.detach() - anchor[n]).abs() for n, p in model.named_parameters()}
+    return [float(torch.cat([moved[n][groups[n] == k] for n in moved]).mean()) for k in range(3)]
+
+
+def test_proximal_mode_respects_the_fisher_ratio_gradient_mode_with_adamw_does_not() -> None:
+    """Huge λ, Fisher 1 / 0.01 / 0. Proximal: F = 1 pinned, F = 0.01 moves ~100× more, F = 0
+    moves freely. Gradient: AdamW divides the penalty gradient by its own running RMS, so every
+    penalised parameter jitters around θ* by ~lr whatever its F (measured ratio ≈ 0.9)."""
+    free = _drift_per_group(None)[2]
+    pinned, weak, zero = _drift_per_group("proximal")
+    assert pinned < 1e-4 and weak > 20 * pinned and zero > 0.5 * free
+    pinned, weak, _ = _drift_per_group("gradient")
+    assert weak < 3 * pinned
+
+
+def test_ewc_penalty_and_gradient_clipping(monkeypatch) -> None:
+    """Proximal: clipping sees the task gradient only. Gradient: the penalty takes over the
+    clipping budget and starves every parameter it does not pin (F = 0 moves ~3× less)."""
+    ewc_module = pytest.importorskip("continual.ewc")
+    training = pytest.importorskip("continual.training")
+    X, y, _ = _digits()
+    norms: list[float] = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        norms.append(float(real_clip(params, max_norm, *args, **kwargs)))
+        return norms[-1]
+
+    monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", spy)
+    first_step = {}
+    for mode in (None, "proximal", "gradient"):
+        model = _model()
+        far = {n: p.detach() + 1.0 for n, p in model.named_parameters()}  # anchor away from θ
+        fisher = {n: torch.ones_like(p) for n, p in far.items()}
+        ewc = None if mode is None else ewc_module.EWC(fisher, far, lam=1e3, mode=mode)
+        norms.clear()
+        train(model, X[:300], y[:300], TrainSettings(steps=1, max_grad_norm=5.0), ewc=ewc)
+        first_step[mode] = norms[0]
+    assert first_step["proximal"] == first_step[None]
+    assert first_step["gradient"] > 100 * first_step[None]
+    monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", real_clip)
+    unclipped = _drift_per_group("gradient", max_grad_norm=None)[2]
+    assert _drift_per_group("gradient", max_grad_norm=5.0)[2] < 0.5 * unclipped
+    assert _drift_per_group("proximal", max_grad_norm=5.0) == _drift_per_group(
+        "proximal", max_grad_norm=None
+    )
 
 
 def test_replay_examples_enter_the_batches(monkeypatch) -> None:
