@@ -1,4 +1,4 @@
-"""Fisher-weighted merging of LoRA adapters (not only of full models)."""
+"""Fisher-weighted merging of two LoRA adapters on ΔW = (α/r)·B·A, never on lora_A/lora_B."""
 
 from __future__ import annotations
 
@@ -7,14 +7,23 @@ import copy
 import torch
 from sklearn.datasets import load_digits
 
-from continual.ewc import diagonal_fisher
-from continual.lora import LoraSettings, adapter_snapshot, attach_lora, restore_adapter
-from continual.merging import fisher_merge
+from continual.lora import (
+    LoraSettings,
+    adapter_from_delta,
+    adapter_snapshot,
+    adapter_state_dict,
+    attach_lora,
+    delta_fisher,
+    lora_delta_weights,
+    lora_scaling,
+    restore_adapter,
+)
+from continual.merging import fisher_merge, fold_delta, merge_lora_deltas
 from continual.models import ModelSpec, build_model, fit_standardizer
 from continual.training import TrainSettings, accuracy, train
 
 
-def test_two_adapters_merge_by_fisher_and_load_back():
+def test_two_adapters_merge_on_delta_w_by_fisher_and_serve() -> None:
     digits = load_digits()
     X = torch.tensor(digits.data[:400], dtype=torch.float32)
     y = torch.tensor(digits.target[:400])
@@ -33,25 +42,53 @@ def test_two_adapters_merge_by_fisher_and_load_back():
     base = build_model(spec)
     train(base, X[:200], y[:200], TrainSettings(steps=60, lr=5e-3))
     halves = (slice(200, 300), slice(300, 400))
-    adapters, fishers = [], []
+    settings = LoraSettings(r=4, alpha=8)
+    deltas, fishers, factors = [], [], []
     for seed, rows in enumerate(halves):
-        adapted = attach_lora(copy.deepcopy(base), LoraSettings(r=4, alpha=8))
+        adapted = attach_lora(copy.deepcopy(base), settings)
         train(adapted, X[rows], y[rows], TrainSettings(steps=40, lr=5e-3, seed=seed))
-        adapters.append(adapter_snapshot(adapted))
-        fishers.append(diagonal_fisher(adapted, X[rows], y[rows]))
-    # the Fisher of a peft model covers exactly its trainable adapter tensors
-    assert set(fishers[0]) == set(adapters[0])
-    assert all("lora_" in name for name in adapters[0])
+        scaling = lora_scaling(adapted.peft_config["default"])
+        deltas.append(lora_delta_weights(adapter_state_dict(adapted), scaling=scaling))
+        fishers.append(delta_fisher(adapted, X[rows], y[rows]))  # F of W at W0 + ΔW_k, own data
+        factors.append(adapter_snapshot(adapted))
+    # ΔW and its Fisher are keyed by the plain model's weight names
+    targets = {"blocks.0.attn.q_proj.weight", "blocks.0.attn.v_proj.weight"}
+    assert set(deltas[0]) == set(fishers[0]) == targets
 
-    merged = fisher_merge(adapters, fishers)
+    merged = merge_lora_deltas(deltas, fishers=fishers)
     for name, value in merged.items():
-        weights = [f[name] + 1e-8 for f in fishers]
-        expected = sum(w * a[name] for w, a in zip(weights, adapters, strict=True)) / sum(weights)
+        floor = 1e-8 * (fishers[0][name].mean() + fishers[1][name].mean()) / 2
+        weights = [f[name] + floor for f in fishers]
+        expected = sum(w * d[name] for w, d in zip(weights, deltas, strict=True)) / sum(weights)
         torch.testing.assert_close(value, expected)
+        assert not torch.allclose(value, deltas[0][name], atol=1e-4)  # both adapters count
+        assert not torch.allclose(value, deltas[1][name], atol=1e-4)
+    # the trap: merging the raw factors is not merging the products they define
+    naive = fisher_merge(factors, [{n: torch.ones_like(t) for n, t in f.items()} for f in factors])
+    linear = merge_lora_deltas(deltas)
+    naive_delta = lora_delta_weights(naive, scaling=settings.alpha / settings.r)
+    for name in targets:
+        gap = (naive_delta[name] - linear[name]).norm()
+        assert gap > 0.1 * linear[name].norm()
 
-    target = attach_lora(copy.deepcopy(base), LoraSettings(r=4, alpha=8))
-    restore_adapter(target, merged)
-    assert all(torch.equal(adapter_snapshot(target)[n], merged[n]) for n in merged)
-    chance = 0.1
+    # fold for serving: a plain model, no peft; both halves above chance (0.1) and the base
+    served = build_model(spec)
+    served.load_state_dict(fold_delta(base.state_dict(), merged))
+    served.eval()
     for rows in halves:
-        assert accuracy(target, X[rows], y[rows]) > 3 * chance
+        assert accuracy(served, X[rows], y[rows]) > max(0.3, accuracy(base, X[rows], y[rows]))
+    # W0 is shared: merging ΔW equals Fisher-merging the two folded models
+    folded = [fold_delta(base.state_dict(), d) for d in deltas]
+    for name, value in fisher_merge(folded, fishers).items():
+        torch.testing.assert_close(value, served.state_dict()[name])
+
+    # a Fisher-weighted (elementwise) merge is full rank: rank 16 stores it exactly, rank 4 not
+    full = LoraSettings(r=16, alpha=16)
+    state, errors = adapter_from_delta(merged, full)
+    assert max(errors.values()) < 1e-5
+    _, truncated = adapter_from_delta(merged, settings)
+    assert min(truncated.values()) > 0.05
+    target = attach_lora(copy.deepcopy(base), full)
+    restore_adapter(target, state)
+    with torch.no_grad():
+        torch.testing.assert_close(target(X[200:400]), served(X[200:400]), rtol=1e-4, atol=1e-5)

@@ -10,8 +10,11 @@ from continual.merging import (
     ema_over_lineage,
     ema_update,
     fisher_merge,
+    fold_delta,
     linear_interpolate,
+    merge_lora_deltas,
     parameter_distance,
+    refactor_delta,
 )
 
 
@@ -53,9 +56,41 @@ def test_fisher_merge_with_epsilon_is_the_documented_formula() -> None:
     eps = 0.1
     merged = fisher_merge(states, fishers, eps=eps)
     for key in ("w", "b"):
-        num = sum((f[key] + eps) * s[key] for f, s in zip(fishers, states, strict=True))
-        den = sum(f[key] + eps for f in fishers)
+        floor = eps * sum(f[key].mean() for f in fishers) / len(fishers)  # relative, pooled
+        num = sum((f[key] + floor) * s[key] for f, s in zip(fishers, states, strict=True))
+        den = sum(f[key] + floor for f in fishers)
         torch.testing.assert_close(merged[key], num / den)
+    absolute = sum((f["w"] + eps) * s["w"] for f, s in zip(fishers, states, strict=True))
+    absolute = absolute / sum(f["w"] + eps for f in fishers)
+    assert not torch.allclose(merged["w"], absolute, atol=1e-4)  # the old absolute ε is gone
+
+
+def test_fisher_merge_is_invariant_to_the_fishers_scale() -> None:
+    states = [_state(s) for s in range(3)]
+    gen = torch.Generator().manual_seed(4)
+    tiny = [{"w": 1e-9 * torch.rand(3, 4, generator=gen) ** 4} for _ in range(3)]
+    huge = [{"w": f["w"] * 1e6} for f in tiny]
+    for eps in (1e-8, 0.5):
+        torch.testing.assert_close(
+            fisher_merge(states, tiny, eps=eps)["w"], fisher_merge(states, huge, eps=eps)["w"]
+        )
+
+    def absolute(fishers: list[dict[str, Tensor]]) -> Tensor:  # the former rule, F + 1e-8
+        num = sum((f["w"] + 1e-8) * s["w"] for f, s in zip(fishers, states, strict=True))
+        return num / sum(f["w"] + 1e-8 for f in fishers)
+
+    # the data is sensitive: an absolute floor swamps the tiny Fishers but not the huge ones
+    assert not torch.allclose(absolute(tiny), absolute(huge), atol=1e-3)
+
+
+def test_all_zero_fisher_of_one_tensor_gives_its_plain_mean() -> None:
+    states = [_state(s) for s in range(2)]
+    fishers = [{"w": torch.zeros(3, 4), "b": torch.rand(4) + 0.1} for _ in range(2)]
+    fishers[1]["b"] = fishers[1]["b"] * 5
+    merged = fisher_merge(states, fishers, eps=1e-3)
+    torch.testing.assert_close(merged["w"], (states[0]["w"] + states[1]["w"]) / 2)
+    assert not torch.allclose(merged["b"], (states[0]["b"] + states[1]["b"]) / 2)
+    assert torch.isfinite(merged["w"]).all()
 
 
 def test_equal_or_zero_fishers_give_the_plain_average() -> None:
@@ -154,3 +189,109 @@ def test_parameter_distance() -> None:
     assert parameter_distance(a, {"w": torch.zeros(2)}) == float("inf")
     with pytest.raises(ValueError, match="share no floating"):
         parameter_distance({"n": torch.tensor(1)}, {"n": torch.tensor(1)})
+
+
+def _factors(seed: int, rank: int = 2) -> tuple[Tensor, Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(5, rank, generator=gen), torch.randn(rank, 4, generator=gen)  # B, A
+
+
+def _delta(seed: int, scaling: float = 2.0) -> dict[str, Tensor]:
+    b, a = _factors(seed)
+    return {"layer.weight": scaling * b @ a, "other.weight": scaling * a.T @ b.T}
+
+
+def test_merging_lora_is_the_mean_of_products_not_the_product_of_means() -> None:
+    (b1, a1), (b2, a2) = _factors(1), _factors(2)
+    s = 2.0
+    d1, d2 = {"layer.weight": s * b1 @ a1}, {"layer.weight": s * b2 @ a2}
+    merged = merge_lora_deltas([d1, d2])["layer.weight"]
+    torch.testing.assert_close(merged, s * (b1 @ a1 + b2 @ a2) / 2)
+    factor_mean = s * ((b1 + b2) / 2) @ ((a1 + a2) / 2)
+    assert (merged - factor_mean).norm() > 0.1 * merged.norm()  # the trap is a real difference
+    weighted = merge_lora_deltas([d1, d2], [3.0, 1.0])["layer.weight"]
+    torch.testing.assert_close(weighted, s * (3 * b1 @ a1 + b2 @ a2) / 4)
+
+
+def test_fisher_merge_of_deltas_is_the_hand_formula_and_equals_merging_folded_models() -> None:
+    deltas = [_delta(1), _delta(2)]
+    gen = torch.Generator().manual_seed(3)
+    fishers = [{k: torch.rand(v.shape, generator=gen) for k, v in deltas[0].items()} for _ in "ab"]
+    eps, lambdas = 0.1, [1.0, 3.0]
+    merged = merge_lora_deltas(deltas, lambdas, fishers=fishers, eps=eps)
+    for key, value in merged.items():
+        floor = eps * (fishers[0][key].mean() + fishers[1][key].mean()) / 2
+        w = [lam * (f[key] + floor) for lam, f in zip(lambdas, fishers, strict=True)]
+        torch.testing.assert_close(value, (w[0] * deltas[0][key] + w[1] * deltas[1][key]) / sum(w))
+    # W0 is shared, so merging ΔW with the Fisher of W is the Fisher merge of W0 + ΔW_k
+    base = {
+        "layer.weight": torch.randn(5, 4),
+        "other.weight": torch.randn(4, 5),
+        "n": torch.ones(1),
+    }
+    models = [fold_delta(base, d) for d in deltas]
+    unweighted = merge_lora_deltas(deltas, fishers=fishers, eps=eps)
+    for key, value in fisher_merge(models, fishers, eps=eps).items():
+        torch.testing.assert_close(value, fold_delta(base, unweighted)[key])
+
+
+def test_merge_lora_deltas_validates_and_does_not_mutate() -> None:
+    deltas = [_delta(1), _delta(2)]
+    before = [_copy(d) for d in deltas]
+    fishers = [{k: torch.ones_like(v) for k, v in deltas[0].items()} for _ in deltas]
+    merge_lora_deltas(deltas, fishers=fishers)
+    for b, d in zip(before, deltas, strict=True):
+        _assert_unchanged(b, d)
+    with pytest.raises(ValueError, match="at least one delta"):
+        merge_lora_deltas([])
+    with pytest.raises(ValueError, match="2 deltas but 1 weights"):
+        merge_lora_deltas(deltas, [1.0])
+    with pytest.raises(ValueError, match="not all zero"):
+        merge_lora_deltas(deltas, [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"only in the second \['extra.weight'\]"):
+        merge_lora_deltas([deltas[0], {**deltas[1], "extra.weight": torch.ones(1)}])
+    with pytest.raises(ValueError, match=r"do not cover the deltas \['other.weight'\]"):
+        merge_lora_deltas(deltas, fishers=[{"layer.weight": torch.ones(5, 4)}] * 2)
+    with pytest.raises(ValueError, match=r"'layer\.weight' has shape"):
+        merge_lora_deltas(
+            deltas, fishers=[fishers[0], {**fishers[1], "layer.weight": torch.ones(4)}]
+        )
+
+
+def test_fold_delta_adds_and_copies_everything_else() -> None:
+    base = {"layer.weight": torch.randn(5, 4), "layer.bias": torch.randn(5), "n": torch.tensor(3)}
+    half = {k: v.half() if k == "layer.bias" else v for k, v in base.items()}
+    delta = {"layer.weight": torch.randn(5, 4)}
+    before = _copy(base)
+    folded = fold_delta(base, delta)
+    torch.testing.assert_close(folded["layer.weight"], base["layer.weight"] + delta["layer.weight"])
+    assert torch.equal(folded["layer.bias"], base["layer.bias"]) and folded["n"].item() == 3
+    _assert_unchanged(before, base)
+    folded["layer.bias"].add_(1.0)
+    assert torch.equal(base["layer.bias"], before["layer.bias"])
+    assert fold_delta(half, {"layer.bias": torch.ones(5)})["layer.bias"].dtype == torch.float16
+    with pytest.raises(ValueError, match=r"'lora.weight' is not a floating weight"):
+        fold_delta(base, {"lora.weight": torch.ones(5, 4)})
+    with pytest.raises(ValueError, match=r"'layer.weight' has shape \(4, 5\)"):
+        fold_delta(base, {"layer.weight": torch.ones(4, 5)})
+
+
+def test_refactor_delta_round_trips_at_full_rank_and_reports_truncation() -> None:
+    delta = merge_lora_deltas([_delta(1), _delta(2)])  # rank 4 (two rank-2 products), 5×4
+    scaling = 0.5
+    for rank in (4, 6):  # rank(ΔW), and above min(out, in): padded with zeros
+        low = refactor_delta(delta, rank, scaling=scaling)
+        for key, d in delta.items():
+            assert low.lora_A[key].shape[0] == rank and low.lora_B[key].shape[1] == rank
+            torch.testing.assert_close(scaling * low.lora_B[key] @ low.lora_A[key], d)
+            assert low.relative_error[key] < 1e-6
+    low = refactor_delta(delta, 2, scaling=scaling)
+    for key, d in delta.items():
+        approx = scaling * low.lora_B[key] @ low.lora_A[key]
+        measured = float((d - approx).norm() / d.norm())
+        assert measured > 0.05 and low.relative_error[key] == pytest.approx(measured, rel=1e-4)
+    assert refactor_delta({"z.weight": torch.zeros(3, 3)}, 2).relative_error == {"z.weight": 0.0}
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        refactor_delta(delta, 0)
+    with pytest.raises(ValueError, match=r"'v' has shape \(3,\)"):
+        refactor_delta({"v": torch.ones(3)}, 2)
