@@ -41,6 +41,9 @@ BatchReadError = readers.BatchReadError
 SOURCE_COLUMN = readers.SOURCE_COLUMN
 
 
+COLUMNS_IN_FILES_ATTR = "columns_in_files"
+
+
 @dataclass(frozen=True)
 class FileRef:
     """One data file of a batch (`uri` is the full path or `s3://` address)."""
@@ -284,14 +287,20 @@ def _seekable(handle: BinaryIO) -> BinaryIO:
 
 
 def iter_batch_frames(
-    zone: LandingZone, batch_id: str, columns: list[str], *, chunk_rows: int = 50_000
+    zone: LandingZone,
+    batch_id: str,
+    columns: list[str],
+    *,
+    chunk_rows: int = 50_000,
+    seen_columns: set[str] | None = None,
 ) -> Iterator[pd.DataFrame]:
     """Stream a batch as DataFrame chunks of at most `chunk_rows` rows.
 
     Each chunk holds the requested `columns` that the file has (absent ones are left out, for
     validation to report) plus `_source_file`. Files are checked against the first file's
     schema once read; a mismatch raises after that file's chunks were yielded, so use
-    `read_batch` when all-or-nothing matters.
+    `read_batch` when all-or-nothing matters. Every column the files hold (requested or not) is
+    added to `seen_columns` when given.
 
     Raises:
         BatchReadError: no data files, an empty/corrupt/non-UTF-8/unparseable file, or files
@@ -310,6 +319,8 @@ def iter_batch_frames(
             handle = _seekable(handle)
         with handle:
             yield from readers.read_file(handle, ref, columns, chunk_rows, schema)
+        if seen_columns is not None:
+            seen_columns.update(schema.columns)
         if first is None:
             first = schema
         else:
@@ -323,13 +334,22 @@ def read_batch(
 
     Reads the configured feature/text and label columns that exist (plus `_source_file`);
     nullable integer/float columns come back as NumPy dtypes (float64 where values are missing).
+    `frame.attrs[COLUMNS_IN_FILES_ATTR]` lists every column the files hold, so validation can
+    name columns the config does not know.
 
     Raises:
         BatchReadError: see `iter_batch_frames`.
     """
-    frames = list(iter_batch_frames(zone, batch_id, data_columns(data_cfg), chunk_rows=chunk_rows))
+    seen: set[str] = set()
+    frames = list(
+        iter_batch_frames(
+            zone, batch_id, data_columns(data_cfg), chunk_rows=chunk_rows, seen_columns=seen
+        )
+    )
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    return readers.numpy_dtypes(frame.reset_index(drop=True))
+    frame = readers.numpy_dtypes(frame.reset_index(drop=True))
+    frame.attrs[COLUMNS_IN_FILES_ATTR] = sorted(seen)
+    return frame
 
 
 def write_frame(

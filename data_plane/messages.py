@@ -98,10 +98,22 @@ def _message(kind: str, column: str | None, kwargs: dict, result: dict, ctx: dic
         values = pd.to_numeric(frame[column], errors="coerce")
         infinite = int(np.isinf(values.to_numpy(dtype=float, na_value=np.nan)).sum())
         inf_note = f", {infinite} of them ±inf" if infinite else ""
+        source = (ctx.get("meta") or {}).get("bounds_from", "the suite file")
+        if source.startswith("accepted data"):
+            share = f" ({count / max(len(frame), 1):.1%})" if count is not None else ""
+            return (
+                f"{col} has {count} values{share} beyond the range accepted so far "
+                f"[{low:.6g}, {high:.6g}] (e.g. {_counts(result)}){where} — change, learned from "
+                "unless data.change.block lists 'range'"
+            )
+        fix = (
+            "fix the data, or widen data.feature_bounds if the shift is real"
+            if source == "data.feature_bounds"
+            else "if the shift is real, widen the bounds in the suite file"
+        )
         return (
-            f"{col} has {count} values outside [{low:.6g}, {high:.6g}]{inf_note} "
-            f"(e.g. {_counts(result)}){where} — if the shift is real, widen the bounds in the "
-            "suite file"
+            f"{col} has {count} values outside [{low:.6g}, {high:.6g}] ({source}){inf_note} "
+            f"(e.g. {_counts(result)}){where} — {fix}"
         )
     if kind == "expect_column_values_to_be_in_set":
         return (
@@ -174,13 +186,15 @@ def failures_from_result(result: dict, frame: pd.DataFrame, data_cfg: DataConfig
                 "cfg": data_cfg,
                 "count": count,
                 "where": _files(frame, list(res.get("partial_unexpected_index_list") or [])),
+                "meta": config.get("meta"),
             }
             message = _message(kind, column, kwargs, res, ctx)
         if kind == "expect_column_values_to_be_in_type_list" and column in data_cfg.features:
             bad = _non_numeric(frame, column) if column in frame.columns else None
             if bad is not None:
                 samples, count = list(dict.fromkeys(bad.tolist()))[:_SAMPLES], len(bad)
-        failures.append(Failure(kind, column, count, samples, message))
+        severity = str(config.get("severity") or "critical")
+        failures.append(Failure(kind, column, count, samples, message, severity))
     return failures
 
 
@@ -248,6 +262,18 @@ def render_summary(report: ValidationReport) -> str:
             lines.append(
                 f"| {_cell(failure.expectation)} | {_cell(failure.column or '—')} | {rows} | "
                 f"{_cell(failure.sample_values)} | {_cell(failure.message)} |"
+            )
+    if report.warnings:
+        lines += ["", "## Changes (informational: learned from, not blocked)", ""]
+        lines += [
+            "| check | column | rows | sample values | what changed |",
+            "|---|---|---|---|---|",
+        ]
+        for warning in report.warnings:
+            rows = "" if warning.unexpected_count is None else warning.unexpected_count
+            lines.append(
+                f"| {_cell(warning.expectation)} | {_cell(warning.column or '—')} | {rows} | "
+                f"{_cell(warning.sample_values)} | {_cell(warning.message)} |"
             )
     lines += ["", "## Statistics", ""]
     for key, value in stats.items():

@@ -10,6 +10,7 @@ Parquet hash alike.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -64,16 +65,66 @@ def split_holdout(
         df: the batch.
         columns: the columns that identify a row (features/text and label).
         fraction: expected share held out, in (0, 1).
-        salt: changes the split (e.g. per pipeline) without changing its properties.
+        salt: changes the split (e.g. per pipeline) without changing its properties. It must
+            not depend on the batch: the same row landing in two batches must land on the same
+            side both times.
 
     Returns:
         (train, holdout), each keeping the original index and row order.
     """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
-    uniform = (_mix(row_hashes(df, columns), salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
-    held = uniform < fraction
+    held = _uniform(df, columns, salt) < fraction
     return df.loc[~held], df.loc[held]
+
+
+def _uniform(df: pd.DataFrame, columns: list[str], salt: str) -> np.ndarray:
+    """One number in [0, 1) per row, a pure function of the row's content and `salt`."""
+    return (_mix(row_hashes(df, columns), salt) >> np.uint64(11)).astype(np.float64) / 2.0**53
+
+
+@dataclass(frozen=True)
+class ThreeWaySplit:
+    """A batch split by role: rows that train, rows that select, rows the promotion gate scores.
+
+    Selecting (early stopping, the LoRA keep/discard check, λ calibration) on the rows the gate
+    then scores would bias the gate; keeping three disjoint parts keeps the gate honest.
+    """
+
+    train: pd.DataFrame
+    select: pd.DataFrame
+    gate: pd.DataFrame
+
+
+def split_three_way(
+    df: pd.DataFrame,
+    columns: list[str],
+    *,
+    select_fraction: float,
+    gate_fraction: float,
+    salt: str,
+) -> ThreeWaySplit:
+    """Split rows into train / select / gate by their content hash (see `split_holdout`).
+
+    The gate takes the lowest `gate_fraction` of the hash range, selection the next
+    `select_fraction`, training the rest; a row's role depends only on its content and `salt`
+    (never on the batch it arrived in, its position or the other rows).
+
+    Raises:
+        ValueError: a fraction is outside (0, 1) or both together leave nothing to train on.
+    """
+    for name, value in (("select_fraction", select_fraction), ("gate_fraction", gate_fraction)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must be in (0, 1), got {value}")
+    if select_fraction + gate_fraction >= 1.0:
+        raise ValueError(
+            f"select_fraction + gate_fraction = {select_fraction + gate_fraction:g} leaves no "
+            "rows to train on; keep their sum below 1"
+        )
+    u = _uniform(df, columns, salt)
+    gate = u < gate_fraction
+    select = ~gate & (u < gate_fraction + select_fraction)
+    return ThreeWaySplit(df.loc[~gate & ~select], df.loc[select], df.loc[gate])
 
 
 def content_hash(df: pd.DataFrame, columns: list[str]) -> str:

@@ -1,17 +1,25 @@
-"""Batch validation with Great Expectations: a reviewable suite file and actionable reports.
+"""Batch validation with Great Expectations: integrity blocks, change informs.
 
-The suite lives in `<home>/expectations/<name>.json` (GX's own JSON format): it is written once
-from the config (`ensure_suite`) and is the user's to edit afterwards. Every batch is validated
-against that file in an ephemeral GX context (one per process: GX is slow to start) and the
-result is turned into a `ValidationReport` whose failures each name the expectation, column,
-row count, sample values and what was expected.
+Two kinds of checks, kept apart because they call for opposite reactions:
 
-Checks: columns exist; features numeric (text: strings); no nulls in features/label; features
-within bounds (from `data.feature_bounds`, bootstrap-inferred bounds, or at least the finite
-float range, so ±inf always fails — GX's between treats inf as an ordinary large number);
-labels in `data.classes`; row count in [min_rows, max_rows]; duplicates via GX's
-compound-columns-unique with `mostly = 1 - max_duplicate_fraction`, so "duplicate rows" means
-rows that have an identical copy over the feature+label columns, every copy counted.
+- **Integrity** (GX severity `critical`, blocking: the batch is quarantined, its files untouched):
+  unreadable files, missing or extra columns, wrong types (text in a numeric column), nulls and
+  ±inf, labels outside `data.classes`, too few/many rows, duplicates beyond
+  `data.max_duplicate_fraction`, and bounds the user *declared* in `data.feature_bounds`. These
+  live in the suite file `<home>/expectations/<name>.json` (GX's own JSON format), written once
+  from the config and the user's to edit afterwards. One more blocking check has no GX
+  expectation: gross, batch-wide breakage (most features far outside everything accepted so
+  far — a unit switch), decided by `data_plane.profile.gross_change`.
+- **Change** (GX severity `warning`, informing): values beyond the range accepted so far
+  (`expect_column_values_to_be_between` with `mostly`, generated at each run from the
+  `DataProfile` of all accepted data, so it widens as data is accepted and one extreme value
+  never decides anything), KS/PSI drift against the accepted data, a class mix never seen
+  before. They go to the report, the drift report and the run; `data.change.block` makes chosen
+  ones blocking.
+
+Every batch is validated in an ephemeral GX context (one per process: GX is slow to start) and
+the result is turned into a `ValidationReport` whose failures and warnings each name the
+expectation, column, row count, sample values and what was expected.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ import numpy as np
 import pandas as pd
 
 from data_plane import messages
-from data_plane.landing import LandingZone, data_columns, read_batch
-from data_plane.readers import BatchReadError
+from data_plane.drift import drift_report
+from data_plane.landing import COLUMNS_IN_FILES_ATTR, LandingZone, data_columns, read_batch
+from data_plane.profile import DataProfile, GrossChangeRule, class_mix_change, gross_change
+from data_plane.readers import SOURCE_COLUMN, BatchReadError
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -50,6 +60,7 @@ NUMERIC_TYPES += [f"uint{b}" for b in (8, 16, 32, 64)] + ["float16", "float32", 
 TEXT_TYPES = ["str"]
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
 _GX_LOCK = threading.Lock()
+SUITE_NAME = "evergreen-batch"
 
 
 @dataclass
@@ -61,6 +72,7 @@ class Failure:
     unexpected_count: int | None
     sample_values: list = field(default_factory=list)
     message: str = ""
+    severity: str = "critical"  # "critical" blocks, "warning" informs
 
 
 @dataclass
@@ -73,6 +85,7 @@ class ValidationReport:
     failures: list[Failure]
     statistics: dict
     gx_result: dict | None = None
+    warnings: list[Failure] = field(default_factory=list)
 
     def to_json(self) -> str:
         """Strict JSON (non-finite floats become strings such as "inf")."""
@@ -82,6 +95,7 @@ class ValidationReport:
     def from_json(cls, text: str) -> ValidationReport:
         data = json.loads(text)
         data["failures"] = [Failure(**f) for f in data.get("failures", [])]
+        data["warnings"] = [Failure(**f) for f in data.get("warnings", [])]
         return cls(**data)
 
     @classmethod
@@ -95,7 +109,8 @@ class ValidationReport:
         """One line for logs and flow failure messages."""
         if self.success:
             checks = self.statistics.get("gx", {}).get("evaluated_expectations", "all")
-            return f"batch {self.batch_id}: valid ({self.n_rows} rows, {checks} checks passed)"
+            changes = f", {len(self.warnings)} change warning(s)" if self.warnings else ""
+            return f"batch {self.batch_id}: valid ({self.n_rows} rows, {checks} checks{changes})"
         first = self.failures[0].message if self.failures else "failed"
         more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
         return f"batch {self.batch_id}: INVALID — {first}{more}"
@@ -119,43 +134,12 @@ def _json_safe(value: Any) -> Any:
     return str(value)
 
 
-def infer_feature_bounds(
-    df: pd.DataFrame, features: list[str], *, margin: float = 0.5
-) -> dict[str, tuple[float, float]]:
-    """Observed [min, max] per feature widened by `margin` × range (bootstrap-time bounds).
+def build_suite(data_cfg: DataConfig, *, name: str = SUITE_NAME) -> gx.ExpectationSuite:
+    """The integrity suite for `data_cfg` (see the module docstring); every check is critical.
 
-    A constant column is widened by max(1, |value|) so the next batch is not rejected for
-    varying a little.
-
-    Raises:
-        ValueError: a feature is missing or has no finite value.
-    """
-    bounds: dict[str, tuple[float, float]] = {}
-    for name in features:
-        if name not in df.columns:
-            raise ValueError(f"cannot infer bounds: feature column {name!r} is missing")
-        values = pd.to_numeric(df[name], errors="coerce").to_numpy(dtype=float)
-        values = values[np.isfinite(values)]
-        if values.size == 0:
-            raise ValueError(f"cannot infer bounds: feature {name!r} has no finite value")
-        low, high = float(values.min()), float(values.max())
-        width = margin * (high - low) if high > low else max(1.0, abs(low))
-        bounds[name] = (low - width, high + width)
-    return bounds
-
-
-def build_suite(
-    data_cfg: DataConfig,
-    *,
-    feature_bounds: dict[str, tuple[float, float]] | None = None,
-    name: str = "evergreen-batch",
-) -> gx.ExpectationSuite:
-    """The expectation suite for `data_cfg` (see the module docstring for the checks).
-
-    Args:
-        data_cfg: columns, classes, row-count and duplicate limits, optional bounds.
-        feature_bounds: bounds for features that `data_cfg.feature_bounds` does not fix.
-        name: suite name (and file stem).
+    Bounds come only from `data.feature_bounds` (declared by the user); other features are only
+    required to be finite — GX's between treats inf as an ordinary large number, so ±inf is
+    caught by bounds of ± the largest finite float.
     """
     import great_expectations as gx
     import great_expectations.expectations as gxe
@@ -167,7 +151,7 @@ def build_suite(
     for column in columns:
         add(gxe.ExpectColumnToExist(column=column))
     for feature in data_cfg.features:
-        low, high, source = _bounds_for(feature, data_cfg, feature_bounds)
+        low, high, source = _declared_bounds(feature, data_cfg)
         add(gxe.ExpectColumnValuesToBeInTypeList(column=feature, type_list=NUMERIC_TYPES))
         add(gxe.ExpectColumnValuesToNotBeNull(column=feature))
         add(
@@ -193,19 +177,40 @@ def build_suite(
     return gx.ExpectationSuite(name=name, expectations=expectations)
 
 
-def _bounds_for(
-    feature: str, data_cfg: DataConfig, inferred: dict[str, tuple[float, float]] | None
-) -> tuple[float, float, str]:
+def _declared_bounds(feature: str, data_cfg: DataConfig) -> tuple[float, float, str]:
     if feature in data_cfg.feature_bounds:
         low, high = data_cfg.feature_bounds[feature]
         return float(low), float(high), "data.feature_bounds"
-    if inferred and feature in inferred:
-        low, high = inferred[feature]
-        return float(low), float(high), "inferred at bootstrap"
     return -FINITE_MAX, FINITE_MAX, "finite values only"
 
 
-def suite_path(home: Path, name: str = "evergreen-batch") -> Path:
+def change_expectations(data_cfg: DataConfig, profile: DataProfile | None) -> list[Any]:
+    """Range checks against the data accepted so far: severity `warning` unless the user put
+    "range" in `data.change.block`. `mostly` lets a few extreme values through."""
+    import great_expectations.expectations as gxe
+
+    if profile is None or profile.empty:
+        return []
+    severity = "critical" if "range" in data_cfg.change.block else "warning"
+    expectations = []
+    for feature in data_cfg.features:
+        known = profile.ranges.get(feature)
+        if known is None or feature in data_cfg.feature_bounds:
+            continue
+        expectations.append(
+            gxe.ExpectColumnValuesToBeBetween(
+                column=feature,
+                min_value=known.low,
+                max_value=known.high,
+                mostly=data_cfg.change.range_mostly,
+                severity=severity,
+                meta={"bounds_from": f"accepted data ({profile.batches} batches)"},
+            )
+        )
+    return expectations
+
+
+def suite_path(home: Path, name: str = SUITE_NAME) -> Path:
     """Where the suite file lives: `<home>/expectations/<name>.json`."""
     return Path(home) / "expectations" / f"{name}.json"
 
@@ -265,7 +270,10 @@ def _parse_suite(text: str, path: Path) -> gx.ExpectationSuite:
         kind = item.get("type") if isinstance(item, dict) else None
         try:
             config = ExpectationConfiguration(
-                type=str(kind), kwargs=dict(item.get("kwargs") or {}), meta=item.get("meta")
+                type=str(kind),
+                kwargs=dict(item.get("kwargs") or {}),
+                meta=item.get("meta"),
+                severity=item.get("severity") or "critical",
             )
             expectations.append(config.to_domain_obj())
         except Exception as exc:
@@ -280,16 +288,17 @@ def _parse_suite(text: str, path: Path) -> gx.ExpectationSuite:
     )
 
 
-def ensure_suite(
-    home: Path,
-    data_cfg: DataConfig,
-    *,
-    feature_bounds: dict[str, tuple[float, float]] | None = None,
-) -> Path:
-    """Write the suite from the config if missing; otherwise keep (and check) the user's file."""
+def ensure_suite(home: Path, data_cfg: DataConfig) -> Path:
+    """Write the suite from the config if missing; otherwise keep (and check) the user's file.
+
+    Suites written by earlier releases held bounds inferred from the first batch; those turned
+    every genuine shift into a quarantine, so they are replaced by finite-only checks (declared
+    bounds and the user's own edits are kept).
+    """
     path = suite_path(home)
     if not path.exists():
-        return write_suite(build_suite(data_cfg, feature_bounds=feature_bounds), path)
+        return write_suite(build_suite(data_cfg), path)
+    _drop_inferred_bounds(path)
     suite = load_suite(path)
     covered = {getattr(e, "column", None) for e in suite.expectations}
     expected = data_columns(data_cfg)
@@ -297,6 +306,19 @@ def ensure_suite(
     if stale:
         log.warning("%s has no expectation on configured columns %s: edit/delete it", path, stale)
     return path
+
+
+def _drop_inferred_bounds(path: Path) -> None:
+    data = json.loads(path.read_text(encoding="utf-8"))
+    changed = 0
+    for item in data.get("expectations", []):
+        if (item.get("meta") or {}).get("bounds_from") == "inferred at bootstrap":
+            item["kwargs"].update(min_value=-FINITE_MAX, max_value=FINITE_MAX)
+            item["meta"]["bounds_from"] = "finite values only"
+            changed += 1
+    if changed:
+        log.warning("%s: replaced %d first-batch bounds by finite-only checks", path, changed)
+        _atomic_write(path, json.dumps(data, indent=2) + "\n")
 
 
 @functools.cache
@@ -318,21 +340,25 @@ def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(dict.fromkeys(strings, object)) if strings else frame
 
 
-_DEFINITIONS: dict[str, Any] = {}  # sha256 of a suite file → its registered definition
+_DEFINITIONS: dict[str, Any] = {}  # sha256 of a suite's content → its registered definition
 
 
-def _definition_for(suite_file: Path) -> Any:
-    """The validation definition for this suite file's content, registered once per process.
+def _definition_for(suite_file: Path, extra: list[Any]) -> Any:
+    """The validation definition for the suite file plus `extra` expectations, registered once
+    per process and content.
 
     Registering a suite costs ~0.1 s, updating one in place several seconds (GX saves each
-    expectation), so an edited file is registered anew under a content-derived name.
+    expectation), so a changed suite is registered anew under a content-derived name.
     """
     import great_expectations as gx
 
     text = Path(suite_file).read_text(encoding="utf-8")
-    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+    extra_json = json.dumps([e.configuration.to_json_dict() for e in extra], sort_keys=True)
+    digest = hashlib.sha256((text + extra_json).encode("utf-8")).hexdigest()
     if digest not in _DEFINITIONS:
         suite = _parse_suite(text, Path(suite_file))
+        for expectation in extra:
+            suite.expectations.append(expectation)
         suite.name = f"{suite.name}-{digest[:12]}"
         context, batch_definition = _gx_runtime()
         suite = context.suites.add(suite)
@@ -341,8 +367,8 @@ def _definition_for(suite_file: Path) -> Any:
     return _DEFINITIONS[digest]
 
 
-def run_suite(frame: pd.DataFrame, suite_file: Path) -> dict:
-    """Run the suite in `suite_file` on `frame` (process-wide context); GX's result as a dict.
+def run_suite(frame: pd.DataFrame, suite_file: Path, extra: list[Any] | None = None) -> dict:
+    """Run the suite in `suite_file` (plus `extra` expectations) on `frame`; GX's result.
 
     Raises:
         FileNotFoundError, ValueError: see `load_suite`.
@@ -350,42 +376,123 @@ def run_suite(frame: pd.DataFrame, suite_file: Path) -> dict:
     if not Path(suite_file).exists():
         load_suite(suite_file)  # raises the actionable FileNotFoundError
     with _GX_LOCK:
-        definition = _definition_for(suite_file)
+        definition = _definition_for(suite_file, list(extra or []))
         result = definition.run(batch_parameters={"dataframe": frame}, result_format=RESULT_FORMAT)
     return result.to_json_dict()
 
 
 def validate_batch(
-    df: pd.DataFrame, batch_id: str, data_cfg: DataConfig, suite_file: Path
+    df: pd.DataFrame,
+    batch_id: str,
+    data_cfg: DataConfig,
+    suite_file: Path,
+    *,
+    profile: DataProfile | None = None,
+    reference: pd.DataFrame | None = None,
 ) -> ValidationReport:
-    """Validate one batch against the suite file.
+    """Validate one batch: integrity checks block, change checks inform (module docstring).
 
     Args:
         df: the batch as returned by `read_batch` (`_source_file` is used to name files).
         batch_id: for the report.
-        data_cfg: for messages and statistics (the checks come from `suite_file`).
-        suite_file: the GX suite JSON (see `ensure_suite`).
+        data_cfg: columns, classes and the change policy (`data.change`).
+        suite_file: the integrity suite JSON (see `ensure_suite`).
+        profile: what the data accepted so far looked like (None or empty for the first batch).
+        reference: a sample of the accepted data for KS/PSI drift (None: no drift check).
 
     Returns:
-        The report; `success` is False if any expectation failed.
+        The report; `success` is False if any blocking check failed.
     """
     frame = _gx_frame(df)
     started = time.perf_counter()
-    result = run_suite(frame, suite_file)
+    result = run_suite(frame, suite_file, change_expectations(data_cfg, profile))
     elapsed = time.perf_counter() - started
-    failures = messages.failures_from_result(result, frame, data_cfg)
+    found = messages.failures_from_result(result, frame, data_cfg)
+    found += _extra_columns(df, data_cfg)
+    failures = [f for f in found if f.severity == "critical"]
+    warnings = [f for f in found if f.severity != "critical"]
     stats = messages.batch_statistics(frame, data_cfg)
     stats.update(gx=result.get("statistics", {}), seconds=round(elapsed, 3), suite=str(suite_file))
-    report = ValidationReport(
-        batch_id, bool(result.get("success")) and not failures, len(frame), failures, stats
-    )
+    if not failures:  # change checks need clean numbers to mean anything
+        _change_checks(frame, data_cfg, profile, reference, failures, warnings, stats)
+    report = ValidationReport(batch_id, not failures, len(frame), failures, stats, None, warnings)
     report.gx_result = messages.compact_result(result)
     log.info("%s (GX %.2fs)", report.headline(), elapsed)
     return report
 
 
+def _extra_columns(df: pd.DataFrame, data_cfg: DataConfig) -> list[Failure]:
+    """Columns in the files that the config does not know: a renamed or added column."""
+    in_files = set(df.attrs.get(COLUMNS_IN_FILES_ATTR, ()))
+    extra = sorted(in_files - set(data_columns(data_cfg)) - {SOURCE_COLUMN})
+    if not extra or data_cfg.extra_columns == "ignore":
+        return []
+    message = (
+        f"the files hold columns the config does not list: {extra[:10]} — add them to "
+        "data.features, fix the export, or set data.extra_columns: ignore"
+    )
+    return [Failure("expect_table_columns_to_match_set", None, len(extra), extra[:5], message)]
+
+
+def _change_checks(
+    frame: pd.DataFrame,
+    data_cfg: DataConfig,
+    profile: DataProfile | None,
+    reference: pd.DataFrame | None,
+    failures: list[Failure],
+    warnings: list[Failure],
+    stats: dict,
+) -> None:
+    """Gross breakage (blocks by default), class mix and KS/PSI drift (inform by default)."""
+    change = data_cfg.change
+    if profile is not None and not profile.empty and data_cfg.features:
+        rule = GrossChangeRule(
+            change.gross_range_factor, change.gross_value_share, change.gross_displaced_share
+        )
+        verdict = gross_change(frame, profile, data_cfg.features, rule)
+        stats["gross_change"] = {"displaced": verdict.displaced, "n_features": verdict.n_features}
+        if verdict.broken and change.gross_change:
+            failures.append(
+                Failure("gross_change", None, len(verdict.displaced), [], verdict.message())
+            )
+        mix = class_mix_change(frame, profile, data_cfg.label)
+        stats["class_mix"] = mix
+        if mix["new_classes"] or mix["total_variation"] >= change.class_mix_threshold:
+            message = (
+                f"class mix changed: total variation {mix['total_variation']:.2f} from the "
+                f"accepted data; classes never accepted before: {mix['new_classes'] or 'none'}"
+            )
+            target = failures if "class_mix" in change.block else warnings
+            severity = "critical" if target is failures else "warning"
+            target.append(Failure("class_mix", data_cfg.label, None, [], message, severity))
+    if reference is not None and len(reference) and data_cfg.features:
+        drift = drift_report(
+            reference, frame, list(data_cfg.features), psi_threshold=change.drift_psi
+        )
+        stats["drift"] = {
+            "n_drifted": drift.n_drifted,
+            "n_features": len(drift.features),
+            "max_psi": drift.max_psi,
+            "drifted": [f.feature for f in drift.features if f.drifted][:20],
+        }
+        if drift.n_drifted:
+            message = (
+                f"{drift.n_drifted} of {len(drift.features)} features drifted from the accepted "
+                f"data (KS + PSI ≥ {change.drift_psi:g}; max PSI {drift.max_psi:.2f})"
+            )
+            target = failures if "drift" in change.block else warnings
+            severity = "critical" if target is failures else "warning"
+            target.append(Failure("drift", None, drift.n_drifted, [], message, severity))
+
+
 def read_and_validate(
-    zone: LandingZone, batch_id: str, data_cfg: DataConfig, suite_file: Path
+    zone: LandingZone,
+    batch_id: str,
+    data_cfg: DataConfig,
+    suite_file: Path,
+    *,
+    profile: DataProfile | None = None,
+    reference: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame | None, ValidationReport]:
     """Read a batch and validate it; a read error becomes a failed report (frame None).
 
@@ -398,7 +505,10 @@ def read_and_validate(
         report = ValidationReport.from_read_error(batch_id, error)
         log.warning(report.headline())
         return None, report
-    return frame, validate_batch(frame, batch_id, data_cfg, suite_file)
+    report = validate_batch(
+        frame, batch_id, data_cfg, suite_file, profile=profile, reference=reference
+    )
+    return frame, report
 
 
 def save_report(report: ValidationReport, directory: Path) -> tuple[Path, Path]:
