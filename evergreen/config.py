@@ -21,6 +21,47 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ChangeConfig(_Strict):
+    """How validation treats *change* (as opposed to corruption, which always blocks)."""
+
+    block: list[Literal["range", "drift", "class_mix"]] = Field(
+        default_factory=list,
+        description="Informing checks to make blocking: 'range' (values beyond the range accepted "
+        "so far, with `range_mostly`), 'drift' (KS+PSI), 'class_mix' (a new class mix).",
+    )
+    range_mostly: float = Field(
+        0.99,
+        gt=0,
+        le=1,
+        description="Share of a column's values that must lie in the accepted range for the "
+        "range check to pass (GX `mostly`): one extreme value never decides anything.",
+    )
+    gross_change: bool = Field(
+        True,
+        description="Block batch-wide breakage: most features far outside everything accepted "
+        "so far (a producer switching units).",
+    )
+    gross_range_factor: float = Field(
+        1.0, gt=0, description="'Far' = more than this many accepted-range widths beyond it."
+    )
+    gross_value_share: float = Field(
+        0.25, gt=0, le=1, description="A feature is displaced when this share of it is far out."
+    )
+    gross_displaced_share: float = Field(
+        0.5, gt=0, le=1, description="The batch is broken when this share of features is displaced."
+    )
+    drift_psi: float = Field(0.2, gt=0, description="PSI at which a significant KS shift counts.")
+    class_mix_threshold: float = Field(
+        0.3, gt=0, le=1, description="Total-variation distance of the class mix worth reporting."
+    )
+    drift_event_share: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of drifted features at which validation emits evergreen.drift.detected.",
+    )
+
+
 class DataConfig(_Strict):
     landing: str = Field(
         "./landing", description="Landing zone: a local folder or s3://bucket/prefix."
@@ -31,19 +72,35 @@ class DataConfig(_Strict):
     classes: list[Any] = Field(
         ..., description="Every class the model may predict, in a fixed order."
     )
-    holdout_fraction: float = Field(0.25, gt=0, lt=1, description="Share of each batch held out.")
-    retention_per_batch: int = Field(200, gt=0, description="Held-out rows kept per batch.")
-    retention_max_rows: int = Field(3000, gt=0, description="Bound on the whole retention set.")
+    select_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of each batch that selects (early stopping, LoRA keep/discard, λ).",
+    )
+    gate_fraction: float = Field(
+        0.25, gt=0, lt=1, description="Share of each batch the promotion gate scores."
+    )
+    split_salt: str = Field(
+        "evergreen",
+        description="Salt of the row-hash split; never the batch id, so a row that lands twice "
+        "has the same role both times. Changing it reshuffles every role.",
+    )
     min_rows: int = Field(20, ge=1, description="Fewest rows a batch may have.")
     max_rows: int = Field(5_000_000, ge=1, description="Most rows a batch may have.")
     max_duplicate_fraction: float = Field(0.2, ge=0, le=1, description="Tolerated duplicate rows.")
     feature_bounds: dict[str, tuple[float, float]] = Field(
         default_factory=dict,
-        description="Optional [min, max] per feature; missing features get bounds from bootstrap.",
+        description="Declared [min, max] per feature: values outside block the batch. Features "
+        "not listed only have to be finite; their range is tracked as information.",
+    )
+    extra_columns: Literal["block", "ignore"] = Field(
+        "block", description="Columns in the files that the config does not list."
     )
     new_class_policy: Literal["quarantine"] = Field(
         "quarantine", description="What to do with labels outside `classes`."
     )
+    change: ChangeConfig = Field(default_factory=ChangeConfig)
 
     @model_validator(mode="after")
     def _features_or_text(self) -> DataConfig:
@@ -53,7 +110,33 @@ class DataConfig(_Strict):
             raise ValueError("data.classes has duplicates")
         if len(self.classes) < 2:
             raise ValueError("data.classes needs at least two classes")
+        if self.select_fraction + self.gate_fraction >= 0.9:
+            raise ValueError(
+                "data.select_fraction + data.gate_fraction must stay below 0.9 so that most of "
+                "each batch trains"
+            )
+        unknown = sorted(set(self.feature_bounds) - set(self.features))
+        if unknown:
+            raise ValueError(f"data.feature_bounds names columns not in data.features: {unknown}")
         return self
+
+
+class MemoryConfig(_Strict):
+    """The pipeline's data memory, shared by every cadence (model_registry/memory.py)."""
+
+    replay_capacity: int = Field(
+        5000, gt=0, description="Reservoir of training rows over every accepted batch."
+    )
+    replay_policy: Literal["reservoir", "class_balanced"] = Field(
+        "reservoir", description="reservoir: uniform over the stream; class_balanced: per class."
+    )
+    held_out_per_batch: int = Field(
+        400, gt=0, description="Held-out rows kept per batch and role (select, gate)."
+    )
+    held_out_max_rows: int = Field(
+        6000, gt=0, description="Bound on the held-out rows kept per role over all batches."
+    )
+    seed: int = Field(0, description="Seeds the replay buffer's sampling.")
 
 
 class ModelConfig(_Strict):
@@ -76,26 +159,62 @@ class RegistryConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    steps: int = Field(300, gt=0, description="Optimiser steps (count steps, not epochs).")
+    steps: int = Field(300, gt=0, description="Fewest optimiser steps (count steps, not epochs).")
+    epochs: float = Field(
+        0.0,
+        ge=0,
+        description="Also at least this many passes over the new training rows (0: steps only); "
+        "large batches then get enough steps without hand-tuning `steps`.",
+    )
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
 
 
-class MonthlyConfig(_Strict):
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=400, lr=1e-3))
-    ewc_lambda: float = Field(1000.0, ge=0, description="EWC strength (per-example Fisher).")
-    fisher_decay: float = Field(0.9, ge=0, le=1, description="Online EWC: F = gamma*F_old + F_new.")
+LAMBDA_GRID = [0.0, 1.0, 10.0, 100.0]
 
 
-class WeeklyConfig(_Strict):
-    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=300, lr=1e-3))
-    ewc_lambda: float = Field(500.0, ge=0)
-    fisher_decay: float = Field(0.9, ge=0, le=1)
-    replay_capacity: int = Field(2000, gt=0, description="Reservoir size (examples).")
-    replay_ratio: float = Field(0.4, ge=0, lt=1, description="Share of each step from the buffer.")
-    replay_policy: Literal["reservoir", "class_balanced"] = "reservoir"
+class _EWCSection(_Strict):
+    ewc_lambda: float | Literal["auto"] = Field(
+        "auto",
+        description="EWC strength on the Fisher normalised to mean 1 (applied as a proximal step "
+        "after each optimiser step), or 'auto': train one challenger per value of `lambda_grid` "
+        "and keep the best on the select rows (recorded on the version).",
+    )
+    lambda_grid: list[float] = Field(
+        default_factory=lambda: list(LAMBDA_GRID), min_length=1, description="Candidates of 'auto'."
+    )
+    fisher_decay: float = Field(0.9, ge=0, le=1, description="Online EWC: F = γ·F_old + F_own.")
+
+    @field_validator("ewc_lambda")
+    @classmethod
+    def _non_negative(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and value < 0:
+            raise ValueError("ewc_lambda must be >= 0 or 'auto'")
+        return value
+
+    @field_validator("lambda_grid")
+    @classmethod
+    def _grid_non_negative(cls, value: list[float]) -> list[float]:
+        if any(v < 0 for v in value):
+            raise ValueError("lambda_grid values must be >= 0")
+        return value
+
+
+class MonthlyConfig(_EWCSection):
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=400, epochs=5, lr=1e-3))
+
+
+class WeeklyConfig(_EWCSection):
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=300, epochs=5, lr=1e-3))
+    replay_ratio: float = Field(
+        0.75,
+        ge=0,
+        lt=1,
+        description="Share of each step drawn from the data memory's buffer (which holds every "
+        "accepted batch, this one included): close to joint training when the buffer holds all.",
+    )
 
 
 class DailyConfig(_Strict):
@@ -104,17 +223,33 @@ class DailyConfig(_Strict):
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(None, description="None: q_proj/v_proj where present.")
-    max_regression: float = Field(
-        0.01, ge=0, description="Validation accuracy the adapter may lose before it is discarded."
+    replay_ratio: float = Field(
+        0.5, ge=0, lt=1, description="Share of each step drawn from the data memory's buffer."
     )
-    replay_ratio: float = Field(0.3, ge=0, lt=1, description="Retention rows mixed into training.")
 
 
 class StreamConfig(_Strict):
     ema_decay: float = Field(0.99, gt=0, lt=1)
-    ph_delta: float = Field(0.005, ge=0)
-    ph_threshold: float | None = Field(None, description="None: calibrate on the retention set.")
+    ph_delta: float = Field(
+        0.05, ge=0, description="Page-Hinkley δ: loss drift tolerated per sample (loss units)."
+    )
+    ph_threshold: float | None = Field(
+        None, description="Fixed h for every epoch (no guarantee); None: calibrated."
+    )
     ph_min_samples: int = Field(30, gt=0)
+    false_alarm_rate: float = Field(
+        0.01,
+        gt=0,
+        lt=1,
+        description="Probability that a stable stream ever raises a false alarm over a champion's "
+        "whole monitored life (spent over doubling epochs).",
+    )
+    window: int = Field(
+        1000,
+        gt=0,
+        description="Samples in the monitor's first epoch; epoch k lasts window·2^k samples and "
+        "restarts the detector with its own calibrated threshold.",
+    )
     micro_batch: int = Field(16, gt=0)
     lr: float = Field(1e-3, gt=0)
 
@@ -127,9 +262,31 @@ class ConsolidateConfig(_Strict):
 
 
 class GateConfig(_Strict):
-    new_data_tolerance: float = Field(0.01, ge=0, description="Allowed drop on the new batch.")
-    retention_tolerance: float = Field(0.02, ge=0, description="Allowed drop on retention.")
-    confidence: float = Field(0.95, gt=0.5, lt=1)
+    """The promotion gate (continual/gating.py); defaults measured in benchmarks/bench_gate.py."""
+
+    new_data_tolerance: float = Field(
+        0.03, ge=0, lt=1, description="Non-inferiority margin on the new batches' gate rows."
+    )
+    retention_tolerance: float = Field(
+        0.05,
+        ge=0,
+        lt=1,
+        description="Non-inferiority margin on the retention set, per promotion (the evidence "
+        "margin; what may really be lost over time is `forgetting_budget`).",
+    )
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence level.")
+    new_data_rule: Literal["non_inferior", "superior"] = Field(
+        "non_inferior", description="Require only non-inferiority on new data, or improvement."
+    )
+    forgetting_budget: float = Field(
+        0.025,
+        ge=0,
+        lt=1,
+        description="Allowed cumulative loss vs the fixed per-batch reference accuracies.",
+    )
+    min_examples: int = Field(
+        500, ge=1, description="Fewer paired examples flag the gate as underpowered."
+    )
     min_accuracy: float = Field(0.0, ge=0, le=1, description="Floor for the first champion.")
     n_bootstrap: int = Field(2000, gt=99)
 
@@ -140,6 +297,7 @@ class EvergreenConfig(_Strict):
     )
     data: DataConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
     registry: RegistryConfig = Field(default_factory=RegistryConfig)
     monthly: MonthlyConfig = Field(default_factory=MonthlyConfig)
     weekly: WeeklyConfig = Field(default_factory=WeeklyConfig)

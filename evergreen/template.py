@@ -11,12 +11,16 @@ data:
   features: [f0, f1, f2, f3]      # numeric feature columns the model reads
   label: label                    # label column
   classes: [0, 1, 2]              # every class the model may predict (order = logit order)
-  holdout_fraction: 0.25          # share of each batch held out (by row hash: stable under reruns)
-  retention_per_batch: 200        # held-out rows per batch kept to measure forgetting
-  retention_max_rows: 3000        # bound on the whole retention set
+  select_fraction: 0.1            # share of each batch that selects (λ, LoRA keep/discard); by row hash
+  gate_fraction: 0.25             # share of each batch the promotion gate scores (never trained on)
   min_rows: 20                    # a batch with fewer rows is quarantined
   max_duplicate_fraction: 0.2     # tolerated share of duplicate rows
-  feature_bounds: {}              # optional {feature: [min, max]}; else inferred at bootstrap (±50% of range)
+  extra_columns: block            # block | ignore: columns in the files that are not listed here
+  feature_bounds: {}              # optional {feature: [min, max]} you DECLARE: values outside block
+  change:                         # change is learned from, not blocked (only corruption blocks)
+    block: []                     # make informing checks blocking: [range, drift, class_mix]
+    range_mostly: 0.99            # range check vs all accepted data passes if 99% of values are inside
+    gross_change: true            # block batch-wide jumps (most features far outside): unit switches
 
 model:
   family: mlp                     # mlp | transformer | package.module:factory
@@ -28,39 +32,48 @@ registry:
   name: evergreen                 # registered model name; serve models:/<name>@champion
   experiment: evergreen
 
+memory:                           # data memory shared by every cadence (kept even when updates are rejected)
+  replay_capacity: 5000           # reservoir of training rows over every accepted batch
+  replay_policy: reservoir        # reservoir | class_balanced
+  held_out_per_batch: 400         # select and gate rows kept per batch (retention set)
+  held_out_max_rows: 6000
+
 bootstrap_train: {steps: 600, batch_size: 64, lr: 0.001}
 
 monthly:                          # full fine-tune + online EWC
-  train: {steps: 400, lr: 0.001}
-  ewc_lambda: 1000.0              # per-example Fisher: typical 1e2..1e4; tune on past-batch holdout
-  fisher_decay: 0.9               # F = gamma * F_old + F_new
+  train: {steps: 400, epochs: 5, lr: 0.001}   # at least `steps`, at least `epochs` passes over the new rows
+  ewc_lambda: auto                # auto: best of lambda_grid on the select rows; or a number
+  lambda_grid: [0, 1, 10, 100]    # on the normalised Fisher
+  fisher_decay: 0.9               # F = gamma * F_old + F_own
 
 weekly:                           # experience replay + EWC
-  train: {steps: 300, lr: 0.001}
-  ewc_lambda: 500.0
-  replay_capacity: 2000
-  replay_ratio: 0.4
-  replay_policy: reservoir        # reservoir | class_balanced
+  train: {steps: 300, epochs: 5, lr: 0.001}
+  ewc_lambda: auto
+  replay_ratio: 0.75              # share of each step drawn from the data memory (which holds every batch)
 
-daily:                            # online LoRA with validation gating
+daily:                            # online LoRA, kept only if it passes the gate's rule on select rows
   train: {steps: 150, lr: 0.003}
   lora_r: 8
   lora_alpha: 16
   target_modules: null            # null: q_proj/v_proj where present, else every Linear but the head
-  replay_ratio: 0.3
-  max_regression: 0.01             # validation accuracy the adapter may lose before it is discarded
+  replay_ratio: 0.5
 
 stream:                           # Page-Hinkley on the champion's per-sample loss + EMA weights
   ema_decay: 0.99
-  ph_delta: 0.005
-  ph_threshold: null              # null: calibrated on the retention set (1% false alarms)
+  ph_delta: 0.05
+  ph_threshold: null              # null: calibrated on the champion's held-out losses
+  false_alarm_rate: 0.01          # over the champion's whole monitored life (alpha spending)
+  window: 1000                    # first epoch; epoch k lasts window * 2^k samples
   micro_batch: 16
 
 consolidate: {mode: ema, decay: 0.5, alpha: 0.5, lineage: 3}
 
-gate:                             # paired tests on per-example correctness
-  new_data_tolerance: 0.01        # allowed accuracy drop on the new batch's holdout
-  retention_tolerance: 0.02       # allowed drop on the retention set (forgetting)
-  confidence: 0.95
+gate:                             # non-inferiority on paired per-example correctness
+  new_data_tolerance: 0.03        # promote only if the one-sided lower bound of (challenger - champion) > -0.03
+  retention_tolerance: 0.05       # same on the retention set (the evidence margin per promotion)
+  confidence: 0.95                # one-sided
+  new_data_rule: non_inferior     # or superior: require a proven improvement on new data
+  forgetting_budget: 0.025        # what may really be lost: cumulative, vs each batch's fixed reference accuracy
+  min_examples: 500               # fewer paired rows: the decision is flagged underpowered
   min_accuracy: 0.0               # floor for the first champion
 """

@@ -12,12 +12,14 @@ from model_registry.ledger import Ledger
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.memory import commit_memory, load_memory
 from tasks.promote import (
     FlowOutcome,
     challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
+    registration_for,
 )
 from tasks.train import train_first_model
 from tasks.validate import validate_batches
@@ -42,20 +44,21 @@ def bootstrap(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefec
     if not batch_ids:
         return nothing_to_do(CADENCE)
     raw = read_batches(cfg, batch_ids)
-    # 2. validate
-    data = validate_batches(cfg, CADENCE, raw)
+    memory = load_memory(cfg)
+    # 2. validate, and remember what was accepted
+    data = validate_batches(cfg, CADENCE, raw, memory)
     if data.empty:
         return all_quarantined(cfg, CADENCE, data.quarantined)
+    memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train the first model
-        challenger = train_first_model(cfg, data.train, data.holdout)
+        challenger = train_first_model(cfg, data, memory)
         # 4. evaluate (no champion: the accuracy floor of the gate policy applies)
-        decision = evaluate_against_champion(cfg, None, challenger, data.holdout, None)
+        evaluation = evaluate_against_champion(cfg, None, challenger, memory)
         # 5. promote or reject
-        version = register_challenger(
-            cfg, CADENCE, "plain", challenger, None, data, decision, staging
-        )
-        outcome = promote_or_reject(cfg, CADENCE, version, current, decision, data)
+        reg = registration_for(CADENCE, "plain", evaluation, current, data)
+        version = register_challenger(cfg, reg, staging)
+        outcome = promote_or_reject(cfg, reg, version)
     if outcome.decision == "promoted":
         ledger = Ledger.from_config(cfg)
         for cadence in CONSUMES_FOR:

@@ -10,15 +10,16 @@ from prefect import flow
 from flows.common import begin, require_champion
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
-from tasks.merge import consolidate_lineage, lineage_versions, load_versions, retention_slices
+from tasks.memory import load_memory
+from tasks.merge import consolidate_lineage, lineage_versions, load_versions
 from tasks.promote import (
     FlowOutcome,
     challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
+    registration_for,
 )
-from tasks.validate import PreparedData
 
 CADENCE = "consolidate"
 
@@ -38,20 +39,14 @@ def consolidate(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Pref
         ).to_dict()
     # 2. validate: same architecture (checked while loading)
     lineage = load_versions(cfg, versions)
+    memory = load_memory(cfg)
     with challenger_workspace(cfg, CADENCE, []) as staging:
         # 3. train challenger: weight-space consolidation, no gradient steps
         challenger, distances = consolidate_lineage(cfg, lineage, champion)
         # 4. evaluate against champion
-        latest, retention = retention_slices(champion.retention)
-        decision = evaluate_against_champion(cfg, champion, challenger, latest, retention)
+        evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject
-        data = PreparedData(
-            batch_ids=[], train=latest.iloc[:0], holdout=latest, data_hash="lineage"
-        )
         method = f"{cfg.consolidate.mode}:" + "+".join(versions)
-        version = register_challenger(
-            cfg, CADENCE, method, challenger, champion, data, decision, staging
-        )
-        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
-        outcome.metrics.update(distances)
-        return outcome.to_dict()
+        reg = registration_for(CADENCE, method, evaluation, champion, None, distances)
+        version = register_challenger(cfg, reg, staging)
+        return promote_or_reject(cfg, reg, version).to_dict()

@@ -11,21 +11,22 @@ from flows.common import all_quarantined, begin, nothing_to_do, require_champion
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.memory import commit_memory, load_memory
 from tasks.promote import (
-    FlowOutcome,
     challenger_workspace,
+    discarded_update,
     load_champion,
     promote_or_reject,
-    record_outcome,
     register_challenger,
+    registration_for,
 )
 from tasks.train import train_lora_gated
-from tasks.validate import record_drift, validate_batches
+from tasks.validate import validate_batches
 
 CADENCE = "daily-lora"
 
 
-@flow(name=CADENCE, description="Online LoRA adapter, kept only if validation does not regress.")
+@flow(name=CADENCE, description="Online LoRA adapter, kept only if it passes the gate's rule.")
 def daily_lora(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
     cfg = begin(params)
     # 1. ingest
@@ -33,45 +34,24 @@ def daily_lora(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefe
     if not batch_ids:
         return nothing_to_do(CADENCE)
     raw = read_batches(cfg, batch_ids)
-    # 2. validate
-    data = validate_batches(cfg, CADENCE, raw)
+    memory = load_memory(cfg)
+    # 2. validate, and remember what was accepted (kept even if the adapter is discarded)
+    data = validate_batches(cfg, CADENCE, raw, memory)
     if data.empty:
         return all_quarantined(cfg, CADENCE, data.quarantined)
     champion = require_champion(load_champion(cfg), CADENCE)
-    drift = record_drift(cfg, champion.retention, data)
+    memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
-        # 3. train challenger (the adapter is restored exactly if validation regresses)
-        challenger, lora_gate = train_lora_gated(cfg, champion, data)
+        # 3. train challenger (the adapter is restored exactly if the select rows reject it)
+        challenger, check = train_lora_gated(cfg, champion, data, memory)
         if challenger is None:
-            outcome = FlowOutcome(
-                cadence=CADENCE,
-                decision="rejected",
-                batch_ids=data.batch_ids,
-                champion=champion.version,
-                quarantined=data.quarantined,
-                reasons=[
-                    f"LoRA update regressed validation accuracy "
-                    f"({lora_gate.score_before:.4f} → {lora_gate.score_after:.4f}); "
-                    "adapter restored, no version registered"
-                ],
-                metrics={
-                    "lora.before": lora_gate.score_before,
-                    "lora.after": lora_gate.score_after,
-                },
-            )
-            record_outcome(cfg, outcome)
-            return outcome.to_dict()
+            return discarded_update(cfg, CADENCE, champion, data, check).to_dict()
         # 4. evaluate against champion
-        decision = evaluate_against_champion(
-            cfg, champion, challenger, data.holdout, champion.retention
-        )
+        evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject
-        version = register_challenger(
-            cfg, CADENCE, "lora", challenger, champion, data, decision, staging, drift
-        )
-        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
-        outcome.metrics.update(drift)
-        return outcome.to_dict()
+        reg = registration_for(CADENCE, "lora", evaluation, champion, data)
+        version = register_challenger(cfg, reg, staging)
+        return promote_or_reject(cfg, reg, version).to_dict()
 
 
 if __name__ == "__main__":

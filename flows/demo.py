@@ -19,7 +19,7 @@ from rich.table import Table
 
 from continual.training import TrainSettings, accuracy, train
 from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
-from data_plane.splits import split_holdout
+from data_plane.splits import ThreeWaySplit, split_three_way
 from evergreen.config import EvergreenConfig, load_config
 from flows.demo_data import DemoBatch, build_demo_landing, demo_config_dict
 from flows.registry import run_flow
@@ -46,15 +46,24 @@ def load_holdouts(cfg: EvergreenConfig, batches: list[DemoBatch]) -> Holdouts:
     for batch in batches:
         try:
             frame = read_batch(zone, batch.batch_id, cfg.data)[columns]
-            _, holdout = split_holdout(
-                frame, columns, cfg.data.holdout_fraction, salt=batch.batch_id
-            )
+            holdout = _split(cfg, frame).gate
             # raises on labels outside the classes: the corrupt batch has no holdout
             frame_to_tensors(holdout, _Spec(cfg), cfg.data.label)
         except (BatchReadError, ValueError, KeyError, TypeError):
             continue
         holdouts.frames[batch.batch_id] = holdout
     return holdouts
+
+
+def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
+    """The flows' own split (same salt and fractions), so the demo scores the gate's rows."""
+    return split_three_way(
+        frame,
+        data_columns(cfg.data),
+        select_fraction=cfg.data.select_fraction,
+        gate_fraction=cfg.data.gate_fraction,
+        salt=cfg.data.split_salt,
+    )
 
 
 class _Spec:
@@ -102,9 +111,7 @@ def naive_baseline(cfg: EvergreenConfig, batches, holdouts: Holdouts) -> dict[st
         if batch.batch_id not in holdouts.frames:
             continue
         frame = read_batch(zone, batch.batch_id, cfg.data)[columns]
-        train_part, _ = split_holdout(
-            frame, columns, cfg.data.holdout_fraction, salt=batch.batch_id
-        )
+        train_part = _split(cfg, frame).train
         X, y = frame_to_tensors(train_part, champion.spec, cfg.data.label)
         steps = cfg.monthly.train.steps
         train(model, X, y, TrainSettings(steps=steps, lr=cfg.monthly.train.lr))

@@ -390,11 +390,7 @@ def demo_config_dict(landing: str, home: str) -> dict[str, Any]:
             "features": list(DEMO_FEATURES),
             "label": "label",
             "classes": list(DEMO_CLASSES),
-            "holdout_fraction": 0.3,
-            "retention_per_batch": 120,
-            "retention_max_rows": 1500,
             "min_rows": 20,
-            "feature_bounds": {name: [0, PIXEL_MAX] for name in DEMO_FEATURES},
         },
         "model": {
             "family": "transformer",
@@ -409,17 +405,13 @@ def demo_config_dict(landing: str, home: str) -> dict[str, Any]:
             "experiment": "evergreen-demo",
         },
         "bootstrap_train": {"steps": 500, "batch_size": 64, "lr": 3e-3, "seed": 0},
-        "monthly": {"train": {"steps": 300, "lr": 2e-3}, "ewc_lambda": 1000.0, "fisher_decay": 0.9},
-        "weekly": {
-            "train": {"steps": 200, "lr": 2e-3},
-            "ewc_lambda": 500.0,
-            "replay_capacity": 1000,
-            "replay_ratio": 0.4,
-        },
+        "memory": {"replay_capacity": 3000},
+        "monthly": {"train": {"steps": 300, "lr": 2e-3}},
+        "weekly": {"train": {"steps": 200, "lr": 2e-3}},
         "daily": {"train": {"steps": 100, "lr": 3e-3}, "lora_r": 8, "lora_alpha": 16},
         "stream": {"micro_batch": 16, "ph_min_samples": 30},
         "consolidate": {"mode": "ema", "decay": 0.5, "lineage": 3},
-        "gate": {"new_data_tolerance": 0.02, "retention_tolerance": 0.03, "n_bootstrap": 1000},
+        "gate": {"n_bootstrap": 1000},
     }
 
 

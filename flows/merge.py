@@ -1,6 +1,6 @@
 """On demand: Fisher-weighted merge of chosen versions, gated like any other challenger.
 
-Run: `evergreen run merge --set ...` or from the UI with `versions: ["3", "5"]`.
+Run: `evergreen run merge --versions 3 5` or from the UI with `versions: ["3", "5"]`.
 """
 
 from __future__ import annotations
@@ -11,14 +11,15 @@ from pydantic import Field
 from flows.common import begin, require_champion
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
-from tasks.merge import fisher_merge_models, load_versions, retention_slices
+from tasks.memory import load_memory
+from tasks.merge import fisher_merge_models, load_versions
 from tasks.promote import (
     challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
+    registration_for,
 )
-from tasks.validate import PreparedData
 
 CADENCE = "merge"
 
@@ -27,34 +28,26 @@ class MergeParams(FlowParams):
     versions: list[str] = Field(
         ..., min_length=2, description="Model versions to merge, e.g. [3, 5]."
     )
-    eps: float = Field(1e-8, gt=0, description="Floor of Σ F (parameters no model cares about).")
+    eps: float = Field(
+        1e-8, gt=0, description="Weight floor, relative to each tensor's Fisher scale."
+    )
 
 
 @flow(name=CADENCE, description="Fisher-weighted merge of chosen versions.")
 def merge(params: MergeParams) -> dict:
     cfg = begin(params)
-    # 1. ingest: the versions to merge and the champion's retention set
+    # 1. ingest: the versions to merge, the champion and the data memory's gate rows
     champion = require_champion(load_champion(cfg), CADENCE)
     parents = load_versions(cfg, [str(v) for v in params.versions])
+    memory = load_memory(cfg)
     with challenger_workspace(cfg, CADENCE, []) as staging:
         # 2. validate: parents share an architecture (checked while loading)
-        # 3. train challenger: no training, a merge
-        challenger, distances = fisher_merge_models(cfg, parents, champion, params.eps)
-        # 4. evaluate against champion on the latest batch and the whole retention set
-        latest, retention = retention_slices(champion.retention)
-        decision = evaluate_against_champion(cfg, champion, challenger, latest, retention)
+        # 3. train challenger: no training, a merge weighted by each parent's own Fisher
+        challenger, distances = fisher_merge_models(cfg, parents, champion, memory, params.eps)
+        # 4. evaluate against champion
+        evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject
-        data = PreparedData(batch_ids=[], train=latest.iloc[:0], holdout=latest, data_hash="merge")
-        version = register_challenger(
-            cfg,
-            CADENCE,
-            "fisher-merge:" + "+".join(params.versions),
-            challenger,
-            champion,
-            data,
-            decision,
-            staging,
-        )
-        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
-        outcome.metrics.update(distances)
-        return outcome.to_dict()
+        method = "fisher-merge:" + "+".join(params.versions)
+        reg = registration_for(CADENCE, method, evaluation, champion, None, distances)
+        version = register_challenger(cfg, reg, staging)
+        return promote_or_reject(cfg, reg, version).to_dict()

@@ -11,14 +11,16 @@ from flows.common import all_quarantined, begin, nothing_to_do, require_champion
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.memory import commit_memory, load_memory
 from tasks.promote import (
     challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
+    registration_for,
 )
 from tasks.train import train_finetune_ewc
-from tasks.validate import record_drift, validate_batches
+from tasks.validate import validate_batches
 
 CADENCE = "monthly-finetune"
 
@@ -31,26 +33,22 @@ def monthly_finetune(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 -
     if not batch_ids:
         return nothing_to_do(CADENCE)
     raw = read_batches(cfg, batch_ids)
-    # 2. validate
-    data = validate_batches(cfg, CADENCE, raw)
+    memory = load_memory(cfg)
+    # 2. validate, and remember what was accepted (kept even if the challenger is rejected)
+    data = validate_batches(cfg, CADENCE, raw, memory)
     if data.empty:
         return all_quarantined(cfg, CADENCE, data.quarantined)
     champion = require_champion(load_champion(cfg), CADENCE)
-    drift = record_drift(cfg, champion.retention, data)
+    memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger
-        challenger = train_finetune_ewc(cfg, champion, data)
+        challenger, metrics = train_finetune_ewc(cfg, champion, data, memory)
         # 4. evaluate against champion
-        decision = evaluate_against_champion(
-            cfg, champion, challenger, data.holdout, champion.retention
-        )
+        evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject
-        version = register_challenger(
-            cfg, CADENCE, "finetune+ewc", challenger, champion, data, decision, staging, drift
-        )
-        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
-        outcome.metrics.update(drift)
-        return outcome.to_dict()
+        reg = registration_for(CADENCE, "finetune+ewc", evaluation, champion, data, metrics)
+        version = register_challenger(cfg, reg, staging)
+        return promote_or_reject(cfg, reg, version).to_dict()
 
 
 if __name__ == "__main__":

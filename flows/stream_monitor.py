@@ -14,12 +14,14 @@ from model_registry.ledger import Ledger
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.memory import commit_memory, load_memory
 from tasks.promote import (
     FlowOutcome,
     challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
+    registration_for,
 )
 from tasks.stream import monitor_stream
 from tasks.validate import validate_batches
@@ -41,14 +43,15 @@ def stream_monitor(params: StreamParams = StreamParams()) -> dict:  # noqa: B008
     if not batch_ids:
         return nothing_to_do(CADENCE)
     raw = read_batches(cfg, batch_ids)
+    memory = load_memory(cfg)
     # 2. validate
-    data = validate_batches(cfg, CADENCE, raw)
+    data = validate_batches(cfg, CADENCE, raw, memory)
     if data.empty:
         return all_quarantined(cfg, CADENCE, data.quarantined)
     champion = require_champion(load_champion(cfg), CADENCE)
     # 3. stream the samples through the champion, the detector and the EMA teacher
-    frames = [data.train[data.train["batch_id"] == b] for b in data.batch_ids]
-    report = monitor_stream(cfg, champion, frames, data.batch_ids)
+    frames = [data.frames[b] for b in data.batch_ids]
+    report = monitor_stream(cfg, champion, frames, data.batch_ids, memory)
     metrics = {
         "stream.samples": report.samples,
         "stream.mean_loss": report.mean_loss,
@@ -68,15 +71,11 @@ def stream_monitor(params: StreamParams = StreamParams()) -> dict:  # noqa: B008
             metrics=metrics,
             reasons=[f"drift at {report.drift_at[:3]}" if report.drift_at else "no drift"],
         ).to_dict()
+    memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 4. evaluate the EMA weights against the champion
-        decision = evaluate_against_champion(
-            cfg, champion, report.ema, data.holdout, champion.retention
-        )
+        evaluation = evaluate_against_champion(cfg, champion, report.ema, memory)
         # 5. promote or reject
-        version = register_challenger(
-            cfg, CADENCE, "stream-ema", report.ema, champion, data, decision, staging
-        )
-        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
-        outcome.metrics.update(metrics)
-        return outcome.to_dict()
+        reg = registration_for(CADENCE, "stream-ema", evaluation, champion, data, metrics)
+        version = register_challenger(cfg, reg, staging)
+        return promote_or_reject(cfg, reg, version).to_dict()

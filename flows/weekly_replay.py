@@ -1,4 +1,4 @@
-"""Weekly: experience replay (reservoir) + EWC on the week's batches.
+"""Weekly: experience replay from the data memory + online EWC on the week's batches.
 
 Run: `evergreen run weekly-replay` (or the `weekly-replay` deployment, `0 3 * * 1`).
 """
@@ -11,19 +11,21 @@ from flows.common import all_quarantined, begin, nothing_to_do, require_champion
 from tasks.common import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.memory import commit_memory, load_memory
 from tasks.promote import (
     challenger_workspace,
     load_champion,
     promote_or_reject,
     register_challenger,
+    registration_for,
 )
 from tasks.train import train_replay_ewc
-from tasks.validate import record_drift, validate_batches
+from tasks.validate import validate_batches
 
 CADENCE = "weekly-replay"
 
 
-@flow(name=CADENCE, description="Experience replay from the reservoir buffer plus online EWC.")
+@flow(name=CADENCE, description="Experience replay from the data memory plus online EWC.")
 def weekly_replay(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
     cfg = begin(params)
     # 1. ingest
@@ -31,26 +33,22 @@ def weekly_replay(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Pr
     if not batch_ids:
         return nothing_to_do(CADENCE)
     raw = read_batches(cfg, batch_ids)
-    # 2. validate
-    data = validate_batches(cfg, CADENCE, raw)
+    memory = load_memory(cfg)
+    # 2. validate, and remember what was accepted (kept even if the challenger is rejected)
+    data = validate_batches(cfg, CADENCE, raw, memory)
     if data.empty:
         return all_quarantined(cfg, CADENCE, data.quarantined)
     champion = require_champion(load_champion(cfg), CADENCE)
-    drift = record_drift(cfg, champion.retention, data)
+    memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger
-        challenger = train_replay_ewc(cfg, champion, data)
+        challenger, metrics = train_replay_ewc(cfg, champion, data, memory)
         # 4. evaluate against champion
-        decision = evaluate_against_champion(
-            cfg, champion, challenger, data.holdout, champion.retention
-        )
+        evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject
-        version = register_challenger(
-            cfg, CADENCE, "replay+ewc", challenger, champion, data, decision, staging, drift
-        )
-        outcome = promote_or_reject(cfg, CADENCE, version, champion, decision, data)
-        outcome.metrics.update(drift)
-        return outcome.to_dict()
+        reg = registration_for(CADENCE, "replay+ewc", evaluation, champion, data, metrics)
+        version = register_challenger(cfg, reg, staging)
+        return promote_or_reject(cfg, reg, version).to_dict()
 
 
 if __name__ == "__main__":

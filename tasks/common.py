@@ -5,7 +5,6 @@ Nothing here talks to Prefect; the `@task` functions in the sibling modules call
 
 from __future__ import annotations
 
-import math
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from continual.models import ModelSpec
+from data_plane.profile import label_key
 from evergreen.config import EvergreenConfig, load_config
 
 
@@ -44,19 +44,6 @@ class FlowParams(BaseModel):
 def flow_config(params: FlowParams) -> EvergreenConfig:
     """Load the config a flow run was pointed at, with its overrides applied."""
     return load_config(params.config_path, params.overrides)
-
-
-def label_key(value: Any) -> str:
-    """Canonical string for a label, so 3, 3.0, "3" and np.int64(3) all match class 3."""
-    if (
-        isinstance(value, (float, np.floating))
-        and math.isfinite(value)
-        and float(value).is_integer()
-    ):
-        return str(int(value))
-    if isinstance(value, (np.integer,)):
-        return str(int(value))
-    return str(value)
 
 
 def encode_labels(labels: pd.Series, classes: list[Any]) -> torch.Tensor:

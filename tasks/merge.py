@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -11,7 +10,7 @@ from continual.merging import ema_over_lineage, fisher_merge, linear_interpolate
 from continual.models import build_model
 from evergreen.config import EvergreenConfig
 from model_registry.registry import Registry
-from tasks.common import frame_to_tensors
+from tasks.memory import DataMemory
 from tasks.state import ModelState, parameters_of, read_state
 
 
@@ -41,14 +40,24 @@ def lineage_versions(cfg: EvergreenConfig, count: int) -> list[str]:
     return list(reversed(seen))
 
 
-def _fisher_of(cfg, state: ModelState, reference: pd.DataFrame) -> dict:
-    if state.ewc is not None:
-        return state.ewc.fisher
-    X, y = frame_to_tensors(reference, state.spec, cfg.data.label)
+def _own_fisher(state: ModelState, memory: DataMemory) -> dict:
+    """The parent's own Fisher (from its own training data), as the method guide requires:
+    the online accumulator γF_old + F_new counts the shared ancestry twice and drags the merge
+    to the newest parent. Versions from before own Fishers were stored fall back to the Fisher
+    on the replay buffer's training rows (never on held-out rows)."""
+    own = getattr(state.ewc, "own_fisher", None) if state.ewc is not None else None
+    if own:
+        return own
+    if memory.buffer is None or len(memory.buffer) == 0:
+        raise ValueError(f"v{state.version} has no own Fisher and the data memory holds no rows")
+    get_run_logger().warning("v%s has no own Fisher: estimating it on replay rows", state.version)
+    X, y, _ = memory.buffer.tensors()
     return diagonal_fisher(state.model, X, y)
 
 
 def _with_weights(base: ModelState, merged: dict, champion: ModelState) -> ModelState:
+    """A merged challenger: new weights; EWC anchored at them; the champion's learned batches
+    and references (a merge learns no new data)."""
     model = build_model(base.spec)
     model.load_state_dict(merged)
     model.eval()
@@ -59,19 +68,29 @@ def _with_weights(base: ModelState, merged: dict, champion: ModelState) -> Model
             parameters_of(model),
             lam=champion.ewc.lam,
             gamma=champion.ewc.gamma,
+            kind=champion.ewc.kind,
         )
     return ModelState(
-        model=model, spec=base.spec, ewc=ewc, buffer=champion.buffer, retention=champion.retention
+        model=model,
+        spec=base.spec,
+        ewc=ewc,
+        learned=champion.learned,
+        references=dict(champion.references),
+        memory_run=champion.memory_run,
     )
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=1800)
 def fisher_merge_models(
-    cfg: EvergreenConfig, states: list[ModelState], champion: ModelState, eps: float = 1e-8
+    cfg: EvergreenConfig,
+    states: list[ModelState],
+    champion: ModelState,
+    memory: DataMemory,
+    eps: float = 1e-8,
 ) -> tuple[ModelState, dict[str, float]]:
-    """θ = Σ F_k θ_k / Σ F_k per parameter; reports how far apart the parents were."""
-    reference = champion.retention
-    fishers = [_fisher_of(cfg, s, reference) for s in states]
+    """θ = Σ F_k θ_k / Σ F_k per parameter with each parent's own Fisher; reports how far apart
+    the parents were."""
+    fishers = [_own_fisher(s, memory) for s in states]
     merged = fisher_merge([s.model.state_dict() for s in states], fishers, eps=eps)
     distances = {
         f"merge.distance.v{s.version}": parameter_distance(s.model.state_dict(), merged)
@@ -84,7 +103,9 @@ def fisher_merge_models(
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=1800)
-def consolidate_lineage(cfg: EvergreenConfig, lineage: list[ModelState], champion: ModelState):
+def consolidate_lineage(
+    cfg: EvergreenConfig, lineage: list[ModelState], champion: ModelState
+) -> tuple[ModelState, dict[str, float]]:
     """EMA over the lineage (oldest first) or interpolation of champion and its parent."""
     c = cfg.consolidate
     dicts = [s.model.state_dict() for s in lineage]
@@ -94,9 +115,3 @@ def consolidate_lineage(cfg: EvergreenConfig, lineage: list[ModelState], champio
         merged = linear_interpolate(dicts[-1], dicts[-2], c.alpha)
     distance = parameter_distance(merged, dicts[-1])
     return _with_weights(lineage[-1], merged, champion), {"consolidate.distance": distance}
-
-
-def retention_slices(retention: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(rows of the latest batch, all rows): the "new data" and "retention" views of a merge gate."""
-    latest = retention["batch_id"].max()
-    return retention[retention["batch_id"] == latest], retention

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
@@ -22,9 +23,11 @@ from evergreen.config import EvergreenConfig
 from model_registry.ledger import Ledger
 from model_registry.registry import ArtifactIntegrityError, Registry, VersionInfo
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
+from tasks.evaluate import Evaluation
 from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.state import ModelState, read_state, staging_dir, write_state
+from tasks.validate import PreparedData
 
 
 @dataclass
@@ -57,47 +60,80 @@ def load_champion(cfg: EvergreenConfig) -> ModelState | None:
     return read_state(target, version=champion.version)
 
 
-def lineage_tags(cfg, cadence, method, parent, data, decision: GateDecision) -> dict[str, str]:
+@dataclass(frozen=True)
+class Registration:
+    """What a flow hands to registration and promotion: the challenger and its evidence."""
+
+    cadence: str
+    method: str
+    challenger: ModelState
+    parent: ModelState | None
+    decision: GateDecision
+    batch_ids: tuple[str, ...] = ()
+    data_hash: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, Path] = field(default_factory=dict)
+    check_rows: pd.DataFrame | None = None  # rows the reloaded checkpoint must reproduce
+    quarantined: tuple[str, ...] = ()
+
+
+def lineage_tags(reg: Registration) -> dict[str, str]:
+    parent = reg.parent
     return {
         "parent_version": parent.version if parent and parent.version else "none",
-        "cadence": cadence,
-        "method": method,
-        "batch_ids": ",".join(data.batch_ids),
-        "data_hash": data.data_hash,
+        "cadence": reg.cadence,
+        "method": reg.method,
+        "batch_ids": ",".join(reg.batch_ids),
+        "data_hash": reg.data_hash or "none",
+        "memory_run": reg.challenger.memory_run or "none",
         "git_commit": git_commit(),
         "flow_run_id": current_flow_run_id(),
-        "gate_decision": "pass" if decision.promote else "fail",
-        "gate_metrics": json.dumps(decision.to_metrics(), sort_keys=True)[:4900],
+        "gate_decision": "pass" if reg.decision.promote else "fail",
+        "gate_metrics": json.dumps(reg.decision.to_metrics(), sort_keys=True)[:4900],
     }
 
 
-@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
-def register_challenger(
-    cfg: EvergreenConfig,
+def registration_for(
     cadence: str,
     method: str,
-    challenger: ModelState,
+    evaluation: Evaluation,
     parent: ModelState | None,
-    data,
-    decision: GateDecision,
-    staging: Path,
-    extra_metrics: dict[str, float] | None = None,
-) -> VersionInfo:
+    data: PreparedData | None = None,
+    metrics: dict[str, float] | None = None,
+) -> Registration:
+    """The registration of an evaluated challenger (data None: a merge, no new batches)."""
+    return Registration(
+        cadence=cadence,
+        method=method,
+        challenger=evaluation.challenger,
+        parent=parent,
+        decision=evaluation.decision,
+        batch_ids=tuple(data.batch_ids) if data else (),
+        data_hash=data.data_hash if data else "",
+        metrics={**(data.drift if data else {}), **(metrics or {})},
+        reports=dict(data.reports) if data else {},
+        check_rows=evaluation.rows,
+        quarantined=tuple(data.quarantined) if data else (),
+    )
+
+
+@task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
+def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) -> VersionInfo:
     """Log the challenger as a new model version (alias `challenger`) with lineage and gate metrics."""
     registry = Registry.from_config(cfg)
     checkpoint = staging / "checkpoint"
     if not checkpoint.exists():
-        write_state(challenger, checkpoint)
-    verify_round_trip(cfg, challenger, checkpoint, data.holdout)
+        write_state(reg.challenger, checkpoint)
+    verify_round_trip(cfg, reg.challenger, checkpoint, reg.check_rows)
     gate_file = staging / "gate.json"
-    gate_file.write_text(json.dumps(decision.to_dict(), indent=2, default=str))
+    gate_file.write_text(json.dumps(reg.decision.to_dict(), indent=2, default=str))
     info = registry.log_version(
         checkpoint,
-        lineage=lineage_tags(cfg, cadence, method, parent, data, decision),
-        metrics={**decision.to_metrics(), **(extra_metrics or {})},
-        params={"cadence": cadence, "method": method},
-        run_name=f"{cadence}-{data.batch_ids[-1] if data.batch_ids else 'merge'}",
-        reports={"gate.json": gate_file, **data.reports},
+        lineage=lineage_tags(reg),
+        metrics={**reg.decision.to_metrics(), **reg.metrics},
+        params={"cadence": reg.cadence, "method": reg.method},
+        run_name=f"{reg.cadence}-{reg.batch_ids[-1] if reg.batch_ids else 'merge'}",
+        reports={"gate.json": gate_file, **reg.reports},
     )
     registry.set_challenger(info.version)
     return info
@@ -124,27 +160,20 @@ def verify_round_trip(cfg, challenger: ModelState, checkpoint: Path, rows) -> No
 
 
 @task(cache_policy=NO_CACHE)
-def promote_or_reject(
-    cfg: EvergreenConfig,
-    cadence: str,
-    version: VersionInfo,
-    parent: ModelState | None,
-    decision: GateDecision,
-    data,
-) -> FlowOutcome:
+def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionInfo) -> FlowOutcome:
     """Compare-and-set promotion if the gate passed; otherwise the champion stays."""
     registry = Registry.from_config(cfg)
-    reasons = list(decision.reasons)
-    expected = parent.version if parent else None
+    reasons = list(reg.decision.reasons)
+    expected = reg.parent.version if reg.parent else None
     promoted = False
-    if decision.promote:
+    if reg.decision.promote:
         try:
             with promotion_slot():
                 result = registry.promote(
                     version.version,
                     expected_champion=expected,
-                    reason=f"{cadence}: " + "; ".join(reasons)[:400],
-                    actor=f"flow:{cadence}",
+                    reason=f"{reg.cadence}: " + "; ".join(reasons)[:400],
+                    actor=f"flow:{reg.cadence}",
                     flow_run_id=current_flow_run_id(),
                 )
         except ArtifactIntegrityError as error:  # tampered/corrupt artifacts: never served
@@ -157,17 +186,43 @@ def promote_or_reject(
     registry.set_version_tags(version.version, {"evergreen.decision": outcome})
     champion = registry.champion()
     result = FlowOutcome(
-        cadence=cadence,
+        cadence=reg.cadence,
         decision=outcome,
-        batch_ids=list(data.batch_ids),
+        batch_ids=list(reg.batch_ids),
         version=version.version,
         champion=champion.version if champion else None,
         reasons=reasons,
-        metrics=decision.to_metrics(),
-        quarantined=list(data.quarantined),
+        metrics={**reg.decision.to_metrics(), **reg.metrics},
+        quarantined=list(reg.quarantined),
     )
     record_outcome(cfg, result)
     return result
+
+
+def discarded_update(
+    cfg: EvergreenConfig,
+    cadence: str,
+    champion: ModelState,
+    data: PreparedData,
+    check: GateDecision,
+) -> FlowOutcome:
+    """An update its own selection check discarded: nothing registered, the batches recorded
+    as rejected (their rows stay in the data memory for the next update)."""
+    outcome = FlowOutcome(
+        cadence=cadence,
+        decision="rejected",
+        batch_ids=list(data.batch_ids),
+        champion=champion.version,
+        quarantined=list(data.quarantined),
+        reasons=[
+            "the update was discarded on its select rows (adapter restored, no version "
+            "registered):",
+            *check.reasons,
+        ],
+        metrics={f"select.{k.removeprefix('gate.')}": v for k, v in check.to_metrics().items()},
+    )
+    record_outcome(cfg, outcome)
+    return outcome
 
 
 def record_outcome(cfg: EvergreenConfig, outcome: FlowOutcome, *, ledger: bool = True) -> None:

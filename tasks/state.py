@@ -1,31 +1,32 @@
-"""A model version's working state: weights, EWC Fisher, replay buffer, retention set.
+"""A model version's working state: weights, EWC state, what it learned, its references.
 
 The champion is downloaded from the registry into this shape, a challenger is built in it, and
 `write_state` lays it out as the checkpoint directory the registry logs (docs/CONTRACTS.md).
+Data (replay buffer, held-out rows) is not part of a version: it lives in the data memory
+(tasks/memory.py); a version records which batches it learned and the fixed per-batch
+reference accuracies the gate bounds cumulative forgetting with.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pandas as pd
 import torch
 from torch import nn
 
 from continual.checkpoint import load_checkpoint, save_checkpoint
 from continual.ewc import EWC
 from continual.models import ModelSpec
-from continual.replay import ReservoirBuffer
 from evergreen.config import EvergreenConfig
 
 EWC_FILE = "ewc.safetensors"
-REPLAY_DIR = "replay"
-RETENTION_FILE = "retention.parquet"
+LEARNED_FILE = "learned.json"
 
 
 @dataclass
@@ -36,8 +37,9 @@ class ModelState:
     spec: ModelSpec
     version: str | None = None
     ewc: EWC | None = None
-    buffer: ReservoirBuffer | None = None
-    retention: pd.DataFrame | None = None
+    learned: frozenset[str] = frozenset()
+    references: dict[str, float] = field(default_factory=dict)
+    memory_run: str | None = None
 
     def clone_model(self) -> nn.Module:
         """A trainable deep copy (the champion itself is never modified in place)."""
@@ -51,16 +53,20 @@ def read_state(directory: Path, version: str | None = None) -> ModelState:
     """Load a checkpoint directory written by `write_state` (or downloaded from the registry)."""
     model, spec = load_checkpoint(directory)
     ewc_file = directory / EWC_FILE
-    replay_dir = directory / REPLAY_DIR
-    retention_file = directory / RETENTION_FILE
+    learned = _read_learned(directory / LEARNED_FILE)
     return ModelState(
         model=model,
         spec=spec,
         version=version,
         ewc=EWC.load(ewc_file) if ewc_file.exists() else None,
-        buffer=ReservoirBuffer.load(replay_dir) if replay_dir.exists() else None,
-        retention=pd.read_parquet(retention_file) if retention_file.exists() else None,
+        learned=frozenset(learned.get("batches", [])),
+        references={str(k): float(v) for k, v in learned.get("references", {}).items()},
+        memory_run=learned.get("memory_run"),
     )
+
+
+def _read_learned(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def staging_dir(cfg: EvergreenConfig, cadence: str) -> Path:
@@ -77,12 +83,12 @@ def write_state(state: ModelState, directory: Path) -> Path:
         save_checkpoint(directory, state.model, state.spec)
         if state.ewc is not None:
             state.ewc.save(directory / EWC_FILE)
-        if state.buffer is not None:
-            state.buffer.save(directory / REPLAY_DIR)
-        if state.retention is not None:
-            tmp = directory / f".{RETENTION_FILE}.tmp"
-            state.retention.to_parquet(tmp, index=False)
-            tmp.replace(directory / RETENTION_FILE)
+        learned = {
+            "batches": sorted(state.learned),
+            "references": dict(sorted(state.references.items())),
+            "memory_run": state.memory_run,
+        }
+        (directory / LEARNED_FILE).write_text(json.dumps(learned, indent=1))
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise

@@ -1,22 +1,28 @@
-"""Streaming: per-sample champion losses into Page-Hinkley; an EMA of online-updated weights."""
+"""Streaming: per-sample champion losses into a drift monitor; an EMA of online-updated weights.
+
+The monitor (continual.streaming.DriftMonitor: Page-Hinkley, warm-started on the champion's
+retention losses, thresholds spent over doubling epochs) is saved after every run and resumed
+for the same champion, so its false-alarm rate holds over the champion's whole life.
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from continual.streaming import EMATeacher, PageHinkley, calibrate_threshold
+from continual.streaming import AlphaSpending, DriftMonitor, EMATeacher, within_batch_order
 from continual.training import per_example_loss
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.events import emit
+from tasks.memory import DataMemory
 from tasks.state import ModelState
 
 
@@ -33,85 +39,86 @@ def monitor_state_file(cfg: EvergreenConfig) -> Path:
     return cfg.home_path / "stream" / f"{cfg.registry.name}-page-hinkley.json"
 
 
-def load_detector(cfg: EvergreenConfig, champion: ModelState, stream_length: int) -> PageHinkley:
-    """Resume the detector for this champion, or calibrate and warm a new one on its retention
-    losses (held-out rows of every earlier batch: the known-stable period)."""
+def monitor_settings(cfg: EvergreenConfig) -> dict[str, Any]:
+    """The stream config's knobs as DriftMonitor keyword arguments."""
     s = cfg.stream
+    spending = AlphaSpending(false_alarm_rate=s.false_alarm_rate, window=s.window)
+    return {
+        "spending": spending,
+        "delta": s.ph_delta,
+        "min_samples": s.ph_min_samples,
+        "threshold": s.ph_threshold,
+    }
+
+
+def load_monitor(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory) -> DriftMonitor:
+    """Resume this champion's monitor, or start one warmed and calibrated on its retention
+    losses (held-out gate rows of the batches it learned: the known-stable period)."""
+    knobs = monitor_settings(cfg)
+    wanted = {
+        "false_alarm_rate": knobs["spending"].false_alarm_rate,
+        "window": knobs["spending"].window,
+        **{k: knobs[k] for k in ("delta", "min_samples", "threshold")},
+    }
     path = monitor_state_file(cfg)
     if path.exists():
         saved = json.loads(path.read_text())
-        if saved.get("champion") == champion.version:
-            detector = PageHinkley(
-                delta=s.ph_delta, threshold=saved["threshold"], min_samples=s.ph_min_samples
-            )
-            detector.load_state_dict(saved["detector"])
-            return detector
-    X, y = frame_to_tensors(champion.retention, champion.spec, cfg.data.label)
-    stable = np.random.default_rng(0).permutation(per_example_loss(champion.model, X, y))
-    threshold = s.ph_threshold
-    if threshold is None:
-        threshold = calibrate_threshold(
-            stable,
-            delta=s.ph_delta,
-            min_samples=s.ph_min_samples,
-            stream_length=len(stable) + stream_length,
+        if saved.get("champion") == champion.version and "monitor" in saved:  # else old format
+            monitor = DriftMonitor.from_state_dict(saved["monitor"])
+            if {k: monitor.settings()[k] for k in wanted} == wanted:
+                return monitor
+            get_run_logger().info("stream: monitor settings changed, recalibrating")
+    retention = memory.rows("gate", champion.learned)
+    if len(retention) < 2:
+        raise ValueError(
+            f"the data memory holds {len(retention)} held-out gate rows of the champion's batches "
+            f"{sorted(champion.learned)}; the drift monitor needs them as its stable reference"
         )
-    detector = PageHinkley(delta=s.ph_delta, threshold=threshold, min_samples=s.ph_min_samples)
-    # Warm start on the known-stable losses: the running mean becomes the champion's reference
-    # loss, so a shift in the incoming stream accumulates against it rather than against itself.
-    for loss in stable:
-        detector.update(float(loss))
-    return detector
+    X, y = frame_to_tensors(retention, champion.spec, cfg.data.label)
+    return DriftMonitor(per_example_loss(champion.model, X, y), **knobs)
 
 
-def save_detector(cfg: EvergreenConfig, champion: ModelState, detector: PageHinkley) -> None:
+def save_monitor(cfg: EvergreenConfig, champion: ModelState, monitor: DriftMonitor) -> None:
     path = monitor_state_file(cfg)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "champion": champion.version,
-                "threshold": detector.threshold,
-                "detector": detector.state_dict(),
-            }
-        )
-    )
+    tmp.write_text(json.dumps({"champion": champion.version, "monitor": monitor.state_dict()}))
     tmp.replace(path)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
 def monitor_stream(
-    cfg: EvergreenConfig, champion: ModelState, frames: list[pd.DataFrame], batch_ids: list[str]
+    cfg: EvergreenConfig,
+    champion: ModelState,
+    frames: list[pd.DataFrame],
+    batch_ids: list[str],
+    memory: DataMemory,
 ) -> StreamReport:
-    """Feed micro-batches through the champion: losses → Page-Hinkley; online SGD → EMA teacher."""
+    """Feed micro-batches through the champion: losses → drift monitor; online SGD → EMA teacher."""
     s = cfg.stream
-    detector = load_detector(cfg, champion, max(sum(len(f) for f in frames), 100))
+    monitor = load_monitor(cfg, champion, memory)
     student = champion.clone_model()
     teacher = EMATeacher(student, decay=s.ema_decay)
     optimizer = torch.optim.SGD(student.parameters(), lr=s.lr)
-    report = StreamReport(threshold=detector.threshold)
+    report = StreamReport()
     losses: list[float] = []
     for batch_id, frame in zip(batch_ids, frames, strict=True):
-        X, y = frame_to_tensors(frame, champion.spec, cfg.data.label)
+        # files are often sorted by class or time, which looks like drift: shuffle, seeded
+        shuffled = frame.iloc[within_batch_order(len(frame), batch_id)]
+        X, y = frame_to_tensors(shuffled, champion.spec, cfg.data.label)
         for start in range(0, len(X), s.micro_batch):
             xb, yb = X[start : start + s.micro_batch], y[start : start + s.micro_batch]
             for loss in per_example_loss(champion.model, xb, yb):
                 losses.append(float(loss))
-                if detector.update(float(loss)):
-                    report.drift_at.append({"batch_id": batch_id, "sample": len(losses)})
+                if monitor.update(loss):
+                    alarm = {"batch_id": batch_id, "sample": len(losses)}
+                    report.drift_at.append({**alarm, "threshold": monitor.threshold})
             _online_step(student, optimizer, xb, yb)
             teacher.update(student)
     report.samples, report.mean_loss = len(losses), float(sum(losses) / max(len(losses), 1))
-    save_detector(cfg, champion, detector)
-    teacher.module.eval()
-    report.ema = ModelState(
-        model=teacher.module,
-        spec=champion.spec,
-        ewc=champion.ewc,
-        buffer=champion.buffer,
-        retention=champion.retention,
-    )
+    report.threshold = monitor.threshold
+    save_monitor(cfg, champion, monitor)
+    report.ema = replace(champion, model=teacher.module.eval(), version=None)
     _announce(cfg, report, batch_ids)
     return report
 
@@ -138,7 +145,7 @@ def _announce(cfg: EvergreenConfig, report: StreamReport, batch_ids: list[str]) 
             "batch_id": first["batch_id"],
             "sample": first["sample"],
             "alarms": len(report.drift_at),
-            "threshold": report.threshold,
+            "threshold": first["threshold"],
             "batches": ",".join(batch_ids),
         },
     )

@@ -1,30 +1,43 @@
-"""Train challenger: one thin task per method; the algorithms live in `continual`."""
+"""Train challenger: one thin task per method; the algorithms live in `continual`.
+
+Every challenger learns the run's accepted training rows, replays the data memory (rows of every
+accepted batch, rejected updates' included), and records what it learned (`learned`, the memory
+snapshot). Selection — λ calibration and the LoRA keep/discard check — uses the *select* rows
+only; the promotion gate's rows are never looked at here.
+"""
 
 from __future__ import annotations
 
 import copy
+import math
+from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from continual.ewc import EWC
-from continual.lora import LoraSettings, attach_lora, gated_update
+from continual.gating import GateDecision, decide
+from continual.lora import LoraSettings, attach_lora, gated_update, merge_adapter
 from continual.models import ModelSpec, build_model, fit_standardizer
-from continual.replay import ReservoirBuffer
-from continual.training import TrainResult, TrainSettings, accuracy, train
-from data_plane.splits import update_retention
+from continual.training import TrainResult, TrainSettings, correct_mask, train
 from evergreen.config import EvergreenConfig, TrainConfig
 from tasks.common import frame_to_tensors
+from tasks.evaluate import gate_policy, split_by_learned
 from tasks.limits import training_slot
+from tasks.memory import DataMemory
 from tasks.progress import step_progress
 from tasks.state import ModelState, parameters_of
+from tasks.validate import PreparedData
 
 
-def settings_from(config: TrainConfig) -> TrainSettings:
+def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
+    """Optimiser settings; `steps` is at least `config.epochs` passes over `n_rows`."""
+    epochs = math.ceil(config.epochs * n_rows / config.batch_size) if config.epochs else 0
     return TrainSettings(
-        steps=config.steps,
+        steps=max(config.steps, epochs),
         batch_size=config.batch_size,
         lr=config.lr,
         weight_decay=config.weight_decay,
@@ -32,10 +45,10 @@ def settings_from(config: TrainConfig) -> TrainSettings:
     )
 
 
-def _fit(model, X, y, config: TrainConfig, label: str, **methods) -> TrainResult:
+def _fit(model, X, y, settings: TrainSettings, label: str, **methods) -> TrainResult:
     """Run the training loop holding the device slot, with a progress bar."""
-    with training_slot(), step_progress(label, config.steps) as on_step:
-        result = train(model, X, y, settings_from(config), on_step=on_step, **methods)
+    with training_slot(), step_progress(label, settings.steps) as on_step:
+        result = train(model, X, y, settings, on_step=on_step, **methods)
     get_run_logger().info(
         "%s: %d steps in %.1fs, loss %.3f → %.3f on %s",
         label,
@@ -46,34 +59,6 @@ def _fit(model, X, y, config: TrainConfig, label: str, **methods) -> TrainResult
         result.device,
     )
     return result
-
-
-def carry_forward(cfg: EvergreenConfig, state: ModelState, train_df: pd.DataFrame, holdout):
-    """Add the new rows to the replay buffer and the new holdout to the retention set."""
-    X, y = frame_to_tensors(train_df, state.spec, cfg.data.label)
-    # the buffer may be the champion's own object: the challenger gets its own copy
-    state.buffer = copy.deepcopy(state.buffer)
-    if state.buffer is None:
-        state.buffer = ReservoirBuffer(
-            cfg.weekly.replay_capacity,
-            state.spec.n_features,
-            policy=cfg.weekly.replay_policy,
-            seed=cfg.bootstrap_train.seed,
-        )
-    for batch_id in sorted(train_df["batch_id"].unique()):
-        rows = torch.from_numpy((train_df["batch_id"] == batch_id).to_numpy(copy=True))
-        state.buffer.add(X[rows], y[rows], batch_id=str(batch_id))
-    retention = state.retention
-    for batch_id, part in holdout.groupby("batch_id", sort=True):
-        retention = update_retention(
-            retention,
-            part.drop(columns=["batch_id"]),
-            batch_id=str(batch_id),
-            label=cfg.data.label,
-            per_batch=cfg.data.retention_per_batch,
-            max_rows=cfg.data.retention_max_rows,
-        )
-    state.retention = retention
 
 
 def new_spec(cfg: EvergreenConfig, train_df: pd.DataFrame) -> ModelSpec:
@@ -102,95 +87,212 @@ def new_spec(cfg: EvergreenConfig, train_df: pd.DataFrame) -> ModelSpec:
     )
 
 
+def _learned(memory: DataMemory) -> dict:
+    return {
+        "learned": frozenset(memory.batches),
+        "memory_run": memory.ref.run_id if memory.ref else None,
+    }
+
+
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
-def train_first_model(cfg: EvergreenConfig, train_df: pd.DataFrame, holdout) -> ModelState:
-    """Plain training of the first champion; its Fisher seeds online EWC."""
+def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemory) -> ModelState:
+    """Plain training of the first champion; its own Fisher seeds online EWC."""
+    train_df = data.train
     spec = new_spec(cfg, train_df)
     torch.manual_seed(cfg.bootstrap_train.seed)
     model = build_model(spec)
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
-    _fit(model, X, y, cfg.bootstrap_train, "bootstrap")
-    ewc = EWC.from_model(model, X, y, lam=cfg.monthly.ewc_lambda, gamma=cfg.monthly.fisher_decay)
-    state = ModelState(model=model, spec=spec, ewc=ewc)
-    carry_forward(cfg, state, train_df, holdout)
-    return state
+    _fit(model, X, y, settings_from(cfg.bootstrap_train, len(X)), "bootstrap")
+    # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
+    ewc = EWC.from_model(model, X, y, lam=0.0, gamma=1.0)
+    return ModelState(model=model, spec=spec, ewc=ewc, **_learned(memory))
 
 
-def _anchored_ewc(cfg: EvergreenConfig, champion: ModelState, lam: float, gamma: float) -> EWC:
-    """Online EWC anchored at the current champion; Fisher from its lineage or its retention set."""
+def _anchored_ewc(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory, lam, gamma):
+    """Online EWC anchored at the current champion; its Fisher from the champion's state or, for
+    a champion without one, from training rows in the replay buffer (never held-out rows)."""
     if champion.ewc is not None:
-        return EWC(champion.ewc.fisher, parameters_of(champion.model), lam=lam, gamma=gamma)
-    if champion.retention is None or champion.retention.empty:
-        raise ValueError(f"champion v{champion.version} has neither a Fisher nor a retention set")
-    X, y = frame_to_tensors(champion.retention, champion.spec, cfg.data.label)
+        return EWC(
+            champion.ewc.fisher,
+            parameters_of(champion.model),
+            lam=lam,
+            gamma=gamma,
+            own_fisher=champion.ewc.own_fisher,
+            kind=champion.ewc.kind,
+        )
+    if memory.buffer is None or len(memory.buffer) == 0:
+        raise ValueError(f"champion v{champion.version} has no Fisher and the memory no rows")
+    X, y, _ = memory.buffer.tensors()
     return EWC.from_model(champion.model, X, y, lam=lam, gamma=gamma)
 
 
-def _ewc_challenger(cfg, champion: ModelState, data, lam, gamma, train_cfg, label, replay=0.0):
-    model = champion.clone_model()
+@dataclass(frozen=True)
+class Selection:
+    """Select rows of the batches the champion learned (old) and has not learned (new)."""
+
+    new: tuple[torch.Tensor, torch.Tensor] | None
+    old: tuple[torch.Tensor, torch.Tensor] | None
+
+    def score(self, model: torch.nn.Module) -> float:
+        """Mean of the new and old accuracies: plasticity and stability count alike."""
+        parts = [
+            float(correct_mask(model, X, y).mean())
+            for X, y in (self.new, self.old)
+            if X is not None
+        ]
+        return float(np.mean(parts)) if parts else float("nan")
+
+
+def selection_rows(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory) -> Selection:
+    new, old = split_by_learned(memory, champion.learned, "select")
+
+    def tensors(frame: pd.DataFrame):
+        return None if frame.empty else frame_to_tensors(frame, champion.spec, cfg.data.label)
+
+    return Selection(tensors(new), tensors(old))
+
+
+def _ewc_challenger(
+    cfg: EvergreenConfig,
+    champion: ModelState,
+    data: PreparedData,
+    memory: DataMemory,
+    section,
+    label: str,
+    replay_ratio: float,
+) -> tuple[ModelState, dict[str, float]]:
+    """Fine-tune with online EWC (+ replay); λ chosen on the select rows when set to "auto"."""
     X, y = frame_to_tensors(data.train, champion.spec, cfg.data.label)
-    ewc = _anchored_ewc(cfg, champion, lam, gamma)
-    buffer = champion.buffer if replay > 0 else None
-    _fit(model, X, y, train_cfg, label, ewc=ewc, replay=buffer, replay_ratio=replay)
-    ewc.consolidate(model, X, y)  # F ← γ·F_old + F_new at the new weights; θ* ← new weights
+    settings = settings_from(section.train, len(X))
+    buffer = memory.buffer if replay_ratio > 0 else None
+    grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
+    selection = selection_rows(cfg, champion, memory)
+    best: tuple[float, float, torch.nn.Module, EWC] | None = None
+    scores: dict[str, float] = {}
+    for lam in grid:
+        model = champion.clone_model()
+        ewc = _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
+        _fit(
+            model,
+            X,
+            y,
+            settings,
+            f"{label} λ={lam:g}",
+            ewc=ewc,
+            replay=buffer,
+            replay_ratio=replay_ratio,
+        )
+        score = selection.score(model) if len(grid) > 1 else float("nan")
+        scores[f"calibration.lambda_{lam:g}"] = score
+        if best is None or score > best[1]:
+            best = (lam, score, model, ewc)
+    assert best is not None
+    lam, score, model, ewc = best
+    if len(grid) > 1:
+        get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
+    ewc.consolidate(model, X, y)  # own Fisher on this version's data; F ← γ·F_old + F_own
     state = ModelState(
         model=model,
         spec=champion.spec,
         ewc=ewc,
-        buffer=champion.buffer,
-        retention=champion.retention,
+        references=dict(champion.references),
+        **_learned(memory),
     )
-    carry_forward(cfg, state, data.train, data.holdout)
-    return state
+    return state, {"ewc.lambda": lam, **scores}
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
-def train_finetune_ewc(cfg: EvergreenConfig, champion: ModelState, data) -> ModelState:
+def train_finetune_ewc(
+    cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
+) -> tuple[ModelState, dict[str, float]]:
     """Monthly: full fine-tune of every weight with the online-EWC penalty."""
-    m = cfg.monthly
-    return _ewc_challenger(cfg, champion, data, m.ewc_lambda, m.fisher_decay, m.train, "finetune")
+    return _ewc_challenger(cfg, champion, data, memory, cfg.monthly, "finetune", 0.0)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
-def train_replay_ewc(cfg: EvergreenConfig, champion: ModelState, data) -> ModelState:
-    """Weekly: experience replay from the reservoir mixed into each step, plus EWC."""
+def train_replay_ewc(
+    cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
+) -> tuple[ModelState, dict[str, float]]:
+    """Weekly: experience replay from the data memory mixed into each step, plus EWC."""
     w = cfg.weekly
-    return _ewc_challenger(
-        cfg, champion, data, w.ewc_lambda, w.fisher_decay, w.train, "replay", replay=w.replay_ratio
-    )
+    return _ewc_challenger(cfg, champion, data, memory, w, "replay", w.replay_ratio)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
-def train_lora_gated(cfg: EvergreenConfig, champion: ModelState, data) -> tuple:
-    """Daily: a LoRA adapter trained on the batch, kept only if validation does not regress.
+def train_lora_gated(
+    cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
+) -> tuple[ModelState | None, GateDecision]:
+    """Daily: a LoRA adapter on the batch, kept only if the gate's rule passes on select rows.
 
-    Validation is the batch's holdout plus the champion's retention set, so the adapter has to
-    help on the new data without hurting the old. Returns (state or None, gate result).
+    The adapter starts at zero (it predicts exactly like the champion), so "before vs after" is
+    "champion vs adapted" and the keep/discard check is `decide()` itself — non-inferiority on the
+    select rows of every batch — never a raw difference, never on the gate's rows. Returns
+    (state or None, the check's decision).
     """
     d = cfg.daily
-    settings = LoraSettings(
+    lora = LoraSettings(
         r=d.lora_r, alpha=d.lora_alpha, dropout=d.lora_dropout, target_modules=d.target_modules
     )
-    peft_model = attach_lora(champion.clone_model(), settings)
+    peft_model = attach_lora(champion.clone_model(), lora)
     X, y = frame_to_tensors(data.train, champion.spec, cfg.data.label)
-    validation = pd.concat([data.holdout, champion.retention], ignore_index=True)
-    Xv, yv = frame_to_tensors(validation, champion.spec, cfg.data.label)
-    buffer = champion.buffer if d.replay_ratio > 0 else None
+    selection = selection_rows(cfg, champion, memory)
+    buffer = memory.buffer if d.replay_ratio > 0 else None
+    verdict: dict[str, GateDecision] = {}
+
+    def keep(candidate: torch.nn.Module) -> bool:
+        verdict["decision"] = _selection_decision(cfg, champion, selection, candidate)
+        return verdict["decision"].promote
+
+    fit = settings_from(d.train, len(X))
     result = gated_update(
         peft_model,
-        lambda m: _fit(m, X, y, d.train, "lora", replay=buffer, replay_ratio=d.replay_ratio),
-        lambda m: accuracy(m, Xv, yv),
-        max_regression=d.max_regression,
+        lambda m: _fit(m, X, y, fit, "lora", replay=buffer, replay_ratio=d.replay_ratio),
+        keep,
     )
     if not result.accepted:
-        return None, result
+        return None, verdict["decision"]
     # The version keeps the adapter separate (base weights + adapter/); loading merges it.
     state = ModelState(
         model=peft_model,
         spec=champion.spec,
-        ewc=champion.ewc,
-        buffer=champion.buffer,
-        retention=champion.retention,
+        ewc=_adapted_ewc(champion, peft_model, X, y),
+        references=dict(champion.references),
+        **_learned(memory),
     )
-    carry_forward(cfg, state, data.train, data.holdout)
-    return state, result
+    return state, verdict["decision"]
+
+
+def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
+    """The online EWC state after a LoRA update: its own Fisher at the folded weights (so a
+    later merge can weight this version by its own data), anchored there."""
+    if champion.ewc is None:
+        return None
+    folded = merge_adapter(copy.deepcopy(peft_model)).requires_grad_(True)
+    ewc = EWC(
+        champion.ewc.fisher,
+        parameters_of(folded),
+        lam=champion.ewc.lam,
+        gamma=champion.ewc.gamma,
+        kind=champion.ewc.kind,
+    )
+    ewc.consolidate(folded, X, y)
+    return ewc
+
+
+def _selection_decision(
+    cfg: EvergreenConfig, champion: ModelState, selection: Selection, candidate
+) -> GateDecision:
+    """The gate's rule on the select rows of every batch, pooled: is the adapted model shown
+    not worse than the champion on held-out data it was not trained on? (Pooling gives the
+    check enough rows to decide on small daily batches; the promotion gate then checks new
+    and retention rows separately, on its own rows.)"""
+    parts = [part for part in (selection.new, selection.old) if part is not None]
+    if not parts:
+        raise ValueError("no select rows to judge the update on: raise data.select_fraction")
+    X = torch.cat([X for X, _ in parts])
+    y = torch.cat([y for _, y in parts])
+    return decide(
+        challenger_new_correct=correct_mask(candidate, X, y),
+        champion_new_correct=correct_mask(champion.model, X, y),
+        policy=gate_policy(cfg),
+    )

@@ -1,4 +1,4 @@
-"""Validate: Great Expectations on every batch; failures are quarantined, the rest split."""
+"""Validate: integrity blocks (quarantine), change informs (report, drift event); split by role."""
 
 from __future__ import annotations
 
@@ -10,53 +10,51 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from data_plane.drift import drift_report
 from data_plane.landing import data_columns
-from data_plane.splits import content_hash, split_holdout
-from data_plane.validation import (
-    ValidationReport,
-    ensure_suite,
-    infer_feature_bounds,
-    save_report,
-    validate_batch,
-)
+from data_plane.profile import DataProfile
+from data_plane.splits import ThreeWaySplit, content_hash, split_three_way
+from data_plane.validation import ValidationReport, ensure_suite, save_report, validate_batch
 from evergreen.config import EvergreenConfig
 from model_registry.ledger import Ledger
 from tasks.common import current_flow_run_id
 from tasks.events import emit
 from tasks.ingest import RawBatch
+from tasks.memory import BATCH_COLUMN, DataMemory, Remembered
 
 
 @dataclass
 class PreparedData:
-    """The valid part of a flow's input: train/holdout rows and what they came from."""
+    """The accepted part of a flow's input, split by role, and what validation said about it."""
 
     batch_ids: list[str]
-    train: pd.DataFrame
-    holdout: pd.DataFrame
-    data_hash: str
+    splits: dict[str, ThreeWaySplit] = field(default_factory=dict)
+    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
+    data_hash: str = ""
     reports: dict[str, Path] = field(default_factory=dict)
     quarantined: list[str] = field(default_factory=list)
+    drift: dict[str, float] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return not self.batch_ids
 
+    def role(self, name: str) -> pd.DataFrame:
+        """Rows of one role ("train", "select", "gate") over every accepted batch."""
+        parts = [getattr(self.splits[b], name) for b in self.batch_ids]
+        return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
-def suite_for(cfg: EvergreenConfig, first_frame: pd.DataFrame | None) -> Path:
-    """The expectation suite file; on first use its feature bounds come from the first batch."""
-    bounds = None
-    if first_frame is not None and cfg.data.features and not cfg.data.feature_bounds:
-        present = [c for c in cfg.data.features if c in first_frame.columns]
-        numeric = first_frame[present].select_dtypes("number").columns.tolist()
-        if len(numeric) == len(cfg.data.features):
-            bounds = infer_feature_bounds(first_frame, numeric)
-    return ensure_suite(cfg.home_path, cfg.data, feature_bounds=bounds)
+    @property
+    def train(self) -> pd.DataFrame:
+        return self.role("train")
+
+    def accepted(self) -> list[Remembered]:
+        """(batch id, split, frame) of each accepted batch: what the memory remembers."""
+        return [(b, self.splits[b], self.frames[b]) for b in self.batch_ids]
 
 
 def quarantine(
     cfg: EvergreenConfig, cadence: str, report: ValidationReport, files: tuple[Path, Path]
-):
+) -> None:
     """Record a failed batch: ledger entry, event, artifact. Its files stay where they are."""
     Ledger.from_config(cfg).record(
         cadence,
@@ -77,20 +75,36 @@ def quarantine(
     get_run_logger().error("batch %s quarantined: %s", report.batch_id, report.headline())
 
 
+def _reference_rows(memory: DataMemory) -> pd.DataFrame | None:
+    """A sample of the accepted data (held-out rows of every role) for KS/PSI drift."""
+    parts = [f for f in memory.held_out.values() if f is not None and not f.empty]
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
 @task(cache_policy=NO_CACHE, timeout_seconds=900)
-def validate_batches(cfg: EvergreenConfig, cadence: str, raw: list[RawBatch]) -> PreparedData:
-    """Validate each batch against the suite; quarantine failures; split the valid ones."""
-    first = next((b.frame for b in raw if b.frame is not None), None)
-    suite_file = suite_for(cfg, first)
+def validate_batches(
+    cfg: EvergreenConfig, cadence: str, raw: list[RawBatch], memory: DataMemory
+) -> PreparedData:
+    """Validate each batch against the suite and the accepted data so far; quarantine what is
+    corrupt, report what changed, split the rest into train / select / gate rows."""
+    suite_file = ensure_suite(cfg.home_path, cfg.data)
     report_dir = cfg.home_path / "reports" / "validation" / cadence
     columns = data_columns(cfg.data)
-    good: list[tuple[str, pd.DataFrame]] = []
-    prepared = PreparedData([], pd.DataFrame(), pd.DataFrame(), "")
+    reference = _reference_rows(memory)
+    profile: DataProfile = memory.profile
+    prepared = PreparedData([])
     for batch in raw:
         if batch.frame is None:
             report = ValidationReport.from_read_error(batch.batch_id, batch.read_error)
         else:
-            report = validate_batch(batch.frame, batch.batch_id, cfg.data, suite_file)
+            report = validate_batch(
+                batch.frame,
+                batch.batch_id,
+                cfg.data,
+                suite_file,
+                profile=profile,
+                reference=reference,
+            )
         files = save_report(report, report_dir)
         prepared.reports[f"validation/{batch.batch_id}.json"] = files[0]
         prepared.reports[f"validation/{batch.batch_id}.md"] = files[1]
@@ -103,54 +117,58 @@ def validate_batches(cfg: EvergreenConfig, cadence: str, raw: list[RawBatch]) ->
             quarantine(cfg, cadence, report, files)
             prepared.quarantined.append(batch.batch_id)
             continue
+        _inform(cfg, cadence, report)
+        drift = report.statistics.get("drift") or {}
+        for key in ("max_psi", "n_drifted"):
+            if key in drift:
+                name = f"drift.{key}"
+                prepared.drift[name] = max(prepared.drift.get(name, 0.0), float(drift[key]))
         frame = batch.frame[columns].copy()
-        frame["batch_id"] = batch.batch_id
-        good.append((batch.batch_id, frame))
-    if not good:
-        return prepared
-    return _split(cfg, good, prepared)
-
-
-def _split(cfg: EvergreenConfig, good: list[tuple[str, pd.DataFrame]], prepared: PreparedData):
-    columns = data_columns(cfg.data)
-    trains, holdouts = [], []
-    for batch_id, frame in good:
-        train, holdout = split_holdout(frame, columns, cfg.data.holdout_fraction, salt=batch_id)
-        trains.append(train)
-        holdouts.append(holdout)
-    prepared.batch_ids = [b for b, _ in good]
-    prepared.train = pd.concat(trains, ignore_index=True)
-    prepared.holdout = pd.concat(holdouts, ignore_index=True)
-    prepared.data_hash = content_hash(pd.concat([f for _, f in good]), columns)[:16]
-    get_run_logger().info(
-        "validated %s: %d train / %d holdout rows (flow run %s)",
-        prepared.batch_ids,
-        len(prepared.train),
-        len(prepared.holdout),
-        current_flow_run_id(),
-    )
+        prepared.batch_ids.append(batch.batch_id)
+        prepared.frames[batch.batch_id] = frame
+        prepared.splits[batch.batch_id] = _split(
+            cfg, frame.assign(**{BATCH_COLUMN: batch.batch_id})
+        )
+        profile = profile.updated(frame, cfg.data.features, cfg.data.label)
+    if prepared.batch_ids:
+        whole = pd.concat(prepared.frames.values(), ignore_index=True)
+        prepared.data_hash = content_hash(whole, columns)[:16]
+        get_run_logger().info(
+            "accepted %s: %d train / %d select / %d gate rows (flow run %s)",
+            prepared.batch_ids,
+            len(prepared.train),
+            len(prepared.role("select")),
+            len(prepared.role("gate")),
+            current_flow_run_id(),
+        )
     return prepared
 
 
-@task(cache_policy=NO_CACHE, timeout_seconds=600)
-def record_drift(cfg: EvergreenConfig, reference: pd.DataFrame | None, data: PreparedData) -> dict:
-    """Per-feature shift (KS + PSI) of the new rows vs the champion's retention set.
-
-    Recorded with the run (report file + metrics); informative, not a gate.
-    """
-    if reference is None or reference.empty or not cfg.data.features:
-        return {}
-    current = pd.concat([data.train, data.holdout], ignore_index=True)
-    report = drift_report(reference, current, list(cfg.data.features))
-    folder = cfg.home_path / "reports" / "drift"
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{data.batch_ids[-1]}.md"
-    path.write_text(report.summary())
-    data.reports[f"drift/{data.batch_ids[-1]}.md"] = path
-    get_run_logger().info(
-        "drift: %d of %d features shifted (max PSI %.3f)",
-        report.n_drifted,
-        len(report.features),
-        report.max_psi,
+def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
+    return split_three_way(
+        frame,
+        data_columns(cfg.data),
+        select_fraction=cfg.data.select_fraction,
+        gate_fraction=cfg.data.gate_fraction,
+        salt=cfg.data.split_salt,
     )
-    return {"drift.max_psi": report.max_psi, "drift.n_drifted": float(report.n_drifted)}
+
+
+def _inform(cfg: EvergreenConfig, cadence: str, report: ValidationReport) -> None:
+    """Log what changed; a batch-wide drift also tells Prefect, which may start an update."""
+    logger = get_run_logger()
+    for warning in report.warnings:
+        logger.warning("batch %s changed: %s", report.batch_id, warning.message)
+    drift = report.statistics.get("drift") or {}
+    n_features = drift.get("n_features") or 0
+    if n_features and drift["n_drifted"] / n_features >= cfg.data.change.drift_event_share:
+        emit(
+            "evergreen.drift.detected",
+            cfg,
+            {
+                "batch_id": report.batch_id,
+                "source": f"validation:{cadence}",
+                "n_drifted": drift["n_drifted"],
+                "max_psi": drift["max_psi"],
+            },
+        )
