@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_fisher, bench_quality
+from benchmarks import bench_fisher, bench_gate, bench_product_quality, bench_quality
 
 
 def main() -> None:
@@ -15,6 +15,9 @@ def main() -> None:
     print(bench_fisher.markdown(bench_fisher.run(quick=quick)))
     print("\n## Continual-learning quality\n")
     print(bench_quality.markdown(bench_quality.run(quick=quick)))
+    print("\n## Promotion gate\n\n" + bench_gate.markdown(bench_gate.run(quick=quick)))
+    print("\n## Quality through the product (validation split)\n")
+    print(bench_product_quality.markdown(bench_product_quality.run(quick=quick)))
 
 
 if __name__ == "__main__":

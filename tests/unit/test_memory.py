@@ -89,6 +89,6 @@ def test_store_commits_compare_and_set_and_verifies_downloads(tmp_path):
     # tamper with the stored copy: the download refuses it
     [stored] = [p for p in tmp_path.rglob("memory/profile.json") if ref2.run_id in str(p)]
     stored.write_text(stored.read_text().replace("batches", "batchez"))
-    with pytest.raises(MemoryIntegrityError, match="profile.json"):
+    with pytest.raises(MemoryIntegrityError, match=r"profile\.json"):
         store.download(ref2, tmp_path / "dl2")
     assert not (tmp_path / "dl2").exists() or not any((tmp_path / "dl2").iterdir())
