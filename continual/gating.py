@@ -290,11 +290,17 @@ def _help(text: str) -> dict[str, str]:
 class GatePolicy:
     """Tolerances (accuracy as a fraction, 0.01 = 1 point) and test settings of the gate.
 
-    The defaults meet both targets of the operating-characteristic benchmark
-    (`benchmarks/bench_gate.py`) when n_new ≥ 200, n_retention ≥ 500 and the models' churn
-    (discordance at no net change) is ≤ 0.06: P(promote | retention loss ≥ 4.5 pts) ≤ 3.1%
-    over the whole grid, P(promote | +5 pts new, retention unchanged) ≥ 88%. At churn 0.10 and
-    n_retention = 500 the power target is missed (70%); the MDE and `underpowered` say so.
+    Two bounds with different jobs. `retention_tolerance` (5 pts) is the evidence margin of
+    each promotion: the one-sided 95% lower bound of the paired difference must clear it, which
+    a challenger can do with the ~100-200 held-out rows small pipelines have. What may really
+    be lost is `forgetting_budget` (2.5 pts), the point estimate against fixed per-batch
+    references. Measured in `benchmarks/bench_gate.py` (1,000 trials per cell; churn = the
+    discordance at no net change): P(promote | retention loss ≥ 6 pts) ≤ 2.3% over the whole
+    grid; P(promote | +5 pts new, retention unchanged, n_new ≥ 200, n_retention ≥ 500) ≥ 95%
+    at churn 0.06 and ≥ 85% at 0.10; an observed 3-pt loss against its batch's reference is
+    never promoted. Because the budget is a point estimate, a true 4-pt loss still passes in up
+    to 15% of trials at n_retention 200-500: lower `forgetting_budget` (or the tolerance) for a
+    stricter pipeline, at the price of rejected updates when held-out sets are small.
     """
 
     new_data_tolerance: float = field(
