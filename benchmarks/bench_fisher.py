@@ -34,7 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from continual.ewc import EWC, brute_force_fisher, diagonal_fisher, fisher_paths
+from continual.ewc import EWC
+from continual.fisher import diagonal_fisher, fisher_paths
+from continual.fisher_reference import brute_force_fisher
 from continual.training import TrainSettings, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fisher.json"

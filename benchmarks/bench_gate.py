@@ -47,7 +47,8 @@ from continual.gate_power import (
     promotion_rates,
     successor,
 )
-from continual.gating import GatePolicy, decide, newcombe_paired_ci
+from continual.gating import GatePolicy, decide
+from continual.paired_tests import newcombe_paired_ci
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate.json"
 RESULTS_MD = RESULTS.with_suffix(".md")

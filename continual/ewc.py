@@ -31,8 +31,7 @@ Application (`mode`):
 `continual.training.train` applies whichever `mode` says.
 
 The Fisher comes from `continual.fisher` (per-example gradients; the kind, default "auto", is
-explained there); `diagonal_fisher`, `brute_force_fisher` and `fisher_paths` are re-exported
-here so callers can keep importing them from `continual.ewc`.
+explained there).
 """
 
 from __future__ import annotations
@@ -42,33 +41,15 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from continual.fisher import (
-    FISHER_KINDS,
-    FisherKind,
-    LossFn,
-    brute_force_fisher,
-    diagonal_fisher,
-    fisher_paths,
-)
-
-__all__ = [
-    "EWC",
-    "EWC_MODES",
-    "FORMAT",
-    "EWCMode",
-    "EWCStateError",
-    "LossFn",
-    "brute_force_fisher",
-    "diagonal_fisher",
-    "fisher_paths",
-]
+from continual.fisher import diagonal_fisher
+from continual.fisher_kinds import FISHER_KINDS, FisherKind, LossFn
 
 FORMAT = "evergreen.ewc/2"  # /2 adds own.<name> tensors and mode/kind/normalize metadata
 _READABLE_FORMATS = ("evergreen.ewc/1", FORMAT)
@@ -412,8 +393,8 @@ class EWC:
             raise FileNotFoundError(f"EWC state {path} not found")
         try:
             with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+                meta: dict[str, str] = handle.metadata() or {}
+                tensors: dict[str, Tensor] = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
         except Exception as exc:
             raise EWCStateError(f"{path} is not a readable safetensors file: {exc}") from exc
         if meta.get("format") not in _READABLE_FORMATS:
@@ -437,8 +418,9 @@ class EWC:
                 float(meta["lambda"]) if lam is None else lam,
                 float(meta.get("gamma", 1.0)) if gamma is None else gamma,
                 own_fisher=own,
-                mode=mode or meta.get("mode", "proximal"),  # type: ignore[arg-type]
-                kind=meta.get("fisher_kind", "auto"),  # type: ignore[arg-type]
+                # stored strings; the EWC setters reject anything but a known mode and kind
+                mode=mode or cast(EWCMode, meta.get("mode", "proximal")),
+                kind=cast(FisherKind, meta.get("fisher_kind", "auto")),
                 normalize=json.loads(meta.get("normalize", "true")),
             )
         except (ValueError, KeyError) as exc:

@@ -197,22 +197,22 @@ def gate_rule(policy: GatePolicy, *, references: bool = False) -> Rule:
     groups: dict[int, np.ndarray] = {}
 
     def rule(trial: Trial) -> bool:
-        extra: dict = {}
+        retention_groups: np.ndarray | None = None
+        batch_references: dict[str, float] | None = None
         if references:
             n = trial.champion_retention.size
             if n not in groups:
                 groups[n] = np.full(n, "b0")
-            extra = {
-                "retention_groups": groups[n],
-                "references": {"b0": float(np.mean(trial.champion_retention))},
-            }
+            retention_groups = groups[n]
+            batch_references = {"b0": float(np.mean(trial.champion_retention))}
         return decide(
             challenger_new_correct=trial.challenger_new,
             champion_new_correct=trial.champion_new,
             challenger_retention_correct=trial.challenger_retention,
             champion_retention_correct=trial.champion_retention,
+            retention_groups=retention_groups,
+            references=batch_references,
             policy=policy,
-            **extra,
         ).promote
 
     return rule

@@ -4,7 +4,7 @@ Everything takes and returns plain `{name: tensor}` state dicts. Inputs are neve
 output tensor is freshly allocated. Merging is lossy: measure `parameter_distance` between
 parents and gate the merged model like any other challenger.
 
-LoRA adapters merge on their products ΔW = (α/r)·B·A (`continual.lora.lora_delta_weights`),
+LoRA adapters merge on their products ΔW = (α/r)·B·A (`continual.lora_merge.lora_delta_weights`),
 never on the raw lora_A/lora_B tensors: the mean of products is not the product of means, and
 the factors are only defined up to an invertible r×r matrix (B·A = (B·M)(M⁻¹·A)), so averaging
 them averages arbitrary coordinates. `merge_lora_deltas` merges ΔW, `fold_delta` adds it to a
@@ -214,7 +214,7 @@ def merge_lora_deltas(
 
     Linear: Σ_k λ_k ΔW_k / Σ_k λ_k. Fisher: Σ_k λ_k(F_k+ε̄)ΔW_k / Σ_k λ_k(F_k+ε̄), ε̄ as in
     `fisher_merge`. F_k must be the diagonal Fisher of the *base weight W* at adapted model k
-    on k's own data (`continual.lora.delta_fisher`): the models being merged are W₀ + ΔW_k, and
+    on k's own data (`continual.lora_merge.delta_fisher`): the models being merged are W₀ + ΔW_k, and
     because W₀ is shared, Fisher-merging them equals W₀ + (this merge of ΔW_k). The Fisher of W
     equals that of ΔW (∂ℓ/∂W = ∂ℓ/∂ΔW), costs one pass per adapter and needs no folding. The
     Fishers of lora_A/lora_B have the wrong shape and measure the factors' arbitrary coordinates.

@@ -191,7 +191,7 @@ def train(
                 loss = F.cross_entropy(logits.float(), yb)
                 if distiller is not None:
                     loss = distiller.loss(xb, logits.float(), loss)
-            loss.backward()  # type: ignore[no-untyped-call]
+            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             if ewc is not None and ewc.mode == "gradient":
                 ewc.add_penalty_grad_(model)
             if settings.max_grad_norm is not None:

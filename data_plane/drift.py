@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -46,7 +47,7 @@ class DriftReport:
     def n_drifted(self) -> int:
         return sum(f.drifted for f in self.features)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {
             "n_reference": self.n_reference,
             "n_current": self.n_current,
@@ -78,7 +79,8 @@ class DriftReport:
 
 def _finite(values: np.ndarray | pd.Series) -> np.ndarray:
     array = pd.to_numeric(pd.Series(np.asarray(values).ravel()), errors="coerce").to_numpy(float)
-    return array[np.isfinite(array)]
+    finite: np.ndarray = array[np.isfinite(array)]
+    return finite
 
 
 def population_stability_index(

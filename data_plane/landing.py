@@ -283,6 +283,7 @@ def _seekable(handle: BinaryIO) -> BinaryIO:
     shutil.copyfileobj(handle, spool, 1024 * 1024)
     handle.close()
     spool.seek(0)
+    # a binary file, but typeshed types SpooledTemporaryFile as IO[bytes], not BinaryIO
     return spool  # type: ignore[return-value]
 
 

@@ -39,7 +39,7 @@ def _exception_message(info: Any) -> str | None:
     return None
 
 
-def _files(frame: pd.DataFrame, rows: list) -> str:
+def _files(frame: pd.DataFrame, rows: list[Any]) -> str:
     if SOURCE_COLUMN not in frame.columns or not rows:
         return ""
     valid = [r for r in rows if isinstance(r, int) and 0 <= r < len(frame)]
@@ -47,7 +47,7 @@ def _files(frame: pd.DataFrame, rows: list) -> str:
     return f" in {', '.join(names)}" if names else ""
 
 
-def _counts(result: dict) -> str:
+def _counts(result: dict[str, Any]) -> str:
     pairs = result.get("partial_unexpected_counts") or []
     return ", ".join(f"{p['value']!r} ×{p['count']}" for p in pairs[:_SAMPLES])
 
@@ -59,7 +59,11 @@ def _non_numeric(frame: pd.DataFrame, column: str) -> pd.Series:
 
 
 def _type_message(
-    frame: pd.DataFrame, column: str, kwargs: dict, result: dict, cfg: DataConfig
+    frame: pd.DataFrame,
+    column: str,
+    kwargs: dict[str, Any],
+    result: dict[str, Any],
+    cfg: DataConfig,
 ) -> str:
     col = f"column {column!r}"
     if column not in cfg.features:
@@ -75,7 +79,13 @@ def _type_message(
     )
 
 
-def _message(kind: str, column: str | None, kwargs: dict, result: dict, ctx: dict) -> str:
+def _message(
+    kind: str,
+    column: str | None,
+    kwargs: dict[str, Any],
+    result: dict[str, Any],
+    ctx: dict[str, Any],
+) -> str:
     """The sentence for one failed expectation (`ctx`: frame, config, counts, files)."""
     frame, cfg, count, where = ctx["frame"], ctx["cfg"], ctx["count"], ctx["where"]
     col = f"column {column!r}"
@@ -87,7 +97,7 @@ def _message(kind: str, column: str | None, kwargs: dict, result: dict, ctx: dic
         hint = f"; did the producer rename it to {close[0]!r}?" if close else ""
         shown = present[:12] + ([f"… {len(present)} in all"] if len(present) > 12 else [])
         return f"{col} is missing (the batch has {shown}){hint}"
-    if kind == "expect_column_values_to_be_in_type_list":
+    if kind == "expect_column_values_to_be_in_type_list" and column is not None:
         return _type_message(frame, column, kwargs, result, cfg)
     if kind == "expect_column_values_to_not_be_null":
         return f"{col} has {count} missing values (null/NaN){where}; expected none"
@@ -127,10 +137,10 @@ def _message(kind: str, column: str | None, kwargs: dict, result: dict, ctx: dic
             f"{kwargs.get('min_value')} and {kwargs.get('max_value')} (data.min_rows/max_rows)"
         )
     if kind == "expect_compound_columns_to_be_unique":
-        share = count / max(len(frame), 1) if count is not None else float("nan")
+        fraction = count / max(len(frame), 1) if count is not None else float("nan")
         allowed = 1.0 - float(kwargs.get("mostly", 1.0))
         return (
-            f"{count} rows ({share:.1%}) are exact duplicates over the feature and label "
+            f"{count} rows ({fraction:.1%}) are exact duplicates over the feature and label "
             f"columns (every copy counted; {_repeats(frame, kwargs.get('column_list', []))} "
             f"repeat an earlier row){where}; "
             f"tolerated: at most {allowed:.1%} (data.max_duplicate_fraction)"
@@ -138,7 +148,7 @@ def _message(kind: str, column: str | None, kwargs: dict, result: dict, ctx: dic
     return f"{kind} failed on {column or 'the table'} ({kwargs}): observed {result}"
 
 
-def _failed_columns(results: list[dict], kind: str) -> set[str]:
+def _failed_columns(results: list[dict[str, Any]], kind: str) -> set[str]:
     return {
         item["expectation_config"]["kwargs"].get("column")
         for item in results
@@ -156,7 +166,9 @@ def _is_consequence(
     return bool(involved & missing) or bool(error and involved & mistyped)
 
 
-def failures_from_result(result: dict, frame: pd.DataFrame, data_cfg: DataConfig) -> list[Failure]:
+def failures_from_result(
+    result: dict[str, Any], frame: pd.DataFrame, data_cfg: DataConfig
+) -> list[Failure]:
     """Actionable `Failure`s from a GX validation result (in suite order)."""
     from data_plane.validation import Failure
 
@@ -203,7 +215,7 @@ def _repeats(frame: pd.DataFrame, columns: list[str]) -> int:
     return int(frame.duplicated(subset=present).sum()) if present else 0
 
 
-def batch_statistics(frame: pd.DataFrame, data_cfg: DataConfig) -> dict:
+def batch_statistics(frame: pd.DataFrame, data_cfg: DataConfig) -> dict[str, Any]:
     """Counts worth keeping with the report: rows per file, classes, nulls, duplicates."""
     present = [c for c in data_columns(data_cfg) if c in frame.columns]
     stats: dict[str, Any] = {"n_rows": len(frame), "n_columns": len(present)}
@@ -220,7 +232,7 @@ def batch_statistics(frame: pd.DataFrame, data_cfg: DataConfig) -> dict:
     return stats
 
 
-def compact_result(result: dict) -> dict:
+def compact_result(result: dict[str, Any]) -> dict[str, Any]:
     """The GX result for the record: failed checks in full (minus tracebacks, which belong in
     logs), passed ones as type + column only (the arguments are in the suite file)."""
     compact = dict(result)

@@ -102,7 +102,8 @@ class DataProfile:
 
 def _finite(series: pd.Series) -> np.ndarray:
     values = pd.to_numeric(series, errors="coerce").to_numpy(dtype=float, na_value=np.nan)
-    return values[np.isfinite(values)]
+    finite: np.ndarray = values[np.isfinite(values)]
+    return finite
 
 
 def label_key(value: Any) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import pandas as pd
 import pyarrow as pa
@@ -114,7 +114,8 @@ def numpy_dtypes(frame: pd.DataFrame) -> pd.DataFrame:
             if pd.api.types.is_bool_dtype(dtype):
                 continue
             series = frame[column]
-            target = "float64" if series.isna().any() else dtype.numpy_dtype
+            # masked (Int64, Float64) and Arrow dtypes have numpy_dtype; pandas-stubs omit it
+            target = "float64" if series.isna().any() else dtype.numpy_dtype  # type: ignore[attr-defined]
             frame[column] = series.to_numpy(dtype=target, na_value=float("nan"))
     return frame
 
@@ -177,7 +178,7 @@ def _lines(handle: BinaryIO) -> Iterator[bytes]:
         yield pending
 
 
-def _json_record(raw: bytes, lineno: int, ref: FileRef) -> dict | None:
+def _json_record(raw: bytes, lineno: int, ref: FileRef) -> dict[str, Any] | None:
     text = raw.strip()
     if not text:
         return None
@@ -208,7 +209,7 @@ def _json_record(raw: bytes, lineno: int, ref: FileRef) -> dict | None:
 
 
 def _iter_jsonl(handle: BinaryIO, ref: FileRef, chunk_rows: int) -> Iterator[pd.DataFrame]:
-    records: list[dict] = []
+    records: list[dict[str, Any]] = []
     for lineno, raw in enumerate(_lines(handle), start=1):
         record = _json_record(raw, lineno, ref)
         if record is not None:

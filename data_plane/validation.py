@@ -70,7 +70,7 @@ class Failure:
     expectation: str
     column: str | None
     unexpected_count: int | None
-    sample_values: list = field(default_factory=list)
+    sample_values: list[Any] = field(default_factory=list)
     message: str = ""
     severity: str = "critical"  # "critical" blocks, "warning" informs
 
@@ -83,8 +83,8 @@ class ValidationReport:
     success: bool
     n_rows: int
     failures: list[Failure]
-    statistics: dict
-    gx_result: dict | None = None
+    statistics: dict[str, Any]
+    gx_result: dict[str, Any] | None = None
     warnings: list[Failure] = field(default_factory=list)
 
     def to_json(self) -> str:
@@ -188,10 +188,12 @@ def change_expectations(data_cfg: DataConfig, profile: DataProfile | None) -> li
     """Range checks against the data accepted so far: severity `warning` unless the user put
     "range" in `data.change.block`. `mostly` lets a few extreme values through."""
     import great_expectations.expectations as gxe
+    from great_expectations.expectations.metadata_types import FailureSeverity
 
     if profile is None or profile.empty:
         return []
-    severity = "critical" if "range" in data_cfg.change.block else "warning"
+    blocking = "range" in data_cfg.change.block
+    severity = FailureSeverity.CRITICAL if blocking else FailureSeverity.WARNING
     expectations = []
     for feature in data_cfg.features:
         known = profile.ranges.get(feature)
@@ -255,6 +257,7 @@ def _parse_suite(text: str, path: Path) -> gx.ExpectationSuite:
     from great_expectations.expectations.expectation_configuration import (
         ExpectationConfiguration,
     )
+    from great_expectations.expectations.metadata_types import FailureSeverity
 
     try:
         data = json.loads(text)
@@ -273,7 +276,7 @@ def _parse_suite(text: str, path: Path) -> gx.ExpectationSuite:
                 type=str(kind),
                 kwargs=dict(item.get("kwargs") or {}),
                 meta=item.get("meta"),
-                severity=item.get("severity") or "critical",
+                severity=FailureSeverity(item.get("severity") or "critical"),
             )
             expectations.append(config.to_domain_obj())
         except Exception as exc:
@@ -367,7 +370,9 @@ def _definition_for(suite_file: Path, extra: list[Any]) -> Any:
     return _DEFINITIONS[digest]
 
 
-def run_suite(frame: pd.DataFrame, suite_file: Path, extra: list[Any] | None = None) -> dict:
+def run_suite(
+    frame: pd.DataFrame, suite_file: Path, extra: list[Any] | None = None
+) -> dict[str, Any]:
     """Run the suite in `suite_file` (plus `extra` expectations) on `frame`; GX's result.
 
     Raises:
@@ -378,7 +383,8 @@ def run_suite(frame: pd.DataFrame, suite_file: Path, extra: list[Any] | None = N
     with _GX_LOCK:
         definition = _definition_for(suite_file, list(extra or []))
         result = definition.run(batch_parameters={"dataframe": frame}, result_format=RESULT_FORMAT)
-    return result.to_json_dict()
+    summary: dict[str, Any] = result.to_json_dict()
+    return summary
 
 
 def validate_batch(
@@ -441,7 +447,7 @@ def _change_checks(
     reference: pd.DataFrame | None,
     failures: list[Failure],
     warnings: list[Failure],
-    stats: dict,
+    stats: dict[str, Any],
 ) -> None:
     """Gross breakage (blocks by default), class mix and KS/PSI drift (inform by default)."""
     change = data_cfg.change

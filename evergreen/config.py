@@ -175,6 +175,10 @@ class TrainConfig(_Strict):
 LAMBDA_GRID = [0.0, 1.0, 10.0, 100.0]
 
 
+class BootstrapConfig(_Strict):
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=600))
+
+
 class _EWCSection(_Strict):
     ewc_lambda: float | Literal["auto"] = Field(
         "auto",
@@ -305,7 +309,7 @@ class EvergreenConfig(_Strict):
     stream: StreamConfig = Field(default_factory=StreamConfig)
     consolidate: ConsolidateConfig = Field(default_factory=ConsolidateConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
-    bootstrap_train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=600))
+    bootstrap: BootstrapConfig = Field(default_factory=BootstrapConfig)
 
     @field_validator("home")
     @classmethod

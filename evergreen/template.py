@@ -38,7 +38,8 @@ memory:                           # data memory shared by every cadence (kept ev
   held_out_per_batch: 400         # select and gate rows kept per batch (retention set)
   held_out_max_rows: 6000
 
-bootstrap_train: {steps: 600, batch_size: 64, lr: 0.001}
+bootstrap:                        # plain training of the first champion
+  train: {steps: 600, batch_size: 64, lr: 0.001}
 
 monthly:                          # full fine-tune + online EWC
   train: {steps: 400, epochs: 5, lr: 0.001}   # at least `steps`, at least `epochs` passes over the new rows

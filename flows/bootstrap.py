@@ -7,14 +7,14 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import all_quarantined, begin, nothing_to_do
-from model_registry.ledger import Ledger
-from tasks.common import FlowParams
+from flows.common import all_quarantined, begin, nothing_to_do, selection
+from flows.params import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.ledger import record_consumed
 from tasks.memory import commit_memory, load_memory
+from tasks.outcome import FlowOutcome, conclude
 from tasks.promote import (
-    FlowOutcome,
     challenger_workspace,
     load_champion,
     promote_or_reject,
@@ -25,8 +25,6 @@ from tasks.train import train_first_model
 from tasks.validate import validate_batches
 
 CADENCE = "bootstrap"
-# Batches the first champion learned from are not new to the update cadences.
-CONSUMES_FOR = ("monthly-finetune", "weekly-replay", "daily-lora", "stream-monitor")
 
 
 @flow(name=CADENCE, description="Train and register the first champion.")
@@ -34,21 +32,18 @@ def bootstrap(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefec
     cfg = begin(params)
     current = load_champion(cfg)
     if current is not None and not params.force:
-        return FlowOutcome(
-            cadence=CADENCE,
-            decision="skipped",
-            reasons=["a champion exists; force=true to retrain"],
-        ).to_dict()
+        reason = "a champion exists; force=true to retrain"
+        return conclude(cfg, FlowOutcome(CADENCE, "skipped", reasons=[reason]))
     # 1. ingest
-    batch_ids = discover_batches(cfg, CADENCE, params)
+    batch_ids = discover_batches(cfg, CADENCE, selection(params))
     if not batch_ids:
-        return nothing_to_do(CADENCE)
+        return conclude(cfg, nothing_to_do(CADENCE))
     raw = read_batches(cfg, batch_ids)
     memory = load_memory(cfg)
     # 2. validate, and remember what was accepted
     data = validate_batches(cfg, CADENCE, raw, memory)
     if data.empty:
-        return all_quarantined(cfg, CADENCE, data.quarantined)
+        return conclude(cfg, all_quarantined(cfg, CADENCE, data.quarantined))
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train the first model
@@ -59,17 +54,9 @@ def bootstrap(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefec
         reg = registration_for(CADENCE, "plain", evaluation, current, data)
         version = register_challenger(cfg, reg, staging)
         outcome = promote_or_reject(cfg, reg, version)
-    if outcome.decision == "promoted":
-        ledger = Ledger.from_config(cfg)
-        for cadence in CONSUMES_FOR:
-            for batch_id in data.batch_ids:
-                ledger.record(
-                    cadence,
-                    batch_id,
-                    "promoted",
-                    details={"by": "bootstrap", "version": str(outcome.version)},
-                )
-    return outcome.to_dict()
+    if outcome.decision == "promoted":  # its batches are not new to the update cadences
+        record_consumed(cfg, data.batch_ids, str(outcome.version))
+    return conclude(cfg, outcome, forced=params.force)
 
 
 if __name__ == "__main__":

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-from prefect import get_run_logger
-
-from evergreen.config import EvergreenConfig
-from tasks.common import FlowParams, flow_config
+from evergreen.config import EvergreenConfig, load_config
+from flows.params import ConfigParams, FlowParams
+from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
-from tasks.promote import FlowOutcome, record_outcome
+from tasks.outcome import FlowOutcome
+from tasks.state import ModelState
 
 
 class NoChampionError(RuntimeError):
     """A cadence that updates the champion ran before `bootstrap` registered one."""
 
 
-def begin(params: FlowParams) -> EvergreenConfig:
+def begin(params: ConfigParams) -> EvergreenConfig:
     """Load the run's config and make sure the concurrency limits exist on this Prefect API."""
-    cfg = flow_config(params)
+    cfg = load_config(params.config_path, params.overrides)
     if cfg.data.text and not cfg.data.features:
         raise NotImplementedError(
             "text pipelines (data.text) are not wired into the flows yet: continual/ has the local "
@@ -27,30 +27,35 @@ def begin(params: FlowParams) -> EvergreenConfig:
     return cfg
 
 
-def nothing_to_do(cadence: str) -> dict:
-    get_run_logger().info("%s: no pending batches — nothing to do", cadence)
-    return FlowOutcome(
-        cadence=cadence, decision="skipped", reasons=["no pending batches"]
-    ).to_dict()
+def selection(params: FlowParams) -> BatchSelection:
+    """The run's batch selection, from its parameters."""
+    return BatchSelection(
+        batch_ids=tuple(params.batch_ids) if params.batch_ids else None,
+        until=params.until,
+        max_batches=params.max_batches,
+        force=params.force,
+    )
 
 
-def all_quarantined(cfg: EvergreenConfig, cadence: str, quarantined: list[str]) -> dict:
+def nothing_to_do(cadence: str) -> FlowOutcome:
+    return FlowOutcome(cadence=cadence, decision="skipped", reasons=["no pending batches"])
+
+
+def all_quarantined(cfg: EvergreenConfig, cadence: str, quarantined: dict[str, str]) -> FlowOutcome:
     """Every batch failed validation: the champion stays; say so loudly and actionably."""
-    outcome = FlowOutcome(
+    return FlowOutcome(
         cadence=cadence,
         decision="quarantined",
         quarantined=quarantined,
         reasons=[
-            f"batches {quarantined} failed validation and were quarantined (files untouched); "
-            f"see {cfg.home_path / 'reports' / 'validation' / cadence}/<batch_id>.md, fix the data "
-            "and land it under a new batch_id (or rerun with force=true)"
+            f"batches {sorted(quarantined)} failed validation and were quarantined (files "
+            f"untouched); see {cfg.home_path / 'reports' / 'validation' / cadence}/<batch_id>.md, "
+            "fix the data and land it under a new batch_id (or rerun with force=true)"
         ],
     )
-    record_outcome(cfg, outcome, ledger=False)
-    return outcome.to_dict()
 
 
-def require_champion(champion, cadence: str):
+def require_champion(champion: ModelState | None, cadence: str) -> ModelState:
     if champion is None:
         raise NoChampionError(f"{cadence} needs a champion: run `evergreen run bootstrap` first")
     return champion

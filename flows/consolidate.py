@@ -8,12 +8,12 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import begin, require_champion
-from tasks.common import FlowParams
+from flows.params import ConfigParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.memory import load_memory
 from tasks.merge import consolidate_lineage, lineage_versions, load_versions
+from tasks.outcome import FlowOutcome, conclude
 from tasks.promote import (
-    FlowOutcome,
     challenger_workspace,
     load_champion,
     promote_or_reject,
@@ -25,18 +25,15 @@ CADENCE = "consolidate"
 
 
 @flow(name=CADENCE, description="Consolidate the champion lineage by EMA or interpolation.")
-def consolidate(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
+def consolidate(params: ConfigParams = ConfigParams()) -> dict:  # noqa: B008 - Prefect form
     cfg = begin(params)
     # 1. ingest: the recent champions
     champion = require_champion(load_champion(cfg), CADENCE)
     versions = lineage_versions(cfg, cfg.consolidate.lineage)
     if len(versions) < 2:
-        return FlowOutcome(
-            cadence=CADENCE,
-            decision="skipped",
-            champion=champion.version,
-            reasons=[f"lineage has {len(versions)} champion(s); need at least 2"],
-        ).to_dict()
+        reason = f"lineage has {len(versions)} champion(s); need at least 2"
+        skipped = FlowOutcome(CADENCE, "skipped", champion=champion.version, reasons=[reason])
+        return conclude(cfg, skipped)
     # 2. validate: same architecture (checked while loading)
     lineage = load_versions(cfg, versions)
     memory = load_memory(cfg)
@@ -49,4 +46,5 @@ def consolidate(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Pref
         method = f"{cfg.consolidate.mode}:" + "+".join(versions)
         reg = registration_for(CADENCE, method, evaluation, champion, None, distances)
         version = register_challenger(cfg, reg, staging)
-        return promote_or_reject(cfg, reg, version).to_dict()
+        outcome = promote_or_reject(cfg, reg, version)
+    return conclude(cfg, outcome)

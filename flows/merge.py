@@ -6,13 +6,13 @@ Run: `evergreen run merge --versions 3 5` or from the UI with `versions: ["3", "
 from __future__ import annotations
 
 from prefect import flow
-from pydantic import Field
 
 from flows.common import begin, require_champion
-from tasks.common import FlowParams
+from flows.params import MergeParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.memory import load_memory
 from tasks.merge import fisher_merge_models, load_versions
+from tasks.outcome import conclude
 from tasks.promote import (
     challenger_workspace,
     load_champion,
@@ -22,15 +22,6 @@ from tasks.promote import (
 )
 
 CADENCE = "merge"
-
-
-class MergeParams(FlowParams):
-    versions: list[str] = Field(
-        ..., min_length=2, description="Model versions to merge, e.g. [3, 5]."
-    )
-    eps: float = Field(
-        1e-8, gt=0, description="Weight floor, relative to each tensor's Fisher scale."
-    )
 
 
 @flow(name=CADENCE, description="Fisher-weighted merge of chosen versions.")
@@ -50,4 +41,5 @@ def merge(params: MergeParams) -> dict:
         method = "fisher-merge:" + "+".join(params.versions)
         reg = registration_for(CADENCE, method, evaluation, champion, None, distances)
         version = register_challenger(cfg, reg, staging)
-        return promote_or_reject(cfg, reg, version).to_dict()
+        outcome = promote_or_reject(cfg, reg, version)
+    return conclude(cfg, outcome)

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from prefect import flow
 
-from flows.common import all_quarantined, begin, nothing_to_do, require_champion
-from tasks.common import FlowParams
+from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
+from flows.params import FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.memory import commit_memory, load_memory
+from tasks.outcome import conclude
 from tasks.promote import (
     challenger_workspace,
     load_champion,
@@ -29,15 +30,15 @@ CADENCE = "monthly-finetune"
 def monthly_finetune(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
     cfg = begin(params)
     # 1. ingest
-    batch_ids = discover_batches(cfg, CADENCE, params)
+    batch_ids = discover_batches(cfg, CADENCE, selection(params))
     if not batch_ids:
-        return nothing_to_do(CADENCE)
+        return conclude(cfg, nothing_to_do(CADENCE))
     raw = read_batches(cfg, batch_ids)
     memory = load_memory(cfg)
     # 2. validate, and remember what was accepted (kept even if the challenger is rejected)
     data = validate_batches(cfg, CADENCE, raw, memory)
     if data.empty:
-        return all_quarantined(cfg, CADENCE, data.quarantined)
+        return conclude(cfg, all_quarantined(cfg, CADENCE, data.quarantined))
     champion = require_champion(load_champion(cfg), CADENCE)
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
@@ -48,7 +49,8 @@ def monthly_finetune(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 -
         # 5. promote or reject
         reg = registration_for(CADENCE, "finetune+ewc", evaluation, champion, data, metrics)
         version = register_challenger(cfg, reg, staging)
-        return promote_or_reject(cfg, reg, version).to_dict()
+        outcome = promote_or_reject(cfg, reg, version)
+    return conclude(cfg, outcome, forced=params.force)
 
 
 if __name__ == "__main__":

@@ -114,7 +114,8 @@ class RunLog:
         )
         # update_run, not set_terminated: that one prints "View run …" to stdout on servers.
         self.client.update_run(run.info.run_id, status="FINISHED")
-        return run.info.run_id
+        run_id: str = run.info.run_id
+        return run_id
 
     @classmethod
     def next_seq(cls, floor: int) -> int:

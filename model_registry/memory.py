@@ -157,7 +157,7 @@ class MemoryStore:
                 raise
             # FINISHED last: `head()` only sees complete snapshots.
             self.client.update_run(run_id, status="FINISHED")
-        return MemoryRef(run_id, seq, parent, len(batch_ids))
+        return self.get(run_id)  # as stored (seq is a float metric), so it equals head()
 
 
 def _ref(run: Run) -> MemoryRef:

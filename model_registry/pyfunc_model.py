@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc.model import PythonModel, PythonModelContext  # where mlflow defines them
 
 if TYPE_CHECKING:  # torch is imported where it is used: registry code that only hashes files
     import torch  # (promotion, download) should not pay for it
@@ -49,7 +50,7 @@ _URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 _COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*.tmp")
 
 
-class EvergreenPyfunc(mlflow.pyfunc.PythonModel):
+class EvergreenPyfunc(PythonModel):
     """Predict labels and their probability from a checkpoint directory (no pickle).
 
     Output columns: `prediction` (the label from `spec.classes`, logit i ↔ classes[i]) and
@@ -60,7 +61,7 @@ class EvergreenPyfunc(mlflow.pyfunc.PythonModel):
         self.model: torch.nn.Module | None = None
         self.spec: Any = None
 
-    def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
+    def load_context(self, context: PythonModelContext) -> None:
         """Load the checkpoint MLflow downloaded as the `checkpoint` artifact."""
         self.load_checkpoint_dir(Path(context.artifacts[CHECKPOINT_ARTIFACT]))
 
@@ -77,7 +78,7 @@ class EvergreenPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(
         self,
-        context: mlflow.pyfunc.PythonModelContext | None,
+        context: PythonModelContext | None,
         model_input: pd.DataFrame,
         params: dict[str, Any] | None = None,
     ) -> pd.DataFrame:
@@ -117,7 +118,8 @@ class EvergreenPyfunc(mlflow.pyfunc.PythonModel):
     def _inputs(self, features: pd.DataFrame) -> torch.Tensor:
         tokenize = getattr(self.model, "tokenize", None)
         if callable(tokenize):  # text family: one text column → token ids
-            return tokenize(features.iloc[:, 0].astype(str).tolist())
+            ids: torch.Tensor = tokenize(features.iloc[:, 0].astype(str).tolist())
+            return ids
         bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
         if bad:
             raise ValueError(
@@ -238,7 +240,8 @@ def _lenient_inputs(signature: Any) -> Any:
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
     names = [spec.name for spec in signature.inputs.inputs]
-    inputs = Schema([ColSpec(type=AnyType(), name=name) for name in names])
+    any_type = AnyType()  # type: ignore[no-untyped-call]  # mlflow leaves AnyType.__init__ unannotated
+    inputs = Schema([ColSpec(type=any_type, name=name) for name in names])
     return ModelSignature(inputs=inputs, outputs=signature.outputs)
 
 

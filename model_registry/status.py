@@ -107,7 +107,8 @@ def render_history(events: Iterable[Any], console: Console) -> None:
     for column in ("at", "action", "version", "replaced", "actor", "reason"):
         table.add_column(column, overflow="fold")
     for event in events:
-        e = dataclasses.asdict(event) if dataclasses.is_dataclass(event) else dict(event)
+        is_record = dataclasses.is_dataclass(event) and not isinstance(event, type)
+        e = dataclasses.asdict(event) if is_record else dict(event)
         previous = f"v{e['previous']}" if e.get("previous") else "—"
         table.add_row(
             e["at"][:19], e["action"], f"v{e['version']}", previous, e["actor"], e["reason"]

@@ -1,4 +1,4 @@
-"""Plain helpers shared by the task adapters: config, flow parameters, frames to tensors.
+"""Plain helpers shared by the task adapters: frames to tensors, lineage facts.
 
 Nothing here talks to Prefect; the `@task` functions in the sibling modules call these.
 """
@@ -12,38 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import BaseModel, Field
 
 from continual.models import ModelSpec
 from data_plane.profile import label_key
-from evergreen.config import EvergreenConfig, load_config
-
-
-class FlowParams(BaseModel):
-    """Parameters every cadence flow accepts (rendered as a form in the Prefect UI)."""
-
-    config_path: str | None = Field(
-        None,
-        description="Path of evergreen.yaml (default: $EVERGREEN_CONFIG, else ./evergreen.yaml "
-        "in the working directory).",
-    )
-    overrides: list[str] = Field(
-        default_factory=list,
-        description="Config overrides as key=value (value parsed as YAML), e.g. daily.lora_r=16.",
-    )
-    batch_ids: list[str] | None = Field(
-        None, description="Process exactly these batches (default: every pending batch)."
-    )
-    until: str | None = Field(
-        None, description="Only batches whose id sorts at or before this (e.g. 2026-11-21)."
-    )
-    max_batches: int | None = Field(None, ge=1, description="At most this many pending batches.")
-    force: bool = Field(False, description="Reprocess batches the ledger marks as processed.")
-
-
-def flow_config(params: FlowParams) -> EvergreenConfig:
-    """Load the config a flow run was pointed at, with its overrides applied."""
-    return load_config(params.config_path, params.overrides)
 
 
 def encode_labels(labels: pd.Series, classes: list[Any]) -> torch.Tensor:

@@ -10,8 +10,18 @@ from prefect.tasks import exponential_backoff
 
 from data_plane.landing import BatchReadError, open_landing, pending_batches, read_batch
 from evergreen.config import EvergreenConfig
-from model_registry.ledger import Ledger
-from tasks.common import FlowParams
+from tasks import ledger
+
+
+@dataclass(frozen=True)
+class BatchSelection:
+    """Which batches a run takes: exactly `batch_ids`, or every pending one (optionally up to
+    `until`, at most `max_batches`); `force` also takes batches already processed."""
+
+    batch_ids: tuple[str, ...] | None = None
+    until: str | None = None
+    max_batches: int | None = None
+    force: bool = False
 
 
 @dataclass
@@ -24,16 +34,13 @@ class RawBatch:
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), timeout_seconds=300)
-def discover_batches(cfg: EvergreenConfig, cadence: str, params: FlowParams) -> list[str]:
+def discover_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection) -> list[str]:
     """Batches this cadence still has to process, in batch_id order (the ledger says which)."""
     zone = open_landing(cfg.data.landing)
-    done: set[str] = set()
-    if not params.force:  # anything but `failed` counts as processed
-        entries = Ledger.from_config(cfg).processed(cadence)
-        done = {b for b, entry in entries.items() if entry.outcome != "failed"}
+    done = set() if selection.force else ledger.processed(cfg, cadence)
     chosen = pending_batches(zone, done)  # the data plane's rule: not done, files arrived
-    if params.batch_ids:
-        requested = set(params.batch_ids)
+    if selection.batch_ids:
+        requested = set(selection.batch_ids)
         absent = sorted(b for b in requested if not zone.has_files(b))
         if absent:
             raise ValueError(
@@ -41,10 +48,10 @@ def discover_batches(cfg: EvergreenConfig, cadence: str, params: FlowParams) -> 
                 "files yet)"
             )
         chosen = [b for b in chosen if b in requested]
-    if params.until:
-        chosen = [b for b in chosen if b <= params.until]
-    if params.max_batches:
-        chosen = chosen[: params.max_batches]
+    if selection.until:
+        chosen = [b for b in chosen if b <= selection.until]
+    if selection.max_batches:
+        chosen = chosen[: selection.max_batches]
     get_run_logger().info("%s: %d batch(es) to process: %s", cadence, len(chosen), chosen)
     return chosen
 

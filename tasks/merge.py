@@ -5,7 +5,8 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from continual.ewc import EWC, diagonal_fisher
+from continual.ewc import EWC
+from continual.fisher import diagonal_fisher
 from continual.merging import ema_over_lineage, fisher_merge, linear_interpolate, parameter_distance
 from continual.models import build_model
 from evergreen.config import EvergreenConfig

@@ -6,13 +6,11 @@ import json
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
-from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -20,31 +18,15 @@ from continual.checkpoint import load_checkpoint
 from continual.gating import GateDecision
 from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
-from model_registry.ledger import Ledger
 from model_registry.registry import ArtifactIntegrityError, Registry, VersionInfo
+from tasks import ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
 from tasks.evaluate import Evaluation
 from tasks.events import emit
 from tasks.limits import promotion_slot
+from tasks.outcome import FlowOutcome
 from tasks.state import ModelState, read_state, staging_dir, write_state
 from tasks.validate import PreparedData
-
-
-@dataclass
-class FlowOutcome:
-    """What a cadence run did: the summary the CLI, the demo and the report read."""
-
-    cadence: str
-    decision: str  # promoted | rejected | quarantined | skipped | failed
-    batch_ids: list[str] = field(default_factory=list)
-    version: str | None = None
-    champion: str | None = None
-    reasons: list[str] = field(default_factory=list)
-    metrics: dict[str, float] = field(default_factory=dict)
-    quarantined: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
@@ -74,7 +56,7 @@ class Registration:
     metrics: dict[str, float] = field(default_factory=dict)
     reports: dict[str, Path] = field(default_factory=dict)
     check_rows: pd.DataFrame | None = None  # rows the reloaded checkpoint must reproduce
-    quarantined: tuple[str, ...] = ()
+    quarantined: dict[str, str] = field(default_factory=dict)
 
 
 def lineage_tags(reg: Registration) -> dict[str, str]:
@@ -113,7 +95,7 @@ def registration_for(
         metrics={**(data.drift if data else {}), **(metrics or {})},
         reports=dict(data.reports) if data else {},
         check_rows=evaluation.rows,
-        quarantined=tuple(data.quarantined) if data else (),
+        quarantined=dict(data.quarantined) if data else {},
     )
 
 
@@ -193,14 +175,35 @@ def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionI
         champion=champion.version if champion else None,
         reasons=reasons,
         metrics={**reg.decision.to_metrics(), **reg.metrics},
-        quarantined=list(reg.quarantined),
+        quarantined=dict(reg.quarantined),
     )
-    record_outcome(cfg, result)
     return result
 
 
+@task(cache_policy=NO_CACHE)
+def roll_back(cfg: EvergreenConfig, *, to: str | None, reason: str) -> FlowOutcome:
+    """Move `champion` back (to `to`, or the champion the current one replaced)."""
+    registry = Registry.from_config(cfg)
+    with promotion_slot():
+        result = registry.rollback(
+            to=to, reason=reason, actor="flow:rollback", flow_run_id=current_flow_run_id()
+        )
+    if result.promoted:
+        emit(
+            "evergreen.model.rolled-back",
+            cfg,
+            {"version": result.version, "previous": result.previous, "reason": reason},
+        )
+    return FlowOutcome(
+        cadence="rollback",
+        decision="rolled-back" if result.promoted else "skipped",
+        version=result.version,
+        champion=result.version if result.promoted else result.previous,
+        reasons=[result.reason],
+    )
+
+
 def discarded_update(
-    cfg: EvergreenConfig,
     cadence: str,
     champion: ModelState,
     data: PreparedData,
@@ -213,7 +216,7 @@ def discarded_update(
         decision="rejected",
         batch_ids=list(data.batch_ids),
         champion=champion.version,
-        quarantined=list(data.quarantined),
+        quarantined=dict(data.quarantined),
         reasons=[
             "the update was discarded on its select rows (adapter restored, no version "
             "registered):",
@@ -221,57 +224,7 @@ def discarded_update(
         ],
         metrics={f"select.{k.removeprefix('gate.')}": v for k, v in check.to_metrics().items()},
     )
-    record_outcome(cfg, outcome)
     return outcome
-
-
-def record_outcome(cfg: EvergreenConfig, outcome: FlowOutcome, *, ledger: bool = True) -> None:
-    """Ledger entries per batch, an event, and the run's Markdown + table artifacts."""
-    for batch_id in outcome.batch_ids if ledger else []:
-        Ledger.from_config(cfg).record(
-            outcome.cadence,
-            batch_id,
-            outcome.decision,
-            details={
-                "version": str(outcome.version),
-                "reasons": " | ".join(outcome.reasons)[:4000],
-            },
-        )
-    if outcome.decision in ("promoted", "rejected"):
-        emit(
-            f"evergreen.model.{outcome.decision}",
-            cfg,
-            {"cadence": outcome.cadence, "version": outcome.version, "champion": outcome.champion},
-        )
-    create_markdown_artifact(
-        key=f"{outcome.cadence}-decision", markdown=decision_markdown(cfg, outcome)
-    )
-    if outcome.metrics:
-        rows = [{"metric": k, "value": round(v, 5)} for k, v in sorted(outcome.metrics.items())]
-        create_table_artifact(key=f"{outcome.cadence}-gate", table=rows)
-    get_run_logger().info(
-        "%s: %s (champion v%s)", outcome.cadence, outcome.decision, outcome.champion
-    )
-
-
-def decision_markdown(cfg: EvergreenConfig, outcome: FlowOutcome) -> str:
-    lines = [
-        f"# {outcome.cadence}: {outcome.decision.upper()}",
-        "",
-        f"- batches: {', '.join(outcome.batch_ids) or '—'}",
-        f"- challenger: v{outcome.version}" if outcome.version else "- challenger: none",
-        f"- champion now: v{outcome.champion}" if outcome.champion else "- champion: none",
-        f"- registry: `{cfg.tracking_uri}` model `{cfg.registry.name}`",
-        "",
-        "## Reasons",
-        *[f"- {r}" for r in outcome.reasons],
-    ]
-    if outcome.quarantined:
-        lines += ["", "## Quarantined", *[f"- {b}" for b in outcome.quarantined]]
-    if outcome.metrics:
-        lines += ["", "## Gate metrics", "| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4f} |" for k, v in sorted(outcome.metrics.items())]
-    return "\n".join(lines)
 
 
 @contextmanager
@@ -288,9 +241,7 @@ def challenger_workspace(
     try:
         yield staging
     except Exception as error:
-        ledger = Ledger.from_config(cfg)
-        for batch_id in batch_ids:
-            ledger.record(cadence, batch_id, "failed", details={"error": repr(error)[:2000]})
+        ledger.record_failed(cfg, cadence, batch_ids, repr(error))
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Streaming: per-sample champion losses into a drift monitor; an EMA of online-updated weights.
 
-The monitor (continual.streaming.DriftMonitor: Page-Hinkley, warm-started on the champion's
+The monitor (continual.drift.DriftMonitor: Page-Hinkley, warm-started on the champion's
 retention losses, thresholds spent over doubling epochs) is saved after every run and resumed
 for the same champion, so its false-alarm rate holds over the champion's whole life.
 """
@@ -17,7 +17,8 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from continual.streaming import AlphaSpending, DriftMonitor, EMATeacher, within_batch_order
+from continual.drift import AlphaSpending, DriftMonitor, within_batch_order
+from continual.streaming import EMATeacher
 from continual.training import per_example_loss
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors

@@ -99,10 +99,10 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     """Plain training of the first champion; its own Fisher seeds online EWC."""
     train_df = data.train
     spec = new_spec(cfg, train_df)
-    torch.manual_seed(cfg.bootstrap_train.seed)
+    torch.manual_seed(cfg.bootstrap.train.seed)
     model = build_model(spec)
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
-    _fit(model, X, y, settings_from(cfg.bootstrap_train, len(X)), "bootstrap")
+    _fit(model, X, y, settings_from(cfg.bootstrap.train, len(X)), "bootstrap")
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
     ewc = EWC.from_model(model, X, y, lam=0.0, gamma=1.0)
     return ModelState(model=model, spec=spec, ewc=ewc, **_learned(memory))

@@ -15,7 +15,6 @@ from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, content_hash, split_three_way
 from data_plane.validation import ValidationReport, ensure_suite, save_report, validate_batch
 from evergreen.config import EvergreenConfig
-from model_registry.ledger import Ledger
 from tasks.common import current_flow_run_id
 from tasks.events import emit
 from tasks.ingest import RawBatch
@@ -31,7 +30,7 @@ class PreparedData:
     frames: dict[str, pd.DataFrame] = field(default_factory=dict)
     data_hash: str = ""
     reports: dict[str, Path] = field(default_factory=dict)
-    quarantined: list[str] = field(default_factory=list)
+    quarantined: dict[str, str] = field(default_factory=dict)  # batch id → why
     drift: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -52,16 +51,9 @@ class PreparedData:
         return [(b, self.splits[b], self.frames[b]) for b in self.batch_ids]
 
 
-def quarantine(
-    cfg: EvergreenConfig, cadence: str, report: ValidationReport, files: tuple[Path, Path]
-) -> None:
-    """Record a failed batch: ledger entry, event, artifact. Its files stay where they are."""
-    Ledger.from_config(cfg).record(
-        cadence,
-        report.batch_id,
-        "quarantined",
-        details={"reason": report.headline()[:500], "report": str(files[0])},
-    )
+def announce_quarantine(cadence: str, cfg: EvergreenConfig, report: ValidationReport) -> None:
+    """Tell Prefect and the person on call at once: event, artifact, error log line (the ledger
+    entry is written with the run's outcome)."""
     emit(
         "evergreen.batch.quarantined",
         cfg,
@@ -114,8 +106,8 @@ def validate_batches(
             description=f"Great Expectations: batch {batch.batch_id}",
         )
         if not report.success:
-            quarantine(cfg, cadence, report, files)
-            prepared.quarantined.append(batch.batch_id)
+            announce_quarantine(cadence, cfg, report)
+            prepared.quarantined[batch.batch_id] = f"{report.headline()[:400]} (report {files[1]})"
             continue
         _inform(cfg, cadence, report)
         drift = report.statistics.get("drift") or {}

@@ -4,7 +4,7 @@ import logging
 import os
 import tempfile
 
-from flows.cli import QUIET_DEFAULTS
+from evergreen.cli import QUIET_DEFAULTS
 
 for _key, _value in {
     **QUIET_DEFAULTS,

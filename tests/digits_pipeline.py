@@ -47,7 +47,7 @@ def write_config(directory: Path, landing: Path, home: Path, **sections) -> Path
         },
         "model": {"family": "transformer", "d_model": 16, "n_heads": 2, "n_layers": 1},
         "registry": {"name": "digits-test", "experiment": "digits-test"},
-        "bootstrap_train": {"steps": 150, "lr": 0.005},
+        "bootstrap": {"train": {"steps": 150, "lr": 0.005}},
         "memory": {"replay_capacity": 300, "held_out_per_batch": 100},
         "weekly": {"train": {"steps": 60}, "ewc_lambda": 10.0},
         "monthly": {"train": {"steps": 60}, "ewc_lambda": 10.0},

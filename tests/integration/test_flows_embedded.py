@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from evergreen.cadences import run_flow
 from evergreen.config import load_config
-from flows.registry import run_flow
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
 from tests.digits_pipeline import digits_frame, write_batch, write_config
@@ -149,7 +149,7 @@ def test_08_rollback_restores_previous_champion(pipeline):
     other = _other_version(pipeline)
     assert registry.promote(other, expected_champion=current, reason="test", actor="test").promoted
     result = _run(pipeline, "rollback", reason="test rollback")
-    assert result["rolled_back"], result
+    assert result["decision"] == "rolled-back", result
     assert result["champion"] == current
     assert registry.history()[0].action == "rollback"
 
@@ -175,7 +175,7 @@ def test_09_champion_serves_in_a_fresh_process(pipeline):
 
 
 def test_10_cli_status_json_and_report(pipeline, capsys):
-    from flows.cli import main
+    from evergreen.cli import main
 
     assert main(["status", "--json", "--config", pipeline["config"]]) == 0
     status = json.loads(capsys.readouterr().out)

@@ -9,14 +9,16 @@ from sklearn.datasets import load_digits
 
 from continual.lora import (
     LoraSettings,
-    adapter_from_delta,
     adapter_snapshot,
     adapter_state_dict,
     attach_lora,
+    restore_adapter,
+)
+from continual.lora_merge import (
+    adapter_from_delta,
     delta_fisher,
     lora_delta_weights,
     lora_scaling,
-    restore_adapter,
 )
 from continual.merging import fisher_merge, fold_delta, merge_lora_deltas
 from continual.models import ModelSpec, build_model, fit_standardizer

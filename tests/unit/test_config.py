@@ -6,9 +6,9 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
+from evergreen.cli import main
 from evergreen.config import config_from_dict, load_config
 from evergreen.template import CONFIG_TEMPLATE
-from flows.cli import main
 
 MINIMAL = {"data": {"features": ["a", "b"], "label": "y", "classes": [0, 1]}}
 

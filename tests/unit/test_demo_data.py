@@ -11,8 +11,7 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 
-from evergreen.config import config_from_dict
-from flows.demo_data import (
+from demo.timeline import (
     CLASS_9_WEEK,
     CORRUPT_COLUMN,
     DEMO_CLASSES,
@@ -25,6 +24,7 @@ from flows.demo_data import (
     make_demo_frames,
     transform_digit,
 )
+from evergreen.config import config_from_dict
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from continual.fisher import (
-    TRUE_FISHER_MAX_CLASSES,
-    brute_force_fisher,
-    diagonal_fisher,
-    fisher_paths,
-)
+from continual.fisher import diagonal_fisher, fisher_paths
+from continual.fisher_kinds import TRUE_FISHER_MAX_CLASSES
+from continual.fisher_reference import brute_force_fisher
 from continual.models import ModelSpec, build_model
 
 KINDS = ["empirical", "true", "sampled"]

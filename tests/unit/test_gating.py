@@ -15,12 +15,10 @@ from continual.gate_power import (
     paired_correctness,
     promotion_rates,
 )
-from continual.gating import (
+from continual.gating import GatePolicy, accuracy_by_batch, decide
+from continual.paired_tests import (
     MCNEMAR_CHI2,
     MCNEMAR_EXACT,
-    GatePolicy,
-    accuracy_by_batch,
-    decide,
     mcnemar_test,
     minimum_detectable_effect,
     newcombe_paired_ci,

@@ -75,7 +75,10 @@ def test_bad_input_is_refused(ledger):
     assert ledger.log.client.get_experiment_by_name(ledger.log.experiment) is None  # reads: no-op
 
 
-def test_seq_is_strictly_increasing_across_threads():
+def test_seq_is_strictly_increasing_across_threads(monkeypatch):
+    # the counter is process-wide: restore it, or every later record gets a seq near 1e17,
+    # beyond what a float metric stores exactly
+    monkeypatch.setattr(RunLog, "_last_seq", RunLog._last_seq)
     seen: list[int] = []
 
     def grab() -> None:

@@ -14,20 +14,22 @@ from continual.fisher import diagonal_fisher
 from continual.gating import decide
 from continual.lora import (
     LoraSettings,
-    adapter_from_delta,
     adapter_snapshot,
     adapter_state_dict,
     attach_lora,
-    combine_adapters,
-    delta_fisher,
     gated_update,
     load_adapter,
-    lora_delta_weights,
-    lora_scaling,
-    lora_scalings,
     merge_adapter,
     restore_adapter,
     save_adapter,
+)
+from continual.lora_merge import (
+    adapter_from_delta,
+    combine_adapters,
+    delta_fisher,
+    lora_delta_weights,
+    lora_scaling,
+    lora_scalings,
 )
 from continual.merging import fold_delta, merge_lora_deltas
 from continual.models import ModelSpec, build_model, fit_standardizer

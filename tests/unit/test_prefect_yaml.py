@@ -8,7 +8,7 @@ import pytest
 import yaml
 from prefect.flows import load_flow_from_entrypoint
 
-from flows.registry import FLOWS
+from evergreen.cadences import BY_NAME as FLOWS
 
 PREFECT_YAML = Path(__file__).resolve().parents[2] / "prefect.yaml"
 SCHEDULES = {

@@ -11,7 +11,7 @@ from PIL import Image
 from rich.console import Console
 
 from continual import metrics
-from flows.report import (
+from evergreen.report import (
     CHAMPION_PNG,
     JSON_FILE,
     MATRIX_PNG,

@@ -11,16 +11,9 @@ import torch
 from river.drift import PageHinkley as RiverPageHinkley
 from torch import nn
 
-from continual.streaming import (
-    AlphaSpending,
-    DriftMonitor,
-    EMATeacher,
-    PageHinkley,
-    calibrate_threshold,
-    detect,
-    ph_statistic,
-    within_batch_order,
-)
+from continual.drift import AlphaSpending, DriftMonitor, within_batch_order
+from continual.page_hinkley import PageHinkley, calibrate_threshold, detect, ph_statistic
+from continual.streaming import EMATeacher
 
 
 def _losses(rng: np.random.Generator, n: int, scale: float = 0.3) -> np.ndarray:

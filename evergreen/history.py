@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from evergreen.config import EvergreenConfig
-from flows.report import TimelineRow, write_report
+from evergreen.report import TimelineRow, write_report
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
 

@@ -12,9 +12,8 @@ from prefect.settings import PREFECT_API_URL
 from rich.console import Console
 
 from evergreen.config import EvergreenConfig
+from evergreen.deployments import WORK_POOL
 from tasks.limits import ensure_limits
-
-WORK_POOL = "evergreen-process"
 
 
 def ensure_work_pool(name: str = WORK_POOL, pool_type: str = "process") -> bool:

@@ -12,7 +12,7 @@ Every row is unique across the whole timeline: a scan is reused only under a tra
 it differ from every row already written. Everything is a pure function of `seed`.
 
 Run it by hand to look at the data:
-    python -m flows.demo_data ./landing
+    python -m demo.timeline ./landing
 """
 
 from __future__ import annotations
@@ -404,7 +404,7 @@ def demo_config_dict(landing: str, home: str) -> dict[str, Any]:
             "name": "evergreen-digits",
             "experiment": "evergreen-demo",
         },
-        "bootstrap_train": {"steps": 500, "batch_size": 64, "lr": 3e-3, "seed": 0},
+        "bootstrap": {"train": {"steps": 500, "batch_size": 64, "lr": 3e-3, "seed": 0}},
         "memory": {"replay_capacity": 3000},
         "monthly": {"train": {"steps": 300, "lr": 2e-3}},
         "weekly": {"train": {"steps": 200, "lr": 2e-3}},
@@ -418,7 +418,7 @@ def demo_config_dict(landing: str, home: str) -> dict[str, Any]:
 def _main(argv: list[str]) -> int:
     """Build the landing zone named on the command line and print the timeline."""
     if len(argv) != 1:
-        print("usage: python -m flows.demo_data LANDING_URI", file=sys.stderr)
+        print("usage: python -m demo.timeline LANDING_URI", file=sys.stderr)
         return 2
     for batch in build_demo_landing(argv[0]):
         flag = "  [corrupt]" if batch.corrupt else ""

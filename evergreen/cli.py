@@ -16,6 +16,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from evergreen.cadences import CADENCES, cadence, run_flow
 from evergreen.config import load_config
 
 console = Console()
@@ -65,17 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--home", default=".evergreen/demo", help="where the demo keeps its state")
     demo.add_argument("--keep", action="store_true", help="do not wipe an earlier demo home")
     run = sub.add_parser("run", help="run one flow now (ephemeral Prefect unless PREFECT_API_URL)")
-    run.add_argument(
-        "flow",
-        help="bootstrap | monthly-finetune | weekly-replay | daily-lora | "
-        "stream-monitor | merge | consolidate | rollback",
-    )
-    run.add_argument("--batch", dest="batch_ids", action="append", help="process this batch id")
-    run.add_argument("--until", help="only batches whose id sorts at or before this")
-    run.add_argument("--max-batches", type=int)
-    run.add_argument("--force", action="store_true", help="reprocess batches already processed")
-    run.add_argument("--versions", nargs="+", help="merge: versions to merge")
-    run.add_argument("--promote-ema", action="store_true", help="stream-monitor: gate the EMA")
+    run.add_argument("flow", choices=[c.name for c in CADENCES], help="the flow to run")
+    _flow_options(run)
     deploy = sub.add_parser("deploy", help="register the prefect.yaml deployments on the server")
     deploy.add_argument("--prefect-file", default=str(PROJECT_ROOT / "prefect.yaml"))
     deploy.add_argument("--name", action="append", help="only this deployment (repeatable)")
@@ -105,33 +97,57 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from flows.registry import run_flow
+# CLI spellings of parameter fields that read better than the field name.
+_FLAG_NAMES = {"batch_ids": "--batch", "to": "--to"}
+_NOT_FLAGS = {"config_path", "overrides"}  # --config and --set
 
+
+def _flow_options(run: argparse.ArgumentParser) -> None:
+    """One option per field of any declared flow's parameter model (derived, not listed)."""
+    seen: set[str] = set()
+    for item in CADENCES:
+        for name, info in item.params_model().model_fields.items():
+            if name in _NOT_FLAGS or name in seen:
+                continue
+            seen.add(name)
+            flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
+            help_text = f"{info.description} ({', '.join(_takers(name))})"
+            annotation = str(info.annotation)
+            if info.annotation is bool:
+                run.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)
+            elif name == "batch_ids":
+                run.add_argument(flag, dest=name, action="append", help=help_text)
+            elif annotation.startswith("list"):
+                run.add_argument(flag, dest=name, nargs="+", help=help_text)
+            else:
+                kind = int if "int" in annotation else float if "float" in annotation else str
+                run.add_argument(flag, dest=name, type=kind, help=help_text)
+
+
+def _takers(field: str) -> list[str]:
+    return [c.name for c in CADENCES if field in c.params_model().model_fields]
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    item = cadence(args.flow)
     load_config(args.config, args.overrides)  # fail fast with a clear message
-    params: dict = {"config_path": args.config, "overrides": args.overrides}
-    if args.flow == "rollback":
-        params.update({"to": None})
-    else:
-        params.update(
-            {
-                "batch_ids": args.batch_ids,
-                "until": args.until,
-                "max_batches": args.max_batches,
-                "force": args.force,
-            }
-        )
-    if args.flow == "merge":
-        params["versions"] = args.versions or []
-    if args.flow == "stream-monitor":
-        params["promote_ema"] = args.promote_ema
-    result = run_flow(args.flow, **params)
+    fields = item.params_model().model_fields
+    given = {
+        name: value
+        for name, value in vars(args).items()
+        if value is not None and name not in ("command", "flow", "config", "overrides")
+    }
+    foreign = sorted(name for name in given if name not in fields)
+    if foreign:
+        flags = [_FLAG_NAMES.get(n, "--" + n.replace("_", "-")) for n in foreign]
+        raise ValueError(f"flow {item.name!r} does not take {', '.join(flags)}")
+    result = run_flow(item.name, config_path=args.config, overrides=args.overrides, **given)
     console.print_json(json.dumps(result, default=str))
     return 0 if result.get("decision") != "failed" else 1
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from flows.deploy import deploy_all
+    from evergreen.deploy import deploy_all
 
     cfg = load_config(args.config, args.overrides)
     return deploy_all(cfg, Path(args.prefect_file), names=args.name, console=console)
@@ -161,19 +177,19 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from flows.rollback import RollbackParams, rollback
-
-    result = rollback(
-        params=RollbackParams(
-            config_path=args.config, overrides=args.overrides, to=args.to, reason=args.reason
-        )
+    result = run_flow(
+        "rollback",
+        config_path=args.config,
+        overrides=args.overrides,
+        to=args.to,
+        reason=args.reason,
     )
     console.print_json(json.dumps(result, default=str))
-    return 0 if result["rolled_back"] else 1
+    return 0 if result["decision"] == "rolled-back" else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.history_report import write_registry_report
+    from evergreen.history import write_registry_report
 
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out) if args.out else cfg.home_path / "reports" / "latest"
@@ -182,7 +198,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from flows.demo import run_demo
+    from demo.run import run_demo
 
     home = Path(args.home).resolve()
     if home.exists() and not args.keep:

@@ -2,13 +2,13 @@
 
 Run: `make demo` (or `evergreen demo`). No server to start: Prefect runs ephemeral, MLflow uses
 SQLite + a local artifact folder under the demo home. It prints a timeline table and writes a
-Markdown + PNG report comparing the champion with a naive fine-tune baseline.
+Markdown + PNG report comparing the champion with a model trained jointly on everything so far
+(the bound) and a naive fine-tune (the forgetting baseline), both on the same training rows.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,42 +17,29 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from continual.training import TrainSettings, accuracy, train
 from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
 from data_plane.splits import ThreeWaySplit, split_three_way
+from demo.baselines import HeldOut, accuracy_row, joint_rows, naive_rows
+from demo.timeline import DemoBatch, build_demo_landing, demo_config_dict
+from evergreen.cadences import by_section, run_flow
 from evergreen.config import EvergreenConfig, load_config
-from flows.demo_data import DemoBatch, build_demo_landing, demo_config_dict
-from flows.registry import run_flow
-from flows.report import TimelineRow, timeline_table, write_report
+from evergreen.report import TimelineRow, timeline_table, write_report
 from tasks.common import frame_to_tensors
 from tasks.merge import lineage_versions
 from tasks.promote import load_champion
 
-CADENCE_FLOW = {"daily": "daily-lora", "weekly": "weekly-replay", "monthly": "monthly-finetune"}
 
-
-@dataclass
-class Holdouts:
-    """Each valid batch's held-out rows (the same split the flows use), in timeline order."""
-
-    frames: dict[str, pd.DataFrame] = field(default_factory=dict)
-
-    def seen(self, until: str) -> list[str]:
-        return [b for b in self.frames if b <= until]
-
-
-def load_holdouts(cfg: EvergreenConfig, batches: list[DemoBatch]) -> Holdouts:
-    zone, columns, holdouts = open_landing(cfg.data.landing), data_columns(cfg.data), Holdouts()
+def load_held_out(cfg: EvergreenConfig, batches: list[DemoBatch]) -> HeldOut:
+    """Each valid batch's train and gate rows (the flows' own split); the corrupt one has none."""
+    zone, columns, held_out = open_landing(cfg.data.landing), data_columns(cfg.data), HeldOut()
     for batch in batches:
         try:
-            frame = read_batch(zone, batch.batch_id, cfg.data)[columns]
-            holdout = _split(cfg, frame).gate
-            # raises on labels outside the classes: the corrupt batch has no holdout
-            frame_to_tensors(holdout, _Spec(cfg), cfg.data.label)
+            split = _split(cfg, read_batch(zone, batch.batch_id, cfg.data)[columns])
+            frame_to_tensors(split.gate, _Spec(cfg), cfg.data.label)  # raises on bad labels
         except (BatchReadError, ValueError, KeyError, TypeError):
             continue
-        holdouts.frames[batch.batch_id] = holdout
-    return holdouts
+        held_out.train[batch.batch_id], held_out.gate[batch.batch_id] = split.train, split.gate
+    return held_out
 
 
 def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
@@ -74,15 +61,6 @@ class _Spec:
         self.classes = list(cfg.data.classes)
 
 
-def accuracy_row(cfg, model, holdouts: Holdouts, until: str) -> dict[str, float]:
-    spec = _Spec(cfg)
-    row = {}
-    for batch_id in holdouts.seen(until):
-        X, y = frame_to_tensors(holdouts.frames[batch_id], spec, cfg.data.label)
-        row[batch_id] = accuracy(model, X, y)
-    return row
-
-
 def forgetting_of(history: list[dict[str, float]]) -> float | None:
     """Mean over earlier batches of (best accuracy so far − current accuracy)."""
     if len(history) < 2:
@@ -101,25 +79,6 @@ def retention_accuracy(row: dict[str, float], latest: str) -> float | None:
     return float(np.mean(old)) if old else None
 
 
-def naive_baseline(cfg: EvergreenConfig, batches, holdouts: Holdouts) -> dict[str, float]:
-    """Plain fine-tuning on every valid batch in turn, no EWC, replay or gate: the forgetting
-    baseline. Returns its retention accuracy after each batch."""
-    champion = load_champion.fn(cfg)  # the bootstrap champion: same starting point
-    model = champion.clone_model()
-    zone, columns, results = open_landing(cfg.data.landing), data_columns(cfg.data), {}
-    for batch in batches[1:]:
-        if batch.batch_id not in holdouts.frames:
-            continue
-        frame = read_batch(zone, batch.batch_id, cfg.data)[columns]
-        train_part = _split(cfg, frame).train
-        X, y = frame_to_tensors(train_part, champion.spec, cfg.data.label)
-        steps = cfg.monthly.train.steps
-        train(model, X, y, TrainSettings(steps=steps, lr=cfg.monthly.train.lr))
-        row = accuracy_row(cfg, model, holdouts, batch.batch_id)
-        results[batch.batch_id] = retention_accuracy(row, batch.batch_id)
-    return results
-
-
 def plan_runs(batches: list[DemoBatch]) -> list[tuple[str, str, dict]]:
     """(date, flow, params) in calendar order: each batch by its cadence, the stream monitor
     over the week's arrivals before each weekly update, consolidation mid-way, a Fisher merge at
@@ -127,11 +86,12 @@ def plan_runs(batches: list[DemoBatch]) -> list[tuple[str, str, dict]]:
     runs: list[tuple[str, str, dict]] = []
     for i, batch in enumerate(batches):
         if batch.cadence == "bootstrap":
-            runs.append((batch.date, "bootstrap", {"batch_ids": [batch.batch_id]}))
+            runs.append((batch.date, by_section("bootstrap").name, {"batch_ids": [batch.batch_id]}))
             continue
         if batch.cadence == "weekly":  # the stream sees the week's samples as they arrive
             runs.append((batch.date, "stream-monitor", {"until": batch.batch_id}))
-        runs.append((batch.date, CADENCE_FLOW[batch.cadence], {"batch_ids": [batch.batch_id]}))
+        flow_name = by_section(batch.cadence).name
+        runs.append((batch.date, flow_name, {"batch_ids": [batch.batch_id]}))
         if i == len(batches) // 2:
             runs.append((batch.date, "consolidate", {}))
     runs.append((batches[-1].date, "merge", {"versions": "champion+previous"}))
@@ -151,20 +111,64 @@ def run_demo(home: Path, *, console: Console | None = None) -> int:
     cfg = load_config(config_path)
     batches = build_demo_landing(cfg.data.landing)
     console.print(_batches_table(batches))
-    holdouts = load_holdouts(cfg, batches)
-    timeline, matrix_rows = _run_calendar(cfg, config_path, batches, holdouts, console)
-    console.print("[bold]naive fine-tune baseline[/bold] (same batches, no EWC/replay/gate)…")
-    baseline = naive_baseline(cfg, batches, holdouts)
-    for row in timeline:
-        row.baseline_retention_accuracy = baseline.get(row.batch_ids[-1]) if row.batch_ids else None
+    held_out = load_held_out(cfg, batches)
+    timeline, matrix_rows = _run_calendar(cfg, config_path, batches, held_out, console)
+    console.print("[bold]references[/bold]: joint training and naive fine-tuning, same rows…")
+    _add_references(cfg, timeline, held_out)
     console.print(timeline_table(timeline))
-    report = _write(cfg, timeline, matrix_rows, holdouts)
+    console.print(_verdict(timeline))
+    report = _write(cfg, timeline, matrix_rows, held_out)
     console.print(f"\nreport: {report}  ({time.perf_counter() - started:.0f}s in all)")
     _explain(console, cfg, config_path)
     return 0
 
 
-def _run_calendar(cfg, config_path: Path, batches, holdouts, console: Console):
+def _add_references(cfg: EvergreenConfig, timeline: list[TimelineRow], held_out: HeldOut) -> None:
+    """Joint and naive accuracy on the new batch and on retention, beside each champion row."""
+    order = list(held_out.gate)
+    first = _bootstrap_state(cfg)
+    naive = naive_rows(cfg, first, held_out, order[1:])
+    joint = joint_rows(cfg, first, held_out, order)
+    for row in timeline:
+        batch = row.batch_ids[-1] if row.batch_ids else None
+        if batch is None or batch not in joint:
+            continue
+        row.joint_new_accuracy = joint[batch].get(batch)
+        row.joint_retention_accuracy = retention_accuracy(joint[batch], batch)
+        if batch in naive:
+            row.baseline_retention_accuracy = retention_accuracy(naive[batch], batch)
+
+
+def _bootstrap_state(cfg: EvergreenConfig):
+    """The first champion (the naive baseline's starting point, like the flows')."""
+    from model_registry.registry import Registry
+    from tasks.state import read_state
+
+    registry = Registry.from_config(cfg)
+    first = registry.history(limit=1000)[-1].version
+    target = cfg.home_path / "cache" / "versions" / first
+    if not target.exists():
+        registry.download(first, target)
+    return read_state(target, version=first)
+
+
+def _verdict(timeline: list[TimelineRow]) -> str:
+    """The demo's quality targets, measured: new-batch accuracy vs joint, retention ≥ 0.90."""
+    gaps = [
+        r.joint_new_accuracy - r.new_accuracy
+        for r in timeline
+        if r.new_accuracy is not None and r.joint_new_accuracy is not None
+    ]
+    kept = [r.retention_accuracy for r in timeline if r.retention_accuracy is not None]
+    if not gaps or not kept:
+        return "no updates to compare"
+    return (
+        f"champion vs joint on each new batch: largest gap {max(gaps) * 100:+.1f} pts "
+        f"(mean {np.mean(gaps) * 100:+.1f}); lowest retention accuracy {min(kept):.3f}"
+    )
+
+
+def _run_calendar(cfg, config_path: Path, batches, held_out: HeldOut, console: Console):
     timeline: list[TimelineRow] = []
     matrix_rows: list[tuple[str, dict[str, float]]] = []
     for date, flow_name, extra in plan_runs(batches):
@@ -175,7 +179,7 @@ def _run_calendar(cfg, config_path: Path, batches, holdouts, console: Console):
         result = run_flow(flow_name, **params)
         champion = load_champion.fn(cfg)
         until = max([b for b in result.get("batch_ids") or [date]] + [date])
-        row = accuracy_row(cfg, champion.model, holdouts, until)
+        row = accuracy_row(cfg, champion.model, held_out, until, _Spec(cfg))
         matrix_rows.append((f"{date} {flow_name}", row))
         new_batch = (result.get("batch_ids") or [None])[-1]
         timeline.append(
@@ -200,8 +204,8 @@ def _champion_and_previous(cfg: EvergreenConfig) -> list[str]:
     return versions if len(versions) == 2 else versions * 2
 
 
-def _write(cfg, timeline, matrix_rows, holdouts: Holdouts) -> Path:
-    columns = list(holdouts.frames)
+def _write(cfg, timeline, matrix_rows, held_out: HeldOut) -> Path:
+    columns = list(held_out.gate)
     matrix = np.full((len(matrix_rows), len(columns)), np.nan)
     for i, (_, row) in enumerate(matrix_rows):
         for j, batch_id in enumerate(columns):

@@ -1,0 +1,78 @@
+"""The demo's plain-PyTorch references on exactly the rows the flows train on.
+
+- naive: the bootstrap champion fine-tuned on each new batch in turn (no replay, EWC or gate):
+  what forgetting looks like;
+- joint: a model trained from scratch on every training row seen so far, at each batch: the
+  quality bound a continual learner is measured against.
+
+Both train on the batches' *train* rows (the flows' own row-hash split) and are scored on their
+*gate* rows, like the champion.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import pandas as pd
+import torch
+
+from continual.models import build_model, fit_standardizer
+from continual.training import TrainSettings, accuracy, train
+from evergreen.config import EvergreenConfig
+from tasks.common import frame_to_tensors
+from tasks.state import ModelState
+
+
+@dataclass
+class HeldOut:
+    """Each valid batch's train and gate rows, in timeline order."""
+
+    train: dict[str, pd.DataFrame] = field(default_factory=dict)
+    gate: dict[str, pd.DataFrame] = field(default_factory=dict)
+
+    def seen(self, until: str) -> list[str]:
+        return [b for b in self.gate if b <= until]
+
+
+def accuracy_row(
+    cfg: EvergreenConfig, model: torch.nn.Module, held_out: HeldOut, until: str, spec
+) -> dict[str, float]:
+    """Accuracy on the gate rows of every batch up to `until`."""
+    row = {}
+    for batch_id in held_out.seen(until):
+        X, y = frame_to_tensors(held_out.gate[batch_id], spec, cfg.data.label)
+        row[batch_id] = accuracy(model, X, y)
+    return row
+
+
+def naive_rows(
+    cfg: EvergreenConfig, champion: ModelState, held_out: HeldOut, batches: Iterable[str]
+) -> dict[str, dict[str, float]]:
+    """batch → accuracy row of the naive fine-tune right after learning that batch."""
+    model, rows = champion.clone_model(), {}
+    settings = TrainSettings(steps=cfg.monthly.train.steps, lr=cfg.monthly.train.lr)
+    for batch_id in batches:
+        X, y = frame_to_tensors(held_out.train[batch_id], champion.spec, cfg.data.label)
+        train(model, X, y, settings)
+        rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, champion.spec)
+    return rows
+
+
+def joint_rows(
+    cfg: EvergreenConfig, champion: ModelState, held_out: HeldOut, batches: Iterable[str]
+) -> dict[str, dict[str, float]]:
+    """batch → accuracy row of a model trained from scratch on every train row up to it."""
+    rows, seen = {}, []
+    for batch_id in batches:
+        seen.append(held_out.train[batch_id])
+        frame = pd.concat(seen, ignore_index=True)
+        mean, std = fit_standardizer(frame[cfg.data.features].to_numpy("float32"))
+        spec = replace(champion.spec, input_mean=mean, input_std=std)
+        torch.manual_seed(cfg.bootstrap.train.seed)
+        model = build_model(spec)
+        X, y = frame_to_tensors(frame, spec, cfg.data.label)
+        t = cfg.bootstrap.train
+        train(model, X, y, TrainSettings(steps=t.steps, batch_size=t.batch_size, lr=t.lr))
+        rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, spec)
+    return rows

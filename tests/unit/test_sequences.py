@@ -1,0 +1,139 @@
+"""The benchmark's task sequences: shapes, determinism, disjoint scans, classes, real shifts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from benchmarks.sequences import (
+    CLASSES,
+    FAMILIES,
+    LABEL,
+    PIXELS,
+    SPLITS,
+    TEST,
+    VALIDATION,
+    build_sequence,
+)
+
+DOMAIN = ["rotate", "gain", "roll", "thicken", "permute"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_frames_are_landable_numeric_and_sized(family):
+    sequence = build_sequence(family, seed=0)
+    assert len(sequence.tasks) == 4
+    for task in sequence.tasks:
+        for frame in (task.train, task.test):
+            assert list(frame.columns) == [*PIXELS, LABEL]
+            assert all(pd.api.types.is_float_dtype(frame[p]) for p in PIXELS)
+            assert pd.api.types.is_integer_dtype(frame[LABEL])
+            assert np.isfinite(frame[PIXELS].to_numpy()).all()
+            assert frame[PIXELS].to_numpy().min() >= 0
+        assert len(task.train) == len(task.train_scans) >= 250
+        assert len(task.test) == len(task.test_scans) >= 85
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_seed_same_frames_other_seed_other_scans(family):
+    a, b, c = (build_sequence(family, seed) for seed in (3, 3, 4))
+    for ta, tb, tc in zip(a.tasks, b.tasks, c.tasks, strict=True):
+        pd.testing.assert_frame_equal(ta.train, tb.train)
+        pd.testing.assert_frame_equal(ta.test, tb.test)
+        assert not np.array_equal(ta.train_scans, tc.train_scans)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_no_test_scan_is_ever_a_training_scan(family):
+    sequence = build_sequence(family, seed=1)
+    trained = np.concatenate([t.train_scans for t in sequence.tasks])
+    tested = np.concatenate([t.test_scans for t in sequence.tasks])
+    assert len(np.intersect1d(trained, tested)) == 0
+    # each task's batch comes from scans no other task trains on
+    assert len(np.unique(trained)) == len(trained)
+
+
+@pytest.mark.parametrize("family", DOMAIN)
+def test_domain_tasks_cover_every_class_and_share_one_test_pool(family):
+    sequence = build_sequence(family, seed=2)
+    for task in sequence.tasks:
+        assert sorted(task.train[LABEL].unique()) == CLASSES
+        np.testing.assert_array_equal(task.test_scans, sequence.tasks[0].test_scans)
+        np.testing.assert_array_equal(task.test[LABEL], sequence.tasks[0].test[LABEL])
+
+
+@pytest.mark.parametrize(
+    ("family", "groups"),
+    [
+        ("classes-a", [{0, 1, 2, 3}, {4, 5}, {6, 7}, {8, 9}]),
+        ("classes-b", [{5, 6, 7, 8}, {9, 0}, {1, 2}, {3, 4}]),
+    ],
+)
+def test_class_arrival_groups(family, groups):
+    sequence = build_sequence(family, seed=0)
+    for task, group in zip(sequence.tasks, groups, strict=True):
+        assert set(task.train[LABEL]) == group
+        assert set(task.test[LABEL]) == group
+
+
+@pytest.mark.parametrize("family", DOMAIN)
+def test_each_shift_really_changes_the_images(family):
+    sequence = build_sequence(family, seed=0)
+    first = sequence.tasks[0].test[PIXELS].to_numpy()
+    for task in sequence.tasks[1:]:
+        # same scans, same labels, different pixels: a mean change of at least 1 grey level
+        assert np.abs(task.test[PIXELS].to_numpy() - first).mean() > 1.0
+
+
+def test_first_task_is_the_untouched_digits():
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    task = build_sequence("rotate", seed=0).tasks[0]
+    np.testing.assert_array_equal(task.train[PIXELS].to_numpy(), digits.data[task.train_scans])
+    np.testing.assert_array_equal(task.test[LABEL].to_numpy(), digits.target[task.test_scans])
+
+
+def test_rotation_turns_a_bar():
+    from benchmarks.sequences import rotate
+
+    bar = np.zeros((1, 8, 8))
+    bar[0, :, 3:5] = 16.0  # vertical bar
+    turned = rotate(45)(bar)[0]  # counter-clockwise as displayed: top goes left
+    assert turned[2, 2] == 16 and turned[5, 5] == 16  # on the main diagonal
+    assert turned[0, 4] == 0 and turned[7, 3] == 0  # the bar's old ends are empty
+    assert turned[1, 6] == 0 and turned[6, 1] == 0  # not the anti-diagonal
+    assert turned.min() >= 0 and turned.max() <= 16
+
+
+def test_gain_leaves_the_first_range_and_thicken_adds_ink():
+    gain = build_sequence("gain", seed=0).tasks
+    assert gain[-1].train[PIXELS].to_numpy().max() > 30
+    thick = build_sequence("thicken", seed=0).tasks
+    ink = [(t.test[PIXELS].to_numpy() > 0).mean() for t in thick]
+    assert ink[0] < ink[1] < ink[2]
+
+
+def test_permute_uses_a_different_fixed_permutation_per_task():
+    tasks = build_sequence("permute", seed=0).tasks
+    first = tasks[0].test[PIXELS].to_numpy()
+    # a permutation keeps every row's multiset of values
+    for task in tasks[1:]:
+        np.testing.assert_array_equal(np.sort(task.test[PIXELS].to_numpy(), 1), np.sort(first, 1))
+    assert not np.array_equal(tasks[1].test.to_numpy(), tasks[2].test.to_numpy())
+
+
+def test_splits_share_no_family_and_no_seed():
+    assert set(SPLITS) == {"validation", "test"}
+    assert not set(VALIDATION.families) & set(TEST.families)
+    assert not set(VALIDATION.seeds) & set(TEST.seeds)
+    assert set(VALIDATION.families) | set(TEST.families) == set(FAMILIES)
+
+
+def test_bad_arguments_name_the_problem():
+    with pytest.raises(KeyError, match="unknown sequence family 'mnist'"):
+        build_sequence("mnist", 0)
+    with pytest.raises(ValueError, match="n_tasks"):
+        build_sequence("rotate", 0, n_tasks=5)
+    assert len(build_sequence("classes-a", 0, n_tasks=2).tasks) == 2
