@@ -401,8 +401,13 @@ def build_model(spec: ModelSpec) -> nn.Module:
 def default_lora_targets(model: nn.Module) -> list[str]:
     """The Linear layers LoRA should adapt by default.
 
-    Preference: attention q/v projections named `q_proj`/`v_proj` (our transformer, Llama-style
-    models), then `query`/`value` (BERT-style), else every Linear except the `classifier` head.
+    Pretrained language models: their attention q/v projections, `q_proj`/`v_proj` (Llama-style)
+    or `query`/`value` (BERT-style) — the usual choice, where the frozen layers already encode
+    what the input means. Our small tabular models (MLP, TabularTransformer): every Linear
+    except the `classifier` head, because drift in tabular data is drift of the *inputs*, which
+    the input embedding and MLP layers must absorb; measured on rotated digits through four
+    daily LoRA updates of the TabularTransformer: average accuracy 0.557 with q/v only (three of
+    four updates rejected), 0.851 with every Linear (all four promoted).
 
     Returns:
         Target names as peft understands them (suffixes or full module names).
@@ -411,10 +416,11 @@ def default_lora_targets(model: nn.Module) -> list[str]:
         ValueError: when the model has no Linear layer besides the classifier.
     """
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    leaf_names = {name.rsplit(".", 1)[-1] for name in linear}
-    for pair in (["q_proj", "v_proj"], ["query", "value"]):
-        if set(pair) <= leaf_names:
-            return pair
+    if not isinstance(model, MLPClassifier | TabularTransformer):
+        leaf_names = {name.rsplit(".", 1)[-1] for name in linear}
+        for pair in (["q_proj", "v_proj"], ["query", "value"]):
+            if set(pair) <= leaf_names:
+                return pair
     targets = [name for name in linear if name.rsplit(".", 1)[-1] != "classifier"]
     if not targets:
         raise ValueError(

@@ -44,7 +44,7 @@ def test_two_adapters_merge_on_delta_w_by_fisher_and_serve() -> None:
     base = build_model(spec)
     train(base, X[:200], y[:200], TrainSettings(steps=60, lr=5e-3))
     halves = (slice(200, 300), slice(300, 400))
-    settings = LoraSettings(r=4, alpha=8)
+    settings = LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     deltas, fishers, factors = [], [], []
     for seed, rows in enumerate(halves):
         adapted = attach_lora(copy.deepcopy(base), settings)
@@ -85,7 +85,7 @@ def test_two_adapters_merge_on_delta_w_by_fisher_and_serve() -> None:
         torch.testing.assert_close(value, served.state_dict()[name])
 
     # a Fisher-weighted (elementwise) merge is full rank: rank 16 stores it exactly, rank 4 not
-    full = LoraSettings(r=16, alpha=16)
+    full = LoraSettings(r=16, alpha=16, target_modules=["q_proj", "v_proj"])
     state, errors = adapter_from_delta(merged, full)
     assert max(errors.values()) < 1e-5
     _, truncated = adapter_from_delta(merged, settings)

@@ -37,6 +37,11 @@ from continual.training import TrainSettings, accuracy, correct_mask, train
 
 
 @lru_cache(maxsize=1)
+def _qv(**settings) -> LoraSettings:
+    """LoRA on the attention q/v projections only (a small, known set of adapted weights)."""
+    return LoraSettings(target_modules=["q_proj", "v_proj"], **settings)
+
+
 def _data() -> dict[str, torch.Tensor]:
     from sklearn.datasets import load_digits
 
@@ -84,7 +89,7 @@ def test_attach_trains_only_adapter_and_starts_identical() -> None:
     champion = _champion()
     with torch.no_grad():
         expected = champion(d["X"][:50])
-    peft_model = attach_lora(champion, LoraSettings(r=4))
+    peft_model = attach_lora(champion, _qv(r=4))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     assert any("q_proj.lora_A" in n for n in trainable) and not any(
@@ -100,9 +105,9 @@ def test_unknown_target_lists_available_linears() -> None:
 
 
 def test_attaching_twice_is_refused() -> None:
-    peft_model = attach_lora(_champion(), LoraSettings(r=2))
+    peft_model = attach_lora(_champion(), _qv(r=2))
     with pytest.raises(ValueError, match="already carries a LoRA adapter"):
-        attach_lora(peft_model, LoraSettings(r=2))
+        attach_lora(peft_model, _qv(r=2))
 
 
 def _non_inferior(reference: torch.nn.Module, X_val, y_val):
@@ -117,7 +122,7 @@ def _non_inferior(reference: torch.nn.Module, X_val, y_val):
 
 def test_gate_restores_bit_exactly_on_regression() -> None:
     d = _data()
-    peft_model = attach_lora(_champion(), LoraSettings(r=4))
+    peft_model = attach_lora(_champion(), _qv(r=4))
     X_val, y_val = d["X"][1200:1500], d["y"][1200:1500]
     # give the adapter non-trivial values first, so "restore" is not just "zero B"
     train(peft_model, d["X"][600:900], d["y"][600:900], TrainSettings(steps=30, lr=3e-3))
@@ -140,7 +145,7 @@ def test_gate_restores_bit_exactly_on_regression() -> None:
 
 def test_gate_keeps_an_improvement() -> None:
     d = _data()
-    peft_model = attach_lora(_champion(), LoraSettings(r=8))
+    peft_model = attach_lora(_champion(), _qv(r=8))
     X_val, y_val = d["X"][1200:1500], d["y"][1200:1500]
     initial = adapter_snapshot(peft_model)
     score_before = accuracy(peft_model, X_val, y_val)
@@ -157,7 +162,7 @@ def test_gate_keeps_an_improvement() -> None:
 
 
 def test_gate_judges_the_trained_model() -> None:
-    peft_model = attach_lora(_champion(), LoraSettings(r=2))
+    peft_model = attach_lora(_champion(), _qv(r=2))
     seen = []
 
     def judge(model: torch.nn.Module) -> bool:
@@ -169,14 +174,14 @@ def test_gate_judges_the_trained_model() -> None:
 
 
 def test_restore_rejects_foreign_snapshot() -> None:
-    peft_model = attach_lora(_champion(), LoraSettings(r=2))
+    peft_model = attach_lora(_champion(), _qv(r=2))
     with pytest.raises(KeyError, match="snapshot does not fit"):
         restore_adapter(peft_model, {"nope": torch.zeros(1)})
 
 
 def _trained_adapter() -> torch.nn.Module:
     d = _data()
-    peft_model = attach_lora(_champion(), LoraSettings(r=4))
+    peft_model = attach_lora(_champion(), _qv(r=4))
     train(peft_model, d["X"][600:1200], d["y"][600:1200], TrainSettings(steps=40, lr=5e-3))
     return peft_model
 
@@ -310,7 +315,7 @@ def test_merged_delta_stored_as_an_adapter_again() -> None:
     }
     other = {k: v * delta[k].std() / v.std() for k, v in other.items()}  # rank 4, same scale
     merged = merge_lora_deltas([delta, other], [0.7, 0.3])  # rank ≤ 8 (two rank-4 products)
-    settings = LoraSettings(r=8, alpha=4)
+    settings = _qv(r=8, alpha=4)
     state, errors = adapter_from_delta(merged, settings)
     assert max(errors.values()) < 1e-5
     target = attach_lora(_champion(), settings)
@@ -318,7 +323,7 @@ def test_merged_delta_stored_as_an_adapter_again() -> None:
     with torch.no_grad():
         stored = target(d["X"][1200:1300])
         assert torch.allclose(stored, _folded_model(merged)(d["X"][1200:1300]), atol=1e-5)
-    _, truncated = adapter_from_delta(merged, LoraSettings(r=2))
+    _, truncated = adapter_from_delta(merged, _qv(r=2))
     assert min(truncated.values()) > 1e-2
 
 

@@ -136,7 +136,17 @@ def test_bad_family_errors(family: str, message: str) -> None:
 
 
 def test_default_lora_targets() -> None:
-    assert default_lora_targets(build_model(_spec("transformer"))) == ["q_proj", "v_proj"]
+    tabular = default_lora_targets(build_model(_spec("transformer")))
+    assert "embed" in tabular and "blocks.0.attn.q_proj" in tabular and "blocks.0.fc2" in tabular
+    assert not any(name.endswith("classifier") for name in tabular)
+
+    class Llama(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.v_proj = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.lm_head = nn.Linear(4, 9)
+
+    assert default_lora_targets(Llama()) == ["q_proj", "v_proj"]
     mlp = build_model(_spec("mlp", hidden=[32, 16]))
     assert default_lora_targets(mlp) == ["layers.0", "layers.1"]
 
