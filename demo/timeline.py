@@ -75,22 +75,23 @@ class _Plan:
     corrupt: bool = False
 
 
-# ~14 batches: enough to show every cadence and a quarantine, few enough for a < 5 min demo.
+# 14 batches: every cadence and a quarantine; daily batches of ~200 rows give the gate ~50
+# held-out rows each, enough to promote a clear improvement (24 rows cannot show anything).
 _TIMELINE: tuple[_Plan, ...] = (
-    _Plan(0, "bootstrap", 500, "original writers, digits 0-8 only"),
-    _Plan(2, "daily", 80, "more scans from the original writers"),
-    _Plan(7, "daily", 90, "first new writers: a few shifted digits"),
-    _Plan(13, "weekly", 240, "new writers: shifted and thicker strokes"),
-    _Plan(16, "daily", 70, "new writers, exported as CSV", fmt="csv"),
-    _Plan(22, "daily", 80, "new writers, exported as JSON lines", fmt="jsonl"),
-    _Plan(30, "monthly", 400, "digit 9 arrives; rotated and bolder strokes", parts=2),
-    _Plan(35, "daily", 90, "new writers keep drifting"),
+    _Plan(0, "bootstrap", 600, "original writers, digits 0-8 only"),
+    _Plan(2, "daily", 200, "more scans from the original writers"),
+    _Plan(7, "daily", 200, "first new writers: a few shifted digits"),
+    _Plan(13, "weekly", 300, "new writers: shifted and thicker strokes"),
+    _Plan(16, "daily", 180, "new writers, exported as CSV", fmt="csv"),
+    _Plan(22, "daily", 200, "new writers, exported as JSON lines", fmt="jsonl"),
+    _Plan(30, "monthly", 500, "digit 9 arrives; rotated and bolder strokes", parts=2),
+    _Plan(35, "daily", 200, "new writers keep drifting"),
     _Plan(37, "daily", 60, "broken export: text in pixel_27, labels 11", fmt="csv", corrupt=True),
-    _Plan(41, "weekly", 240, "stronger drift: shifts, rotation, contrast"),
-    _Plan(49, "daily", 100, "heavy drift: most scans transformed"),
-    _Plan(56, "daily", 80, "heavy drift continues"),
-    _Plan(62, "weekly", 260, "new writers dominate"),
-    _Plan(65, "daily", 120, "latest writers"),
+    _Plan(41, "weekly", 300, "stronger drift: shifts, rotation, contrast"),
+    _Plan(49, "daily", 220, "heavy drift: most scans transformed"),
+    _Plan(56, "daily", 200, "heavy drift continues"),
+    _Plan(62, "weekly", 300, "new writers dominate"),
+    _Plan(65, "daily", 240, "latest writers"),
 )
 
 
