@@ -76,8 +76,8 @@ def _help(text: str) -> dict[str, str]:
 class GatePolicy:
     """Tolerances (accuracy as a fraction, 0.01 = 1 point) and test settings of the gate.
 
-    Two bounds with different jobs. `retention_tolerance` (5 pts) is the evidence margin of
-    each promotion: the one-sided 95% lower bound of the paired difference must clear it, which
+    Two bounds with different jobs. The tolerances (5 pts on new data and on retention) are the
+    evidence margins of each promotion: the one-sided 95% lower bound of the paired difference must clear it, which
     a challenger can do with the ~100-200 held-out rows small pipelines have. What may really
     be lost is `forgetting_budget` (2.5 pts), the point estimate against fixed per-batch
     references. Measured in `benchmarks/bench_gate.py` (1,000 trials per cell; churn = the
@@ -90,7 +90,7 @@ class GatePolicy:
     """
 
     new_data_tolerance: float = field(
-        default=0.03, metadata=_help("Non-inferiority margin on the new batch's held-out split.")
+        default=0.05, metadata=_help("Non-inferiority margin on the new batch's held-out split.")
     )
     retention_tolerance: float = field(
         default=0.05, metadata=_help("Non-inferiority margin on the retention set, per promotion.")

@@ -269,7 +269,7 @@ class GateConfig(_Strict):
     """The promotion gate (continual/gating.py); defaults measured in benchmarks/bench_gate.py."""
 
     new_data_tolerance: float = Field(
-        0.03, ge=0, lt=1, description="Non-inferiority margin on the new batches' gate rows."
+        0.05, ge=0, lt=1, description="Non-inferiority margin on the new batches' gate rows."
     )
     retention_tolerance: float = Field(
         0.05,

@@ -70,7 +70,7 @@ stream:                           # Page-Hinkley on the champion's per-sample lo
 consolidate: {mode: ema, decay: 0.5, alpha: 0.5, lineage: 3}
 
 gate:                             # non-inferiority on paired per-example correctness
-  new_data_tolerance: 0.03        # promote only if the one-sided lower bound of (challenger - champion) > -0.03
+  new_data_tolerance: 0.05        # promote only if the one-sided lower bound of (challenger - champion) > -0.05
   retention_tolerance: 0.05       # same on the retention set (the evidence margin per promotion)
   confidence: 0.95                # one-sided
   new_data_rule: non_inferior     # or superior: require a proven improvement on new data

@@ -126,6 +126,26 @@ def _anchored_ewc(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory
     return EWC.from_model(champion.model, X, y, lam=lam, gamma=gamma)
 
 
+def learning_rows(
+    cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a challenger learns as "new": this run's train rows plus the train rows (from the
+    replay buffer) of every earlier batch the champion has not learned — a rejected update's
+    data is carried into the next challenger instead of being left to chance in the replay mix."""
+    X, y = frame_to_tensors(data.train, champion.spec, cfg.data.label)
+    carried = set(memory.batches) - set(champion.learned) - set(data.batch_ids)
+    if memory.buffer is None or not carried:
+        return X, y
+    bX, by, batch_ids = memory.buffer.tensors()
+    keep = torch.tensor([b in carried for b in batch_ids], dtype=torch.bool)
+    if not bool(keep.any()):
+        return X, y
+    get_run_logger().info(
+        "carrying %d train rows of %d unlearned earlier batch(es)", int(keep.sum()), len(carried)
+    )
+    return torch.cat([X, bX[keep].to(X.dtype)]), torch.cat([y, by[keep]])
+
+
 @dataclass(frozen=True)
 class Selection:
     """Select rows of the batches the champion learned (old) and has not learned (new)."""
@@ -162,7 +182,7 @@ def _ewc_challenger(
     replay_ratio: float,
 ) -> tuple[ModelState, dict[str, float]]:
     """Fine-tune with online EWC (+ replay); λ chosen on the select rows when set to "auto"."""
-    X, y = frame_to_tensors(data.train, champion.spec, cfg.data.label)
+    X, y = learning_rows(cfg, champion, data, memory)
     settings = settings_from(section.train, len(X))
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
@@ -234,7 +254,7 @@ def train_lora_gated(
         r=d.lora_r, alpha=d.lora_alpha, dropout=d.lora_dropout, target_modules=d.target_modules
     )
     peft_model = attach_lora(champion.clone_model(), lora)
-    X, y = frame_to_tensors(data.train, champion.spec, cfg.data.label)
+    X, y = learning_rows(cfg, champion, data, memory)
     selection = selection_rows(cfg, champion, memory)
     buffer = memory.buffer if d.replay_ratio > 0 else None
     verdict: dict[str, GateDecision] = {}
