@@ -45,7 +45,8 @@ def deploy_all(
         return 2
     if ensure_work_pool():
         console.print(f"created work pool {WORK_POOL} (process)")
-    ensure_limits()
+    for name in ensure_limits(cfg.registry.name):
+        console.print(f"created concurrency limit {name} (limit 1)")
     selection = [arg for name in names for arg in ("--name", name)] if names else ["--all"]
     env = {**os.environ, "EVERGREEN_WORKDIR": str(Path.cwd())}
     command = [

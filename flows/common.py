@@ -23,7 +23,7 @@ def begin(params: ConfigParams) -> EvergreenConfig:
             "Hugging Face loader, but the flows train on numeric `data.features` only"
         )
     cfg.home_path.mkdir(parents=True, exist_ok=True)
-    ensure_limits()
+    ensure_limits(cfg.registry.name)
     return cfg
 
 

@@ -206,7 +206,7 @@ def _promote(registry: Registry, reg: Registration, version: VersionInfo, reason
     if champion is not None and champion.version == version.version:
         return True
     try:
-        with promotion_slot():
+        with promotion_slot(registry.model_name):
             result = registry.promote(
                 version.version,
                 expected_champion=expected,
@@ -226,7 +226,7 @@ def _promote(registry: Registry, reg: Registration, version: VersionInfo, reason
 def roll_back(cfg: EvergreenConfig, *, to: str | None, reason: str) -> FlowOutcome:
     """Move `champion` back (to `to`, or the champion the current one replaced)."""
     registry = Registry.from_config(cfg)
-    with promotion_slot():
+    with promotion_slot(registry.model_name):
         result = registry.rollback(
             to=to, reason=reason, actor="flow:rollback", flow_run_id=current_flow_run_id()
         )

@@ -23,7 +23,7 @@ CLASSES = [0, 1]
 @pytest.fixture
 def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> EvergreenConfig:
     # the Prefect promotion slot is exercised against a real server in the integration tests
-    monkeypatch.setattr(promote, "promotion_slot", nullcontext)
+    monkeypatch.setattr(promote, "promotion_slot", lambda pipeline: nullcontext())
     return config_from_dict(
         {
             "home": str(tmp_path / "home"),
