@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -42,6 +42,15 @@ SOURCE_COLUMN = readers.SOURCE_COLUMN
 
 
 COLUMNS_IN_FILES_ATTR = "columns_in_files"
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a batch as the landing-zone listing saw it (any file, hidden ones too)."""
+
+    name: str
+    size: int
+    modified: float  # seconds since the epoch
 
 
 @dataclass(frozen=True)
@@ -72,6 +81,14 @@ def _is_data_file(name: str, where: str) -> bool:
     return True
 
 
+def _regular(path: Path) -> bool:
+    """A regular file that is not a symlink: a link could point outside the landing zone."""
+    if path.is_symlink():
+        log.warning("ignoring %s: symbolic links are not followed in the landing zone", path)
+        return False
+    return path.is_file()
+
+
 def _check_part(kind: str, value: str) -> None:
     if not _SAFE_NAME.match(value) or ".." in value:
         raise ValueError(
@@ -95,6 +112,18 @@ class LandingZone(ABC):
     @abstractmethod
     def has_files(self, batch_id: str) -> bool:
         """Whether the batch holds any non-hidden file (data or not): has it arrived?"""
+
+    @abstractmethod
+    def scan(self) -> dict[str, list[ObjectInfo]]:
+        """Every batch folder and its files, from one listing of the whole landing zone.
+
+        Hidden/underscore folders are left out; files are every regular file directly in the
+        folder (hidden temp files and markers included: they tell whether an upload is going on).
+        """
+
+    @abstractmethod
+    def read_bytes(self, batch_id: str, name: str) -> bytes:
+        """The whole content of `<batch_id>/<name>` (markers, manifests, checksums)."""
 
     @abstractmethod
     def open(self, ref: FileRef) -> BinaryIO:
@@ -127,20 +156,49 @@ class LocalLandingZone(LandingZone):
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith((".", "_")) and self.has_files(p.name)
+            if not p.name.startswith((".", "_")) and self.has_files(p.name)
         )
 
     def has_files(self, batch_id: str) -> bool:
-        folder = self.root / batch_id
-        return folder.is_dir() and any(
-            p.is_file() and not p.name.startswith((".", "_")) for p in folder.iterdir()
+        folder = self._folder(batch_id)
+        return folder is not None and any(
+            _regular(p) and not p.name.startswith((".", "_")) for p in folder.iterdir()
         )
 
-    def list_files(self, batch_id: str) -> list[FileRef]:
+    def _folder(self, batch_id: str) -> Path | None:
+        """The batch's folder if it is a real directory directly under the root (no symlink,
+        no `..`, no path separator: a batch id from anywhere cannot escape the landing zone)."""
+        if not batch_id or batch_id in (".", "..") or "/" in batch_id or "\\" in batch_id:
+            return None
         folder = self.root / batch_id
-        if not folder.is_dir():
+        return folder if folder.is_dir() and not folder.is_symlink() else None
+
+    def scan(self) -> dict[str, list[ObjectInfo]]:
+        self._require_root()
+        batches: dict[str, list[ObjectInfo]] = {}
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith((".", "_")) or self._folder(folder.name) is None:
+                continue
+            objects = []
+            for path in sorted(folder.iterdir()):
+                if _regular(path):
+                    stat = path.stat()
+                    objects.append(ObjectInfo(path.name, stat.st_size, stat.st_mtime))
+            batches[folder.name] = objects
+        return batches
+
+    def read_bytes(self, batch_id: str, name: str) -> bytes:
+        folder = self._folder(batch_id)
+        path = folder / name if folder is not None else None
+        if path is None or "/" in name or not _regular(path):
+            raise FileNotFoundError(f"{self.root / batch_id / name} is not a file of the batch")
+        return path.read_bytes()
+
+    def list_files(self, batch_id: str) -> list[FileRef]:
+        folder = self._folder(batch_id)
+        if folder is None:
             return []
-        paths = sorted(p for p in folder.iterdir() if p.is_file())
+        paths = sorted(p for p in folder.iterdir() if _regular(p))
         return [
             FileRef(batch_id, p.name, p.stat().st_size, str(p))
             for p in paths
@@ -172,7 +230,7 @@ class S3LandingZone(LandingZone):
     Batches are the common prefixes one level below `prefix` (ListObjectsV2 with Delimiter="/",
     paginated). S3 cannot tell a prefix that holds only a zero-byte "folder" marker from a real
     batch without one extra request per prefix, so `list_batches` may list such a prefix;
-    `pending_batches` drops it (via `has_files`) until files arrive.
+    `arrival.pending_batches` drops it until files arrive.
     """
 
     def __init__(self, uri: str, client: Any) -> None:
@@ -212,6 +270,32 @@ class S3LandingZone(LandingZone):
 
     def has_files(self, batch_id: str) -> bool:
         return any(name and not name.startswith((".", "_")) for name, _ in self._objects(batch_id))
+
+    def scan(self) -> dict[str, list[ObjectInfo]]:
+        """One paginated listing of every key under the prefix (no per-batch requests)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        batches: dict[str, list[ObjectInfo]] = {}
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", []):
+                    batch_id, _, name = obj["Key"][len(self.prefix) :].partition("/")
+                    if not batch_id or batch_id.startswith((".", "_")) or batch_id == "..":
+                        continue
+                    objects = batches.setdefault(batch_id, [])
+                    if name and "/" not in name:  # direct children only, as `list_files`
+                        modified = obj["LastModified"].timestamp()
+                        objects.append(ObjectInfo(name, int(obj["Size"]), modified))
+        except self.client.exceptions.NoSuchBucket as exc:
+            raise FileNotFoundError(
+                f"landing zone {self.uri}: bucket {self.bucket!r} does not exist"
+                " — create it or fix `data.landing`"
+            ) from exc
+        return dict(sorted(batches.items()))
+
+    def read_bytes(self, batch_id: str, name: str) -> bytes:
+        key = f"{self.prefix}{batch_id}/{name}"
+        data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return data
 
     def list_files(self, batch_id: str) -> list[FileRef]:
         where = f"{self.uri.rstrip('/')}/{batch_id}"
@@ -267,12 +351,6 @@ def open_landing(uri: str, *, s3_client: Any = None) -> LandingZone:
             f"unsupported landing zone {uri!r}: use a local path or s3://bucket/prefix"
         )
     return LocalLandingZone(uri.removeprefix("file://"))
-
-
-def pending_batches(zone: LandingZone, processed: Collection[str]) -> list[str]:
-    """Batches not yet processed, in batch-id order; batches with no file yet are not pending."""
-    done = set(processed)
-    return [b for b in zone.list_batches() if b not in done and zone.has_files(b)]
 
 
 def _seekable(handle: BinaryIO) -> BinaryIO:

@@ -101,6 +101,12 @@ class DataConfig(_Strict):
         "quarantine", description="What to do with labels outside `classes`."
     )
     change: ChangeConfig = Field(default_factory=ChangeConfig)
+    arrival_quiescence_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A batch folder with no `_SUCCESS` or `_manifest.json` counts as arrived once "
+        "none of its files changed for this long (a multi-file upload is not atomic).",
+    )
 
     @model_validator(mode="after")
     def _features_or_text(self) -> DataConfig:

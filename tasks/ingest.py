@@ -8,7 +8,8 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from data_plane.landing import BatchReadError, open_landing, pending_batches, read_batch
+from data_plane.arrival import Arrival, batch_arrivals
+from data_plane.landing import BatchReadError, open_landing, read_batch
 from evergreen.config import EvergreenConfig
 from tasks import ledger
 
@@ -38,22 +39,38 @@ def discover_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelecti
     """Batches this cadence still has to process, in batch_id order (the ledger says which)."""
     zone = open_landing(cfg.data.landing)
     done = set() if selection.force else ledger.processed(cfg, cadence)
-    chosen = pending_batches(zone, done)  # the data plane's rule: not done, files arrived
+    # the data plane's rule: not done, and fully arrived (marker, manifest or quiescence)
+    arrivals = batch_arrivals(zone, done, quiescence_seconds=cfg.data.arrival_quiescence_seconds)
+    chosen = [a.batch_id for a in arrivals if a.arrived]
     if selection.batch_ids:
-        requested = set(selection.batch_ids)
-        absent = sorted(b for b in requested if not zone.has_files(b))
-        if absent:
-            raise ValueError(
-                f"batches {absent} are not in the landing zone {cfg.data.landing} (or have no "
-                "files yet)"
-            )
-        chosen = [b for b in chosen if b in requested]
+        chosen = _requested(cfg, selection.batch_ids, chosen, arrivals, done)
     if selection.until:
         chosen = [b for b in chosen if b <= selection.until]
     if selection.max_batches:
         chosen = chosen[: selection.max_batches]
     get_run_logger().info("%s: %d batch(es) to process: %s", cadence, len(chosen), chosen)
     return chosen
+
+
+def _requested(cfg, batch_ids, chosen: list[str], arrivals: list[Arrival], done) -> list[str]:
+    """The requested batches among `chosen`.
+
+    Raises:
+        ValueError: a requested batch is not in the landing zone or has not fully arrived.
+    """
+    why = {a.batch_id: a.reason for a in arrivals if not a.arrived}
+    known = {a.batch_id for a in arrivals} | set(done)
+    problems = [
+        f"{b}: {why[b]}" if b in why else f"{b}: not in the landing zone"
+        for b in sorted(batch_ids)
+        if b in why or b not in known
+    ]
+    if problems:
+        raise ValueError(
+            f"requested batches cannot be read from {cfg.data.landing}: " + "; ".join(problems)
+        )
+    requested = set(batch_ids)
+    return [b for b in chosen if b in requested]
 
 
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), timeout_seconds=900)
