@@ -28,7 +28,7 @@ import time
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from data_plane.landing import LandingZone, ObjectInfo, _is_data_file
+from data_plane.landing import LandingZone, ObjectInfo, _is_data_file, unsafe_name
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def batch_arrivals(
             continue
         arrival = arrival_of(zone, batch_id, objects, now=now, quiescence=quiescence_seconds)
         if not arrival.arrived:
-            level = logging.WARNING if "manifest" in arrival.reason else logging.INFO
+            level = logging.INFO if arrival.reason.startswith("no ") else logging.WARNING
             log.log(level, "batch %s not taken yet: %s", batch_id, arrival.reason)
         arrivals.append(arrival)
     return arrivals
@@ -87,6 +87,9 @@ def arrival_of(
     zone: LandingZone, batch_id: str, objects: list[ObjectInfo], *, now: float, quiescence: float
 ) -> Arrival:
     """Apply the rule of the module docstring to one batch's listing."""
+    problem = unsafe_name(batch_id)
+    if problem:
+        return Arrival(batch_id, False, f"not a safe batch id ({problem}): rename the folder")
     names = {o.name for o in objects}
     data = sorted(o.name for o in objects if _is_data_file(o.name, batch_id))
     if not data:

@@ -89,8 +89,26 @@ def _regular(path: Path) -> bool:
     return path.is_file()
 
 
+MAX_NAME_LENGTH = 200
+
+
+def unsafe_name(value: str) -> str | None:
+    """Why a batch id or file name cannot be used as a path component, or None if it can.
+
+    Only ASCII letters, digits and `. _ - : = +`, not starting with `.`/`-`, no `..`, at most
+    200 characters: such a name cannot escape the landing zone (or `home`, where reports are
+    named after batches), hide characters (bidi overrides, look-alike digits, newlines) or
+    overflow a file-system name.
+    """
+    if len(value) > MAX_NAME_LENGTH:
+        return f"longer than {MAX_NAME_LENGTH} characters"
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        return "use only ASCII letters, digits and . _ - : = + (no '..', no leading '.' or '-')"
+    return None
+
+
 def _check_part(kind: str, value: str) -> None:
-    if not _SAFE_NAME.match(value) or ".." in value:
+    if unsafe_name(value):
         raise ValueError(
             f"{kind} {value!r} is not a safe path component: use letters, digits and . _ - : = +"
         )
@@ -168,7 +186,7 @@ class LocalLandingZone(LandingZone):
     def _folder(self, batch_id: str) -> Path | None:
         """The batch's folder if it is a real directory directly under the root (no symlink,
         no `..`, no path separator: a batch id from anywhere cannot escape the landing zone)."""
-        if not batch_id or batch_id in (".", "..") or "/" in batch_id or "\\" in batch_id:
+        if unsafe_name(batch_id):
             return None
         folder = self.root / batch_id
         return folder if folder.is_dir() and not folder.is_symlink() else None
@@ -177,7 +195,10 @@ class LocalLandingZone(LandingZone):
         self._require_root()
         batches: dict[str, list[ObjectInfo]] = {}
         for folder in sorted(self.root.iterdir()):
-            if folder.name.startswith((".", "_")) or self._folder(folder.name) is None:
+            if folder.name.startswith((".", "_")) or not folder.is_dir():
+                continue
+            if folder.is_symlink():
+                log.warning("ignoring %s: symbolic links are not followed", folder)
                 continue
             objects = []
             for path in sorted(folder.iterdir()):
@@ -263,6 +284,9 @@ class S3LandingZone(LandingZone):
         return sorted(b for b in batches if b and not b.startswith((".", "_")))
 
     def _objects(self, batch_id: str) -> Iterator[tuple[str, int]]:
+        problem = unsafe_name(batch_id)
+        if problem:
+            raise ValueError(f"batch id {batch_id!r} is not a safe name: {problem}")
         base = f"{self.prefix}{batch_id}/"
         for page in self._pages(base):
             for obj in page.get("Contents", []):
@@ -279,7 +303,7 @@ class S3LandingZone(LandingZone):
             for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
                 for obj in page.get("Contents", []):
                     batch_id, _, name = obj["Key"][len(self.prefix) :].partition("/")
-                    if not batch_id or batch_id.startswith((".", "_")) or batch_id == "..":
+                    if not batch_id or batch_id.startswith((".", "_")):
                         continue
                     objects = batches.setdefault(batch_id, [])
                     if name and "/" not in name:  # direct children only, as `list_files`
@@ -293,6 +317,9 @@ class S3LandingZone(LandingZone):
         return dict(sorted(batches.items()))
 
     def read_bytes(self, batch_id: str, name: str) -> bytes:
+        problem = unsafe_name(batch_id) or ("a path separator" if "/" in name else None)
+        if problem:
+            raise ValueError(f"{batch_id}/{name} is not readable from the landing zone: {problem}")
         key = f"{self.prefix}{batch_id}/{name}"
         data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         return data
