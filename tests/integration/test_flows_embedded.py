@@ -102,10 +102,9 @@ def test_03b_forced_rerun_is_recorded_as_forced(pipeline):
 
 def test_03c_diverging_training_fails_cleanly_and_keeps_the_batch_pending(pipeline):
     champion, versions = _champion(pipeline), len(pipeline["registry"].versions(limit=100))
-    with pytest.raises(Exception, match="training diverged"):  # an absurd learning rate
-        _run(
-            pipeline, "weekly-replay", batch_ids=["2026-01-05"], overrides=["weekly.train.lr=1e12"]
-        )
+    absurd = ["weekly.train.lr=1e12", "weekly.train.weight_decay=1.0"]  # weights blow up
+    with pytest.raises(Exception, match="training diverged"):
+        _run(pipeline, "weekly-replay", batch_ids=["2026-01-05"], overrides=absurd)
     assert _champion(pipeline) == champion
     assert len(pipeline["registry"].versions(limit=100)) == versions  # nothing registered
     entry = pipeline["ledger"].processed("weekly-replay")["2026-01-05"]
