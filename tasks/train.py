@@ -45,9 +45,14 @@ def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
     )
 
 
-def _fit(model, X, y, settings: TrainSettings, label: str, pipeline: str, **methods) -> TrainResult:
+def _fit(
+    model, X, y, settings: TrainSettings, label: str, cfg: EvergreenConfig, **methods
+) -> TrainResult:
     """Run the training loop holding the pipeline's training slot, with a progress bar."""
-    with training_slot(pipeline), step_progress(label, settings.steps) as on_step:
+    with (
+        training_slot(cfg.registry.name, cfg.home_path / "locks"),
+        step_progress(label, settings.steps) as on_step,
+    ):
         result = train(model, X, y, settings, on_step=on_step, **methods)
     get_run_logger().info(
         "%s: %d steps in %.1fs, loss %.3f → %.3f on %s",
@@ -102,7 +107,7 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     torch.manual_seed(cfg.bootstrap.train.seed)
     model = build_model(spec)
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
-    _fit(model, X, y, settings_from(cfg.bootstrap.train, len(X)), "bootstrap", cfg.registry.name)
+    _fit(model, X, y, settings_from(cfg.bootstrap.train, len(X)), "bootstrap", cfg)
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
     ewc = EWC.from_model(model, X, y, lam=0.0, gamma=1.0)
     return ModelState(model=model, spec=spec, ewc=ewc, **_learned(memory))
@@ -198,7 +203,7 @@ def _ewc_challenger(
             y,
             settings,
             f"{label} λ={lam:g}",
-            cfg.registry.name,
+            cfg,
             ewc=ewc,
             replay=buffer,
             replay_ratio=replay_ratio,
@@ -267,9 +272,7 @@ def train_lora_gated(
     fit = settings_from(d.train, len(X))
     result = gated_update(
         peft_model,
-        lambda m: _fit(
-            m, X, y, fit, "lora", cfg.registry.name, replay=buffer, replay_ratio=d.replay_ratio
-        ),
+        lambda m: _fit(m, X, y, fit, "lora", cfg, replay=buffer, replay_ratio=d.replay_ratio),
         keep,
     )
     if not result.accepted:

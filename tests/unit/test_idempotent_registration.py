@@ -3,7 +3,6 @@ evaluation: cleared when the candidate is rejected or its promotion fails."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -21,9 +20,7 @@ CLASSES = [0, 1]
 
 
 @pytest.fixture
-def cfg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> EvergreenConfig:
-    # the Prefect promotion slot is exercised against a real server in the integration tests
-    monkeypatch.setattr(promote, "promotion_slot", lambda pipeline: nullcontext())
+def cfg(tmp_path: Path) -> EvergreenConfig:
     return config_from_dict(
         {
             "home": str(tmp_path / "home"),
