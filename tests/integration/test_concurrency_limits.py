@@ -45,13 +45,13 @@ def test_limits_are_created_once_and_an_operator_value_is_kept(api):
     assert read(promotion_limit("fraud")).limit == 1
 
 
-def test_two_pipelines_do_not_share_slots_and_slots_are_released(api):
+def test_two_pipelines_do_not_share_slots_and_slots_are_released(api, tmp_path):
     ensure_limits("churn")
     ensure_limits("spam")
     with promotion_slot("churn", timeout_seconds=30), promotion_slot("spam", timeout_seconds=30):
         assert read(promotion_limit("churn")).active_slots == 1
         assert read(promotion_limit("spam")).active_slots == 1
-    with training_slot("churn", timeout_seconds=30):
+    with training_slot("churn", tmp_path, timeout_seconds=30):
         assert read(training_limit("churn")).active_slots == 1
     for name in (promotion_limit("churn"), promotion_limit("spam"), training_limit("churn")):
         assert read(name).active_slots == 0, f"{name} leaked a slot"
