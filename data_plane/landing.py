@@ -39,6 +39,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:=+-]*$")
 
 BatchReadError = readers.BatchReadError
 SOURCE_COLUMN = readers.SOURCE_COLUMN
+FileRef = readers.FileRef
 
 
 COLUMNS_IN_FILES_ATTR = "columns_in_files"
@@ -51,16 +52,6 @@ class ObjectInfo:
     name: str
     size: int
     modified: float  # seconds since the epoch
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """One data file of a batch (`uri` is the full path or `s3://` address)."""
-
-    batch_id: str
-    name: str
-    size: int
-    uri: str
 
 
 def data_columns(data_cfg: DataConfig) -> list[str]:
