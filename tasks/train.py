@@ -18,13 +18,16 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from continual.distributed import DistributedJob
 from continual.ewc import EWC
+from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
 from continual.lora import LoraSettings, attach_lora, gated_update, merge_adapter
 from continual.models import ModelSpec, build_model, fit_standardizer
 from continual.training import TrainResult, TrainSettings, correct_mask, train
 from evergreen.config import EvergreenConfig, TrainConfig
 from tasks.common import frame_to_tensors
+from tasks.distributed import run_distributed
 from tasks.evaluate import gate_policy, split_by_learned
 from tasks.limits import training_slot
 from tasks.memory import DataMemory
@@ -45,10 +48,31 @@ def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
     )
 
 
-def _fit(model, X, y, settings: TrainSettings, label: str, **methods) -> TrainResult:
-    """Run the training loop holding the device slot, with a progress bar."""
-    with training_slot(), step_progress(label, settings.steps) as on_step:
-        result = train(model, X, y, settings, on_step=on_step, **methods)
+def _fit(
+    model,
+    X,
+    y,
+    settings: TrainSettings,
+    label: str,
+    *,
+    processes: int = 1,
+    fisher_kind: FisherKind | None = None,
+    **methods,
+) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
+    """Run the training loop holding the device slot, with a progress bar; with more than one
+    process, under torchrun (`tasks.distributed`), which also returns the trained model's
+    Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards)."""
+    fisher = None
+    with training_slot():
+        if processes > 1:
+            logger = get_run_logger()
+            job = DistributedJob(model, X, y, settings, fisher_kind=fisher_kind, **methods)
+            outcome = run_distributed(job, processes, logger.info)
+            assert outcome.result is not None
+            result, fisher = outcome.result, outcome.fisher
+        else:
+            with step_progress(label, settings.steps) as on_step:
+                result = train(model, X, y, settings, on_step=on_step, **methods)
     get_run_logger().info(
         "%s: %d steps in %.1fs, loss %.3f → %.3f on %s",
         label,
@@ -56,9 +80,9 @@ def _fit(model, X, y, settings: TrainSettings, label: str, **methods) -> TrainRe
         result.seconds,
         result.first_loss,
         result.last_loss,
-        result.device,
+        result.device if processes == 1 else f"{processes} processes",
     )
-    return result
+    return result, fisher
 
 
 def new_spec(cfg: EvergreenConfig, train_df: pd.DataFrame) -> ModelSpec:
@@ -102,7 +126,8 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     torch.manual_seed(cfg.bootstrap.train.seed)
     model = build_model(spec)
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
-    _fit(model, X, y, settings_from(cfg.bootstrap.train, len(X)), "bootstrap")
+    train_cfg = cfg.bootstrap.train
+    _fit(model, X, y, settings_from(train_cfg, len(X)), "bootstrap", processes=train_cfg.processes)
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
     ewc = EWC.from_model(model, X, y, lam=0.0, gamma=1.0)
     return ModelState(model=model, spec=spec, ewc=ewc, **_learned(memory))
@@ -187,17 +212,19 @@ def _ewc_challenger(
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
     selection = selection_rows(cfg, champion, memory)
-    best: tuple[float, float, torch.nn.Module, EWC] | None = None
+    best: tuple[float, float, torch.nn.Module, EWC, dict | None] | None = None
     scores: dict[str, float] = {}
     for lam in grid:
         model = champion.clone_model()
         ewc = _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
-        _fit(
+        _, own = _fit(
             model,
             X,
             y,
             settings,
             f"{label} λ={lam:g}",
+            processes=section.train.processes,
+            fisher_kind=ewc.kind,
             ewc=ewc,
             replay=buffer,
             replay_ratio=replay_ratio,
@@ -205,12 +232,13 @@ def _ewc_challenger(
         score = selection.score(model) if len(grid) > 1 else float("nan")
         scores[f"calibration.lambda_{lam:g}"] = score
         if best is None or score > best[1]:
-            best = (lam, score, model, ewc)
+            best = (lam, score, model, ewc, own)
     assert best is not None
-    lam, score, model, ewc = best
+    lam, score, model, ewc, own = best
     if len(grid) > 1:
         get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
-    ewc.consolidate(model, X, y)  # own Fisher on this version's data; F ← γ·F_old + F_own
+    # own Fisher on this version's data (from the ranks when distributed); F ← γ·F_old + F_own
+    ewc.consolidate(model, X, y, own=own)
     state = ModelState(
         model=model,
         spec=champion.spec,
@@ -266,7 +294,16 @@ def train_lora_gated(
     fit = settings_from(d.train, len(X))
     result = gated_update(
         peft_model,
-        lambda m: _fit(m, X, y, fit, "lora", replay=buffer, replay_ratio=d.replay_ratio),
+        lambda m: _fit(
+            m,
+            X,
+            y,
+            fit,
+            "lora",
+            processes=d.train.processes,
+            replay=buffer,
+            replay_ratio=d.replay_ratio,
+        )[0],
         keep,
     )
     if not result.accepted:
