@@ -130,7 +130,7 @@ def _takers(field: str) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     item = cadence(args.flow)
-    load_config(args.config, args.overrides)  # fail fast with a clear message
+    cfg = load_config(args.config, args.overrides)  # fail fast with a clear message
     fields = item.params_model().model_fields
     given = {
         name: value
@@ -141,6 +141,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     if foreign:
         flags = [_FLAG_NAMES.get(n, "--" + n.replace("_", "-")) for n in foreign]
         raise ValueError(f"flow {item.name!r} does not take {', '.join(flags)}")
+    if item.consumes_batches:  # no-op fast path: same ledger rule, no flow run (evergreen.pending)
+        from evergreen.pending import nothing_pending, skipped_outcome
+
+        if nothing_pending(cfg, item.name, given):
+            console.print_json(json.dumps(skipped_outcome(item.name)))
+            return 0
     result = run_flow(item.name, config_path=args.config, overrides=args.overrides, **given)
     console.print_json(json.dumps(result, default=str))
     return 0 if result.get("decision") != "failed" else 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from evergreen.config import EvergreenConfig, load_config
+from evergreen.pending import NOTHING_PENDING
 from flows.params import ConfigParams, FlowParams
 from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
@@ -38,7 +39,7 @@ def selection(params: FlowParams) -> BatchSelection:
 
 
 def nothing_to_do(cadence: str) -> FlowOutcome:
-    return FlowOutcome(cadence=cadence, decision="skipped", reasons=["no pending batches"])
+    return FlowOutcome(cadence=cadence, decision="skipped", reasons=[NOTHING_PENDING])
 
 
 def all_quarantined(cfg: EvergreenConfig, cadence: str, quarantined: dict[str, str]) -> FlowOutcome:
