@@ -22,7 +22,6 @@ from continual.distributed import DistributedJob
 from continual.ewc import EWC
 from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
-from continual.lora import LoraSettings, attach_lora, gated_update, merge_adapter
 from continual.models import ModelSpec, build_model, fit_standardizer
 from continual.training import TrainResult, TrainSettings, correct_mask, train
 from evergreen.config import EvergreenConfig, TrainConfig
@@ -277,6 +276,8 @@ def train_lora_gated(
     select rows of every batch — never a raw difference, never on the gate's rows. Returns
     (state or None, the check's decision).
     """
+    from continual.lora import LoraSettings, attach_lora, gated_update  # peft: only when used
+
     d = cfg.daily
     lora = LoraSettings(
         r=d.lora_r, alpha=d.lora_alpha, dropout=d.lora_dropout, target_modules=d.target_modules
@@ -322,6 +323,8 @@ def train_lora_gated(
 def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
     """The online EWC state after a LoRA update: its own Fisher at the folded weights (so a
     later merge can weight this version by its own data), anchored there."""
+    from continual.lora import merge_adapter
+
     if champion.ewc is None:
         return None
     folded = merge_adapter(copy.deepcopy(peft_model)).requires_grad_(True)
