@@ -16,7 +16,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test test-unit test-integration lint typecheck format bench install clean
+.PHONY: demo test test-unit test-integration lint typecheck format bench bench-growth install clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,9 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks.run
+
+bench-growth: $(STAMP)
+	nice -n 10 $(BIN)/python -m benchmarks.bench_growth --cycles $(or $(CYCLES),100)
 
 clean:
 	rm -rf .evergreen .pytest_cache
