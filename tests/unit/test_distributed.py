@@ -87,3 +87,18 @@ def test_a_failing_rank_fails_the_job_with_its_rank_and_keeps_the_model():
     with pytest.raises(DistributedTrainingError, match="rank 1 of 2 failed: RuntimeError"):
         run_distributed(job, 2, lambda _line: None)
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.slow
+def test_two_rank_lora_training_updates_only_the_adapter():
+    from continual.lora import LoraSettings, attach_lora
+
+    X, y = _data()
+    model = attach_lora(_mlp(), LoraSettings(r=4, alpha=8))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = accuracy(model, X, y)
+    job = DistributedJob(model, X, y, TrainSettings(steps=80, batch_size=32, lr=1e-2))
+    run_distributed(job, 2, lambda _line: None)
+    params = dict(model.named_parameters())
+    assert all(torch.equal(value, params[n]) for n, value in frozen.items())
+    assert accuracy(model, X, y) > before + 0.1
