@@ -48,7 +48,7 @@ monthly:                          # full fine-tune + online EWC
   fisher_decay: 0.9               # F = gamma * F_old + F_own
 
 weekly:                           # experience replay + EWC
-  train: {steps: 300, epochs: 5, lr: 0.001}
+  train: {steps: 300, epochs: 5, lr: 0.001, processes: 1}   # processes > 1: torchrun DDP (any section's train)
   ewc_lambda: auto
   replay_ratio: 0.75              # share of each step drawn from the data memory (which holds every batch)
 
