@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -84,13 +85,19 @@ def run(cycles: int = 100) -> dict[str, Any]:
                 }
             )
             print(f"run {i}: {seconds:.1f}s {outcome['decision']} rss {runs[-1]['rss_mb']:.0f} MB")
-        entries = len(Ledger.from_config(cfg).entries("daily-lora"))
+            result = _write(cycles, runs)  # after every run: a stopped benchmark keeps its data
+        result["ledger_entries_daily"] = len(Ledger.from_config(cfg).entries("daily-lora", 10**6))
+    return result
+
+
+def _write(cycles: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     result = {
         "benchmark": "growth",
         "cycles": cycles,
+        "completed": len(runs),
         "machine": platform.machine(),
+        "load_average": os.getloadavg(),
         "runs": runs,
-        "ledger_entries_daily": entries,
         "summary": _summary(runs),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -102,7 +109,7 @@ def run(cycles: int = 100) -> dict[str, Any]:
 def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Median of 3 runs around each checkpoint (a single run is noisy on a shared machine)."""
     out = {}
-    for k in [c for c in CHECKPOINTS if c <= len(runs)] + [len(runs)]:
+    for k in sorted({*(c for c in CHECKPOINTS if c <= len(runs)), len(runs)}):
         window = runs[max(0, k - 2) : k + 1]
         out[str(k)] = {
             "seconds_median3": statistics.median(r["seconds"] for r in window),
@@ -117,8 +124,9 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def markdown(result: dict[str, Any]) -> str:
     lines = [
-        f"{result['cycles']} consecutive daily-lora cycles in one process (embedded default); "
-        "time = median of the runs k-1, k, k+1",
+        f"{result['completed']} of {result['cycles']} consecutive daily-lora cycles in one process "
+        "(embedded default); time = median of the runs k-1, k, k+1; load average "
+        f"{', '.join(f'{x:.1f}' for x in result['load_average'])} on {os.cpu_count()} cores",
         "",
         "| run | seconds | vs run 1 | RSS after run MB | peak RSS MB |",
         "|---|---|---|---|---|",
