@@ -217,9 +217,11 @@ def bench_fixed_cost(config: str, repeats: int) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     replay, flow, fixed = result["replay_step"], result["flow_vs_script"], result["fixed_cost"]
     ms = replay["ms_per_step"]
+    load = result.get("load_average")
     lines = [
         f"torch {result['torch']}, {result['threads']} thread(s) for the step timings; "
-        "medians of interleaved repeats",
+        "medians of interleaved repeats"
+        + (f"; load average at the end {load[0]:.1f} on {result['cpus']} cores" if load else ""),
         "",
         f"Replay step vs plain step ({replay['model']}, {replay['n_params']} params, batch "
         f"{replay['batch']}, replay ratio {replay['replay_ratio']}): plain {ms['plain']:.2f} ms, "
@@ -272,6 +274,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "threads": 1,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
         "repeats": repeats,
         "replay_step": replay,
         "flow_vs_script": flow,
