@@ -44,6 +44,8 @@ QUIET_DEFAULTS = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # our libraries' loggers reach the flow run's logs in the Prefect UI (see prefect.yaml too)
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "data_plane,model_registry,continual",
 }
 # Read-only commands answer within seconds when the tracking server is down (MLflow's own default
 # retries for ~4 minutes); flows keep MLflow's backoff, since a run should ride out a restart.
@@ -121,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="register the prefect.yaml deployments on the server")
     deploy.add_argument("--prefect-file", default=str(PROJECT_ROOT / "prefect.yaml"))
     deploy.add_argument("--name", action="append", help="only this deployment (repeatable)")
+    deploy.add_argument(
+        "--notify",
+        metavar="BLOCK_SLUG",
+        help="create the failed-run and quarantined-batch automations, notifying this "
+        "notification block (e.g. slack-webhook/ops)",
+    )
     status = sub.add_parser("status", help="champion, versions, promotions, ledger")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     history = sub.add_parser("history", help="promotion and rollback history")
@@ -246,7 +254,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     from evergreen.deploy import deploy_all
 
     cfg = _config(args)
-    return deploy_all(cfg, Path(args.prefect_file), names=args.name, console=console)
+    return deploy_all(
+        cfg,
+        Path(args.prefect_file),
+        names=args.name,
+        console=console,
+        config_path=Path(args.config),
+        notify=args.notify,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -10,11 +10,12 @@ class ConfigParams(BaseModel):
 
     config_path: str | None = Field(
         None,
-        description="Path of evergreen.yaml (default: $EVERGREEN_CONFIG, else ./evergreen.yaml "
-        "in the working directory).",
+        description="Path of evergreen.yaml. Empty: the Prefect Variable `evergreen_config` (a "
+        "path or the YAML itself, editable under Variables), else $EVERGREEN_CONFIG, else the "
+        "nearest evergreen.yaml from the worker's directory.",
     )
     overrides: list[str] = Field(
-        default_factory=list,
+        [],  # a literal default (pydantic copies it) so the run form shows it
         description="Config overrides as key=value (value parsed as YAML), e.g. daily.lora_r=16.",
     )
 
