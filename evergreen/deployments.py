@@ -48,7 +48,7 @@ def _deployment(item: Cadence) -> dict[str, Any]:
         "entrypoint": item.entrypoint,
         "description": item.description,
         "tags": ["evergreen", *item.tags],
-        "parameters": {"params": _defaults(item)},
+        "parameters": _defaults(item),
         "enforce_parameter_schema": True,
     }
     if item.manual:

@@ -21,24 +21,30 @@ ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"data": {"features": ["a", "b"], "label": "y", "classes": [0, 1]}}
 
 
-def _form_fields(schema: dict) -> dict[str, dict]:
-    """The fields the "Custom run" form shows (the flow's `params` model, resolved)."""
-    (params,) = schema["properties"].values()
-    name = params["$ref"].rsplit("/", 1)[-1] if "$ref" in params else params["allOf"][0]["$ref"]
-    return schema["definitions"][name.rsplit("/", 1)[-1]]["properties"]
-
-
 @pytest.mark.parametrize("item", CADENCES, ids=lambda c: c.name)
-def test_every_run_form_field_is_typed_documented_and_shows_its_default(item):
+def test_every_run_form_field_is_flat_typed_documented_and_shows_its_default(item):
+    """The "Custom run" form is the flow's generated parameter schema: one field per knob."""
     schema = parameter_schema(item.flow()).model_dump()
-    fields = _form_fields(schema)
     model = item.params_model()
-    assert set(fields) == set(model.model_fields)
+    fields = schema["properties"]
+    assert set(fields) == set(model.model_fields)  # the signature and the model agree
+    assert not schema["definitions"], "a nested object in the form"
     for name, field in fields.items():
-        assert field.get("description"), f"{item.name}.{name} has no description"
+        declared = model.model_fields[name]
+        assert field.get("description") == declared.description, f"{item.name}.{name}"
         assert "type" in field or "anyOf" in field, f"{item.name}.{name} is untyped"
-        if not model.model_fields[name].is_required():
-            assert "default" in field, f"{item.name}.{name} hides its default"
+        if declared.is_required():
+            assert name in schema["required"]
+        else:
+            assert field["default"] == declared.get_default(), f"{item.name}.{name}"
+    assert next(iter(fields)) in {"batch_ids", "versions", "to", "config_path"}  # the knob first
+
+
+def test_flow_parameters_are_validated_like_the_model():
+    from flows.merge import merge
+
+    with pytest.raises(Exception, match="versions"):
+        merge(versions=["3"])  # merge needs two versions: refused before anything runs
 
 
 def test_prefect_yaml_wires_cooldown_and_log_forwarding():
