@@ -245,9 +245,46 @@ def cmd_run(args: argparse.Namespace) -> int:
         model(**params)
     except ValueError as error:  # pydantic.ValidationError
         raise UsageError(f"{item.name}: {_one_line_invalid(error)}") from error
+    _console_without_tracebacks(args)
     result = run_flow(item.name, **params)
     console.print_json(json.dumps(result, default=str))
     return 0 if result.get("decision") != "failed" else 1
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats a record as `inner` would, minus its traceback (the record itself is untouched,
+    so the flow run's logs in the Prefect API keep the full traceback)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = logging.makeLogRecord(record.__dict__)
+        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
+        return self.inner.format(bare)
+
+
+def _console_without_tracebacks(args: argparse.Namespace) -> None:
+    """Prefect's console handlers print a failed flow's traceback; the CLI prints one line
+    instead (`main`), unless --debug."""
+    if args.debug or os.environ.get("EVERGREEN_DEBUG", "") not in ("", "0", "false"):
+        return
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
+
+    if not PROCESS_LOGGING_CONFIG:
+        setup_logging()  # what Prefect does at its first run; later calls are incremental
+    loggers = [logging.getLogger()] + [
+        item
+        for item in logging.Logger.manager.loggerDict.values()
+        if isinstance(item, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(
+                handler.formatter, _NoTraceback
+            ):
+                handler.setFormatter(_NoTraceback(handler.formatter))
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -293,6 +330,7 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 def cmd_rollback(args: argparse.Namespace) -> int:
     _config(args)
+    _console_without_tracebacks(args)
     result = run_flow(
         "rollback",
         config_path=args.config,
