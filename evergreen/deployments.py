@@ -30,6 +30,13 @@ PRODUCTION_HEADER = """\
 # default of every `<section>.train.processes` left unset), normally equal to `gpu_count`.
 # Register with `prefect deploy --all --prefect-file infra/prefect.production.yaml` from /app.
 """
+# Flows started without `config_path` read their config from this Prefect Variable (a path, the
+# YAML text, or a JSON object), so it is editable in the UI: `flows.common.begin`.
+CONFIG_VARIABLE = "evergreen_config"
+# A burst of drift events starts one update, then nothing for this long (reactive `within`).
+DRIFT_COOLDOWN_SECONDS = 3600
+# Our libraries' loggers are forwarded to the flow run's logs (the Prefect UI).
+JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "data_plane,model_registry,continual"}
 HEADER = """\
 # evergreen deployments: one per row of the decision table, rendered from evergreen/cadences.py
 # by `python -m evergreen.deployments > prefect.yaml` (do not edit by hand: a test compares).
@@ -68,7 +75,13 @@ def _work_pool(item: Cadence, production: bool) -> dict[str, Any]:
             "work_queue_name": "default",
             "job_variables": dict(GPU_JOB_VARIABLES),
         }
-    return {"name": WORK_POOL, "work_queue_name": "default", "job_variables": {}}
+    # The GPU pool's template already sets JOB_ENV in its `env` default (a job variable `env`
+    # would replace that whole default, EVERGREEN_HOME and MLFLOW_TRACKING_URI included).
+    return {
+        "name": WORK_POOL,
+        "work_queue_name": "default",
+        "job_variables": {"env": dict(JOB_ENV)},
+    }
 
 
 def _deployment(item: Cadence, production: bool = False) -> dict[str, Any]:
@@ -77,7 +90,7 @@ def _deployment(item: Cadence, production: bool = False) -> dict[str, Any]:
         "entrypoint": item.entrypoint,
         "description": item.description,
         "tags": ["evergreen", *item.tags],
-        "parameters": {"params": _defaults(item)},
+        "parameters": _defaults(item),
         "enforce_parameter_schema": True,
     }
     if item.manual:
@@ -95,7 +108,7 @@ def _deployment(item: Cadence, production: bool = False) -> dict[str, Any]:
                 "expect": list(item.triggers),
                 "posture": "Reactive",
                 "threshold": 1,
-                "within": 0,
+                "within": DRIFT_COOLDOWN_SECONDS,
             }
         ]
     spec["work_pool"] = _work_pool(item, production)
