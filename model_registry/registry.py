@@ -39,6 +39,7 @@ from model_registry.ledger import (
     rollback_target,
 )
 from model_registry.locking import promotion_lock
+from model_registry.run_record import RunRecord, log_record
 
 if TYPE_CHECKING:
     from evergreen.config import EvergreenConfig
@@ -133,6 +134,7 @@ class Registry:
         run_name: str | None = None,
         reports: dict[str, Path] | None = None,
         run_id: str | None = None,
+        record: RunRecord | None = None,
     ) -> VersionInfo:
         """Log a checkpoint directory as a new version of the registered model.
 
@@ -143,6 +145,8 @@ class Registry:
             run_name: name of the new run (ignored when `run_id` is given).
             reports: artifact name → local file/folder, logged under "reports/" on the run.
             run_id: log into this existing run instead of starting a new one.
+            record: config, curves, datasets and evaluation to log on the run; its model
+                metrics are linked to the logged model (`run_record`).
 
         Returns:
             The new version.
@@ -166,10 +170,14 @@ class Registry:
                 raise RegistryError(f"checkpoint {checkpoint_dir} cannot be logged: {exc}") from exc
             with (
                 pyfunc_model.fluent_tracking(self.tracking_uri),
-                pyfunc_model.logging_run(self.client, run_id, run_name, self._experiment_id),
+                pyfunc_model.logging_run(
+                    self.client, run_id, run_name, self._experiment_id
+                ) as active_run,
             ):
                 pyfunc_model.log_run_data(tags, metrics, params, reports, Path(tmp) / "reports")
                 info = pyfunc_model.log_pyfunc(staged, Path(tmp), example, signature)
+                if record is not None:
+                    log_record(record, active_run, info.model_id, self.client)
                 version_tags = {**tags, **{SHA_PREFIX + k: v for k, v in manifest.items()}}
                 mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         return self.get_version(str(mv.version))

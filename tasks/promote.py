@@ -26,6 +26,7 @@ from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.outcome import FlowOutcome
 from tasks.state import ModelState, read_state, staging_dir, write_state
+from tasks.tracking import run_record
 from tasks.validate import PreparedData
 
 
@@ -57,6 +58,9 @@ class Registration:
     reports: dict[str, Path] = field(default_factory=dict)
     check_rows: pd.DataFrame | None = None  # rows the reloaded checkpoint must reproduce
     quarantined: dict[str, str] = field(default_factory=dict)
+    evaluation: Evaluation | None = None  # datasets and per-class reports for the run
+    train_rows: pd.DataFrame | None = None  # this run's accepted train rows
+    data_docs: dict[str, str] = field(default_factory=dict)  # batch id → Data Docs page
 
 
 def lineage_tags(reg: Registration) -> dict[str, str]:
@@ -96,6 +100,9 @@ def registration_for(
         reports=dict(data.reports) if data else {},
         check_rows=evaluation.rows,
         quarantined=dict(data.quarantined) if data else {},
+        evaluation=evaluation,
+        train_rows=data.train if data else None,
+        data_docs=dict(data.data_docs) if data else {},
     )
 
 
@@ -112,10 +119,11 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
     info = registry.log_version(
         checkpoint,
         lineage=lineage_tags(reg),
-        metrics={**reg.decision.to_metrics(), **reg.metrics},
+        metrics=reg.metrics,  # the gate's metrics go with the record, linked to the model
         params={"cadence": reg.cadence, "method": reg.method},
         run_name=f"{reg.cadence}-{reg.batch_ids[-1] if reg.batch_ids else 'merge'}",
         reports={"gate.json": gate_file, **reg.reports},
+        record=run_record(cfg, reg),
     )
     registry.set_challenger(info.version)
     return info

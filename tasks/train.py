@@ -24,12 +24,13 @@ from continual.lora import LoraSettings, attach_lora, gated_update, merge_adapte
 from continual.models import ModelSpec, build_model, fit_standardizer
 from continual.training import TrainResult, TrainSettings, correct_mask, train
 from evergreen.config import EvergreenConfig, TrainConfig
+from model_registry.run_record import flatten_params
 from tasks.common import frame_to_tensors
 from tasks.evaluate import gate_policy, split_by_learned
 from tasks.limits import training_slot
 from tasks.memory import DataMemory
 from tasks.progress import step_progress
-from tasks.state import ModelState, parameters_of
+from tasks.state import ModelState, TrainingFacts, parameters_of
 from tasks.validate import PreparedData
 
 
@@ -59,6 +60,40 @@ def _fit(model, X, y, settings: TrainSettings, label: str, **methods) -> TrainRe
         result.device,
     )
     return result
+
+
+def training_facts(
+    cfg: EvergreenConfig,
+    section: str,
+    settings: TrainSettings,
+    result: TrainResult,
+    *,
+    rows: int,
+    seconds: float | None = None,
+    chosen: dict | None = None,
+) -> TrainingFacts:
+    """The effective configuration of a training (its config section, the gate policy, what
+    was derived or chosen at run time) with the kept model's loss curve and timing."""
+    params = flatten_params(
+        {
+            section: getattr(cfg, section).model_dump(mode="json"),
+            "gate": cfg.gate.model_dump(mode="json"),
+            "train": {
+                "steps": settings.steps,
+                "lr": settings.lr,
+                "batch_size": settings.batch_size,
+                "rows": rows,
+            },
+            **(chosen or {}),
+        }
+    )
+    return TrainingFacts(
+        params=params,
+        losses=tuple(float(v) for v in result.losses),
+        seconds=result.seconds if seconds is None else seconds,
+        steps=result.steps,
+        device=str(result.device),
+    )
 
 
 def new_spec(cfg: EvergreenConfig, train_df: pd.DataFrame) -> ModelSpec:
@@ -102,10 +137,12 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     torch.manual_seed(cfg.bootstrap.train.seed)
     model = build_model(spec)
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
-    _fit(model, X, y, settings_from(cfg.bootstrap.train, len(X)), "bootstrap")
+    settings = settings_from(cfg.bootstrap.train, len(X))
+    result = _fit(model, X, y, settings, "bootstrap")
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
     ewc = EWC.from_model(model, X, y, lam=0.0, gamma=1.0)
-    return ModelState(model=model, spec=spec, ewc=ewc, **_learned(memory))
+    facts = training_facts(cfg, "bootstrap", settings, result, rows=len(X))
+    return ModelState(model=model, spec=spec, ewc=ewc, training=facts, **_learned(memory))
 
 
 def _anchored_ewc(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory, lam, gamma):
@@ -177,22 +214,24 @@ def _ewc_challenger(
     champion: ModelState,
     data: PreparedData,
     memory: DataMemory,
-    section,
+    section_name: str,
     label: str,
     replay_ratio: float,
 ) -> tuple[ModelState, dict[str, float]]:
     """Fine-tune with online EWC (+ replay); λ chosen on the select rows when set to "auto"."""
+    section = getattr(cfg, section_name)
     X, y = learning_rows(cfg, champion, data, memory)
     settings = settings_from(section.train, len(X))
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
     selection = selection_rows(cfg, champion, memory)
-    best: tuple[float, float, torch.nn.Module, EWC] | None = None
+    best: tuple[float, float, torch.nn.Module, EWC, TrainResult] | None = None
     scores: dict[str, float] = {}
+    seconds = 0.0
     for lam in grid:
         model = champion.clone_model()
         ewc = _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
-        _fit(
+        result = _fit(
             model,
             X,
             y,
@@ -202,12 +241,13 @@ def _ewc_challenger(
             replay=buffer,
             replay_ratio=replay_ratio,
         )
+        seconds += result.seconds
         score = selection.score(model) if len(grid) > 1 else float("nan")
         scores[f"calibration.lambda_{lam:g}"] = score
         if best is None or score > best[1]:
-            best = (lam, score, model, ewc)
+            best = (lam, score, model, ewc, result)
     assert best is not None
-    lam, score, model, ewc = best
+    lam, score, model, ewc, kept = best
     if len(grid) > 1:
         get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
     ewc.consolidate(model, X, y)  # own Fisher on this version's data; F ← γ·F_old + F_own
@@ -216,6 +256,15 @@ def _ewc_challenger(
         spec=champion.spec,
         ewc=ewc,
         references=dict(champion.references),
+        training=training_facts(
+            cfg,
+            section_name,
+            settings,
+            kept,
+            rows=len(X),
+            seconds=seconds,
+            chosen={"ewc": {"lambda": lam}, "replay_ratio": replay_ratio},
+        ),
         **_learned(memory),
     )
     return state, {"ewc.lambda": lam, **scores}
@@ -226,7 +275,7 @@ def train_finetune_ewc(
     cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
 ) -> tuple[ModelState, dict[str, float]]:
     """Monthly: full fine-tune of every weight with the online-EWC penalty."""
-    return _ewc_challenger(cfg, champion, data, memory, cfg.monthly, "finetune", 0.0)
+    return _ewc_challenger(cfg, champion, data, memory, "monthly", "finetune", 0.0)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
@@ -235,7 +284,7 @@ def train_replay_ewc(
 ) -> tuple[ModelState, dict[str, float]]:
     """Weekly: experience replay from the data memory mixed into each step, plus EWC."""
     w = cfg.weekly
-    return _ewc_challenger(cfg, champion, data, memory, w, "replay", w.replay_ratio)
+    return _ewc_challenger(cfg, champion, data, memory, "weekly", "replay", w.replay_ratio)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
@@ -258,17 +307,18 @@ def train_lora_gated(
     selection = selection_rows(cfg, champion, memory)
     buffer = memory.buffer if d.replay_ratio > 0 else None
     verdict: dict[str, GateDecision] = {}
+    fit = settings_from(d.train, len(X))
+    trained: list[TrainResult] = []
+
+    def fit_adapter(m: torch.nn.Module) -> TrainResult:
+        trained.append(_fit(m, X, y, fit, "lora", replay=buffer, replay_ratio=d.replay_ratio))
+        return trained[-1]
 
     def keep(candidate: torch.nn.Module) -> bool:
         verdict["decision"] = _selection_decision(cfg, champion, selection, candidate)
         return verdict["decision"].promote
 
-    fit = settings_from(d.train, len(X))
-    result = gated_update(
-        peft_model,
-        lambda m: _fit(m, X, y, fit, "lora", replay=buffer, replay_ratio=d.replay_ratio),
-        keep,
-    )
+    result = gated_update(peft_model, fit_adapter, keep)
     if not result.accepted:
         return None, verdict["decision"]
     # The version keeps the adapter separate (base weights + adapter/); loading merges it.
@@ -277,9 +327,24 @@ def train_lora_gated(
         spec=champion.spec,
         ewc=_adapted_ewc(champion, peft_model, X, y),
         references=dict(champion.references),
+        training=training_facts(
+            cfg, "daily", fit, trained[-1], rows=len(X), chosen={"lora": _lora_params(peft_model)}
+        ),
         **_learned(memory),
     )
     return state, verdict["decision"]
+
+
+def _lora_params(peft_model) -> dict[str, object]:
+    """The adapter as peft resolved it (target modules named in full, not the config's None)."""
+    config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
+    if config is None:
+        return {}
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules or []),
+    }
 
 
 def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:

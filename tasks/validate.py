@@ -32,6 +32,7 @@ class PreparedData:
     reports: dict[str, Path] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)  # batch id → why
     drift: dict[str, float] = field(default_factory=dict)
+    data_docs: dict[str, str] = field(default_factory=dict)  # batch id → its Data Docs page
 
     @property
     def empty(self) -> bool:
