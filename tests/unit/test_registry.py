@@ -432,5 +432,5 @@ def test_champion_serves_in_a_fresh_interpreter(registry, store):
     expected = [CLASSES[i] for i in proba.argmax(dim=1).tolist()]
     assert [row[0] for row in served["data"]] == expected
     assert [row[1] for row in served["data"]] == pytest.approx(proba.max(dim=1).values.tolist())
-    every_class = [row[2:] for row in served["data"]]
-    assert every_class == pytest.approx(proba.tolist(), abs=1e-6)  # every class, logit order
+    every_class = [value for row in served["data"] for value in row[2:]]
+    assert every_class == pytest.approx(proba.flatten().tolist(), abs=1e-6)  # logit order
