@@ -8,8 +8,8 @@ stored files changed after logging is never served. Alias `champion` is what ser
 `challenger` marks the version under evaluation (aliases and tags, no deprecated stages).
 
 Promotion is compare-and-set under `locking.promotion_lock` (see there for what holds across
-hosts); every champion change is a `PromotionEvent`, stored as a run in the experiment
-`<experiment>-registry` (`ledger.RunLog`), which `rollback` and `history` read.
+hosts); every champion change is a `PromotionEvent`, stored as a run in the bookkeeping
+experiment `<experiment>-records` (`ledger.RunLog`), which `rollback` and `history` read.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from model_registry.ledger import (
     is_remote,
     now_iso,
     quote,
+    records_experiment,
     rollback_target,
 )
 from model_registry.locking import promotion_lock
@@ -108,7 +109,13 @@ class Registry:
         self.artifact_location = None if is_remote(tracking_uri) else location
         self.lock_dir = lock_dir
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        log = RunLog(self.client, f"{experiment}-registry", self.artifact_location)
+        log = RunLog(
+            self.client,
+            records_experiment(experiment),
+            self.artifact_location,
+            kind="promotion",
+            legacy=(f"{experiment}-registry",),
+        )
         self._history = PromotionHistory(log, model_name)
 
     @classmethod
@@ -218,8 +225,13 @@ class Registry:
         return self._aliases()
 
     def history(self, limit: int = 50) -> list[PromotionEvent]:
-        """Champion changes (promotions and rollbacks), newest first."""
+        """Champion changes (promotions, rollbacks, hand moves), newest first."""
         return self._history.events(limit)
+
+    def record_event(self, event: PromotionEvent) -> None:
+        """Append a champion change evergreen did not make itself (see `reconcile`); call under
+        `promotion_lock`."""
+        self._history.record(event)
 
     # ---- writing -------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -18,6 +18,7 @@ from continual.checkpoint import load_checkpoint
 from continual.gating import GateDecision
 from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
+from model_registry.reconcile import reconcile_champion
 from model_registry.registry import ArtifactIntegrityError, Registry, VersionInfo
 from tasks import ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
@@ -186,6 +187,16 @@ def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionI
         quarantined=dict(reg.quarantined),
     )
     return result
+
+
+@task(cache_policy=NO_CACHE)
+def reconcile_registry(cfg: EvergreenConfig) -> None:
+    """Record champion moves made outside evergreen (MLflow UI/API); an ungated one is an error
+    in the run's log (the history says UNGATED; `evergreen rollback` undoes it)."""
+    found = reconcile_champion(Registry.from_config(cfg))
+    if found.event is not None:
+        log = get_run_logger()
+        (log.error if found.ungated else log.warning)("registry: %s", found.event.reason)
 
 
 @task(cache_policy=NO_CACHE)

@@ -383,7 +383,7 @@ def test_from_config_uses_home_and_names(store, monkeypatch):
     assert registry.lock_dir == home / "locks"
     assert registry.artifact_location == store["artifacts"]
     assert registry.champion() is None and registry.versions() == []
-    assert Ledger.from_config(cfg).log.experiment == "exp-ledger"
+    assert Ledger.from_config(cfg).log.experiment == "exp-records"
 
 
 def test_pyfunc_reports_missing_and_non_numeric_columns(store):
