@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
 
@@ -106,6 +108,8 @@ def _assert_run_explains_itself(pipeline, version: str) -> dict[str, str]:
     assert {"train", "selection", "gate", "retention"} <= set(contexts)
     batch = info.tags["evergreen.batch_ids"]
     assert json.loads(contexts["train"].source)["uri"].endswith(f"/landing/{batch}")
+    docs = run.data.tags[f"evergreen.data_docs.{batch}"]  # the batch's GX Data Docs page
+    assert Path(url2pathname(urlparse(docs).path)).is_file()
     model = registry.client.get_logged_model(run.outputs.model_outputs[0].model_id)
     linked = {m.key for m in model.metrics}
     assert {"gate.new.lcb", "eval.champion.recall.3", "eval.challenger.recall.3"} <= linked
