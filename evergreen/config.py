@@ -208,6 +208,14 @@ class _EWCSection(_Strict):
 
 class MonthlyConfig(_EWCSection):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=400, epochs=5, lr=1e-3))
+    replay_ratio: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Share of each step replayed from the data memory. EWC alone cannot learn "
+        "classes that arrive later without overwriting the old ones (class-incremental); "
+        "rehearsal can. 0 = EWC alone, the textbook monthly recipe.",
+    )
 
 
 class WeeklyConfig(_EWCSection):
