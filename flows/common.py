@@ -10,6 +10,7 @@ from flows.params import ConfigParams, FlowParams
 from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
 from tasks.outcome import FlowOutcome
+from tasks.promote import reconcile_registry
 from tasks.state import ModelState
 
 
@@ -18,7 +19,8 @@ class NoChampionError(RuntimeError):
 
 
 def begin(params: ConfigParams) -> EvergreenConfig:
-    """Load the run's config and make sure the concurrency limits exist on this Prefect API."""
+    """Load the run's config, make sure the concurrency limits exist on this Prefect API, and
+    record any champion move made outside evergreen."""
     cfg = run_config(params)
     if cfg.data.text and not cfg.data.features:
         raise NotImplementedError(
@@ -27,6 +29,7 @@ def begin(params: ConfigParams) -> EvergreenConfig:
         )
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     ensure_limits()
+    reconcile_registry(cfg)  # champion moves made by hand appear in the history first
     return cfg
 
 
