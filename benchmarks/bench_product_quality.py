@@ -433,6 +433,8 @@ def run(
         for seed in seeds:
             print(f"[{time.perf_counter() - started:6.0f}s] {family} seed {seed}…", file=sys.stderr)
             runs.append(run_sequence(family, seed, cadence, n_tasks, declare_bounds, workdir))
+            with (workdir.parent / f"{workdir.name}.runs.jsonl").open("a") as partial:
+                partial.write(json.dumps(runs[-1], default=str) + "\n")  # survives a kill
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {

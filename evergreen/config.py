@@ -238,6 +238,15 @@ class RegistryConfig(_Strict):
     )
 
 
+def _env_processes() -> int:
+    """`EVERGREEN_TRAIN_PROCESSES` (set by the Kubernetes GPU pool's `train_processes` job
+    variable), else 1: the process count of every training section that does not set one."""
+    raw = os.environ.get("EVERGREEN_TRAIN_PROCESSES", "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"EVERGREEN_TRAIN_PROCESSES must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
 class TrainConfig(_Strict):
     steps: int = Field(300, gt=0, description="Fewest optimiser steps (count steps, not epochs).")
     epochs: float = Field(
@@ -250,6 +259,13 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+    processes: int = Field(
+        default_factory=lambda: _env_processes(),
+        ge=1,
+        description="Processes to train with: above 1 the training runs under torchrun (DDP, "
+        "gloo on CPU, NCCL on GPUs), each rank on a shard of the rows; the global batch stays "
+        "`batch_size`. Unset: $EVERGREEN_TRAIN_PROCESSES, else 1.",
+    )
 
 
 LAMBDA_GRID = [0.0, 1.0, 10.0, 100.0]
@@ -445,23 +461,39 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> EvergreenConfig:
-    """Read `path` (default: $EVERGREEN_CONFIG, else ./evergreen.yaml), apply overrides, validate.
+    """Read `path` (default: $EVERGREEN_CONFIG, else the nearest evergreen.yaml, else the demo's
+    pointer: `evergreen.home.find_config`), apply overrides, validate.
 
     Raises:
-        FileNotFoundError: the file does not exist (with a hint to run `evergreen init`).
+        FileNotFoundError: no config file (with a hint to run `evergreen init`).
         pydantic.ValidationError: a key is unknown or a value is invalid.
     """
-    config_path = Path(path or os.environ.get("EVERGREEN_CONFIG") or DEFAULT_CONFIG_PATH)
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"config file {config_path} not found: run `evergreen init` to write an example"
-        )
+    from evergreen.home import find_config
+
+    config_path = find_config(path).path
     tree = yaml.safe_load(config_path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"{config_path}: expected a mapping at the top level")
     for assignment in overrides:
         apply_override(tree, assignment)
+    _anchor_relative_paths(tree, config_path.resolve().parent)
     return EvergreenConfig.model_validate(tree)
+
+
+def _anchor_relative_paths(tree: dict[str, Any], folder: Path) -> None:
+    """Relative `home` and local `data.landing` are relative to the config file, not to the
+    working directory, so a command run from a sub-folder (which finds the nearest
+    evergreen.yaml) uses the same state. `$EVERGREEN_HOME` stays relative to the working directory.
+    """
+    home = tree.get("home", ".evergreen")
+    if isinstance(home, str) and not Path(home).expanduser().is_absolute():
+        tree["home"] = str(folder / home)
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return  # validation names the missing section
+    landing = data.get("landing", "./landing")
+    if isinstance(landing, str) and "://" not in landing and not Path(landing).is_absolute():
+        data["landing"] = str(folder / landing)
 
 
 def config_from_dict(

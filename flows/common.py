@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from evergreen.config import EvergreenConfig, load_config
+import yaml
+
+from evergreen.config import EvergreenConfig, config_from_dict, load_config
+from evergreen.pending import NOTHING_PENDING
 from flows.params import ConfigParams, FlowParams
 from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
 from tasks.outcome import FlowOutcome
+from tasks.promote import reconcile_registry
 from tasks.state import ModelState
 
 
@@ -15,8 +19,9 @@ class NoChampionError(RuntimeError):
 
 
 def begin(params: ConfigParams) -> EvergreenConfig:
-    """Load the run's config and make sure the concurrency limits exist on this Prefect API."""
-    cfg = load_config(params.config_path, params.overrides)
+    """Load the run's config, make sure the concurrency limits exist on this Prefect API, and
+    record any champion move made outside evergreen."""
+    cfg = run_config(params)
     if cfg.data.text and not cfg.data.features:
         raise NotImplementedError(
             "text pipelines (data.text) are not wired into the flows yet: continual/ has the local "
@@ -24,7 +29,30 @@ def begin(params: ConfigParams) -> EvergreenConfig:
         )
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     ensure_limits(cfg.registry.name)
+    reconcile_registry(cfg)  # champion moves made by hand appear in the history first
     return cfg
+
+
+def run_config(params: ConfigParams) -> EvergreenConfig:
+    """`config_path` if given, else the Prefect Variable `evergreen_config` (editable in the UI:
+    a path, the YAML text, or a JSON object), else `load_config`'s own discovery."""
+    if params.config_path is None:
+        value = _config_variable()
+        if isinstance(value, dict):
+            return config_from_dict(value, params.overrides)
+        if isinstance(value, str) and "\n" in value.strip():
+            return config_from_dict(yaml.safe_load(value), params.overrides)
+        if isinstance(value, str) and value.strip():
+            return load_config(value.strip(), params.overrides)
+    return load_config(params.config_path, params.overrides)
+
+
+def _config_variable() -> object:
+    from prefect.variables import Variable
+
+    from evergreen.deployments import CONFIG_VARIABLE
+
+    return Variable.get(CONFIG_VARIABLE, default=None)
 
 
 def selection(params: FlowParams) -> BatchSelection:
@@ -38,7 +66,7 @@ def selection(params: FlowParams) -> BatchSelection:
 
 
 def nothing_to_do(cadence: str) -> FlowOutcome:
-    return FlowOutcome(cadence=cadence, decision="skipped", reasons=["no pending batches"])
+    return FlowOutcome(cadence=cadence, decision="skipped", reasons=[NOTHING_PENDING])
 
 
 def all_quarantined(cfg: EvergreenConfig, cadence: str, quarantined: dict[str, str]) -> FlowOutcome:
