@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from data_plane import messages
+from data_plane import messages, text_validation
 from data_plane.drift import drift_report
 from data_plane.landing import COLUMNS_IN_FILES_ATTR, LandingZone, data_columns, read_batch
 from data_plane.profile import DataProfile, GrossChangeRule, class_mix_change, gross_change
@@ -415,6 +415,7 @@ def validate_batch(
     elapsed = time.perf_counter() - started
     found = messages.failures_from_result(result, frame, data_cfg)
     found += _extra_columns(df, data_cfg)
+    found += text_validation.text_failures(df, data_cfg)
     failures = [f for f in found if f.severity == "critical"]
     warnings = [f for f in found if f.severity != "critical"]
     stats = messages.batch_statistics(frame, data_cfg)
@@ -471,6 +472,10 @@ def _change_checks(
             target = failures if "class_mix" in change.block else warnings
             severity = "critical" if target is failures else "warning"
             target.append(Failure("class_mix", data_cfg.label, None, [], message, severity))
+    if reference is not None and len(reference) and data_cfg.text in reference.columns:
+        stats["text_change"] = text_validation.text_change(frame, reference, str(data_cfg.text))
+        for finding in text_validation.text_change_failures(stats["text_change"], data_cfg):
+            (failures if finding.severity == "critical" else warnings).append(finding)
     if reference is not None and len(reference) and data_cfg.features:
         drift = drift_report(
             reference, frame, list(data_cfg.features), psi_threshold=change.drift_psi

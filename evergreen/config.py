@@ -24,10 +24,11 @@ class _Strict(BaseModel):
 class ChangeConfig(_Strict):
     """How validation treats *change* (as opposed to corruption, which always blocks)."""
 
-    block: list[Literal["range", "drift", "class_mix"]] = Field(
+    block: list[Literal["range", "drift", "class_mix", "text_drift"]] = Field(
         default_factory=list,
         description="Informing checks to make blocking: 'range' (values beyond the range accepted "
-        "so far, with `range_mostly`), 'drift' (KS+PSI), 'class_mix' (a new class mix).",
+        "so far, with `range_mostly`), 'drift' (KS+PSI), 'class_mix' (a new class mix), "
+        "'text_drift' (text length or vocabulary change).",
     )
     range_mostly: float = Field(
         0.99,
@@ -68,6 +69,13 @@ class DataConfig(_Strict):
     )
     features: list[str] = Field(default_factory=list, description="Numeric feature columns.")
     text: str | None = Field(None, description="Text column (for text models) instead of features.")
+    max_text_chars: int = Field(
+        20_000,
+        ge=1,
+        description="Text models: a row longer than this many characters blocks the batch (a "
+        "whole file pasted into one cell, a broken export); rows are truncated to "
+        "model.max_length tokens anyway.",
+    )
     label: str = Field("label", description="Label column.")
     classes: list[Any] = Field(
         ..., description="Every class the model may predict, in a fixed order."
@@ -149,7 +157,14 @@ class ModelConfig(_Strict):
     n_layers: int = Field(2, description="Transformer blocks.")
     n_tokens: int = Field(8, description="Transformer: features are split into this many tokens.")
     dropout: float = Field(0.0, ge=0, lt=1)
-    hf_path: str | None = Field(None, description="Local directory of a Hugging Face model.")
+    hf_path: str | None = Field(
+        None,
+        description='Local directory of a Hugging Face model, or "package:NAME" for a model '
+        "shipped inside an installed Python package (never downloaded).",
+    )
+    max_length: int = Field(
+        128, ge=8, le=8192, description="Text models: tokens per row (longer rows are truncated)."
+    )
 
 
 class RegistryConfig(_Strict):

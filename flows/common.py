@@ -17,11 +17,6 @@ class NoChampionError(RuntimeError):
 def begin(params: ConfigParams) -> EvergreenConfig:
     """Load the run's config and make sure the concurrency limits exist on this Prefect API."""
     cfg = load_config(params.config_path, params.overrides)
-    if cfg.data.text and not cfg.data.features:
-        raise NotImplementedError(
-            "text pipelines (data.text) are not wired into the flows yet: continual/ has the local "
-            "Hugging Face loader, but the flows train on numeric `data.features` only"
-        )
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     ensure_limits()
     return cfg
