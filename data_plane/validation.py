@@ -409,7 +409,7 @@ def validate_batch(
     Returns:
         The report; `success` is False if any blocking check failed.
     """
-    frame = _gx_frame(df)
+    frame = _gx_frame(text_validation.gx_safe(df, data_cfg))
     started = time.perf_counter()
     result = run_suite(frame, suite_file, change_expectations(data_cfg, profile))
     elapsed = time.perf_counter() - started
