@@ -54,7 +54,8 @@ class EvergreenPyfunc(PythonModel):
     """Predict labels and their probability from a checkpoint directory (no pickle).
 
     Output columns: `prediction` (the label from `spec.classes`, logit i ↔ classes[i]) and
-    `probability` (the probability of that label).
+    `probability` (the probability of that label); text models add `probability.<label>` for
+    every class.
     """
 
     def __init__(self) -> None:
@@ -110,10 +111,11 @@ class EvergreenPyfunc(PythonModel):
         proba = predict_proba(self.model, self._inputs(frame[columns])).numpy()
         best = proba.argmax(axis=1)
         labels = np.asarray(self.spec.classes, dtype=object)[best]
-        return pd.DataFrame(
-            {"prediction": labels.tolist(), "probability": proba.max(axis=1).astype(np.float64)},
-            index=frame.index,
-        )
+        out = {"prediction": labels.tolist(), "probability": proba.max(axis=1).astype(np.float64)}
+        if callable(getattr(self.model, "tokenize", None)):  # text: every class's probability
+            for i, label in enumerate(self.spec.classes):
+                out[f"probability.{label}"] = proba[:, i].astype(np.float64)
+        return pd.DataFrame(out, index=frame.index)
 
     def _inputs(self, features: pd.DataFrame) -> torch.Tensor:
         tokenize = getattr(self.model, "tokenize", None)
