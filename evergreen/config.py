@@ -331,6 +331,20 @@ class EvergreenConfig(_Strict):
     def _env_home(cls, value: str) -> str:
         return os.environ.get("EVERGREEN_HOME", value)
 
+    @model_validator(mode="after")
+    def _text_needs_a_text_model(self) -> EvergreenConfig:
+        text_family = self.model.family == "hf"
+        if self.data.text and self.data.features:
+            raise ValueError("data: set either `features` or `text`, not both")
+        if self.data.text and not (text_family and self.model.hf_path):
+            raise ValueError(
+                f"data.text is set: use model.family: hf with model.hf_path (a local model "
+                f"directory or package:NAME), got family {self.model.family!r}"
+            )
+        if text_family and not self.data.text:
+            raise ValueError("model.family hf reads text: set data.text (the text column)")
+        return self
+
     @property
     def home_path(self) -> Path:
         return Path(self.home).expanduser().resolve()

@@ -157,3 +157,21 @@ def test_invalid_utf8_in_a_csv_is_quarantined_not_crashing(tmp_path, frames):
     frame, report = read_and_validate(zone, "2026-10-02", cfg, ensure_suite(tmp_path, cfg))
     assert not report.success
     assert "UTF-8" in " ".join(f.message for f in report.failures) or frame is None
+
+
+@pytest.mark.parametrize(
+    ("model", "data", "needle"),
+    [
+        ({"family": "mlp"}, {"text": "text"}, "model.family: hf"),
+        ({"family": "hf"}, {"text": "text"}, "model.family: hf"),
+        ({"family": "hf", "hf_path": "x"}, {"features": ["a"]}, "set data.text"),
+        ({"family": "hf", "hf_path": "x"}, {"text": "t", "features": ["a"]}, "not both"),
+    ],
+)
+def test_config_rejects_text_without_a_text_model(model, data, needle):
+    from pydantic import ValidationError
+
+    from evergreen.config import EvergreenConfig
+
+    with pytest.raises(ValidationError, match=needle):
+        EvergreenConfig(data={"classes": ["a", "b"], **data}, model=model)
