@@ -32,6 +32,13 @@ def pipeline(tmp_path_factory):
     batches = build_text_landing(root / "landing")
     tree = text_config_dict(str(root / "landing"), str(root / "home"))
     tree["registry"] = {"name": "text-test", "experiment": "text-test"}
+    # 18-40 gate rows per batch: a 5-pt tolerance is out of reach (MDE 15-30 pts), so the test
+    # gates at 15 pts and a 15-pt forgetting budget; the product defaults stay as they are.
+    tree["gate"] = {
+        "new_data_tolerance": 0.15,
+        "retention_tolerance": 0.15,
+        "forgetting_budget": 0.15,
+    }
     config = root / "evergreen.yaml"
     config.write_text(yaml.safe_dump(tree, sort_keys=False))
     cfg = load_config(config)
