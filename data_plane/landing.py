@@ -20,7 +20,6 @@ import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -39,19 +38,10 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._:=+-]*$")
 
 BatchReadError = readers.BatchReadError
 SOURCE_COLUMN = readers.SOURCE_COLUMN
+FileRef = readers.FileRef
 
 
 COLUMNS_IN_FILES_ATTR = "columns_in_files"
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """One data file of a batch (`uri` is the full path or `s3://` address)."""
-
-    batch_id: str
-    name: str
-    size: int
-    uri: str
 
 
 def data_columns(data_cfg: DataConfig) -> list[str]:

@@ -9,21 +9,94 @@ the column is missing or holds text) are dropped from the list; the raw GX resul
 from __future__ import annotations
 
 import difflib
+import json
+import math
 import sys
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from data_plane.landing import data_columns
-from data_plane.readers import SOURCE_COLUMN
+from data_plane.readers import SOURCE_COLUMN, BatchReadError
 
 if TYPE_CHECKING:
-    from data_plane.validation import Failure, ValidationReport
     from evergreen.config import DataConfig
 
 _FINITE_MAX = sys.float_info.max
 _SAMPLES = 5
+
+
+@dataclass
+class Failure:
+    """One failed check, phrased for the person who has to fix the data."""
+
+    expectation: str
+    column: str | None
+    unexpected_count: int | None
+    sample_values: list[Any] = field(default_factory=list)
+    message: str = ""
+    severity: str = "critical"  # "critical" blocks, "warning" informs
+
+
+@dataclass
+class ValidationReport:
+    """The outcome of validating one batch (or of failing to read it)."""
+
+    batch_id: str
+    success: bool
+    n_rows: int
+    failures: list[Failure]
+    statistics: dict[str, Any]
+    gx_result: dict[str, Any] | None = None
+    warnings: list[Failure] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        """Strict JSON (non-finite floats become strings such as "inf")."""
+        return json.dumps(_json_safe(asdict(self)), indent=2, allow_nan=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> ValidationReport:
+        data = json.loads(text)
+        data["failures"] = [Failure(**f) for f in data.get("failures", [])]
+        data["warnings"] = [Failure(**f) for f in data.get("warnings", [])]
+        return cls(**data)
+
+    @classmethod
+    def from_read_error(cls, batch_id: str, error: BatchReadError) -> ValidationReport:
+        """A failed report for a batch that could not even be read."""
+        failure = Failure("read_batch", None, None, [], str(error))
+        stats = {"read_error": {"file": error.file, "reason": error.reason}}
+        return cls(batch_id, False, 0, [failure], stats, None)
+
+    def headline(self) -> str:
+        """One line for logs and flow failure messages."""
+        if self.success:
+            checks = self.statistics.get("gx", {}).get("evaluated_expectations", "all")
+            changes = f", {len(self.warnings)} change warning(s)" if self.warnings else ""
+            return f"batch {self.batch_id}: valid ({self.n_rows} rows, {checks} checks{changes})"
+        first = self.failures[0].message if self.failures else "failed"
+        more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
+        return f"batch {self.batch_id}: INVALID — {first}{more}"
+
+    def summary(self) -> str:
+        """A Markdown report: what failed, where, how many rows, samples, what was expected."""
+        return render_summary(self)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    return str(value)
 
 
 def _exception_message(info: Any) -> str | None:
@@ -170,7 +243,6 @@ def failures_from_result(
     result: dict[str, Any], frame: pd.DataFrame, data_cfg: DataConfig
 ) -> list[Failure]:
     """Actionable `Failure`s from a GX validation result (in suite order)."""
-    from data_plane.validation import Failure
 
     results = result.get("results", [])
     missing = _failed_columns(results, "expect_column_to_exist")

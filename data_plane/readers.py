@@ -11,17 +11,24 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO
 
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-if TYPE_CHECKING:
-    from data_plane.landing import FileRef
-
 SOURCE_COLUMN = "_source_file"
 _READ_BLOCK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """One data file of a batch (`uri` is the full path or `s3://` address)."""
+
+    batch_id: str
+    name: str
+    size: int
+    uri: str
 
 
 class BatchReadError(Exception):

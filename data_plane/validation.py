@@ -28,22 +28,20 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
 from data_plane import messages, text_validation
 from data_plane.drift import drift_report
 from data_plane.landing import COLUMNS_IN_FILES_ATTR, LandingZone, data_columns, read_batch
+from data_plane.messages import Failure, ValidationReport
 from data_plane.profile import DataProfile, GrossChangeRule, class_mix_change, gross_change
 from data_plane.readers import SOURCE_COLUMN, BatchReadError
 
@@ -61,77 +59,6 @@ TEXT_TYPES = ["str"]
 RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 10}
 _GX_LOCK = threading.Lock()
 SUITE_NAME = "evergreen-batch"
-
-
-@dataclass
-class Failure:
-    """One failed check, phrased for the person who has to fix the data."""
-
-    expectation: str
-    column: str | None
-    unexpected_count: int | None
-    sample_values: list[Any] = field(default_factory=list)
-    message: str = ""
-    severity: str = "critical"  # "critical" blocks, "warning" informs
-
-
-@dataclass
-class ValidationReport:
-    """The outcome of validating one batch (or of failing to read it)."""
-
-    batch_id: str
-    success: bool
-    n_rows: int
-    failures: list[Failure]
-    statistics: dict[str, Any]
-    gx_result: dict[str, Any] | None = None
-    warnings: list[Failure] = field(default_factory=list)
-
-    def to_json(self) -> str:
-        """Strict JSON (non-finite floats become strings such as "inf")."""
-        return json.dumps(_json_safe(asdict(self)), indent=2, allow_nan=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> ValidationReport:
-        data = json.loads(text)
-        data["failures"] = [Failure(**f) for f in data.get("failures", [])]
-        data["warnings"] = [Failure(**f) for f in data.get("warnings", [])]
-        return cls(**data)
-
-    @classmethod
-    def from_read_error(cls, batch_id: str, error: BatchReadError) -> ValidationReport:
-        """A failed report for a batch that could not even be read."""
-        failure = Failure("read_batch", None, None, [], str(error))
-        stats = {"read_error": {"file": error.file, "reason": error.reason}}
-        return cls(batch_id, False, 0, [failure], stats, None)
-
-    def headline(self) -> str:
-        """One line for logs and flow failure messages."""
-        if self.success:
-            checks = self.statistics.get("gx", {}).get("evaluated_expectations", "all")
-            changes = f", {len(self.warnings)} change warning(s)" if self.warnings else ""
-            return f"batch {self.batch_id}: valid ({self.n_rows} rows, {checks} checks{changes})"
-        first = self.failures[0].message if self.failures else "failed"
-        more = f" (+{len(self.failures) - 1} more)" if len(self.failures) > 1 else ""
-        return f"batch {self.batch_id}: INVALID — {first}{more}"
-
-    def summary(self) -> str:
-        """A Markdown report: what failed, where, how many rows, samples, what was expected."""
-        return messages.render_summary(self)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if value is None or isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
 
 
 def build_suite(data_cfg: DataConfig, *, name: str = SUITE_NAME) -> gx.ExpectationSuite:

@@ -17,6 +17,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from continual.metrics import history_forgetting, retention_accuracy
 from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
 from data_plane.splits import ThreeWaySplit, split_three_way
 from demo.baselines import HeldOut, accuracy_row, joint_rows, naive_rows
@@ -59,24 +60,6 @@ class _Spec:
     def __init__(self, cfg: EvergreenConfig) -> None:
         self.feature_columns = list(cfg.data.features)
         self.classes = list(cfg.data.classes)
-
-
-def forgetting_of(history: list[dict[str, float]]) -> float | None:
-    """Mean over earlier batches of (best accuracy so far − current accuracy)."""
-    if len(history) < 2:
-        return None
-    current, earlier = history[-1], history[:-1]
-    drops = [
-        max(h[b] for h in earlier if b in h) - current[b]
-        for b in current
-        if any(b in h for h in earlier)
-    ]
-    return float(np.mean(drops)) if drops else None
-
-
-def retention_accuracy(row: dict[str, float], latest: str) -> float | None:
-    old = [v for b, v in row.items() if b != latest]
-    return float(np.mean(old)) if old else None
 
 
 def plan_runs(batches: list[DemoBatch]) -> list[tuple[str, str, dict]]:
@@ -191,7 +174,7 @@ def _run_calendar(cfg, config_path: Path, batches, held_out: HeldOut, console: C
                 champion_version=champion.version,
                 new_accuracy=row.get(new_batch) if new_batch else None,
                 retention_accuracy=retention_accuracy(row, new_batch or ""),
-                forgetting=forgetting_of([r for _, r in matrix_rows]),
+                forgetting=history_forgetting([r for _, r in matrix_rows]),
                 note="; ".join(result.get("reasons", []))[:600],
             )
         )
@@ -238,7 +221,10 @@ def _explain(console: Console, cfg: EvergreenConfig, config_path: Path) -> None:
         "lineage tags)\n"
         "  Prefect UI:  prefect server start   then http://127.0.0.1:4200 (the demo's flow runs,\n"
         "               artifacts and events are in Prefect's local database under ~/.prefect)\n"
+        "  Both UIs:    evergreen ui   (prints these commands for this home; --start runs them)\n"
         f"  Status:      evergreen status --config {config_path}\n"
+        "               (from this folder plain `evergreen status`: `evergreen demo` leaves a\n"
+        "               pointer in .evergreen/current-config)\n"
         f"  Rollback:    evergreen rollback --config {config_path}\n"
         f"  Serve:       mlflow models serve -m models:/{cfg.registry.name}@champion "
         f"(MLFLOW_TRACKING_URI={cfg.tracking_uri})"

@@ -176,4 +176,4 @@ def run_flow(name: str, **params: Any) -> dict[str, Any]:
     """Run a declared flow in this process (ephemeral Prefect, or the server PREFECT_API_URL
     names) with `params` validated by its parameter model."""
     item = cadence(name)
-    return item.flow()(params=item.params_model()(**params))
+    return item.flow()(**item.params_model()(**params).model_dump())

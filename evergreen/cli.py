@@ -1,25 +1,34 @@
-"""The `evergreen` command: init | demo | run <flow> | deploy | status | history | rollback | report.
+"""The `evergreen` command: init | demo | run <flow> | deploy | status | history | rollback | report | ui.
 
-Every command takes `--config PATH` (default ./evergreen.yaml) and repeatable `--set key=value`
-overrides whose values are parsed as YAML.
+Every command but `init` takes `--config PATH` (default: $EVERGREEN_CONFIG, else the nearest
+evergreen.yaml, else the demo's pointer: `evergreen.home`) and repeatable `--set key=value`
+overrides whose values are parsed as YAML. Failures print one line on stderr and exit with the
+code of their class (`evergreen.errors.ExitCode`); `--debug` adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
 import shutil
 import sys
+import traceback
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 
 from evergreen.cadences import CADENCES, cadence, run_flow
-from evergreen.config import load_config
+from evergreen.config import EvergreenConfig, load_config
+from evergreen.errors import ConfigError, ExitCode, UsageError, classify
+from evergreen.home import find_config, write_pointer
 
 console = Console()
+err_console = Console(stderr=True)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 QUIET_DEFAULTS = {
@@ -35,16 +44,52 @@ QUIET_DEFAULTS = {
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # our libraries' loggers reach the flow run's logs in the Prefect UI (see prefect.yaml too)
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "data_plane,model_registry,continual",
 }
+# Read-only commands answer within seconds when the tracking server is down (MLflow's own default
+# retries for ~4 minutes); flows keep MLflow's backoff, since a run should ride out a restart.
+INTERACTIVE_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
+}
+INTERACTIVE = {"status", "history", "report", "ui"}
 # The demo prints its own timeline; flow-run logs stay in the Prefect UI/API.
 DEMO_DEFAULTS = {"PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+
+
+def _package_version() -> str:
+    try:
+        return version("evergreen")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
+def _output_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
+    """--quiet/--verbose/--debug, accepted before or after the command name."""
+    default = {} if top else {"default": argparse.SUPPRESS}
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "-q", "--quiet", action="store_true", help="only results and errors", **default
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", help="also flow-run logs at INFO", **default
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="print the traceback of a failure (or set EVERGREEN_DEBUG=1)",
+        **default,
+    )
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config",
         default=None,
-        help="config file (default: $EVERGREEN_CONFIG or ./evergreen.yaml)",
+        help="config file (default: $EVERGREEN_CONFIG, else the nearest evergreen.yaml, else "
+        "the last demo's)",
     )
     parser.add_argument(
         "--set",
@@ -57,7 +102,14 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evergreen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="evergreen",
+        description=__doc__.splitlines()[0],
+        epilog="exit codes: "
+        + ", ".join(f"{code.value} {code.name.lower().replace('_', '-')}" for code in ExitCode),
+    )
+    parser.add_argument("--version", action="version", version=f"evergreen {_package_version()}")
+    _output_flags(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="write a commented evergreen.yaml here")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
@@ -71,18 +123,64 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = sub.add_parser("deploy", help="register the prefect.yaml deployments on the server")
     deploy.add_argument("--prefect-file", default=str(PROJECT_ROOT / "prefect.yaml"))
     deploy.add_argument("--name", action="append", help="only this deployment (repeatable)")
+    deploy.add_argument(
+        "--notify",
+        metavar="BLOCK_SLUG",
+        help="create the failed-run and quarantined-batch automations, notifying this "
+        "notification block (e.g. slack-webhook/ops)",
+    )
     status = sub.add_parser("status", help="champion, versions, promotions, ledger")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    sub.add_parser("history", help="promotion and rollback history")
+    history = sub.add_parser("history", help="promotion and rollback history")
+    history.add_argument("--json", action="store_true", help="machine-readable output")
+    history.add_argument("--limit", type=int, default=50, help="newest N events (default 50)")
     rollback = sub.add_parser("rollback", help="restore the previous (or a chosen) champion")
     rollback.add_argument("--to", help="version to restore")
     rollback.add_argument("--reason", default="manual rollback (CLI)")
     report = sub.add_parser("report", help="write the Markdown + PNG report")
     report.add_argument("--out", help="output folder (default: <home>/reports/latest)")
-    for sub_parser in (init, demo, run, deploy, status, sub.choices["history"], rollback, report):
+    ui = sub.add_parser("ui", help="how to open the MLflow and Prefect UIs on this home")
+    ui.add_argument("--start", action="store_true", help="start both servers (Ctrl-C stops them)")
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    for sub_parser in sub.choices.values():
+        _output_flags(sub_parser, top=False)
         if sub_parser is not init:
             _common(sub_parser)
     return parser
+
+
+def _config(args: argparse.Namespace) -> EvergreenConfig:
+    """Find, load and validate the config; say which file was used (stderr, unless --quiet).
+
+    Sets `args.config` to the resolved path so flows started from here read the same file.
+
+    Raises:
+        ConfigError: missing, unreadable or invalid, in one line naming the file.
+    """
+    try:
+        found = find_config(args.config)
+    except FileNotFoundError as error:
+        raise ConfigError(str(error)) from error
+    if not args.quiet:
+        err_console.print(
+            f"[dim]config: {found.path} ({found.source})[/dim]", highlight=False, soft_wrap=True
+        )
+    args.config = str(found.path)
+    try:
+        return load_config(found.path, args.overrides)
+    except (ValueError, TypeError, OSError, yaml.YAMLError) as error:  # pydantic's: ValueError
+        raise ConfigError(f"{found.path}: {_one_line_invalid(error)}") from error
+
+
+def _one_line_invalid(error: BaseException) -> str:
+    errors = getattr(error, "errors", None)
+    if callable(errors):  # pydantic.ValidationError: name every key and what was wrong
+        return "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())) or 'config'}: {e.get('msg', '')}"
+            for e in errors()
+        )
+    return " ".join(str(error).split())
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -90,7 +188,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if path.exists() and not args.force:
-        console.print(f"[red]{path} exists[/red]; use --force to overwrite")
+        err_console.print(f"[red]{path} exists[/red]; use --force to overwrite")
         return 1
     path.write_text(CONFIG_TEMPLATE)
     console.print(f"wrote {path}: set data.landing, data.features, data.label and data.classes")
@@ -100,6 +198,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 # CLI spellings of parameter fields that read better than the field name.
 _FLAG_NAMES = {"batch_ids": "--batch", "to": "--to"}
 _NOT_FLAGS = {"config_path", "overrides"}  # --config and --set
+_NOT_PARAMS = {"command", "flow", "config", "overrides", "quiet", "verbose", "debug"}
 
 
 def _flow_options(run: argparse.ArgumentParser) -> None:
@@ -130,27 +229,76 @@ def _takers(field: str) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     item = cadence(args.flow)
-    load_config(args.config, args.overrides)  # fail fast with a clear message
-    fields = item.params_model().model_fields
+    _config(args)  # fail fast with a clear message
+    model = item.params_model()
     given = {
         name: value
         for name, value in vars(args).items()
-        if value is not None and name not in ("command", "flow", "config", "overrides")
+        if value is not None and name not in _NOT_PARAMS
     }
-    foreign = sorted(name for name in given if name not in fields)
+    foreign = sorted(name for name in given if name not in model.model_fields)
     if foreign:
         flags = [_FLAG_NAMES.get(n, "--" + n.replace("_", "-")) for n in foreign]
-        raise ValueError(f"flow {item.name!r} does not take {', '.join(flags)}")
-    result = run_flow(item.name, config_path=args.config, overrides=args.overrides, **given)
+        raise UsageError(f"flow {item.name!r} does not take {', '.join(flags)}")
+    params = {"config_path": args.config, "overrides": args.overrides, **given}
+    try:
+        model(**params)
+    except ValueError as error:  # pydantic.ValidationError
+        raise UsageError(f"{item.name}: {_one_line_invalid(error)}") from error
+    _console_without_tracebacks(args)
+    result = run_flow(item.name, **params)
     console.print_json(json.dumps(result, default=str))
     return 0 if result.get("decision") != "failed" else 1
+
+
+class _NoTraceback(logging.Formatter):
+    """Formats a record as `inner` would, minus its traceback (the record itself is untouched,
+    so the flow run's logs in the Prefect API keep the full traceback)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        bare = logging.makeLogRecord(record.__dict__)
+        bare.exc_info, bare.exc_text, bare.stack_info = None, None, None
+        return self.inner.format(bare)
+
+
+def _console_without_tracebacks(args: argparse.Namespace) -> None:
+    """Prefect's console handlers print a failed flow's traceback; the CLI prints one line
+    instead (`main`), unless --debug."""
+    if args.debug or os.environ.get("EVERGREEN_DEBUG", "") not in ("", "0", "false"):
+        return
+    from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
+
+    if not PROCESS_LOGGING_CONFIG:
+        setup_logging()  # what Prefect does at its first run; later calls are incremental
+    loggers = [logging.getLogger()] + [
+        item
+        for item in logging.Logger.manager.loggerDict.values()
+        if isinstance(item, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(
+                handler.formatter, _NoTraceback
+            ):
+                handler.setFormatter(_NoTraceback(handler.formatter))
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
     from evergreen.deploy import deploy_all
 
-    cfg = load_config(args.config, args.overrides)
-    return deploy_all(cfg, Path(args.prefect_file), names=args.name, console=console)
+    cfg = _config(args)
+    return deploy_all(
+        cfg,
+        Path(args.prefect_file),
+        names=args.name,
+        console=console,
+        config_path=Path(args.config),
+        notify=args.notify,
+    )
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -158,7 +306,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from model_registry.registry import Registry
     from model_registry.status import render_status, status_snapshot
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
     snapshot = status_snapshot(Registry.from_config(cfg), Ledger.from_config(cfg))
     if args.json:
         print(json.dumps(snapshot, indent=2, default=str))
@@ -171,12 +319,18 @@ def cmd_history(args: argparse.Namespace) -> int:
     from model_registry.registry import Registry
     from model_registry.status import render_history
 
-    cfg = load_config(args.config, args.overrides)
-    render_history(Registry.from_config(cfg).history(), console)
+    cfg = _config(args)
+    events = Registry.from_config(cfg).history(limit=args.limit)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(e) for e in events], indent=2, default=str))
+    else:
+        render_history(events, console)
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
+    _config(args)
+    _console_without_tracebacks(args)
     result = run_flow(
         "rollback",
         config_path=args.config,
@@ -191,7 +345,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     from evergreen.history import write_registry_report
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = _config(args)
     out = Path(args.out) if args.out else cfg.home_path / "reports" / "latest"
     console.print(f"report: {write_registry_report(cfg, out)}")
     return 0
@@ -203,7 +357,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     home = Path(args.home).resolve()
     if home.exists() and not args.keep:
         shutil.rmtree(home)
-    return run_demo(home, console=console)
+    code = run_demo(home, console=console)
+    # `evergreen status` typed here next finds the demo without --config (evergreen.home).
+    pointer = write_pointer(home / "evergreen.yaml")
+    if not args.quiet:
+        err_console.print(
+            f"[dim]{pointer} → {home / 'evergreen.yaml'}[/dim]", highlight=False, soft_wrap=True
+        )
+    return code
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from evergreen.ui import serve, ui_commands
+
+    cfg = _config(args)
+    commands = ui_commands(cfg, mlflow_port=args.mlflow_port, prefect_port=args.prefect_port)
+    for item in commands:
+        console.print(
+            f"[bold]{item.name}[/bold]: {item.url}\n  {item.shell}", highlight=False, soft_wrap=True
+        )
+    return serve(commands, console) if args.start else 0
 
 
 COMMANDS = {
@@ -215,22 +388,39 @@ COMMANDS = {
     "history": cmd_history,
     "rollback": cmd_rollback,
     "report": cmd_report,
+    "ui": cmd_ui,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure becomes one line on stderr and its class's exit code."""
     for key, value in QUIET_DEFAULTS.items():
         os.environ.setdefault(key, value)
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("EVERGREEN_DEBUG", "") not in ("", "0", "false")
+    _set_verbosity(args)
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    if args.command == "demo":
-        for key, value in DEMO_DEFAULTS.items():
-            os.environ.setdefault(key, value)
+    extra = DEMO_DEFAULTS if args.command == "demo" else {}
+    extra = INTERACTIVE_DEFAULTS if args.command in INTERACTIVE else extra
+    for key, value in extra.items():
+        os.environ.setdefault(key, value)
     try:
         return COMMANDS[args.command](args)
-    except (FileNotFoundError, ValueError, KeyError) as error:
-        console.print(f"[red]error:[/red] {error}")
-        return 2
+    except (Exception, KeyboardInterrupt) as error:
+        failure = classify(error)
+        if debug:
+            traceback.print_exc(file=sys.stderr)
+        print(f"evergreen: error: {failure.message}", file=sys.stderr)
+        return int(failure.code)
+
+
+def _set_verbosity(args: argparse.Namespace) -> None:
+    """--quiet: Prefect's console logs at WARNING; --verbose: INFO (before Prefect is imported)."""
+    if args.quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+    elif args.verbose:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "INFO"
+        logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 
 
 if __name__ == "__main__":

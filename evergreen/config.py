@@ -223,6 +223,14 @@ class _EWCSection(_Strict):
 
 class MonthlyConfig(_EWCSection):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=400, epochs=5, lr=1e-3))
+    replay_ratio: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="Share of each step replayed from the data memory. EWC alone cannot learn "
+        "classes that arrive later without overwriting the old ones (class-incremental); "
+        "rehearsal can. 0 = EWC alone, the textbook monthly recipe.",
+    )
 
 
 class WeeklyConfig(_EWCSection):
@@ -384,23 +392,39 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
 def load_config(
     path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> EvergreenConfig:
-    """Read `path` (default: $EVERGREEN_CONFIG, else ./evergreen.yaml), apply overrides, validate.
+    """Read `path` (default: $EVERGREEN_CONFIG, else the nearest evergreen.yaml, else the demo's
+    pointer: `evergreen.home.find_config`), apply overrides, validate.
 
     Raises:
-        FileNotFoundError: the file does not exist (with a hint to run `evergreen init`).
+        FileNotFoundError: no config file (with a hint to run `evergreen init`).
         pydantic.ValidationError: a key is unknown or a value is invalid.
     """
-    config_path = Path(path or os.environ.get("EVERGREEN_CONFIG") or DEFAULT_CONFIG_PATH)
-    if not config_path.exists():
-        raise FileNotFoundError(
-            f"config file {config_path} not found: run `evergreen init` to write an example"
-        )
+    from evergreen.home import find_config
+
+    config_path = find_config(path).path
     tree = yaml.safe_load(config_path.read_text()) or {}
     if not isinstance(tree, dict):
         raise ValueError(f"{config_path}: expected a mapping at the top level")
     for assignment in overrides:
         apply_override(tree, assignment)
+    _anchor_relative_paths(tree, config_path.resolve().parent)
     return EvergreenConfig.model_validate(tree)
+
+
+def _anchor_relative_paths(tree: dict[str, Any], folder: Path) -> None:
+    """Relative `home` and local `data.landing` are relative to the config file, not to the
+    working directory, so a command run from a sub-folder (which finds the nearest
+    evergreen.yaml) uses the same state. `$EVERGREEN_HOME` stays relative to the working directory.
+    """
+    home = tree.get("home", ".evergreen")
+    if isinstance(home, str) and not Path(home).expanduser().is_absolute():
+        tree["home"] = str(folder / home)
+    data = tree.get("data")
+    if not isinstance(data, dict):
+        return  # validation names the missing section
+    landing = data.get("landing", "./landing")
+    if isinstance(landing, str) and "://" not in landing and not Path(landing).is_absolute():
+        data["landing"] = str(folder / landing)
 
 
 def config_from_dict(

@@ -11,8 +11,9 @@ from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_URL
 from rich.console import Console
 
+from evergreen.automations import ensure_automations
 from evergreen.config import EvergreenConfig
-from evergreen.deployments import WORK_POOL
+from evergreen.deployments import CONFIG_VARIABLE, WORK_POOL
 from tasks.limits import ensure_limits
 
 
@@ -30,10 +31,30 @@ def ensure_work_pool(name: str = WORK_POOL, pool_type: str = "process") -> bool:
             return True
 
 
+def ensure_config_variable(config_path: Path) -> bool:
+    """Create the Prefect Variable the deployments read their config from (`CONFIG_VARIABLE`),
+    holding this config's path, unless it exists (an operator may have edited it in the UI:
+    replace the path by the YAML text itself to keep the config on the server). True if created.
+    """
+    from prefect.variables import Variable
+
+    if Variable.get(CONFIG_VARIABLE, default=None) is not None:
+        return False
+    Variable.set(CONFIG_VARIABLE, str(config_path.resolve()))
+    return True
+
+
 def deploy_all(
-    cfg: EvergreenConfig, prefect_file: Path, *, names: list[str] | None, console: Console
+    cfg: EvergreenConfig,
+    prefect_file: Path,
+    *,
+    names: list[str] | None,
+    console: Console,
+    config_path: Path | None = None,
+    notify: str | None = None,
 ) -> int:
-    """Work pool + concurrency limits + `prefect deploy` of every (or the named) deployment."""
+    """Work pool, concurrency limits, config Variable, automations (with `notify`), then
+    `prefect deploy` of every (or the named) deployment."""
     if not PREFECT_API_URL.value():
         console.print(
             "[red]deploy needs a Prefect server[/red]: run `prefect server start` and "
@@ -46,6 +67,11 @@ def deploy_all(
     if ensure_work_pool():
         console.print(f"created work pool {WORK_POOL} (process)")
     ensure_limits()
+    if config_path is not None and ensure_config_variable(config_path):
+        console.print(f"created Prefect Variable {CONFIG_VARIABLE} = {config_path.resolve()}")
+    if notify:
+        for name in ensure_automations(notify):
+            console.print(f"created automation {name!r} → {notify}")
     selection = [arg for name in names for arg in ("--name", name)] if names else ["--all"]
     env = {**os.environ, "EVERGREEN_WORKDIR": str(Path.cwd())}
     command = [

@@ -14,6 +14,13 @@ import yaml
 from evergreen.cadences import CADENCES, Cadence
 
 WORK_POOL = "evergreen-process"
+# Flows started without `config_path` read their config from this Prefect Variable (a path, the
+# YAML text, or a JSON object), so it is editable in the UI: `flows.common.begin`.
+CONFIG_VARIABLE = "evergreen_config"
+# A burst of drift events starts one update, then nothing for this long (reactive `within`).
+DRIFT_COOLDOWN_SECONDS = 3600
+# Our libraries' loggers are forwarded to the flow run's logs (the Prefect UI).
+JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "data_plane,model_registry,continual"}
 HEADER = """\
 # evergreen deployments: one per row of the decision table, rendered from evergreen/cadences.py
 # by `python -m evergreen.deployments > prefect.yaml` (do not edit by hand: a test compares).
@@ -41,7 +48,7 @@ def _deployment(item: Cadence) -> dict[str, Any]:
         "entrypoint": item.entrypoint,
         "description": item.description,
         "tags": ["evergreen", *item.tags],
-        "parameters": {"params": _defaults(item)},
+        "parameters": _defaults(item),
         "enforce_parameter_schema": True,
     }
     if item.manual:
@@ -59,10 +66,14 @@ def _deployment(item: Cadence) -> dict[str, Any]:
                 "expect": list(item.triggers),
                 "posture": "Reactive",
                 "threshold": 1,
-                "within": 0,
+                "within": DRIFT_COOLDOWN_SECONDS,
             }
         ]
-    spec["work_pool"] = {"name": WORK_POOL, "work_queue_name": "default", "job_variables": {}}
+    spec["work_pool"] = {
+        "name": WORK_POOL,
+        "work_queue_name": "default",
+        "job_variables": {"env": dict(JOB_ENV)},
+    }
     return spec
 
 

@@ -19,13 +19,13 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from continual.metrics import average_accuracy, backward_transfer, forgetting, forgetting_per_task
+from continual.metrics import MatrixSummary, summarize_matrix
 
 if TYPE_CHECKING:
     import rich.table
@@ -84,70 +84,6 @@ class TimelineRow:
     joint_new_accuracy: float | None = None
     joint_retention_accuracy: float | None = None
     note: str = ""
-
-
-@dataclass
-class MatrixSummary:
-    """Continual-learning metrics of an accuracy matrix (see `continual.metrics`)."""
-
-    average_accuracy: float
-    forgetting: float
-    backward_transfer: float
-    forgetting_per_batch: list[float] = field(default_factory=list)
-
-
-def summarize_matrix(matrix: np.ndarray) -> MatrixSummary:
-    """Average accuracy, forgetting and backward transfer of R (NaN where undefined).
-
-    A square matrix (one training step per batch) uses `continual.metrics` as is. A matrix
-    with more steps than batches (the demo evaluates after every flow run, including runs that
-    train on nothing new) uses the same definitions generalised: the latest row is "now", the
-    forgetting of batch j is its best accuracy in an earlier row minus its accuracy now, and
-    backward transfer compares now with the first row that measured j (for a square
-    lower-triangular R that row is j, so both agree).
-
-    Raises:
-        ValueError: R is not 2-D.
-    """
-    values = np.asarray(matrix, dtype=float)
-    if values.ndim != 2:
-        raise ValueError(f"accuracy matrix must be 2-D (steps × batches), got shape {values.shape}")
-    if values.shape[0] == values.shape[1]:
-        return MatrixSummary(
-            average_accuracy=average_accuracy(values),
-            forgetting=forgetting(values),
-            backward_transfer=backward_transfer(values),
-            forgetting_per_batch=[float(v) for v in forgetting_per_task(values)],
-        )
-    return _ragged_summary(values)
-
-
-def _nanmean(values: np.ndarray) -> float:
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if len(values) else float("nan")
-
-
-def _ragged_summary(values: np.ndarray) -> MatrixSummary:
-    """`summarize_matrix` for a steps × batches matrix that is not square."""
-    filled_rows = np.flatnonzero(~np.isnan(values).all(axis=1))
-    if not len(filled_rows):
-        nan = float("nan")
-        return MatrixSummary(nan, nan, nan, [nan] * values.shape[1])
-    T = int(filled_rows[-1])
-    now, earlier = values[T], values[:T]
-    seen_before = ~np.isnan(earlier).all(axis=0) if T else np.zeros(values.shape[1], bool)
-    best = np.full(values.shape[1], np.nan)
-    best[seen_before] = np.nanmax(earlier[:, seen_before], axis=0)
-    first = np.full(values.shape[1], np.nan)
-    for j in np.flatnonzero(seen_before):
-        first[j] = earlier[np.flatnonzero(~np.isnan(earlier[:, j]))[0], j]
-    per_batch = best - now
-    return MatrixSummary(
-        average_accuracy=_nanmean(now),
-        forgetting=_nanmean(per_batch),
-        backward_transfer=_nanmean(now - first),
-        forgetting_per_batch=[float(v) for v in per_batch],
-    )
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

@@ -48,6 +48,7 @@ monthly:                          # full fine-tune + online EWC
   ewc_lambda: auto                # auto: best of lambda_grid on the select rows; or a number
   lambda_grid: [0, 1, 10, 100]    # on the normalised Fisher
   fisher_decay: 0.9               # F = gamma * F_old + F_own
+  replay_ratio: 0.5               # rehearsal from the data memory (0 = EWC alone: cannot learn new classes)
 
 weekly:                           # experience replay + EWC
   train: {steps: 300, epochs: 5, lr: 0.001}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, selection
-from flows.params import FlowParams
+from flows.params import BATCH_IDS, CONFIG_PATH, FORCE, MAX_BATCHES, OVERRIDES, UNTIL, FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.ledger import record_consumed
@@ -28,7 +28,15 @@ CADENCE = "bootstrap"
 
 
 @flow(name=CADENCE, description="Train and register the first champion.")
-def bootstrap(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
+def bootstrap(
+    batch_ids: list[str] | None = BATCH_IDS,
+    force: bool = FORCE,
+    until: str | None = UNTIL,
+    max_batches: int | None = MAX_BATCHES,
+    config_path: str | None = CONFIG_PATH,
+    overrides: list[str] = OVERRIDES,
+) -> dict:
+    params = FlowParams(**locals())
     cfg = begin(params)
     current = load_champion(cfg)
     if current is not None and not params.force:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from evergreen.config import EvergreenConfig, load_config
+import yaml
+
+from evergreen.config import EvergreenConfig, config_from_dict, load_config
 from flows.params import ConfigParams, FlowParams
 from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
@@ -16,10 +18,32 @@ class NoChampionError(RuntimeError):
 
 def begin(params: ConfigParams) -> EvergreenConfig:
     """Load the run's config and make sure the concurrency limits exist on this Prefect API."""
-    cfg = load_config(params.config_path, params.overrides)
+    cfg = run_config(params)
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     ensure_limits()
     return cfg
+
+
+def run_config(params: ConfigParams) -> EvergreenConfig:
+    """`config_path` if given, else the Prefect Variable `evergreen_config` (editable in the UI:
+    a path, the YAML text, or a JSON object), else `load_config`'s own discovery."""
+    if params.config_path is None:
+        value = _config_variable()
+        if isinstance(value, dict):
+            return config_from_dict(value, params.overrides)
+        if isinstance(value, str) and "\n" in value.strip():
+            return config_from_dict(yaml.safe_load(value), params.overrides)
+        if isinstance(value, str) and value.strip():
+            return load_config(value.strip(), params.overrides)
+    return load_config(params.config_path, params.overrides)
+
+
+def _config_variable() -> object:
+    from prefect.variables import Variable
+
+    from evergreen.deployments import CONFIG_VARIABLE
+
+    return Variable.get(CONFIG_VARIABLE, default=None)
 
 
 def selection(params: FlowParams) -> BatchSelection:

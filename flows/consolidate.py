@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import begin, require_champion
-from flows.params import ConfigParams
+from flows.params import CONFIG_PATH, OVERRIDES, ConfigParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.memory import load_memory
 from tasks.merge import consolidate_lineage, lineage_versions, load_versions
@@ -25,7 +25,11 @@ CADENCE = "consolidate"
 
 
 @flow(name=CADENCE, description="Consolidate the champion lineage by EMA or interpolation.")
-def consolidate(params: ConfigParams = ConfigParams()) -> dict:  # noqa: B008 - Prefect form
+def consolidate(
+    config_path: str | None = CONFIG_PATH,
+    overrides: list[str] = OVERRIDES,
+) -> dict:
+    params = ConfigParams(**locals())
     cfg = begin(params)
     # 1. ingest: the recent champions
     champion = require_champion(load_champion(cfg), CADENCE)

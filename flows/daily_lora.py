@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
-from flows.params import FlowParams
+from flows.params import BATCH_IDS, CONFIG_PATH, FORCE, MAX_BATCHES, OVERRIDES, UNTIL, FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.memory import commit_memory, load_memory
@@ -28,7 +28,15 @@ CADENCE = "daily-lora"
 
 
 @flow(name=CADENCE, description="Online LoRA adapter, kept only if it passes the gate's rule.")
-def daily_lora(params: FlowParams = FlowParams()) -> dict:  # noqa: B008 - Prefect form
+def daily_lora(
+    batch_ids: list[str] | None = BATCH_IDS,
+    force: bool = FORCE,
+    until: str | None = UNTIL,
+    max_batches: int | None = MAX_BATCHES,
+    config_path: str | None = CONFIG_PATH,
+    overrides: list[str] = OVERRIDES,
+) -> dict:
+    params = FlowParams(**locals())
     cfg = begin(params)
     # 1. ingest
     batch_ids = discover_batches(cfg, CADENCE, selection(params))

@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import begin, require_champion
-from flows.params import MergeParams
+from flows.params import CONFIG_PATH, EPS, OVERRIDES, VERSIONS, MergeParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.memory import load_memory
 from tasks.merge import fisher_merge_models, load_versions
@@ -25,7 +25,13 @@ CADENCE = "merge"
 
 
 @flow(name=CADENCE, description="Fisher-weighted merge of chosen versions.")
-def merge(params: MergeParams) -> dict:
+def merge(
+    versions: list[str] = VERSIONS,
+    eps: float = EPS,
+    config_path: str | None = CONFIG_PATH,
+    overrides: list[str] = OVERRIDES,
+) -> dict:
+    params = MergeParams(**locals())
     cfg = begin(params)
     # 1. ingest: the versions to merge, the champion and the data memory's gate rows
     champion = require_champion(load_champion(cfg), CADENCE)

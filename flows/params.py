@@ -1,52 +1,73 @@
-"""The flows' parameters: pydantic models the Prefect UI renders as forms with descriptions."""
+"""The flows' parameters: one flat, typed, documented field each, so the Prefect UI's "Custom run"
+form shows every knob with its description and default (no nested object to expand).
+
+Each field is declared once here as a pydantic `Field` and used twice: as the default of the flow
+function's parameter (Prefect builds the form and validates runs from the signature, including
+the field's description and bounds) and in the parameter model the flow body works with
+(`FlowParams(**locals())`). `tests/unit/test_prefect_ui.py` checks the two agree.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
+
+BATCH_IDS: Any = Field(
+    None,
+    description='Process exactly these batches, e.g. ["2026-11-21"] (default: every pending batch).',
+)
+FORCE: Any = Field(
+    False, description="Reprocess batches the ledger marks as processed (recorded as forced)."
+)
+UNTIL: Any = Field(
+    None, description="Only batches whose id sorts at or before this (e.g. 2026-11-21)."
+)
+MAX_BATCHES: Any = Field(None, ge=1, description="At most this many pending batches.")
+CONFIG_PATH: Any = Field(
+    None,
+    description="Path of evergreen.yaml. Empty: the Prefect Variable `evergreen_config` (a path "
+    "or the YAML itself, editable under Variables), else $EVERGREEN_CONFIG, else the nearest "
+    "evergreen.yaml from the worker's directory.",
+)
+OVERRIDES: Any = Field(
+    [],  # a literal default (pydantic copies it) so the run form shows it
+    description="Config overrides as key=value (value parsed as YAML), e.g. daily.lora_r=16.",
+)
+PROMOTE_EMA: Any = Field(
+    False, description="Also gate the EMA weights as a challenger (default: monitor only)."
+)
+VERSIONS: Any = Field(..., min_length=2, description='Model versions to merge, e.g. ["3", "5"].')
+EPS: Any = Field(1e-8, gt=0, description="Weight floor, relative to each tensor's Fisher scale.")
+TO: Any = Field(None, description="Version to restore (default: the previous champion).")
+REASON: Any = Field("manual rollback", description="Why: recorded in the promotion history.")
 
 
 class ConfigParams(BaseModel):
     """Where a run finds its configuration."""
 
-    config_path: str | None = Field(
-        None,
-        description="Path of evergreen.yaml (default: $EVERGREEN_CONFIG, else ./evergreen.yaml "
-        "in the working directory).",
-    )
-    overrides: list[str] = Field(
-        default_factory=list,
-        description="Config overrides as key=value (value parsed as YAML), e.g. daily.lora_r=16.",
-    )
+    config_path: str | None = CONFIG_PATH
+    overrides: list[str] = OVERRIDES
 
 
 class FlowParams(ConfigParams):
     """Parameters every cadence flow accepts."""
 
-    batch_ids: list[str] | None = Field(
-        None, description="Process exactly these batches (default: every pending batch)."
-    )
-    until: str | None = Field(
-        None, description="Only batches whose id sorts at or before this (e.g. 2026-11-21)."
-    )
-    max_batches: int | None = Field(None, ge=1, description="At most this many pending batches.")
-    force: bool = Field(False, description="Reprocess batches the ledger marks as processed.")
+    batch_ids: list[str] | None = BATCH_IDS
+    until: str | None = UNTIL
+    max_batches: int | None = MAX_BATCHES
+    force: bool = FORCE
 
 
 class StreamParams(FlowParams):
-    promote_ema: bool = Field(
-        False, description="Also gate the EMA weights as a challenger (default: monitor only)."
-    )
+    promote_ema: bool = PROMOTE_EMA
 
 
 class MergeParams(ConfigParams):
-    versions: list[str] = Field(
-        ..., min_length=2, description="Model versions to merge, e.g. [3, 5]."
-    )
-    eps: float = Field(
-        1e-8, gt=0, description="Weight floor, relative to each tensor's Fisher scale."
-    )
+    versions: list[str] = VERSIONS
+    eps: float = EPS
 
 
 class RollbackParams(ConfigParams):
-    to: str | None = Field(None, description="Version to restore (default: the previous champion).")
-    reason: str = Field("manual rollback", description="Why: recorded in the promotion history.")
+    to: str | None = TO
+    reason: str = REASON

@@ -8,7 +8,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import begin
-from flows.params import RollbackParams
+from flows.params import CONFIG_PATH, OVERRIDES, REASON, TO, RollbackParams
 from tasks.outcome import conclude
 from tasks.promote import roll_back
 
@@ -16,7 +16,13 @@ CADENCE = "rollback"
 
 
 @flow(name=CADENCE, description="Restore the previous (or a chosen) champion.")
-def rollback(params: RollbackParams = RollbackParams()) -> dict:  # noqa: B008 - Prefect form
+def rollback(
+    to: str | None = TO,
+    reason: str = REASON,
+    config_path: str | None = CONFIG_PATH,
+    overrides: list[str] = OVERRIDES,
+) -> dict:
+    params = RollbackParams(**locals())
     cfg = begin(params)
     # the one step: compare-and-set the alias back, recorded in the promotion history
     outcome = roll_back(cfg, to=params.to, reason=params.reason)

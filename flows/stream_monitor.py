@@ -9,7 +9,16 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
-from flows.params import StreamParams
+from flows.params import (
+    BATCH_IDS,
+    CONFIG_PATH,
+    FORCE,
+    MAX_BATCHES,
+    OVERRIDES,
+    PROMOTE_EMA,
+    UNTIL,
+    StreamParams,
+)
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.memory import commit_memory, load_memory
@@ -28,7 +37,16 @@ CADENCE = "stream-monitor"
 
 
 @flow(name=CADENCE, description="Page-Hinkley drift detection on the champion's loss stream.")
-def stream_monitor(params: StreamParams = StreamParams()) -> dict:  # noqa: B008 - Prefect form
+def stream_monitor(
+    batch_ids: list[str] | None = BATCH_IDS,
+    force: bool = FORCE,
+    until: str | None = UNTIL,
+    max_batches: int | None = MAX_BATCHES,
+    promote_ema: bool = PROMOTE_EMA,
+    config_path: str | None = CONFIG_PATH,
+    overrides: list[str] = OVERRIDES,
+) -> dict:
+    params = StreamParams(**locals())
     cfg = begin(params)
     # 1. ingest
     batch_ids = discover_batches(cfg, CADENCE, selection(params))

@@ -271,8 +271,10 @@ def _ewc_challenger(
 def train_finetune_ewc(
     cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
 ) -> tuple[ModelState, dict[str, float]]:
-    """Monthly: full fine-tune of every weight with the online-EWC penalty."""
-    return _ewc_challenger(cfg, champion, data, memory, cfg.monthly, "finetune", 0.0)
+    """Monthly: full fine-tune of every weight with the online-EWC penalty (+ rehearsal of the
+    data memory at `monthly.replay_ratio`)."""
+    m = cfg.monthly
+    return _ewc_challenger(cfg, champion, data, memory, m, "finetune", m.replay_ratio)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)

@@ -118,12 +118,10 @@ def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
         timeout=30,
         json={
             "parameters": {
-                "params": {
-                    "config_path": "evergreen.yaml",
-                    "overrides": [],
-                    "batch_ids": ["2026-02-02"],
-                    "force": False,
-                }
+                "config_path": "evergreen.yaml",
+                "overrides": [],
+                "batch_ids": ["2026-02-02"],
+                "force": False,
             }
         },
     )
@@ -151,7 +149,7 @@ def test_invalid_parameters_are_refused_by_the_schema(deployed):
     response = httpx.post(
         f"{deployed['api']}/deployments/{deployment['id']}/create_flow_run",
         timeout=30,
-        json={"parameters": {"params": {"max_batches": "many"}}},
+        json={"parameters": {"max_batches": "many"}},
     )
     assert response.status_code == 409, response.text
 
@@ -178,7 +176,7 @@ def test_drift_event_triggers_the_update_deployment(deployed):
     response = httpx.post(
         f"{api}/deployments/{monitor['id']}/create_flow_run",
         timeout=30,
-        json={"parameters": {"params": {"batch_ids": ["2026-02-03"]}}},
+        json={"parameters": {"batch_ids": ["2026-02-03"]}},
     )
     assert response.status_code == 201, response.text
     run = _wait_final(api, response.json()["id"])

@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from evergreen.cli import main
 from evergreen.config import config_from_dict, load_config
+from evergreen.errors import ExitCode
 from evergreen.template import CONFIG_TEMPLATE
 
 MINIMAL = {"data": {"features": ["a", "b"], "label": "y", "classes": [0, 1]}}
@@ -60,4 +61,4 @@ def test_embedded_default_and_env_fallbacks(tmp_path, monkeypatch):
 def test_missing_config_file_says_how_to_create_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="evergreen init"):
         load_config(tmp_path / "nope.yaml")
-    assert main(["status", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert main(["status", "--config", str(tmp_path / "nope.yaml")]) == ExitCode.CONFIG

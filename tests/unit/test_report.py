@@ -16,8 +16,6 @@ from evergreen.report import (
     JSON_FILE,
     MATRIX_PNG,
     TimelineRow,
-    _ragged_summary,
-    summarize_matrix,
     timeline_markdown,
     timeline_table,
     write_report,
@@ -153,7 +151,7 @@ def test_markdown_metrics_match_the_hand_computed_matrix(written):
 
 
 def test_square_summary_is_continual_metrics():
-    summary = summarize_matrix(SQUARE)
+    summary = metrics.summarize_matrix(SQUARE)
     assert summary.average_accuracy == pytest.approx(metrics.average_accuracy(SQUARE))
     assert summary.forgetting == pytest.approx(metrics.forgetting(SQUARE))
     assert summary.backward_transfer == pytest.approx(metrics.backward_transfer(SQUARE))
@@ -161,12 +159,12 @@ def test_square_summary_is_continual_metrics():
 
 
 def test_ragged_summary_matches_hand_computation_and_agrees_on_square():
-    summary = summarize_matrix(RAGGED)
+    summary = metrics.summarize_matrix(RAGGED)
     assert summary.average_accuracy == pytest.approx(RAGGED_EXPECTED["average"])
     assert summary.forgetting == pytest.approx(RAGGED_EXPECTED["forgetting"])
     assert summary.backward_transfer == pytest.approx(RAGGED_EXPECTED["bwt"])
     assert summary.forgetting_per_batch == pytest.approx([0.15, 0.0, 0.10])
-    general = _ragged_summary(SQUARE)
+    general = metrics._ragged_summary(SQUARE)
     assert general.average_accuracy == pytest.approx(SQUARE_EXPECTED["average"], abs=1e-6)
     assert general.forgetting == pytest.approx(SQUARE_EXPECTED["forgetting"])
     assert general.backward_transfer == pytest.approx(SQUARE_EXPECTED["bwt"])
@@ -232,4 +230,4 @@ def test_nan_metrics_render_as_dash(tmp_path):
     single = np.array([[0.9]])
     text = write_report(tmp_path, timeline=[], accuracy_matrix=single).read_text()
     assert "| forgetting (mean over earlier batches) | — |" in text
-    assert math.isnan(summarize_matrix(single).forgetting)
+    assert math.isnan(metrics.summarize_matrix(single).forgetting)

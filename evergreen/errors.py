@@ -1,0 +1,174 @@
+"""What the CLI tells a person when a command fails: one actionable line and an exit code per class.
+
+A traceback is for the developer of evergreen; the operator running `evergreen status` at 3 a.m.
+needs to know which of a handful of things went wrong and what to do about it. `classify` maps an
+exception (walking its `__cause__`/`__context__` chain, since MLflow and Prefect wrap the
+connection errors they meet) to one `Failure`; `--debug` (or EVERGREEN_DEBUG=1) shows the traceback
+as well. The table is documented in the README's CLI reference; keep the two in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """The `evergreen` exit codes, one per class of failure."""
+
+    OK = 0
+    FLOW_FAILED = 1  # the command ran; its flow reported a failed or refused outcome
+    USAGE = 2  # bad flags or flow parameters (argparse uses 2 as well)
+    CONFIG = 3  # config file missing, unreadable or invalid
+    NO_CHAMPION = 4  # the command needs a champion and there is none yet
+    REGISTRY = 5  # the MLflow registry refused the operation (integrity, stale alias, …)
+    CONNECTION = 6  # MLflow tracking server, S3 endpoint or Prefect API unreachable
+    DATA = 7  # a landing-zone batch cannot be read
+    INTERNAL = 70  # anything else: a bug (EX_SOFTWARE); rerun with --debug and report it
+    INTERRUPTED = 130  # Ctrl-C
+
+
+class EvergreenError(Exception):
+    """An error the CLI reports as one line with its own exit code."""
+
+    code = ExitCode.INTERNAL
+
+
+class UsageError(EvergreenError, ValueError):
+    """Bad flags or flow parameters."""
+
+    code = ExitCode.USAGE
+
+
+class ConfigError(EvergreenError, ValueError):
+    """The config file is missing, unreadable or invalid."""
+
+    code = ExitCode.CONFIG
+
+
+@dataclass(frozen=True)
+class Failure:
+    code: ExitCode
+    message: str
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """`error` and every exception it was raised from or while handling (no cycles)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        current = current.__cause__ or current.__context__
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    names = {cls.__module__.split(".")[0] + "." + cls.__name__ for cls in type(error).__mro__}
+    return bool(
+        isinstance(error, ConnectionError)  # builtin: refused, reset, aborted
+        or names
+        & {
+            "requests.ConnectionError",  # MLflow's REST client
+            "urllib3.NewConnectionError",
+            "botocore.EndpointConnectionError",  # S3 endpoint down
+            "botocore.ConnectTimeoutError",
+            "botocore.NoCredentialsError",
+            "httpx.ConnectError",  # Prefect API
+            "httpx.ConnectTimeout",
+        }
+    )
+
+
+def _connection_message(error: BaseException) -> str:
+    name = type(error).__name__
+    if name == "NoCredentialsError":
+        return (
+            "no S3 credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+            "and AWS_ENDPOINT_URL for a non-AWS endpoint"
+        )
+    if type(error).__module__.startswith("botocore"):
+        return f"cannot reach the S3 endpoint ({error}): check AWS_ENDPOINT_URL and the network"
+    if type(error).__module__.startswith("httpx"):
+        return (
+            f"cannot reach the Prefect API ({error}): start `prefect server start` or unset "
+            "PREFECT_API_URL to run ephemeral"
+        )
+    return (
+        "cannot reach the MLflow tracking server: check registry.tracking_uri / "
+        f"MLFLOW_TRACKING_URI and that the server is running ({_root_reason(error)})"
+    )
+
+
+def _root_reason(error: BaseException) -> str:
+    """The innermost reason of a connection error ("[Errno 111] Connection refused")."""
+    text = str(error)
+    for marker in ("Failed to establish a new connection: ", "Caused by "):
+        if marker in text:
+            text = text.split(marker, 1)[1]
+    return _first_line(text.strip(" ()\"'"), limit=160) if text else type(error).__name__
+
+
+def _first_line(error: BaseException | str, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _by_type(error: BaseException) -> Failure | None:
+    """The class of one exception in the chain, or None when it says nothing specific."""
+    name = type(error).__name__
+    module = type(error).__module__
+    if isinstance(error, EvergreenError):
+        return Failure(error.code, _first_line(error))
+    if name == "NoChampionError" or (name == "RegistryError" and "has no champion" in str(error)):
+        return Failure(ExitCode.NO_CHAMPION, _first_line(error))
+    if _is_connection_error(error):
+        return Failure(ExitCode.CONNECTION, _connection_message(error))
+    if name in {
+        "RegistryError",
+        "StaleChampionError",
+        "ArtifactIntegrityError",
+        "LockTimeoutError",
+    }:
+        return Failure(ExitCode.REGISTRY, f"registry: {_first_line(error)}")
+    if name in {"CheckpointError", "MemoryIntegrityError", "StaleMemoryError"}:
+        return Failure(ExitCode.REGISTRY, f"registry: {_first_line(error)}")
+    if module.startswith("mlflow") and name in {"MlflowException", "RestException"}:
+        return Failure(ExitCode.REGISTRY, f"MLflow: {_first_line(error)}")
+    if name == "BatchReadError":
+        return Failure(ExitCode.DATA, _first_line(error))
+    return None
+
+
+def classify(error: BaseException) -> Failure:
+    """One line and an exit code for `error` (see `ExitCode`)."""
+    if isinstance(error, KeyboardInterrupt):
+        return Failure(ExitCode.INTERRUPTED, "interrupted")
+    chain = list(_chain(error))
+    # A connection error anywhere in the chain explains the wrapper around it.
+    for link in chain:
+        if _is_connection_error(link):
+            return Failure(ExitCode.CONNECTION, _connection_message(link))
+    for link in chain:
+        failure = _by_type(link)
+        if failure is not None:
+            return failure
+    if type(error).__name__ == "ValidationError":  # flow parameters (pydantic)
+        return Failure(ExitCode.USAGE, _validation_line(error))
+    return Failure(
+        ExitCode.INTERNAL,
+        f"unexpected {type(error).__name__}: {_first_line(error)} "
+        "(rerun with --debug for the traceback and report it)",
+    )
+
+
+def _validation_line(error: BaseException) -> str:
+    """A pydantic ValidationError in one line: `field: message; …`."""
+    errors = getattr(error, "errors", None)
+    if not callable(errors):
+        return _first_line(error)
+    parts = [
+        f"{'.'.join(str(p) for p in item.get('loc', ())) or 'value'}: {item.get('msg', '')}"
+        for item in errors()
+    ]
+    return "invalid " + "; ".join(parts)

@@ -1,0 +1,198 @@
+"""The CLI answers instead of raising: one line on stderr, one exit code per class of failure;
+and it finds the config the way a person expects (nearest evergreen.yaml, then the demo pointer)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from evergreen.cli import main
+from evergreen.errors import ExitCode, classify
+from evergreen.home import find_config, write_pointer
+from flows.common import NoChampionError
+from model_registry.registry import ArtifactIntegrityError, RegistryError
+
+ROOT = Path(__file__).resolve().parents[2]
+MINIMAL = {"data": {"features": ["a", "b"], "label": "y", "classes": [0, 1]}}
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch):
+    """A project folder with a minimal config, as the working directory."""
+    (tmp_path / "evergreen.yaml").write_text(yaml.safe_dump(MINIMAL))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _one_error_line(capsys) -> str:
+    err_lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    errors = [line for line in err_lines if line.startswith("evergreen: error: ")]
+    assert len(errors) == 1, err_lines
+    assert not any("Traceback" in line for line in err_lines)
+    return errors[0]
+
+
+def test_missing_config(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert main(["status"]) == ExitCode.CONFIG
+    assert "evergreen init" in _one_error_line(capsys)
+
+
+def test_invalid_config_names_every_bad_key(project, capsys):
+    code = main(["status", "--set", "daily.lora_r=-1", "--set", "data.clases=[1]"])
+    assert code == ExitCode.CONFIG
+    line = _one_error_line(capsys)
+    assert "daily.lora_r" in line and "data.clases" in line and "evergreen.yaml" in line
+
+
+def test_unparseable_config(project, capsys):
+    (project / "evergreen.yaml").write_text("data: [unclosed\n")
+    assert main(["history"]) == ExitCode.CONFIG
+    assert "evergreen.yaml" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["run", "daily-lora", "--versions", "1", "2"], "does not take --versions"),
+        (["run", "merge", "--versions", "3"], "versions"),  # at least two
+        (["run", "daily-lora", "--max-batches", "0"], "max_batches"),
+    ],
+)
+def test_bad_flow_parameters(project, capsys, argv, needle):
+    assert main(argv) == ExitCode.USAGE
+    assert needle in _one_error_line(capsys)
+
+
+def test_unknown_flow_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "hourly"])
+    assert exited.value.code == ExitCode.USAGE
+    assert "daily-lora" in capsys.readouterr().err
+
+
+def test_mlflow_server_down(project, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["status", "--set", f"registry.tracking_uri={uri}"]) == ExitCode.CONNECTION
+    assert "cannot reach the MLflow tracking server" in _one_error_line(capsys)
+
+
+def test_s3_endpoint_down_is_a_connection_error():
+    from data_plane.landing import make_s3_client, open_landing
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
+    client = make_s3_client(endpoint_url=f"http://127.0.0.1:{_closed_port()}")
+    client.meta.config.retries = {"max_attempts": 1}
+    with pytest.raises(Exception) as raised:
+        open_landing("s3://bucket/prefix", s3_client=client).list_batches()
+    failure = classify(raised.value)
+    assert failure.code == ExitCode.CONNECTION
+    assert "S3 endpoint" in failure.message and "AWS_ENDPOINT_URL" in failure.message
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "needle"),
+    [
+        (NoChampionError("daily-lora needs a champion: run bootstrap"), ExitCode.NO_CHAMPION, ""),
+        (RegistryError("model 'x' has no champion to roll back"), ExitCode.NO_CHAMPION, ""),
+        (ArtifactIntegrityError("v3: model.safetensors sha256 differs"), ExitCode.REGISTRY, ""),
+        (RuntimeError("boom"), ExitCode.INTERNAL, "--debug"),
+    ],
+)
+def test_classes_of_flow_failures(error, code, needle):
+    try:  # raised inside a flow, the error reaches the CLI wrapped: classify walks the chain
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("Flow run encountered an exception") from inner
+    except RuntimeError as wrapped:
+        failure = classify(wrapped)
+    assert failure.code == code
+    assert needle in failure.message
+
+
+def test_no_champion_via_the_cli(project, capsys, monkeypatch):
+    """`evergreen rollback` before any champion: the registry's answer, not a traceback."""
+
+    def rollback_flow(name, **params):  # what the rollback flow raises on an empty registry
+        raise RegistryError("model 'evergreen' has no champion to roll back")
+
+    monkeypatch.setattr("evergreen.cli.run_flow", rollback_flow)
+    assert main(["rollback"]) == ExitCode.NO_CHAMPION
+    assert "no champion" in _one_error_line(capsys)
+
+
+def test_debug_shows_the_traceback(project, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    assert main(["status", "--debug", "--set", f"registry.tracking_uri={uri}"]) == 6
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_config_discovery_order(tmp_path, monkeypatch):
+    nested = tmp_path / "project" / "sub" / "deeper"
+    nested.mkdir(parents=True)
+    demo = tmp_path / ".evergreen" / "demo" / "evergreen.yaml"
+    demo.parent.mkdir(parents=True)
+    demo.write_text(yaml.safe_dump(MINIMAL))
+    write_pointer(demo, cwd=tmp_path)
+    # 4. the demo's pointer, from anywhere below the checkout
+    assert find_config(cwd=nested).path == demo.resolve()
+    # 3. the nearest evergreen.yaml wins over the pointer
+    project = tmp_path / "project" / "evergreen.yaml"
+    project.write_text(yaml.safe_dump(MINIMAL))
+    found = find_config(cwd=nested)
+    assert (found.path, found.source) == (project.resolve(), "nearest evergreen.yaml")
+    # 2. $EVERGREEN_CONFIG, 1. --config
+    monkeypatch.setenv("EVERGREEN_CONFIG", str(demo))
+    assert find_config(cwd=nested).source == "$EVERGREEN_CONFIG"
+    assert find_config(project, cwd=nested).source == "--config"
+
+
+def test_relative_home_is_relative_to_the_config_file(project, monkeypatch, capsys):
+    (project / "sub").mkdir()
+    monkeypatch.chdir(project / "sub")
+    assert main(["history", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == []
+    assert f"config: {project / 'evergreen.yaml'} (nearest evergreen.yaml)" in captured.err
+    assert (project / ".evergreen" / "mlflow.db").exists()
+    assert not (project / "sub" / ".evergreen").exists()
+    assert main(["history", "--quiet"]) == 0
+    assert "config:" not in capsys.readouterr().err
+
+
+def test_ui_prints_both_uis_on_this_home(project, capsys):
+    assert main(["ui", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert f"sqlite:///{project / '.evergreen' / 'mlflow.db'}" in out
+    assert "prefect server start" in out and "http://127.0.0.1:4200" in out
+
+
+def test_version_and_exit_code_table_in_help():
+    done = subprocess.run(
+        [sys.executable, "-m", "evergreen.cli", "--version"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0 and done.stdout.startswith("evergreen ")
+    readme = (ROOT / "README.md").read_text()
+    for code in ExitCode:
+        assert f"| {code.value} |" in readme, f"exit code {code.value} missing from README"
