@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from data_plane.drift import population_stability_index as psi
+from data_plane.messages import Failure
 
 if TYPE_CHECKING:
-    from data_plane.validation import Failure
     from evergreen.config import DataConfig
 
 _WORD = re.compile(r"\w+", re.UNICODE)
@@ -48,8 +48,6 @@ def _is_utf8(value: Any) -> bool:
 
 
 def _failure(column: str, rows: list[tuple[Any, Any]], message: str) -> Failure:
-    from data_plane.validation import Failure
-
     sample = [repr(value)[:80] for _, value in rows[:5]]
     first = ", ".join(str(index) for index, _ in rows[:5])
     return Failure("text_integrity", column, len(rows), sample, f"{message} (rows {first}, …)")
@@ -172,8 +170,6 @@ def text_change(frame: pd.DataFrame, reference: pd.DataFrame, column: str) -> di
 
 def text_change_failures(stats: dict[str, Any], data_cfg: DataConfig) -> list[Failure]:
     """The informing findings of `text_change` (blocking if "text_drift" is in change.block)."""
-    from data_plane.validation import Failure
-
     findings = []
     ratio = (stats["median_chars"] + 1) / (stats["reference_median_chars"] + 1)
     if max(ratio, 1 / ratio) >= LENGTH_RATIO:
