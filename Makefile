@@ -20,7 +20,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test test-unit test-integration lint typecheck format bench install clean
+.PHONY: demo test test-unit test-integration lint typecheck format bench bench-growth install clean
 
 # `make demo` needs the package alone; `make test` (and lint) add the test tools and text model.
 $(BASE_STAMP): pyproject.toml $(CONSTRAINTS)
@@ -62,6 +62,9 @@ format: $(DEV_STAMP)
 
 bench: $(BASE_STAMP)
 	$(BIN)/python -m benchmarks.run
+
+bench-growth: $(STAMP)
+	nice -n 10 $(BIN)/python -m benchmarks.bench_growth --cycles $(or $(CYCLES),100)
 
 clean:
 	rm -rf .evergreen .pytest_cache

@@ -1,10 +1,14 @@
-"""Run every benchmark and print their Markdown tables: `make bench` (`--quick` for a smoke run)."""
+"""Run every benchmark and print their Markdown tables: `make bench` (`--quick` for a smoke run).
+
+Each writes JSON (and most a Markdown table) under benchmarks/results/. The growth benchmark
+(100 daily cycles, long) runs on its own: `make bench-growth`.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_fisher, bench_gate, bench_product_quality, bench_quality
+from benchmarks import bench_fisher, bench_gate, bench_product_quality, bench_quality, bench_speed
 
 
 def main() -> None:
@@ -13,6 +17,8 @@ def main() -> None:
     quick = parser.parse_args().quick
     print("## Diagonal Fisher and EWC penalty\n")
     print(bench_fisher.markdown(bench_fisher.run(quick=quick)))
+    print("\n## Speed against plain PyTorch and fixed cost per run\n")
+    print(bench_speed.markdown(bench_speed.run(quick=quick)))
     print("\n## Continual-learning quality\n")
     print(bench_quality.markdown(bench_quality.run(quick=quick)))
     print("\n## Promotion gate\n\n" + bench_gate.markdown(bench_gate.run(quick=quick)))

@@ -320,14 +320,20 @@ class EWC:
         *,
         batch_size: int = 256,
         loss_fn: LossFn | None = None,
+        own: dict[str, Tensor] | None = None,
     ) -> None:
         """After training a new version on (X, y): its own Fisher F_own (at the new weights, on
         (X, y), of kind `self.kind`) becomes `own_fisher`; F ← γ·F + F_own; θ* ← the weights.
 
         Parameters without a new Fisher (frozen now) keep γ·F_old; new trainable ones get F_own.
+        `own`: F_own already estimated on (X, y) at these weights (e.g. all-reduced across the
+        ranks that trained the model, `continual.distributed`); None estimates it here.
         """
         params = self._model_params(model)
-        own = diagonal_fisher(model, X, y, kind=self.kind, batch_size=batch_size, loss_fn=loss_fn)
+        if own is None:
+            own = diagonal_fisher(
+                model, X, y, kind=self.kind, batch_size=batch_size, loss_fn=loss_fn
+            )
         fisher: dict[str, Tensor] = {}
         for name in [*self._fisher, *(n for n in own if n not in self._fisher)]:
             old, fresh = self._fisher.get(name), own.get(name)

@@ -207,6 +207,42 @@ def diagonal_fisher(
         ValueError: empty or mismatched data, unknown kind, no trainable parameters, or a
             loss_fn that does not return one loss per example.
     """
+    sums = squared_gradient_sums(
+        model,
+        X,
+        y,
+        kind=kind,
+        n_samples=n_samples,
+        seed=seed,
+        batch_size=batch_size,
+        loss_fn=loss_fn,
+        chunk_size=chunk_size,
+        linear_fast_path=linear_fast_path,
+    )
+    return {n: value / X.shape[0] for n, value in sums.items()}
+
+
+def squared_gradient_sums(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    *,
+    kind: FisherKind = "auto",
+    n_samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 256,
+    loss_fn: LossFn | None = None,
+    chunk_size: int | None = None,
+    linear_fast_path: bool = True,
+    draws: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Σ_n Σ_k grad_nk² per trainable parameter: `diagonal_fisher` before its one division by N.
+
+    Sums add across shards, so a distributed Fisher all-reduces these and divides once by the
+    global N (`continual.distributed.distributed_fisher`). Arguments as `diagonal_fisher`;
+    `draws` ([N, n_samples] uniforms for kind "sampled") replaces the ones drawn from `seed`, so
+    a shard can use its rows' slice of the global draws and match the single-process result.
+    """
     check_args(X, y, kind, n_samples)
     if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
@@ -218,7 +254,10 @@ def diagonal_fisher(
         kind, vectors = resolve_kind(kind, model, X[:1].to(device), n_samples, loss_fn)
         per_example = vectors * sum(p.numel() for p in trainable.values())
         chunk = chunk_size or max(1, min(batch_size, _CHUNK_VALUES // per_example))
-        draws = label_draws(X.shape[0], kind, n_samples, seed)
+        if draws is None or kind != "sampled":
+            draws = label_draws(X.shape[0], kind, n_samples, seed)
+        elif draws.shape[0] != X.shape[0]:
+            raise ValueError(f"draws has {draws.shape[0]} rows but X has {X.shape[0]}")
         sites, rest = _plan(model, trainable, X, y, loss_fn, linear_fast_path)
         # K per-example gradients of one example above the budget: take them one at a time
         one_at_a_time = per_example > _CHUNK_VALUES
@@ -227,4 +266,4 @@ def diagonal_fisher(
             rows = slice(start, start + batch_size)
             batch = (X[rows].to(device), y[rows].to(device), draws[rows].to(device))
             _add_batch(total, model, sites, vmap_sums, batch, kind, loss_fn, chunk)
-    return {n: value / X.shape[0] for n, value in total.items()}
+    return total

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 if TYPE_CHECKING:
     from continual.distillation import Distiller
@@ -190,6 +191,7 @@ def train(
 
     Args:
         model: the model; only parameters with `requires_grad` are optimised (LoRA-friendly).
+            May be wrapped in `DistributedDataParallel` (`continual.distributed`).
         X: inputs [N, ...] (features, or token ids for text models), on CPU.
         y: class indices [N] (torch.long).
         settings: steps, batch size, learning rate, seed, clipping.
@@ -221,6 +223,8 @@ def train(
     result = TrainResult(device=str(device))
     started = time.perf_counter()
     cuda = [device.index or 0] if device.type == "cuda" else []
+    # Under DDP the penalty addresses the wrapped module's parameter names.
+    core = model.module if isinstance(model, DistributedDataParallel) else model
     model.train()
     with torch.random.fork_rng(devices=cuda):  # seeds dropout without leaking global RNG state
         torch.manual_seed(settings.seed)
@@ -236,12 +240,12 @@ def train(
                     loss = distiller.loss(xb, logits.float(), loss)
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
             if ewc is not None and ewc.mode == "gradient":
-                ewc.add_penalty_grad_(model)
+                ewc.add_penalty_grad_(core)
             if settings.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
             optimizer.step()
             if ewc is not None and ewc.mode == "proximal":
-                ewc.proximal_step_(model, optimizer.param_groups[0]["lr"])
+                ewc.proximal_step_(core, optimizer.param_groups[0]["lr"])
             result.losses.append(float(loss.detach()))
             result.examples_seen += len(yb)
             if on_step is not None:

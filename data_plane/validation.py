@@ -6,8 +6,8 @@ Two kinds of checks, kept apart because they call for opposite reactions:
   unreadable files, missing or extra columns, wrong types (text in a numeric column), nulls and
   ±inf, labels outside `data.classes`, too few/many rows, duplicates beyond
   `data.max_duplicate_fraction`, and bounds the user *declared* in `data.feature_bounds`. These
-  live in the suite file `<home>/expectations/<name>.json` (GX's own JSON format), written once
-  from the config and the user's to edit afterwards. One more blocking check has no GX
+  live in the suite `<home>/gx/expectations/<name>.json`, in the suite store of the file-backed
+  GX Data Context `<home>/gx/`, written once from the config and the user's to edit afterwards. One more blocking check has no GX
   expectation: gross, batch-wide breakage (most features far outside everything accepted so
   far — a unit switch), decided by `data_plane.profile.gross_change`.
 - **Change** (GX severity `warning`, informing): values beyond the range accepted so far
@@ -17,9 +17,14 @@ Two kinds of checks, kept apart because they call for opposite reactions:
   before. They go to the report, the drift report and the run; `data.change.block` makes chosen
   ones blocking.
 
-Every batch is validated in an ephemeral GX context (one per process: GX is slow to start) and
-the result is turned into a `ValidationReport` whose failures and warnings each name the
-expectation, column, row count, sample values and what was expected.
+Every batch is validated by a GX Checkpoint (one per suite content: the user's suite plus the
+change checks of the run) in the file-backed context `<home>/gx/` when the flows call it, whose
+UpdateDataDocsAction adds the batch's page to the Data Docs site
+(`<home>/gx/uncommitted/data_docs/local_site/index.html`; validation results are stored beside
+it); library callers that pass no project get an ephemeral context (nothing written). The
+context is opened once per process (GX is slow to start). The result is turned into a
+`ValidationReport` whose failures and warnings each name the expectation, column, row count,
+sample values and what was expected.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -139,8 +145,15 @@ def change_expectations(data_cfg: DataConfig, profile: DataProfile | None) -> li
     return expectations
 
 
+GX_FOLDER = "gx"  # the file-backed Data Context under home
+
+
 def suite_path(home: Path, name: str = SUITE_NAME) -> Path:
-    """Where the suite file lives: `<home>/expectations/<name>.json`."""
+    """Where the suite lives: GX's own suite store, `<home>/gx/expectations/<name>.json`."""
+    return Path(home) / GX_FOLDER / "expectations" / f"{name}.json"
+
+
+def _legacy_suite_path(home: Path, name: str = SUITE_NAME) -> Path:
     return Path(home) / "expectations" / f"{name}.json"
 
 
@@ -226,6 +239,11 @@ def ensure_suite(home: Path, data_cfg: DataConfig) -> Path:
     bounds and the user's own edits are kept).
     """
     path = suite_path(home)
+    legacy = _legacy_suite_path(home)
+    if not path.exists() and legacy.exists():  # written by an earlier release: move, keep edits
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(legacy, path)
+        log.warning("moved the expectation suite %s into GX's suite store: %s", legacy, path)
     if not path.exists():
         return write_suite(build_suite(data_cfg), path)
     _drop_inferred_bounds(path)
@@ -252,15 +270,28 @@ def _drop_inferred_bounds(path: Path) -> None:
 
 
 @functools.cache
-def _gx_runtime() -> tuple[Any, Any]:
-    """One ephemeral GX context + pandas batch definition per process (GX starts slowly)."""
+def _gx_runtime(project: str | None = None) -> tuple[Any, Any]:
+    """One GX context + pandas batch definition per process and project (GX starts slowly).
+
+    `project` None: an ephemeral context (nothing written); else the file-backed Data Context
+    `<project>/gx/` that keeps suites, checkpoints, validation results and Data Docs.
+    """
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    context = gx.get_context(mode="ephemeral")
+    context: Any = (
+        gx.get_context(mode="ephemeral")
+        if project is None
+        else gx.get_context(mode="file", project_root_dir=project)
+    )
     context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    asset = context.data_sources.add_pandas("evergreen").add_dataframe_asset("batch")
-    return context, asset.add_batch_definition_whole_dataframe("whole")
+    try:  # a file-backed project keeps its data source: reuse it (stored definitions refer to it)
+        asset = context.data_sources.get("evergreen").get_asset("batch")
+        return context, asset.get_batch_definition("whole")
+    except Exception:  # GX raises source/asset-specific "not found" errors
+        source = context.data_sources.add_or_update_pandas("evergreen")
+        asset = source.add_dataframe_asset("batch")
+        return context, asset.add_batch_definition_whole_dataframe("whole")
 
 
 def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
@@ -270,47 +301,87 @@ def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
     return frame.astype(dict.fromkeys(strings, object)) if strings else frame
 
 
-_DEFINITIONS: dict[str, Any] = {}  # sha256 of a suite's content → its registered definition
+_CHECKPOINTS: dict[tuple[str | None, str], Any] = {}  # (project, content sha256) → checkpoint
 
 
-def _definition_for(suite_file: Path, extra: list[Any]) -> Any:
-    """The validation definition for the suite file plus `extra` expectations, registered once
-    per process and content.
+def _checkpoint_for(suite_file: Path, extra: list[Any], project: Path | None) -> Any:
+    """The Checkpoint validating the suite file plus `extra` expectations, created once per
+    process, project and content; in a file-backed project it updates the Data Docs.
 
     Registering a suite costs ~0.1 s, updating one in place several seconds (GX saves each
-    expectation), so a changed suite is registered anew under a content-derived name.
+    expectation), so a changed suite is registered anew under a content-derived name (the
+    suite, validation definition and checkpoint share it).
     """
     import great_expectations as gx
+    from great_expectations.checkpoint.actions import UpdateDataDocsAction, ValidationAction
 
     text = Path(suite_file).read_text(encoding="utf-8")
     extra_json = json.dumps([e.configuration.to_json_dict() for e in extra], sort_keys=True)
     digest = hashlib.sha256((text + extra_json).encode("utf-8")).hexdigest()
-    if digest not in _DEFINITIONS:
+    key = (None if project is None else str(project), digest)
+    if key not in _CHECKPOINTS:
         suite = _parse_suite(text, Path(suite_file))
         for expectation in extra:
             suite.expectations.append(expectation)
         suite.name = f"{suite.name}-{digest[:12]}"
-        context, batch_definition = _gx_runtime()
-        suite = context.suites.add(suite)
-        definition = gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite)
-        _DEFINITIONS[digest] = context.validation_definitions.add(definition)
-    return _DEFINITIONS[digest]
+        context, batch_definition = _gx_runtime(key[0])
+        suite = _get_or_add(context.suites, suite)
+        definition = _get_or_add(
+            context.validation_definitions,
+            gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite),
+        )
+        actions: list[ValidationAction] = (
+            [] if project is None else [UpdateDataDocsAction(name="update_data_docs")]
+        )
+        checkpoint = gx.Checkpoint(
+            name=suite.name,
+            validation_definitions=[definition],
+            actions=actions,
+            result_format=RESULT_FORMAT,
+        )
+        _CHECKPOINTS[key] = _get_or_add(context.checkpoints, checkpoint)
+    return _CHECKPOINTS[key]
+
+
+def _get_or_add(store: Any, item: Any) -> Any:
+    """A GX store's item by name (saved by an earlier process), else `item` added."""
+    try:
+        return store.get(item.name)
+    except Exception:  # GX raises store-specific "not found" errors
+        return store.add(item)
 
 
 def run_suite(
-    frame: pd.DataFrame, suite_file: Path, extra: list[Any] | None = None
+    frame: pd.DataFrame,
+    suite_file: Path,
+    extra: list[Any] | None = None,
+    *,
+    project: Path | None = None,
+    run_name: str | None = None,
 ) -> dict[str, Any]:
-    """Run the suite in `suite_file` (plus `extra` expectations) on `frame`; GX's result.
+    """Run the suite in `suite_file` (plus `extra` expectations) on `frame` through a GX
+    Checkpoint; GX's result, plus `data_docs_url` (this validation's Data Docs page) when
+    `project` is a file-backed project folder (`<project>/gx/`).
 
     Raises:
         FileNotFoundError, ValueError: see `load_suite`.
     """
+    import great_expectations as gx
+
     if not Path(suite_file).exists():
         load_suite(suite_file)  # raises the actionable FileNotFoundError
     with _GX_LOCK:
-        definition = _definition_for(suite_file, list(extra or []))
-        result = definition.run(batch_parameters={"dataframe": frame}, result_format=RESULT_FORMAT)
-    summary: dict[str, Any] = result.to_json_dict()
+        checkpoint = _checkpoint_for(suite_file, list(extra or []), project)
+        result = checkpoint.run(
+            batch_parameters={"dataframe": frame},
+            run_id=gx.RunIdentifier(run_name=run_name, run_time=datetime.now(UTC)),
+        )
+        ((identifier, suite_result),) = result.run_results.items()
+        summary: dict[str, Any] = suite_result.to_json_dict()
+        if project is not None:
+            context, _ = _gx_runtime(str(project))
+            urls = context.get_docs_sites_urls(resource_identifier=identifier)
+            summary["data_docs_url"] = urls[0].get("site_url") if urls else None
     return summary
 
 
@@ -322,6 +393,7 @@ def validate_batch(
     *,
     profile: DataProfile | None = None,
     reference: pd.DataFrame | None = None,
+    gx_project: Path | None = None,
 ) -> ValidationReport:
     """Validate one batch: integrity checks block, change checks inform (module docstring).
 
@@ -332,13 +404,17 @@ def validate_batch(
         suite_file: the integrity suite JSON (see `ensure_suite`).
         profile: what the data accepted so far looked like (None or empty for the first batch).
         reference: a sample of the accepted data for KS/PSI drift (None: no drift check).
+        gx_project: the folder holding the file-backed GX project (`<home>`, so `<home>/gx/`):
+            the validation result is stored and Data Docs updated there; None: in memory.
 
     Returns:
-        The report; `success` is False if any blocking check failed.
+        The report; `success` is False if any blocking check failed. With `gx_project`,
+        `statistics["data_docs"]` is the URL of this batch's Data Docs page.
     """
     frame = _gx_frame(text_validation.gx_safe(df, data_cfg))
     started = time.perf_counter()
-    result = run_suite(frame, suite_file, change_expectations(data_cfg, profile))
+    extra = change_expectations(data_cfg, profile)
+    result = run_suite(frame, suite_file, extra, project=gx_project, run_name=batch_id)
     elapsed = time.perf_counter() - started
     found = messages.failures_from_result(result, frame, data_cfg)
     found += _extra_columns(df, data_cfg)
@@ -347,6 +423,8 @@ def validate_batch(
     warnings = [f for f in found if f.severity != "critical"]
     stats = messages.batch_statistics(frame, data_cfg)
     stats.update(gx=result.get("statistics", {}), seconds=round(elapsed, 3), suite=str(suite_file))
+    if result.get("data_docs_url"):
+        stats["data_docs"] = result["data_docs_url"]
     if not failures:  # change checks need clean numbers to mean anything
         _change_checks(frame, data_cfg, profile, reference, failures, warnings, stats)
     report = ValidationReport(batch_id, not failures, len(frame), failures, stats, None, warnings)

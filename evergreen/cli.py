@@ -229,7 +229,7 @@ def _takers(field: str) -> list[str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     item = cadence(args.flow)
-    _config(args)  # fail fast with a clear message
+    cfg = _config(args)  # fail fast with a clear message
     model = item.params_model()
     given = {
         name: value
@@ -245,6 +245,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         model(**params)
     except ValueError as error:  # pydantic.ValidationError
         raise UsageError(f"{item.name}: {_one_line_invalid(error)}") from error
+    if item.consumes_batches:  # no-op fast path: same ledger rule, no flow run (evergreen.pending)
+        from evergreen.pending import nothing_pending, skipped_outcome
+
+        if nothing_pending(cfg, item.name, given):
+            console.print_json(json.dumps(skipped_outcome(item.name)))
+            return 0
     _console_without_tracebacks(args)
     result = run_flow(item.name, **params)
     console.print_json(json.dumps(result, default=str))

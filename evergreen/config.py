@@ -173,6 +173,15 @@ class RegistryConfig(_Strict):
     experiment: str = Field("evergreen", description="MLflow experiment for runs.")
 
 
+def _env_processes() -> int:
+    """`EVERGREEN_TRAIN_PROCESSES` (set by the Kubernetes GPU pool's `train_processes` job
+    variable), else 1: the process count of every training section that does not set one."""
+    raw = os.environ.get("EVERGREEN_TRAIN_PROCESSES", "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"EVERGREEN_TRAIN_PROCESSES must be a whole number >= 1, got {raw!r}")
+    return int(raw)
+
+
 class TrainConfig(_Strict):
     steps: int = Field(300, gt=0, description="Fewest optimiser steps (count steps, not epochs).")
     epochs: float = Field(
@@ -185,6 +194,13 @@ class TrainConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     seed: int = 0
+    processes: int = Field(
+        default_factory=lambda: _env_processes(),
+        ge=1,
+        description="Processes to train with: above 1 the training runs under torchrun (DDP, "
+        "gloo on CPU, NCCL on GPUs), each rank on a shard of the rows; the global batch stays "
+        "`batch_size`. Unset: $EVERGREEN_TRAIN_PROCESSES, else 1.",
+    )
 
 
 LAMBDA_GRID = [0.0, 1.0, 10.0, 100.0]

@@ -3,6 +3,12 @@
 The checked-in `prefect.yaml` is this module's output (`python -m evergreen.deployments >
 prefect.yaml`); a unit test fails when the two differ, so the deployment file cannot drift from
 the flows. Edit `CADENCES`, not the YAML.
+
+`python -m evergreen.deployments --production > infra/prefect.production.yaml` renders the
+production variant: the cadences that train (their config section has `train`) go to the
+Kubernetes GPU pool (`infra/work-pools/kubernetes-gpu.json`) with one GPU and one torchrun
+process per pod by default (`gpu_count`, `train_processes`: raise both together for DDP on N GPUs);
+the others stay on the process pool.
 """
 
 from __future__ import annotations
@@ -14,6 +20,16 @@ import yaml
 from evergreen.cadences import CADENCES, Cadence
 
 WORK_POOL = "evergreen-process"
+GPU_WORK_POOL = "evergreen-gpu"
+GPU_JOB_VARIABLES = {"gpu_count": 1, "train_processes": "1"}
+PRODUCTION_HEADER = """\
+# evergreen production deployments, rendered by
+# `python -m evergreen.deployments --production > infra/prefect.production.yaml` (a test compares).
+# The training cadences run as Kubernetes jobs on the `evergreen-gpu` pool
+# (infra/work-pools/kubernetes-gpu.json); `train_processes` is the torchrun process count (the
+# default of every `<section>.train.processes` left unset), normally equal to `gpu_count`.
+# Register with `prefect deploy --all --prefect-file infra/prefect.production.yaml` from /app.
+"""
 # Flows started without `config_path` read their config from this Prefect Variable (a path, the
 # YAML text, or a JSON object), so it is editable in the UI: `flows.common.begin`.
 CONFIG_VARIABLE = "evergreen_config"
@@ -42,7 +58,33 @@ def _defaults(item: Cadence) -> dict[str, Any]:
     return defaults
 
 
-def _deployment(item: Cadence) -> dict[str, Any]:
+def trains(item: Cadence) -> bool:
+    """Whether the cadence trains a model (its config section has a `train` block)."""
+    from evergreen.config import EvergreenConfig
+
+    if item.section is None:
+        return False
+    section = EvergreenConfig.model_fields[item.section].annotation
+    return "train" in getattr(section, "model_fields", {})
+
+
+def _work_pool(item: Cadence, production: bool) -> dict[str, Any]:
+    if production and trains(item):
+        return {
+            "name": GPU_WORK_POOL,
+            "work_queue_name": "default",
+            "job_variables": dict(GPU_JOB_VARIABLES),
+        }
+    # The GPU pool's template already sets JOB_ENV in its `env` default (a job variable `env`
+    # would replace that whole default, EVERGREEN_HOME and MLFLOW_TRACKING_URI included).
+    return {
+        "name": WORK_POOL,
+        "work_queue_name": "default",
+        "job_variables": {"env": dict(JOB_ENV)},
+    }
+
+
+def _deployment(item: Cadence, production: bool = False) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "name": item.name,
         "entrypoint": item.entrypoint,
@@ -69,16 +111,12 @@ def _deployment(item: Cadence) -> dict[str, Any]:
                 "within": DRIFT_COOLDOWN_SECONDS,
             }
         ]
-    spec["work_pool"] = {
-        "name": WORK_POOL,
-        "work_queue_name": "default",
-        "job_variables": {"env": dict(JOB_ENV)},
-    }
+    spec["work_pool"] = _work_pool(item, production)
     return spec
 
 
-def render() -> str:
-    """The whole prefect.yaml text."""
+def render(production: bool = False) -> str:
+    """The whole prefect.yaml text (`production`: infra/prefect.production.yaml's)."""
     document = {
         "name": "evergreen",
         "prefect-version": "3.8.8",
@@ -91,11 +129,13 @@ def render() -> str:
                 }
             }
         ],
-        "deployments": [_deployment(item) for item in CADENCES],
+        "deployments": [_deployment(item, production) for item in CADENCES],
     }
     body = yaml.safe_dump(document, sort_keys=False, width=100, allow_unicode=True)
-    return HEADER + "\n" + body
+    return (PRODUCTION_HEADER if production else HEADER) + "\n" + body
 
 
 if __name__ == "__main__":
-    print(render(), end="")
+    import sys
+
+    print(render(production="--production" in sys.argv[1:]), end="")

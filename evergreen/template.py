@@ -51,7 +51,7 @@ monthly:                          # full fine-tune + online EWC
   replay_ratio: 0.5               # rehearsal from the data memory (0 = EWC alone: cannot learn new classes)
 
 weekly:                           # experience replay + EWC
-  train: {steps: 300, epochs: 5, lr: 0.001}
+  train: {steps: 300, epochs: 5, lr: 0.001, processes: 1}   # processes > 1: torchrun DDP (any section's train)
   ewc_lambda: auto
   replay_ratio: 0.75              # share of each step drawn from the data memory (which holds every batch)
 

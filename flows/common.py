@@ -5,10 +5,12 @@ from __future__ import annotations
 import yaml
 
 from evergreen.config import EvergreenConfig, config_from_dict, load_config
+from evergreen.pending import NOTHING_PENDING
 from flows.params import ConfigParams, FlowParams
 from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
 from tasks.outcome import FlowOutcome
+from tasks.promote import reconcile_registry
 from tasks.state import ModelState
 
 
@@ -17,10 +19,12 @@ class NoChampionError(RuntimeError):
 
 
 def begin(params: ConfigParams) -> EvergreenConfig:
-    """Load the run's config and make sure the concurrency limits exist on this Prefect API."""
+    """Load the run's config, make sure the concurrency limits exist on this Prefect API, and
+    record any champion move made outside evergreen."""
     cfg = run_config(params)
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     ensure_limits()
+    reconcile_registry(cfg)  # champion moves made by hand appear in the history first
     return cfg
 
 
@@ -57,7 +61,7 @@ def selection(params: FlowParams) -> BatchSelection:
 
 
 def nothing_to_do(cadence: str) -> FlowOutcome:
-    return FlowOutcome(cadence=cadence, decision="skipped", reasons=["no pending batches"])
+    return FlowOutcome(cadence=cadence, decision="skipped", reasons=[NOTHING_PENDING])
 
 
 def all_quarantined(cfg: EvergreenConfig, cadence: str, quarantined: dict[str, str]) -> FlowOutcome:

@@ -2,10 +2,13 @@
 
 `Ledger` says which batches each cadence processed; `PromotionHistory` holds every champion
 change of a registered model (what `Registry.rollback` and `evergreen status` read). Each record
-is one small, finished MLflow run (tags only, no artifacts) in its own experiment
-(`<experiment>-ledger`, `<experiment>-registry`). Runs need no schema of our own, survive
-process restarts, work through a remote `mlflow server` exactly like against the embedded SQLite
-store, and show up in the MLflow UI.
+is one small, finished MLflow run (tags only, no artifacts) in ONE bookkeeping experiment,
+`<experiment>-records`, tagged `evergreen.record` = `ledger` or `promotion` (filter on it in the
+MLflow UI), so the experiments list holds the training runs and not one experiment per kind of
+bookkeeping. Records written by earlier releases in `<experiment>-ledger` /
+`<experiment>-registry` are still read (`legacy`), never moved. Runs need no schema of our own,
+survive process restarts, work through a remote `mlflow server` exactly like against the
+embedded SQLite store, and show up in the MLflow UI.
 Records are ordered by a `seq` metric (microseconds since the epoch, strictly increasing per
 writer), so two records written within the same millisecond still have a defined order.
 
@@ -36,6 +39,8 @@ Outcome = Literal["promoted", "rejected", "quarantined", "failed", "skipped"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
 DONE_OUTCOMES = frozenset({"promoted", "rejected", "quarantined"})
 SEQ_METRIC = "seq"
+RECORD_TAG = "evergreen.record"
+RECORDS_SUFFIX = "-records"
 _PAGE = 1000
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
@@ -74,17 +79,29 @@ def quote(value: str) -> str:
 
 
 class RunLog:
-    """An append-only log of small records, each a finished, tags-only MLflow run."""
+    """An append-only log of small records of one `kind`, each a finished, tags-only MLflow run.
+
+    Several kinds share an experiment (each record carries `evergreen.record = kind`); `legacy`
+    experiments hold records of this kind from before the sharing (no kind tag) and are read too.
+    """
 
     _last_seq = 0
     _seq_lock = threading.Lock()
 
     def __init__(
-        self, client: MlflowClient, experiment: str, artifact_location: str | None
+        self,
+        client: MlflowClient,
+        experiment: str,
+        artifact_location: str | None,
+        *,
+        kind: str | None = None,
+        legacy: tuple[str, ...] = (),
     ) -> None:
         self.client = client
         self.experiment = experiment
         self.artifact_location = artifact_location
+        self.kind = kind
+        self.legacy = legacy
         self._experiment_id: str | None = None
 
     def experiment_id(self, *, create: bool = True) -> str | None:
@@ -107,10 +124,11 @@ class RunLog:
         seq = self.next_seq(after)
         run = self.client.create_run(str(self.experiment_id()), run_name=run_name)
         stamp = int(time.time() * 1000)
+        kind = {RECORD_TAG: self.kind} if self.kind else {}
         self.client.log_batch(
             run.info.run_id,
             metrics=[Metric(SEQ_METRIC, float(seq), stamp, 0)],
-            tags=[RunTag(k, str(v)) for k, v in tags.items()],
+            tags=[RunTag(k, str(v)) for k, v in {**tags, **kind}.items()],
         )
         # update_run, not set_terminated: that one prints "View run …" to stdout on servers.
         self.client.update_run(run.info.run_id, status="FINISHED")
@@ -126,7 +144,24 @@ class RunLog:
 
     def search(self, filter_string: str, limit: int | None = None) -> list[Run]:
         """Records matching `filter_string`, newest (highest seq) first; all when limit=None."""
-        experiment_id = self.experiment_id(create=False)  # reading never creates anything
+        runs = self._search_in(self.experiment_id(create=False), self._scoped(filter_string), limit)
+        for name in self.legacy:  # reading never creates anything
+            found = self.client.get_experiment_by_name(name)
+            if found is not None and found.lifecycle_stage == "active":
+                runs += self._search_in(found.experiment_id, filter_string, limit)
+        if self.legacy:
+            runs.sort(key=lambda r: (run_seq(r), r.info.start_time), reverse=True)
+        return runs if limit is None else runs[:limit]
+
+    def _scoped(self, filter_string: str) -> str:
+        if not self.kind:
+            return filter_string
+        scope = f"tags.`{RECORD_TAG}` = {quote(self.kind)}"
+        return f"{scope} and {filter_string}" if filter_string else scope
+
+    def _search_in(
+        self, experiment_id: str | None, filter_string: str, limit: int | None
+    ) -> list[Run]:
         runs: list[Run] = []
         token = None
         while experiment_id is not None:
@@ -146,6 +181,11 @@ class RunLog:
             if not token:
                 break
         return runs
+
+
+def records_experiment(experiment: str) -> str:
+    """The one bookkeeping experiment beside the training runs' `experiment`."""
+    return f"{experiment}{RECORDS_SUFFIX}"
 
 
 def run_seq(run: Run) -> int:
@@ -187,22 +227,29 @@ class Ledger:
         self,
         tracking_uri: str,
         *,
-        experiment: str = "evergreen-ledger",
+        experiment: str = "evergreen-records",
         artifact_location: str | None = None,
+        legacy: tuple[str, ...] = (),
     ) -> None:
         self.tracking_uri = tracking_uri
         location = artifact_location or default_artifact_location(tracking_uri)
         self.log = RunLog(
-            MlflowClient(tracking_uri), experiment, None if is_remote(tracking_uri) else location
+            MlflowClient(tracking_uri),
+            experiment,
+            None if is_remote(tracking_uri) else location,
+            kind="ledger",
+            legacy=legacy,
         )
 
     @classmethod
     def from_config(cls, cfg: EvergreenConfig) -> Ledger:
-        """The ledger of the configured tracking store (experiment `<experiment>-ledger`)."""
+        """The ledger of the configured store (experiment `<experiment>-records`; entries an
+        earlier release wrote to `<experiment>-ledger` still count)."""
         return cls(
             cfg.tracking_uri,
-            experiment=f"{cfg.registry.experiment}-ledger",
+            experiment=records_experiment(cfg.registry.experiment),
             artifact_location=cfg.artifact_location,
+            legacy=(f"{cfg.registry.experiment}-ledger",),
         )
 
     def record(
@@ -287,7 +334,7 @@ class PromotionEvent:
     """One champion change: who moved the alias from which version to which, when and why."""
 
     at: str
-    action: str  # "promote" | "rollback"
+    action: str  # "promote" | "rollback" | "manual" (a hand move noticed by reconciliation)
     version: str
     previous: str | None
     actor: str
@@ -341,7 +388,7 @@ def rollback_target(events: Iterable[PromotionEvent], current: str) -> str | Non
     predecessor: dict[str, str | None] = {}
     rolled_back_from: set[str] = set()
     for event in events:
-        if event.action == "promote":
+        if event.action in ("promote", "manual"):
             predecessor[event.version] = event.previous
         elif event.action == "rollback" and event.previous is not None:
             rolled_back_from.add(event.previous)

@@ -15,7 +15,8 @@ hash, validate and log a checkpoint as such a model; it is inert when the model 
 Usage (any process that can reach the registry):
 
     model = mlflow.pyfunc.load_model("models:/<name>@champion")
-    model.predict(df)  # DataFrame with the spec's feature columns → prediction, probability
+    model.predict(df)  # DataFrame with the spec's feature columns →
+                       # prediction, probability, probability_<class> for every class
 """
 
 from __future__ import annotations
@@ -53,9 +54,9 @@ _COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*.tmp")
 class EvergreenPyfunc(PythonModel):
     """Predict labels and their probability from a checkpoint directory (no pickle).
 
-    Output columns: `prediction` (the label from `spec.classes`, logit i ↔ classes[i]) and
-    `probability` (the probability of that label); text models add `probability.<label>` for
-    every class.
+    Output columns: `prediction` (the label from `spec.classes`, logit i ↔ classes[i]),
+    `probability` (the probability of that label) and `probability_<class>` for every class in
+    `spec.classes` order (they sum to 1), so a caller can rank, threshold or calibrate.
     """
 
     def __init__(self) -> None:
@@ -92,7 +93,8 @@ class EvergreenPyfunc(PythonModel):
             params: unused.
 
         Returns:
-            DataFrame [prediction, probability] with the index of `model_input`.
+            DataFrame [prediction, probability, probability_<class>…] with the index of
+            `model_input`.
 
         Raises:
             ValueError: feature columns are missing (the message names them).
@@ -111,11 +113,11 @@ class EvergreenPyfunc(PythonModel):
         proba = predict_proba(self.model, self._inputs(frame[columns])).numpy()
         best = proba.argmax(axis=1)
         labels = np.asarray(self.spec.classes, dtype=object)[best]
-        out = {"prediction": labels.tolist(), "probability": proba.max(axis=1).astype(np.float64)}
-        if callable(getattr(self.model, "tokenize", None)):  # text: every class's probability
-            for i, label in enumerate(self.spec.classes):
-                out[f"probability.{label}"] = proba[:, i].astype(np.float64)
-        return pd.DataFrame(out, index=frame.index)
+        output: dict[str, Any] = {"prediction": labels.tolist(), "probability": proba.max(axis=1)}
+        for i, name in enumerate(probability_columns(self.spec.classes)):
+            output[name] = proba[:, i]
+        out = pd.DataFrame(output, index=frame.index)
+        return out.astype(dict.fromkeys(out.columns[1:], np.float64))
 
     def _inputs(self, features: pd.DataFrame) -> torch.Tensor:
         tokenize = getattr(self.model, "tokenize", None)
@@ -131,6 +133,11 @@ class EvergreenPyfunc(PythonModel):
         import torch
 
         return torch.from_numpy(features.to_numpy(dtype=np.float32, copy=True))
+
+
+def probability_columns(classes: list[Any]) -> list[str]:
+    """`probability_<class>` for each class, in logit order (names MLflow columns accept)."""
+    return [f"probability_{c}" for c in classes]
 
 
 def _device() -> str:
@@ -232,18 +239,25 @@ def example_and_signature(checkpoint: Path) -> tuple[pd.DataFrame, Any]:
 
 
 def _lenient_inputs(signature: Any) -> Any:
-    """Declare the feature columns by name but not by dtype.
+    """Declare numeric feature columns by name but not by dtype; keep every other type.
 
     MLflow refuses int64 → double ("Can not safely convert"), and integer features are common
     (counts, pixels, JSON numbers in a serving request). Column presence is still enforced by
-    MLflow; `predict` checks that every feature is numeric and converts it to float32.
+    MLflow; `predict` checks that every feature is numeric and converts it to float32. A text
+    column stays `string`, and the outputs keep their inferred types (`prediction` as the
+    classes' type, every `probability*` column `double`).
     """
     from mlflow.models import ModelSignature
+    from mlflow.types import DataType
     from mlflow.types.schema import AnyType, ColSpec, Schema
 
-    names = [spec.name for spec in signature.inputs.inputs]
     any_type = AnyType()  # type: ignore[no-untyped-call]  # mlflow leaves AnyType.__init__ unannotated
-    inputs = Schema([ColSpec(type=any_type, name=name) for name in names])
+    inputs = Schema(
+        [
+            spec if spec.type == DataType.string else ColSpec(type=any_type, name=spec.name)
+            for spec in signature.inputs.inputs
+        ]
+    )
     return ModelSignature(inputs=inputs, outputs=signature.outputs)
 
 

@@ -8,8 +8,8 @@ stored files changed after logging is never served. Alias `champion` is what ser
 `challenger` marks the version under evaluation (aliases and tags, no deprecated stages).
 
 Promotion is compare-and-set under `locking.promotion_lock` (see there for what holds across
-hosts); every champion change is a `PromotionEvent`, stored as a run in the experiment
-`<experiment>-registry` (`ledger.RunLog`), which `rollback` and `history` read.
+hosts); every champion change is a `PromotionEvent`, stored as a run in the bookkeeping
+experiment `<experiment>-records` (`ledger.RunLog`), which `rollback` and `history` read.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ from model_registry.ledger import (
     is_remote,
     now_iso,
     quote,
+    records_experiment,
     rollback_target,
 )
 from model_registry.locking import promotion_lock
+from model_registry.run_record import RunRecord, log_record
 
 if TYPE_CHECKING:
     from evergreen.config import EvergreenConfig
@@ -107,7 +109,13 @@ class Registry:
         self.artifact_location = None if is_remote(tracking_uri) else location
         self.lock_dir = lock_dir
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
-        log = RunLog(self.client, f"{experiment}-registry", self.artifact_location)
+        log = RunLog(
+            self.client,
+            records_experiment(experiment),
+            self.artifact_location,
+            kind="promotion",
+            legacy=(f"{experiment}-registry",),
+        )
         self._history = PromotionHistory(log, model_name)
 
     @classmethod
@@ -133,6 +141,7 @@ class Registry:
         run_name: str | None = None,
         reports: dict[str, Path] | None = None,
         run_id: str | None = None,
+        record: RunRecord | None = None,
     ) -> VersionInfo:
         """Log a checkpoint directory as a new version of the registered model.
 
@@ -143,6 +152,8 @@ class Registry:
             run_name: name of the new run (ignored when `run_id` is given).
             reports: artifact name → local file/folder, logged under "reports/" on the run.
             run_id: log into this existing run instead of starting a new one.
+            record: config, curves, datasets and evaluation to log on the run; its model
+                metrics are linked to the logged model (`run_record`).
 
         Returns:
             The new version.
@@ -166,10 +177,14 @@ class Registry:
                 raise RegistryError(f"checkpoint {checkpoint_dir} cannot be logged: {exc}") from exc
             with (
                 pyfunc_model.fluent_tracking(self.tracking_uri),
-                pyfunc_model.logging_run(self.client, run_id, run_name, self._experiment_id),
+                pyfunc_model.logging_run(
+                    self.client, run_id, run_name, self._experiment_id
+                ) as active_run,
             ):
                 pyfunc_model.log_run_data(tags, metrics, params, reports, Path(tmp) / "reports")
                 info = pyfunc_model.log_pyfunc(staged, Path(tmp), example, signature)
+                if record is not None:
+                    log_record(record, active_run, info.model_id, self.client)
                 version_tags = {**tags, **{SHA_PREFIX + k: v for k, v in manifest.items()}}
                 mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         return self.get_version(str(mv.version))
@@ -210,8 +225,13 @@ class Registry:
         return self._aliases()
 
     def history(self, limit: int = 50) -> list[PromotionEvent]:
-        """Champion changes (promotions and rollbacks), newest first."""
+        """Champion changes (promotions, rollbacks, hand moves), newest first."""
         return self._history.events(limit)
+
+    def record_event(self, event: PromotionEvent) -> None:
+        """Append a champion change evergreen did not make itself (see `reconcile`); call under
+        `promotion_lock`."""
+        self._history.record(event)
 
     # ---- writing -------------------------------------------------------------------------
 

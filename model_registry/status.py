@@ -110,9 +110,9 @@ def render_history(events: Iterable[Any], console: Console) -> None:
         is_record = dataclasses.is_dataclass(event) and not isinstance(event, type)
         e = dataclasses.asdict(event) if is_record else dict(event)
         previous = f"v{e['previous']}" if e.get("previous") else "—"
-        table.add_row(
-            e["at"][:19], e["action"], f"v{e['version']}", previous, e["actor"], e["reason"]
-        )
+        version = f"v{e['version']}" if e.get("version") else "—"  # "—": alias removed by hand
+        action = f"[red]{e['action']}[/]" if e["reason"].startswith("UNGATED") else e["action"]
+        table.add_row(e["at"][:19], action, version, previous, e["actor"], e["reason"])
     console.print(table)
 
 

@@ -8,15 +8,17 @@ its fixed reference accuracy for the cumulative-forgetting budget.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from continual.classification import ClassReport, class_report
 from continual.gating import GateDecision, GatePolicy, decide
-from continual.training import correct_mask
+from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.memory import BATCH_COLUMN, DataMemory
@@ -61,13 +63,44 @@ class Evaluation:
     decision: GateDecision
     challenger: ModelState
     rows: pd.DataFrame  # the new-data gate rows it was scored on
+    retention: pd.DataFrame = field(default_factory=pd.DataFrame)  # retention gate rows
+    selection: pd.DataFrame = field(default_factory=pd.DataFrame)  # select rows of every batch
+    class_reports: dict[str, ClassReport] = field(default_factory=dict)  # model → on all rows
+    seconds: float = 0.0
 
 
-def _correct(state: ModelState | None, frame: pd.DataFrame, label: str) -> np.ndarray | None:
+@dataclass(frozen=True)
+class Scored:
+    """One model's predicted class indices on the new and retention gate rows."""
+
+    new: np.ndarray | None
+    retention: np.ndarray | None
+
+    def correct(self, truth: Scored) -> tuple[np.ndarray | None, np.ndarray | None]:
+        return _equal(self.new, truth.new), _equal(self.retention, truth.retention)
+
+    def pooled(self) -> np.ndarray:
+        return np.concatenate([p for p in (self.new, self.retention) if p is not None])
+
+
+def _equal(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None or b is None else a == b
+
+
+def _predicted(state: ModelState | None, frame: pd.DataFrame, label: str) -> np.ndarray | None:
+    """Top class index per row (one forward pass serves the gate and the class report)."""
     if state is None or frame.empty:
         return None
-    X, y = frame_to_tensors(frame, state.spec, label)
-    return correct_mask(state.model, X, y)
+    X = frame_to_tensors(frame, state.spec, label)[0]
+    return predict_logits(state.model, X).argmax(dim=-1).numpy()
+
+
+def _scored(state: ModelState, new: pd.DataFrame, retention: pd.DataFrame, label: str) -> Scored:
+    return Scored(_predicted(state, new, label), _predicted(state, retention, label))
+
+
+def _truth(spec, frame: pd.DataFrame, label: str) -> np.ndarray | None:
+    return None if frame.empty else frame_to_tensors(frame, spec, label)[1].numpy()
 
 
 def _references(
@@ -92,17 +125,25 @@ def evaluate_against_champion(
     memory: DataMemory,
 ) -> Evaluation:
     """The gate's decision for `challenger` vs `champion` (pure function in continual.gating)."""
-    label = cfg.data.label
+    started = time.perf_counter()
     learned = champion.learned if champion else frozenset()
     new, retention = split_by_learned(memory, learned, "gate")
     if new.empty:
         raise ValueError("no gate rows to evaluate on: raise data.gate_fraction or batch sizes")
-    challenger_new = _correct(challenger, new, label)
+    spec = challenger.spec
+    truth = Scored(_truth(spec, new, cfg.data.label), _truth(spec, retention, cfg.data.label))
+    scored = {"challenger": _scored(challenger, new, retention, cfg.data.label)}
+    if champion is not None:
+        scored["champion"] = _scored(champion, new, retention, cfg.data.label)
+    challenger_new, challenger_retention = scored["challenger"].correct(truth)
+    champion_new, champion_retention = (
+        scored["champion"].correct(truth) if champion is not None else (None, None)
+    )
     decision = decide(
         challenger_new_correct=challenger_new,
-        champion_new_correct=_correct(champion, new, label),
-        challenger_retention_correct=_correct(challenger, retention, label),
-        champion_retention_correct=_correct(champion, retention, label),
+        champion_new_correct=champion_new,
+        challenger_retention_correct=challenger_retention,
+        champion_retention_correct=champion_retention,
         retention_groups=None if retention.empty else retention[BATCH_COLUMN].astype(str).tolist(),
         references=champion.references if champion else None,
         policy=gate_policy(cfg),
@@ -111,4 +152,16 @@ def evaluate_against_champion(
     for reason in decision.reasons:
         logger.info("gate: %s", reason)
     references = _references(champion, new, challenger_new)
-    return Evaluation(decision, replace(challenger, references=references), new)
+    reports = {
+        name: class_report(truth.pooled(), s.pooled(), list(spec.classes))
+        for name, s in scored.items()
+    }
+    return Evaluation(
+        decision,
+        replace(challenger, references=references),
+        new,
+        retention=retention,
+        selection=memory.held_out.get("select", pd.DataFrame()),
+        class_reports=reports,
+        seconds=time.perf_counter() - started,
+    )

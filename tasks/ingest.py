@@ -8,20 +8,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.tasks import exponential_backoff
 
-from data_plane.landing import BatchReadError, open_landing, pending_batches, read_batch
+from data_plane.landing import BatchReadError, open_landing, read_batch
 from evergreen.config import EvergreenConfig
-from tasks import ledger
+from evergreen.pending import BatchSelection, choose_batches
 
-
-@dataclass(frozen=True)
-class BatchSelection:
-    """Which batches a run takes: exactly `batch_ids`, or every pending one (optionally up to
-    `until`, at most `max_batches`); `force` also takes batches already processed."""
-
-    batch_ids: tuple[str, ...] | None = None
-    until: str | None = None
-    max_batches: int | None = None
-    force: bool = False
+__all__ = ["BatchSelection", "RawBatch", "discover_batches", "read_batches"]
 
 
 @dataclass
@@ -36,22 +27,7 @@ class RawBatch:
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), timeout_seconds=300)
 def discover_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection) -> list[str]:
     """Batches this cadence still has to process, in batch_id order (the ledger says which)."""
-    zone = open_landing(cfg.data.landing)
-    done = set() if selection.force else ledger.processed(cfg, cadence)
-    chosen = pending_batches(zone, done)  # the data plane's rule: not done, files arrived
-    if selection.batch_ids:
-        requested = set(selection.batch_ids)
-        absent = sorted(b for b in requested if not zone.has_files(b))
-        if absent:
-            raise ValueError(
-                f"batches {absent} are not in the landing zone {cfg.data.landing} (or have no "
-                "files yet)"
-            )
-        chosen = [b for b in chosen if b in requested]
-    if selection.until:
-        chosen = [b for b in chosen if b <= selection.until]
-    if selection.max_batches:
-        chosen = chosen[: selection.max_batches]
+    chosen = choose_batches(cfg, cadence, selection)
     get_run_logger().info("%s: %d batch(es) to process: %s", cadence, len(chosen), chosen)
     return chosen
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
-from prefect import task
+from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
@@ -18,6 +18,7 @@ from continual.checkpoint import load_checkpoint
 from continual.gating import GateDecision
 from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
+from model_registry.reconcile import reconcile_champion
 from model_registry.registry import ArtifactIntegrityError, Registry, VersionInfo
 from tasks import ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
@@ -26,6 +27,7 @@ from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.outcome import FlowOutcome
 from tasks.state import ModelState, read_state, staging_dir, write_state
+from tasks.tracking import run_record
 from tasks.validate import PreparedData
 
 
@@ -57,6 +59,9 @@ class Registration:
     reports: dict[str, Path] = field(default_factory=dict)
     check_rows: pd.DataFrame | None = None  # rows the reloaded checkpoint must reproduce
     quarantined: dict[str, str] = field(default_factory=dict)
+    evaluation: Evaluation | None = None  # datasets and per-class reports for the run
+    train_rows: pd.DataFrame | None = None  # this run's accepted train rows
+    data_docs: dict[str, str] = field(default_factory=dict)  # batch id → Data Docs page
 
 
 def lineage_tags(reg: Registration) -> dict[str, str]:
@@ -96,6 +101,9 @@ def registration_for(
         reports=dict(data.reports) if data else {},
         check_rows=evaluation.rows,
         quarantined=dict(data.quarantined) if data else {},
+        evaluation=evaluation,
+        train_rows=data.train if data else None,
+        data_docs=dict(data.data_docs) if data else {},
     )
 
 
@@ -112,10 +120,11 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
     info = registry.log_version(
         checkpoint,
         lineage=lineage_tags(reg),
-        metrics={**reg.decision.to_metrics(), **reg.metrics},
+        metrics=reg.metrics,  # the gate's metrics go with the record, linked to the model
         params={"cadence": reg.cadence, "method": reg.method},
         run_name=f"{reg.cadence}-{reg.batch_ids[-1] if reg.batch_ids else 'merge'}",
         reports={"gate.json": gate_file, **reg.reports},
+        record=run_record(cfg, reg),
     )
     registry.set_challenger(info.version)
     return info
@@ -178,6 +187,16 @@ def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionI
         quarantined=dict(reg.quarantined),
     )
     return result
+
+
+@task(cache_policy=NO_CACHE)
+def reconcile_registry(cfg: EvergreenConfig) -> None:
+    """Record champion moves made outside evergreen (MLflow UI/API); an ungated one is an error
+    in the run's log (the history says UNGATED; `evergreen rollback` undoes it)."""
+    found = reconcile_champion(Registry.from_config(cfg))
+    if found.event is not None:
+        log = get_run_logger()
+        (log.error if found.ungated else log.warning)("registry: %s", found.event.reason)
 
 
 @task(cache_policy=NO_CACHE)

@@ -29,6 +29,25 @@ EWC_FILE = "ewc.safetensors"
 LEARNED_FILE = "learned.json"
 
 
+@dataclass(frozen=True)
+class TrainingFacts:
+    """How a challenger was trained, for its MLflow run (not part of the checkpoint).
+
+    Attributes:
+        params: the effective configuration, flat ("method", "ewc.lambda", "train.lr", …).
+        losses: the training loss per optimiser step of the model that was kept.
+        seconds: wall time of all training for this challenger (every λ tried included).
+        steps: optimiser steps of the model that was kept.
+        device: where it trained.
+    """
+
+    params: dict[str, str]
+    losses: tuple[float, ...] = ()
+    seconds: float = 0.0
+    steps: int = 0
+    device: str = "cpu"
+
+
 @dataclass
 class ModelState:
     """Everything a cadence needs from a model version (or produces for a new one)."""
@@ -40,6 +59,7 @@ class ModelState:
     learned: frozenset[str] = frozenset()
     references: dict[str, float] = field(default_factory=dict)
     memory_run: str | None = None
+    training: TrainingFacts | None = None  # set on a freshly trained challenger only
 
     def clone_model(self) -> nn.Module:
         """A trainable deep copy (the champion itself is never modified in place)."""

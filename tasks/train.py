@@ -18,19 +18,21 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from continual.distributed import DistributedJob
 from continual.ewc import EWC
 from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
-from continual.lora import LoraSettings, attach_lora, gated_update, merge_adapter
 from continual.models import TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
 from continual.training import TrainResult, TrainSettings, correct_mask, train
 from evergreen.config import EvergreenConfig, TrainConfig
+from model_registry.run_record import flatten_params
 from tasks.common import frame_to_tensors
+from tasks.distributed import run_distributed
 from tasks.evaluate import gate_policy, split_by_learned
 from tasks.limits import training_slot
 from tasks.memory import DataMemory
 from tasks.progress import step_progress
-from tasks.state import ModelState, make_trainable, parameters_of
+from tasks.state import ModelState, TrainingFacts, make_trainable, parameters_of
 from tasks.validate import PreparedData
 
 
@@ -46,10 +48,31 @@ def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
     )
 
 
-def _fit(model, X, y, settings: TrainSettings, label: str, **methods) -> TrainResult:
-    """Run the training loop holding the device slot, with a progress bar."""
-    with training_slot(), step_progress(label, settings.steps) as on_step:
-        result = train(model, X, y, settings, on_step=on_step, **methods)
+def _fit(
+    model,
+    X,
+    y,
+    settings: TrainSettings,
+    label: str,
+    *,
+    processes: int = 1,
+    fisher_kind: FisherKind | None = None,
+    **methods,
+) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
+    """Run the training loop holding the device slot, with a progress bar; with more than one
+    process, under torchrun (`tasks.distributed`), which also returns the trained model's
+    Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards)."""
+    fisher = None
+    with training_slot():
+        if processes > 1:
+            logger = get_run_logger()
+            job = DistributedJob(model, X, y, settings, fisher_kind=fisher_kind, **methods)
+            outcome = run_distributed(job, processes, logger.info)
+            assert outcome.result is not None
+            result, fisher = outcome.result, outcome.fisher
+        else:
+            with step_progress(label, settings.steps) as on_step:
+                result = train(model, X, y, settings, on_step=on_step, **methods)
     get_run_logger().info(
         "%s: %d steps in %.1fs, loss %.3f → %.3f on %s",
         label,
@@ -57,9 +80,43 @@ def _fit(model, X, y, settings: TrainSettings, label: str, **methods) -> TrainRe
         result.seconds,
         result.first_loss,
         result.last_loss,
-        result.device,
+        result.device if processes == 1 else f"{processes} processes",
     )
-    return result
+    return result, fisher
+
+
+def training_facts(
+    cfg: EvergreenConfig,
+    section: str,
+    settings: TrainSettings,
+    result: TrainResult,
+    *,
+    rows: int,
+    seconds: float | None = None,
+    chosen: dict | None = None,
+) -> TrainingFacts:
+    """The effective configuration of a training (its config section, the gate policy, what
+    was derived or chosen at run time) with the kept model's loss curve and timing."""
+    params = flatten_params(
+        {
+            section: getattr(cfg, section).model_dump(mode="json"),
+            "gate": cfg.gate.model_dump(mode="json"),
+            "train": {
+                "steps": settings.steps,
+                "lr": settings.lr,
+                "batch_size": settings.batch_size,
+                "rows": rows,
+            },
+            **(chosen or {}),
+        }
+    )
+    return TrainingFacts(
+        params=params,
+        losses=tuple(float(v) for v in result.losses),
+        seconds=result.seconds if seconds is None else seconds,
+        steps=result.steps,
+        device=str(result.device),
+    )
 
 
 def new_spec(cfg: EvergreenConfig, train_df: pd.DataFrame) -> ModelSpec:
@@ -141,12 +198,15 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     torch.manual_seed(cfg.bootstrap.train.seed)
     model = build_model(spec)
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
-    _fit(model, X, y, settings_from(cfg.bootstrap.train, len(X)), "bootstrap")
+    train_cfg = cfg.bootstrap.train
+    settings = settings_from(train_cfg, len(X))
+    result, _ = _fit(model, X, y, settings, "bootstrap", processes=train_cfg.processes)
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
     ewc = EWC.from_model(
         model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
     )
-    return ModelState(model=model, spec=spec, ewc=ewc, **_learned(memory))
+    facts = training_facts(cfg, "bootstrap", settings, result, rows=len(X))
+    return ModelState(model=model, spec=spec, ewc=ewc, training=facts, **_learned(memory))
 
 
 def _anchored_ewc(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory, lam, gamma):
@@ -221,47 +281,60 @@ def _ewc_challenger(
     champion: ModelState,
     data: PreparedData,
     memory: DataMemory,
-    section,
+    section_name: str,
     label: str,
     replay_ratio: float,
 ) -> tuple[ModelState, dict[str, float]]:
     """Fine-tune with online EWC (+ replay); λ chosen on the select rows when set to "auto"."""
+    section = getattr(cfg, section_name)
     X, y = learning_rows(cfg, champion, data, memory)
     settings = settings_from(section.train, len(X))
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
     selection = selection_rows(cfg, champion, memory)
-    best: tuple[float, float, torch.nn.Module, EWC] | None = None
+    best: tuple[float, float, torch.nn.Module, EWC, TrainResult, dict | None] | None = None
     scores: dict[str, float] = {}
+    seconds = 0.0
     for lam in grid:
         model = champion.clone_model()
         ewc = _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
-        _fit(
+        result, own = _fit(
             model,
             X,
             y,
             settings,
             f"{label} λ={lam:g}",
+            processes=section.train.processes,
+            fisher_kind=ewc.kind,
             ewc=ewc,
             replay=buffer,
             replay_ratio=replay_ratio,
         )
+        seconds += result.seconds
         score = selection.score(model) if len(grid) > 1 else float("nan")
         scores[f"calibration.lambda_{lam:g}"] = score
         if best is None or score > best[1]:
-            best = (lam, score, model, ewc)
+            best = (lam, score, model, ewc, result, own)
     assert best is not None
-    lam, score, model, ewc = best
+    lam, score, model, ewc, kept, own = best
     if len(grid) > 1:
         get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
-    ewc.consolidate(
-        model, *fisher_rows(champion.spec, X, y)
-    )  # own Fisher on this version's data; F ← γ·F_old + F_own
+    # own Fisher on this version's data (from the ranks when distributed); F ← γ·F_old + F_own
+    ewc.consolidate(model, *fisher_rows(champion.spec, X, y), own=own)
     state = ModelState(
         model=model,
         spec=champion.spec,
         ewc=ewc,
         references=dict(champion.references),
+        training=training_facts(
+            cfg,
+            section_name,
+            settings,
+            kept,
+            rows=len(X),
+            seconds=seconds,
+            chosen={"ewc": {"lambda": lam}, "replay_ratio": replay_ratio},
+        ),
         **_learned(memory),
     )
     return state, {"ewc.lambda": lam, **scores}
@@ -274,7 +347,7 @@ def train_finetune_ewc(
     """Monthly: full fine-tune of every weight with the online-EWC penalty (+ rehearsal of the
     data memory at `monthly.replay_ratio`)."""
     m = cfg.monthly
-    return _ewc_challenger(cfg, champion, data, memory, m, "finetune", m.replay_ratio)
+    return _ewc_challenger(cfg, champion, data, memory, "monthly", "finetune", m.replay_ratio)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
@@ -283,7 +356,7 @@ def train_replay_ewc(
 ) -> tuple[ModelState, dict[str, float]]:
     """Weekly: experience replay from the data memory mixed into each step, plus EWC."""
     w = cfg.weekly
-    return _ewc_challenger(cfg, champion, data, memory, w, "replay", w.replay_ratio)
+    return _ewc_challenger(cfg, champion, data, memory, "weekly", "replay", w.replay_ratio)
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
@@ -297,6 +370,8 @@ def train_lora_gated(
     select rows of every batch — never a raw difference, never on the gate's rows. Returns
     (state or None, the check's decision).
     """
+    from continual.lora import LoraSettings, attach_lora, gated_update  # peft: only when used
+
     d = cfg.daily
     lora = LoraSettings(
         r=d.lora_r, alpha=d.lora_alpha, dropout=d.lora_dropout, target_modules=d.target_modules
@@ -306,17 +381,28 @@ def train_lora_gated(
     selection = selection_rows(cfg, champion, memory)
     buffer = memory.buffer if d.replay_ratio > 0 else None
     verdict: dict[str, GateDecision] = {}
+    fit = settings_from(d.train, len(X))
+    trained: list[TrainResult] = []
+
+    def fit_adapter(m: torch.nn.Module) -> TrainResult:
+        result, _ = _fit(
+            m,
+            X,
+            y,
+            fit,
+            "lora",
+            processes=d.train.processes,
+            replay=buffer,
+            replay_ratio=d.replay_ratio,
+        )
+        trained.append(result)
+        return result
 
     def keep(candidate: torch.nn.Module) -> bool:
         verdict["decision"] = _selection_decision(cfg, champion, selection, candidate)
         return verdict["decision"].promote
 
-    fit = settings_from(d.train, len(X))
-    result = gated_update(
-        peft_model,
-        lambda m: _fit(m, X, y, fit, "lora", replay=buffer, replay_ratio=d.replay_ratio),
-        keep,
-    )
+    result = gated_update(peft_model, fit_adapter, keep)
     if not result.accepted:
         return None, verdict["decision"]
     # The version keeps the adapter separate (base weights + adapter/); loading merges it.
@@ -325,14 +411,31 @@ def train_lora_gated(
         spec=champion.spec,
         ewc=_adapted_ewc(champion, peft_model, X, y),
         references=dict(champion.references),
+        training=training_facts(
+            cfg, "daily", fit, trained[-1], rows=len(X), chosen={"lora": _lora_params(peft_model)}
+        ),
         **_learned(memory),
     )
     return state, verdict["decision"]
 
 
+def _lora_params(peft_model) -> dict[str, object]:
+    """The adapter as peft resolved it (target modules named in full, not the config's None)."""
+    config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
+    if config is None:
+        return {}
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules or []),
+    }
+
+
 def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
     """The online EWC state after a LoRA update: its own Fisher at the folded weights (so a
     later merge can weight this version by its own data), anchored there."""
+    from continual.lora import merge_adapter
+
     if champion.ewc is None:
         return None
     folded = make_trainable(merge_adapter(copy.deepcopy(peft_model)))

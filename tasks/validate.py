@@ -32,6 +32,7 @@ class PreparedData:
     reports: dict[str, Path] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)  # batch id → why
     drift: dict[str, float] = field(default_factory=dict)
+    data_docs: dict[str, str] = field(default_factory=dict)  # batch id → its Data Docs page
 
     @property
     def empty(self) -> bool:
@@ -51,7 +52,9 @@ class PreparedData:
         return [(b, self.splits[b], self.frames[b]) for b in self.batch_ids]
 
 
-def announce_quarantine(cadence: str, cfg: EvergreenConfig, report: ValidationReport) -> None:
+def announce_quarantine(
+    cadence: str, cfg: EvergreenConfig, report: ValidationReport, docs: str | None = None
+) -> None:
     """Tell Prefect and the person on call at once: event, artifact, error log line (the ledger
     entry is written with the run's outcome)."""
     emit(
@@ -61,7 +64,8 @@ def announce_quarantine(cadence: str, cfg: EvergreenConfig, report: ValidationRe
     )
     create_markdown_artifact(
         key=f"quarantine-{cadence}",
-        markdown=report.summary(),
+        markdown=report.summary()
+        + (f"\n\n[Great Expectations Data Docs]({docs})\n" if docs else ""),
         description=f"Batch {report.batch_id} quarantined",
     )
     get_run_logger().error("batch %s quarantined: %s", report.batch_id, report.headline())
@@ -96,17 +100,22 @@ def validate_batches(
                 suite_file,
                 profile=profile,
                 reference=reference,
+                gx_project=cfg.home_path,  # suites, checkpoints, results, Data Docs: <home>/gx
             )
         files = save_report(report, report_dir)
         prepared.reports[f"validation/{batch.batch_id}.json"] = files[0]
         prepared.reports[f"validation/{batch.batch_id}.md"] = files[1]
+        docs = report.statistics.get("data_docs")
+        if docs:
+            prepared.data_docs[batch.batch_id] = docs
         create_markdown_artifact(
             key=f"validation-{cadence}",
-            markdown=report.summary(),
+            markdown=report.summary()
+            + (f"\n\n[Great Expectations Data Docs]({docs})\n" if docs else ""),
             description=f"Great Expectations: batch {batch.batch_id}",
         )
         if not report.success:
-            announce_quarantine(cadence, cfg, report)
+            announce_quarantine(cadence, cfg, report, docs)
             prepared.quarantined[batch.batch_id] = f"{report.headline()[:400]} (report {files[1]})"
             continue
         _inform(cfg, cadence, report)

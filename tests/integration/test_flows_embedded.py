@@ -12,6 +12,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
 
@@ -84,6 +86,34 @@ def test_02_daily_lora_gates_and_records(pipeline):
     expected = result["version"] if result["decision"] == "promoted" else before
     assert _champion(pipeline) == expected
     assert pipeline["ledger"].is_processed("daily-lora", "2026-01-02")
+    if result.get("version"):  # the run explains itself in the MLflow UI
+        params = _assert_run_explains_itself(pipeline, result["version"])
+        assert params["daily.lora_r"] == "8" and json.loads(params["lora.target_modules"])
+
+
+def _assert_run_explains_itself(pipeline, version: str) -> dict[str, str]:
+    """Params, loss curve, timing, datasets by role and model-linked metrics on the run."""
+    registry = pipeline["registry"]
+    info = registry.get_version(version)
+    run = registry.client.get_run(info.run_id)
+    params = run.data.params
+    assert "gate.confidence" in params and int(params["train.steps"]) >= 40
+    curve = registry.client.get_metric_history(run.info.run_id, "train.loss")
+    assert len(curve) == int(params["train.steps"])
+    assert run.data.metrics["time.train_s"] > 0
+    contexts = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in run.inputs.dataset_inputs
+    }
+    assert {"train", "selection", "gate", "retention"} <= set(contexts)
+    batch = info.tags["evergreen.batch_ids"]
+    assert json.loads(contexts["train"].source)["uri"].endswith(f"/landing/{batch}")
+    docs = run.data.tags[f"evergreen.data_docs.{batch}"]  # the batch's GX Data Docs page
+    assert Path(url2pathname(urlparse(docs).path)).is_file()
+    model = registry.client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    linked = {m.key for m in model.metrics}
+    assert {"gate.new.lcb", "eval.champion.recall.3", "eval.challenger.recall.3"} <= linked
+    return params
 
 
 def test_03_rerun_of_processed_batch_is_a_noop(pipeline):
@@ -123,6 +153,10 @@ def test_05_update_cadences_train_and_gate(pipeline, flow, batch):
     tags = pipeline["registry"].get_version(result["version"]).tags
     assert tags["evergreen.parent_version"] == before
     assert tags["evergreen.cadence"] == flow
+    params = _assert_run_explains_itself(pipeline, result["version"])
+    assert params["ewc.lambda"] == "10.0"
+    section = flow.split("-")[0]
+    assert params[f"{section}.ewc_lambda"] == "10.0"
 
 
 def test_06_stream_monitor_detects_drift_on_shifted_digits(pipeline):

@@ -26,9 +26,12 @@ import pytest
 import torch
 
 from continual.checkpoint import load_checkpoint
+from continual.classification import class_report
 from continual.training import predict_proba
 from model_registry.ledger import Ledger
+from model_registry.reconcile import reconcile_champion
 from model_registry.registry import CHECKPOINT_SUBPATH, ArtifactIntegrityError, Registry
+from model_registry.run_record import ClassTable, DatasetRecord, RunRecord
 from tests.checkpoints import tiny_checkpoint
 from tests.integration.servers import BIN, background, free_port, wait_http
 
@@ -179,6 +182,40 @@ def test_ledger_through_the_server(server):
     ledger.record("daily", "2026-11-21", "rejected", details={"reason": "gate"})
     assert Ledger(server["url"], experiment="served-ledger").is_processed("daily", "2026-11-21")
     assert [e.outcome for e in ledger.entries("daily")] == ["rejected", "failed"]
+
+
+def test_run_record_and_hand_moves_through_the_server(server, checkpoints):
+    """Datasets, curves, model-linked metrics and figures go through the REST API and the
+    artifact proxy; an alias moved by another client is reconciled into the history."""
+    registry = registry_for(server, "explained")
+    rows = pd.DataFrame({"x0": [0.1, 0.2], "x1": [1.0, 2.0], "x2": [3.0, 4.0], "label": [0, 1]})
+    report = class_report([0, 1], [0, 0], CLASSES)
+    metrics = report.metrics("eval.challenger")
+    table = ClassTable("challenger", metrics, report.rows(), report.confusion.tolist(), ["0", "1"])
+    record = RunRecord(
+        params={"daily.lora_r": "8"},
+        curves={"train.loss": (1.0, 0.5)},
+        datasets=(DatasetRecord("gate", rows, "gate[b1]", "s3://landing/b1", "label"),),
+        model_metrics={"gate.new.lcb": -0.02},
+        gate_dataset="gate",
+        class_tables=(table,),
+    )
+    v1 = registry.log_version(
+        checkpoints[0], lineage={"gate_decision": "pass"}, record=record
+    ).version
+    registry.promote(v1, expected_champion=None, reason="bootstrap")
+    run = registry.client.get_run(registry.get_version(v1).run_id)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["gate[b1]"]
+    model = registry.client.get_logged_model(run.outputs.model_outputs[0].model_id)
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["gate.new.lcb"] == -0.02 and linked["eval.challenger.recall.1"] == 0.0
+    artifacts = {a.path for a in registry.client.list_artifacts(run.info.run_id, "evaluation")}
+    assert "evaluation/confusion.png" in artifacts
+
+    v2 = log(registry, checkpoints[1], v1)  # never gated
+    registry_for(server, "explained").client.set_registered_model_alias("explained", "champion", v2)
+    found = reconcile_champion(registry)
+    assert found.ungated and registry.history()[0].reason.startswith("UNGATED")
 
 
 def test_champion_loads_in_a_fresh_process_through_the_server(server, checkpoints, tmp_path):

@@ -126,7 +126,7 @@ def test_06_champion_serves_text_in_a_fresh_process(pipeline):
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert set(out["prediction"].values()) <= set(TEXT_TOPICS)
     for row in out["prediction"]:
-        total = sum(out[f"probability.{t}"][row] for t in TEXT_TOPICS)
+        total = sum(out[f"probability_{t}"][row] for t in TEXT_TOPICS)
         assert total == pytest.approx(1.0, abs=1e-4)
 
 

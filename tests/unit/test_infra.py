@@ -213,8 +213,11 @@ def test_kubernetes_pool_renders_a_gpu_job_with_shared_home_and_secret_env():
     mount = container["volumeMounts"][0]
     claim = next(v for v in pod["volumes"] if v["name"] == mount["name"])
     assert claim["persistentVolumeClaim"]["claimName"] == "evergreen-home"
-    assert container["env"]["EVERGREEN_HOME"] == mount["mountPath"]
-    assert container["env"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
+    # the worker prepends the `env` job variable to the container's own list (torchrun count)
+    assert rendered["env"]["EVERGREEN_HOME"] == mount["mountPath"]
+    assert rendered["env"]["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
+    assert container["env"] == [{"name": "EVERGREEN_TRAIN_PROCESSES", "value": "1"}]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
     assert container["envFrom"] == [
         {"secretRef": {"name": "evergreen-credentials", "optional": True}}
     ]
@@ -222,6 +225,35 @@ def test_kubernetes_pool_renders_a_gpu_job_with_shared_home_and_secret_env():
     two = apply_values(template["job_configuration"], {**_defaults(template), "gpu_count": 2})
     limits = two["job_manifest"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert limits["nvidia.com/gpu"] == 2
+
+
+def test_kubernetes_pool_exposes_node_selector_tolerations_and_torchrun_processes():
+    template = _pool("kubernetes-gpu")
+    values = {
+        **_defaults(template),
+        "gpu_count": 4,
+        "train_processes": "4",
+        "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-l4"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml"}],
+    }
+    validate(values, template["variables"], raise_on_error=True, ignore_required=True)
+    rendered = apply_values(template["job_configuration"], values)
+    manifest = json.loads(json.dumps(rendered["job_manifest"]))  # JSON all the way down
+    pod = manifest["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == values["node_selector"]
+    assert pod["tolerations"] == values["tolerations"]
+    assert pod["containers"][0]["env"] == [{"name": "EVERGREEN_TRAIN_PROCESSES", "value": "4"}]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in pod["containers"][0]["volumeMounts"]
+    assert not find_placeholders(json.dumps(manifest))  # every placeholder filled
+    with pytest.raises(Exception, match=r"train_processes|pattern"):
+        validate(
+            {**values, "train_processes": "0"},
+            template["variables"],
+            raise_on_error=True,
+            ignore_required=True,
+        )
 
 
 def test_no_pool_template_holds_a_credential():
@@ -296,3 +328,22 @@ def test_readme_documents_what_exists(compose):
         assert name in readme, name
     assert "registry.tracking_uri" in readme and "s3://" in readme
     assert "not been\nstarted here" in readme or "not been started here" in readme
+
+
+def test_every_named_volume_and_dependency_is_defined_and_servers_are_health_checked(compose):
+    services, volumes = compose["services"], set(compose.get("volumes") or {})
+    for name, service in services.items():
+        for mount in service.get("volumes", []):
+            if isinstance(mount, dict) and mount.get("type") != "volume":
+                continue  # a bind mount of a host path
+            source = mount.split(":")[0] if isinstance(mount, str) else mount["source"]
+            if not source.startswith((".", "/", "$", "~")):  # a named volume, not a host path
+                assert source in volumes, f"{name}: volume {source!r} is not declared"
+        assert set(service.get("depends_on", {})) <= set(services), name
+        one_shot = service.get("restart") == "no" or any(
+            d.get("condition") == "service_completed_successfully"
+            for other in services.values()
+            for dep, d in other.get("depends_on", {}).items()
+            if dep == name
+        )
+        assert one_shot or "healthcheck" in service, f"{name} has no health check"

@@ -44,3 +44,40 @@ def test_cron_schedules_and_drift_trigger(deployments):
     (trigger,) = deployments["weekly-replay"]["triggers"]
     assert trigger["expect"] == ["evergreen.drift.detected"]
     assert trigger["match"]["prefect.resource.id"] == "evergreen.model.*"
+
+
+PRODUCTION_YAML = PREFECT_YAML.parent / "infra" / "prefect.production.yaml"
+TRAINING = {"bootstrap", "monthly-finetune", "weekly-replay", "daily-lora"}
+
+
+@pytest.fixture(scope="module")
+def production() -> dict[str, dict]:
+    spec = yaml.safe_load(PRODUCTION_YAML.read_text())
+    return {d["name"]: d for d in spec["deployments"]}
+
+
+def test_production_variant_is_rendered_and_sends_training_to_the_gpu_pool(production):
+    import json
+
+    from prefect.utilities.schema_tools import validate
+
+    from evergreen import deployments
+
+    assert PRODUCTION_YAML.read_text() == deployments.render(production=True), (
+        "regenerate: python -m evergreen.deployments --production > infra/prefect.production.yaml"
+    )
+    assert set(production) == set(FLOWS)
+    pool = json.loads((PRODUCTION_YAML.parent / "work-pools" / "kubernetes-gpu.json").read_text())
+    for name, spec in production.items():
+        assert spec["work_pool"]["name"] == (
+            "evergreen-gpu" if name in TRAINING else "evergreen-process"
+        )
+        if name in TRAINING:  # the job variables are the GPU pool's own, and valid
+            variables = spec["work_pool"]["job_variables"]
+            assert set(variables) <= set(pool["variables"]["properties"])
+            validate(variables, pool["variables"], raise_on_error=True, ignore_required=True)
+
+
+@pytest.mark.parametrize("name", sorted(FLOWS))
+def test_production_entrypoints_import(production, name):
+    assert load_flow_from_entrypoint(production[name]["entrypoint"]).name == name

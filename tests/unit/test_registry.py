@@ -383,7 +383,7 @@ def test_from_config_uses_home_and_names(store, monkeypatch):
     assert registry.lock_dir == home / "locks"
     assert registry.artifact_location == store["artifacts"]
     assert registry.champion() is None and registry.versions() == []
-    assert Ledger.from_config(cfg).log.experiment == "exp-ledger"
+    assert Ledger.from_config(cfg).log.experiment == "exp-records"
 
 
 def test_pyfunc_reports_missing_and_non_numeric_columns(store):
@@ -424,9 +424,13 @@ def test_champion_serves_in_a_fresh_interpreter(registry, store):
     shipped, output = done.stdout.strip().splitlines()[-2:]
     assert Path(shipped).is_relative_to(store["root"] / "mlartifacts")  # the model's own copy
     served = json.loads(output)
-    assert served["columns"] == ["prediction", "probability"]
+    assert served["columns"] == ["prediction", "probability"] + [
+        f"probability_{c}" for c in CLASSES
+    ]
     model, _ = load_checkpoint(store["checkpoints"][2])
     proba = predict_proba(model, rows.float())
     expected = [CLASSES[i] for i in proba.argmax(dim=1).tolist()]
     assert [row[0] for row in served["data"]] == expected
     assert [row[1] for row in served["data"]] == pytest.approx(proba.max(dim=1).values.tolist())
+    every_class = [value for row in served["data"] for value in row[2:]]
+    assert every_class == pytest.approx(proba.flatten().tolist(), abs=1e-6)  # logit order

@@ -10,6 +10,8 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pandas as pd
@@ -174,7 +176,7 @@ def test_zone_valid_batch_in_three_formats_passes(zone: LandingZone, tmp_path: P
 def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Path) -> None:
     home = tmp_path / "home"
     path = _suite_for_tests(home)
-    assert path == suite_path(home) == home / "expectations" / "evergreen-batch.json"
+    assert path == suite_path(home) == home / "gx" / "expectations" / "evergreen-batch.json"
     data = json.loads(path.read_text())
     kinds = {e["type"] for e in data["expectations"]}
     assert {"expect_column_to_exist", "expect_column_values_to_be_between"} <= kinds
@@ -287,3 +289,22 @@ def test_validation_latency_2000_rows_64_features(tmp_path: Path) -> None:
         assert report.success and report.statistics["gx"]["evaluated_expectations"] == 261
     print(f"\nGX validate 2000x64: first {timings[0]:.2f}s, warm {min(timings[1:]):.2f}s")
     assert min(timings[1:]) < 30.0
+
+
+def test_file_backed_context_stores_results_and_builds_data_docs(tmp_path: Path) -> None:
+    """The flows' path: a Checkpoint in `<home>/gx/` whose action adds the batch's page."""
+    home = tmp_path / "home"
+    legacy = home / "expectations" / "evergreen-batch.json"  # where earlier releases wrote it
+    write_suite(build_suite(make_config()), legacy)
+    suite_file = ensure_suite(home, make_config())
+    assert suite_file == suite_path(home) and not legacy.exists()  # moved, edits kept
+    report = validate_batch(make_batch(60, seed=3), "2026-11-21", make_config(), suite_file,
+                            gx_project=home)  # fmt: skip
+    assert report.success
+    page = Path(url2pathname(urlparse(report.statistics["data_docs"]).path))
+    assert page.is_file() and "2026-11-21" in page.parts
+    assert "values must never be null" in page.read_text()  # GX rendered each expectation
+    site = home / "gx" / "uncommitted" / "data_docs" / "local_site"
+    assert "2026-11-21" in (site / "index.html").read_text()
+    assert list((home / "gx" / "checkpoints").glob("evergreen-batch-*.json"))
+    assert list((home / "gx" / "uncommitted" / "validations").rglob("*.json"))

@@ -1,0 +1,154 @@
+"""Benchmark: does a daily cycle get slower or bigger as history grows?
+
+Run: `nice -n 10 python -m benchmarks.bench_growth [--cycles 100]` (writes
+`benchmarks/results/growth.json` and `growth.md`). One process, the embedded default (ephemeral
+Prefect, SQLite MLflow): bootstrap on the first batch of real digits, then `cycles` consecutive
+`daily-lora` runs, one new ~150-row batch each (digits rows with a little pixel noise, so no two
+batches hold the same rows). Per run: wall time, the process's resident memory after the run and
+its peak so far, the ledger and registry sizes. Targets: run N ≤ 1.2× run 1, flat memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CHECKPOINTS = (1, 10, 50, 100)
+
+
+def _rss_mb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:  # pragma: no cover - psutil ships with the dev extras' dependencies
+        return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _landing(root: Path, cycles: int) -> list[str]:
+    from tests.digits_pipeline import digits_frame, write_batch
+
+    rng = np.random.default_rng(0)
+    write_batch(root / "landing", "2026-01-01T00-00", digits_frame(slice(0, 600)))
+    batch_ids = []
+    for i in range(cycles):
+        start = 600 + (i * 150) % 1100
+        frame = digits_frame(slice(start, start + 150))
+        pixels = frame.columns[:-1]
+        frame[pixels] = frame[pixels] + rng.uniform(0, 0.01, size=(len(frame), len(pixels)))
+        batch_id = f"2026-01-{2 + i // 24:02d}T{i % 24:02d}-00"
+        write_batch(root / "landing", batch_id, frame)
+        batch_ids.append(batch_id)
+    return batch_ids
+
+
+def run(cycles: int = 100) -> dict[str, Any]:
+    """Bootstrap, then `cycles` daily-lora runs; returns (and writes) per-run figures."""
+    from evergreen.cadences import run_flow
+    from evergreen.config import load_config
+    from model_registry.ledger import Ledger
+    from tests.digits_pipeline import write_config
+
+    with tempfile.TemporaryDirectory(prefix="evergreen-growth-") as folder:
+        root = Path(folder)
+        batch_ids = _landing(root, cycles)
+        config = str(write_config(root, root / "landing", root / "home"))
+        cfg = load_config(config)
+        run_flow("bootstrap", config_path=config, batch_ids=["2026-01-01T00-00"])
+        runs = []
+        for i, batch_id in enumerate(batch_ids, start=1):
+            started = time.perf_counter()
+            outcome = run_flow("daily-lora", config_path=config, batch_ids=[batch_id])
+            seconds = time.perf_counter() - started
+            runs.append(
+                {
+                    "run": i,
+                    "seconds": seconds,
+                    "rss_mb": _rss_mb(),
+                    "peak_rss_mb": _peak_mb(),
+                    "decision": outcome["decision"],
+                }
+            )
+            print(f"run {i}: {seconds:.1f}s {outcome['decision']} rss {runs[-1]['rss_mb']:.0f} MB")
+            result = _write(cycles, runs)  # after every run: a stopped benchmark keeps its data
+        result["ledger_entries_daily"] = len(Ledger.from_config(cfg).entries("daily-lora", 10**6))
+    return result
+
+
+def _write(cycles: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+    result = {
+        "benchmark": "growth",
+        "cycles": cycles,
+        "completed": len(runs),
+        "machine": platform.machine(),
+        "load_average": os.getloadavg(),
+        "runs": runs,
+        "summary": _summary(runs),
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "growth.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "growth.md").write_text(markdown(result) + "\n")
+    return result
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Median of 3 runs around each checkpoint (a single run is noisy on a shared machine)."""
+    out = {}
+    for k in sorted({*(c for c in CHECKPOINTS if c <= len(runs)), len(runs)}):
+        window = runs[max(0, k - 2) : k + 1]
+        out[str(k)] = {
+            "seconds_median3": statistics.median(r["seconds"] for r in window),
+            # the fastest of 5 runs around k: what the run costs when the machine is not busy
+            "seconds_min5": min(r["seconds"] for r in runs[max(0, k - 3) : k + 2]),
+            "rss_mb": runs[k - 1]["rss_mb"],
+            "peak_rss_mb": runs[k - 1]["peak_rss_mb"],
+        }
+    first, fastest = out["1"]["seconds_median3"], out["1"]["seconds_min5"]
+    for figures in out.values():
+        figures["ratio_vs_run_1"] = figures["seconds_median3"] / first
+        figures["min5_ratio_vs_run_1"] = figures["seconds_min5"] / fastest
+    return out
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"{result['completed']} of {result['cycles']} consecutive daily-lora cycles in one process "
+        "(embedded default); time = median of the runs k-1, k, k+1; load average "
+        f"{', '.join(f'{x:.1f}' for x in result['load_average'])} on {os.cpu_count()} cores",
+        "",
+        "| run | median s (k±1) | vs run 1 | fastest s (k±2) | vs run 1 | RSS after run MB | "
+        "peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k, f in result["summary"].items():
+        lines.append(
+            f"| {k} | {f['seconds_median3']:.1f} | {f['ratio_vs_run_1']:.2f}× | "
+            f"{f['seconds_min5']:.1f} | {f['min5_ratio_vs_run_1']:.2f}× | "
+            f"{f['rss_mb']:.0f} | {f['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=100)
+    print(markdown(run(parser.parse_args().cycles)))
+
+
+if __name__ == "__main__":
+    main()

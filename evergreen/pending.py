@@ -1,0 +1,83 @@
+"""Which batches a cadence run takes — one rule, used by the flows and by the CLI's no-op check.
+
+`choose_batches` is the whole selection rule (the ledger says what is done; the landing zone what
+has arrived; `batch_ids`, `until`, `max_batches` and `force` narrow or widen it). The ingest task
+calls it inside the flow run; `evergreen run` calls it *before* starting a flow run, and when a
+batch-consuming cadence has nothing to take it prints the same "skipped" outcome the flow would
+return and starts no flow run (no Prefect server, no torch, peft, GX or MLflow model code):
+a no-op run costs the ledger look-up only. The ledger is neither read differently nor written —
+a skipped flow run records no ledger entry either — so the semantics are the flow's own; what the
+fast path does not leave behind is a Prefect flow run with its decision artifact.
+`--force`, explicit `--batch` ids and deployments (scheduled runs) always start the flow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from evergreen.config import EvergreenConfig
+
+NOTHING_PENDING = "no pending batches"
+
+
+@dataclass(frozen=True)
+class BatchSelection:
+    """Which batches a run takes: exactly `batch_ids`, or every pending one (optionally up to
+    `until`, at most `max_batches`); `force` also takes batches already processed."""
+
+    batch_ids: tuple[str, ...] | None = None
+    until: str | None = None
+    max_batches: int | None = None
+    force: bool = False
+
+
+def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection) -> list[str]:
+    """Batches `cadence` still has to process, in batch_id order (the ledger says which).
+
+    Raises:
+        ValueError: a requested batch id is not in the landing zone (or has no files yet).
+    """
+    from data_plane.landing import open_landing, pending_batches
+    from tasks import ledger
+
+    zone = open_landing(cfg.data.landing)
+    done = set() if selection.force else ledger.processed(cfg, cadence)
+    chosen = pending_batches(zone, done)  # the data plane's rule: not done, files arrived
+    if selection.batch_ids:
+        requested = set(selection.batch_ids)
+        absent = sorted(b for b in requested if not zone.has_files(b))
+        if absent:
+            raise ValueError(
+                f"batches {absent} are not in the landing zone {cfg.data.landing} (or have no "
+                "files yet)"
+            )
+        chosen = [b for b in chosen if b in requested]
+    if selection.until:
+        chosen = [b for b in chosen if b <= selection.until]
+    if selection.max_batches:
+        chosen = chosen[: selection.max_batches]
+    return chosen
+
+
+def skipped_outcome(cadence: str) -> dict[str, Any]:
+    """What a flow run with nothing pending returns (`FlowOutcome(...).to_dict()`, prefect-free)."""
+    return {
+        "cadence": cadence,
+        "decision": "skipped",
+        "batch_ids": [],
+        "version": None,
+        "champion": None,
+        "reasons": [NOTHING_PENDING],
+        "metrics": {},
+        "quarantined": {},
+    }
+
+
+def nothing_pending(cfg: EvergreenConfig, cadence: str, params: dict[str, Any]) -> bool:
+    """True when a run of batch-consuming `cadence` with these CLI parameters would take no
+    batch; False whenever the flow must start (forced, explicit batch ids)."""
+    if params.get("force") or params.get("batch_ids"):
+        return False
+    selection = BatchSelection(until=params.get("until"), max_batches=params.get("max_batches"))
+    return not choose_batches(cfg, cadence, selection)

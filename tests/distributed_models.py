@@ -1,0 +1,20 @@
+"""Models for the torchrun tests; importable by the ranks (pickled by reference)."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from torch import Tensor, nn
+
+
+class FailsOnRank(nn.Module):
+    """A linear classifier whose forward raises on one rank: a rank that fails mid-training."""
+
+    def __init__(self, n_features: int, n_classes: int, failing_rank: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_features, n_classes)
+        self.failing_rank = failing_rank
+
+    def forward(self, x: Tensor) -> Tensor:
+        if dist.is_initialized() and dist.get_rank() == self.failing_rank:
+            raise RuntimeError(f"synthetic failure on rank {self.failing_rank}")
+        return self.linear(x)

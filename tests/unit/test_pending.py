@@ -1,0 +1,58 @@
+"""The no-op fast path: `evergreen run` with nothing pending answers from the ledger alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evergreen import cli
+from evergreen.config import load_config
+from evergreen.pending import BatchSelection, choose_batches, nothing_pending, skipped_outcome
+from flows.common import nothing_to_do
+from tasks import ledger
+from tests.digits_pipeline import digits_frame, write_batch, write_config
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("pending")
+    landing = tmp_path / "landing"
+    write_batch(landing, "2026-01-01", digits_frame(slice(0, 20)))
+    config = write_config(tmp_path, landing, tmp_path / "home")
+    return {"config": str(config), "cfg": load_config(config), "landing": landing}
+
+
+def test_skipped_outcome_is_what_the_flow_returns():
+    assert skipped_outcome("daily-lora") == nothing_to_do("daily-lora").to_dict()
+
+
+def test_fast_path_follows_the_ledger_and_never_skips_forced_or_named_runs(pipeline):
+    cfg = pipeline["cfg"]
+    assert not nothing_pending(cfg, "daily-lora", {})  # 2026-01-01 has arrived, not processed
+    ledger.record(cfg, "daily-lora", ["2026-01-01"], "rejected")
+    assert nothing_pending(cfg, "daily-lora", {})
+    assert not nothing_pending(cfg, "weekly-replay", {})  # the ledger is per cadence
+    assert not nothing_pending(cfg, "daily-lora", {"force": True})
+    assert not nothing_pending(cfg, "daily-lora", {"batch_ids": ["2026-01-01"]})
+    ledger.record(cfg, "daily-lora", ["2026-01-01"], "failed")  # a failed batch is pending again
+    assert choose_batches(cfg, "daily-lora", BatchSelection()) == ["2026-01-01"]
+
+
+def test_cli_no_op_run_starts_no_flow(pipeline, monkeypatch, capsys):
+    ledger.record(pipeline["cfg"], "monthly-finetune", ["2026-01-01"], "promoted")
+
+    started: list[str] = []
+
+    def run_flow(name, **params):
+        started.append(name)
+        return skipped_outcome(name)
+
+    monkeypatch.setattr(cli, "run_flow", run_flow)
+    run = ["run", "monthly-finetune", "--config", pipeline["config"]]
+    assert cli.main(run) == 0
+    assert json.loads(capsys.readouterr().out) == skipped_outcome("monthly-finetune")
+    assert started == []  # answered from the ledger: no flow run
+    write_batch(pipeline["landing"], "2026-01-02", digits_frame(slice(20, 40)))
+    assert cli.main(run) == 0
+    assert started == ["monthly-finetune"]  # a pending batch: the flow runs
