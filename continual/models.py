@@ -11,7 +11,8 @@ Built-in families:
   self-attention blocks whose projections are Linear `q_proj/k_proj/v_proj/out_proj` (so LoRA
   can target q/v), mean-pooled → LayerNorm → Linear `classifier`. CPU-fast for small inputs.
 - `hf`: a local Hugging Face encoder (never downloaded) + mean pooling + Linear `classifier`;
-  inputs are token ids from `.tokenize(texts)`.
+  inputs are token ids from `.tokenize(texts)` (`continual.text`); `feature_columns` is the one
+  text column and `n_features` the maximum sequence length.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _STD_FLOOR = 1e-6
+TEXT_FAMILIES = frozenset({"hf"})  # families whose input is one text column of token ids
 
 
 @dataclass
@@ -105,7 +107,11 @@ def _spec_problems(spec: ModelSpec) -> list[str]:
         problems.append(f"n_classes must be >= 2, got {spec.n_classes}")
     if spec.classes and len(spec.classes) != spec.n_classes:
         problems.append(f"{len(spec.classes)} classes given but n_classes={spec.n_classes}")
-    if spec.feature_columns and len(spec.feature_columns) != spec.n_features:
+    if spec.family in TEXT_FAMILIES and len(spec.feature_columns) > 1:
+        problems.append(f"a text model reads one text column, got {spec.feature_columns}")
+    elif spec.family not in TEXT_FAMILIES and (
+        spec.feature_columns and len(spec.feature_columns) != spec.n_features
+    ):
         problems.append(
             f"{len(spec.feature_columns)} feature_columns given but n_features={spec.n_features}"
         )
@@ -275,8 +281,16 @@ class HFTextClassifier(nn.Module):
     """A local Hugging Face encoder, mean-pooled over non-pad tokens, + Linear `classifier`.
 
     Weights and tokenizer come from a local directory only (`local_files_only=True`): nothing
-    is ever downloaded. Inputs are LongTensor token ids [N, L]; the attention mask is
-    `ids != pad_token_id`.
+    is ever downloaded. Inputs are LongTensor token ids [N, L], right-padded to a fixed L
+    (`max_length`) so they stack, store and replay like any tensor; `forward` cuts each batch
+    to its longest row (dynamic padding: compute follows the real lengths, not L), and the
+    attention mask is `ids != pad_token_id`.
+
+    The token/position embeddings and LayerNorms are frozen (`restrict_trainable_`): fine-tuning
+    adapts the Linear layers (attention, feed-forward, head). Why: the 12M-parameter word
+    embedding dominates the parameter count but barely moves with a few hundred sentences, and
+    with Linear layers only the per-example Fisher takes the closed-form path
+    (`continual.fisher_linear`) — through vmap it took over ten minutes on 200 rows.
     """
 
     def __init__(self, path: str | Path, n_classes: int, max_length: int = 128) -> None:
@@ -287,30 +301,46 @@ class HFTextClassifier(nn.Module):
                 f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
                 "(no config.json); models are never downloaded, point hf_path at a local copy"
             )
-        from transformers import AutoModel, AutoTokenizer  # heavy import: only for this family
+        from transformers import AutoModel  # heavy import: only for this family
+
+        from continual.text import load_tokenizer
 
         self.encoder = AutoModel.from_pretrained(str(directory), local_files_only=True)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
+        self.tokenizer = load_tokenizer(str(directory))
         self.max_length = max_length
         pad_id = self.tokenizer.pad_token_id
         self.pad_token_id = 0 if pad_id is None else int(pad_id)
         self.classifier = nn.Linear(self.encoder.config.hidden_size, n_classes)
+        self.restrict_trainable_()
+
+    def restrict_trainable_(self) -> HFTextClassifier:
+        """Freeze everything but Linear layers (see the class docstring); returns self.
+
+        The encoder's pooler is frozen too: mean pooling replaces it, so it never gets a gradient.
+        """
+        linear = {
+            id(p)
+            for name, m in self.named_modules()
+            if isinstance(m, nn.Linear) and ".pooler." not in f".{name}."
+            for p in m.parameters()
+        }
+        for parameter in self.parameters():
+            if id(parameter) not in linear:
+                parameter.requires_grad_(False)
+        return self
 
     def tokenize(self, texts: list[str]) -> Tensor:
-        """Token ids [len(texts), max_length], padded and truncated to `max_length`."""
-        encoded = self.tokenizer(
-            list(texts),
-            padding="max_length",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        ids: Tensor = encoded["input_ids"].long()
-        return ids
+        """Token ids [len(texts), max_length], right-padded and truncated to `max_length`."""
+        from continual.text import encode_texts
+
+        return encode_texts(self.tokenizer, texts, self.max_length)
 
     def forward(self, input_ids: Tensor) -> Tensor:
         input_ids = input_ids.long()
         mask = input_ids != self.pad_token_id
+        if torch._C._functorch.maybe_current_level() is None:  # not under vmap: trim the padding
+            longest = int(mask.sum(dim=1).max()) if len(mask) else 1
+            input_ids, mask = input_ids[:, : max(longest, 1)], mask[:, : max(longest, 1)]
         hidden = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)

@@ -119,6 +119,49 @@ def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Te
             yield order[start : start + size]
 
 
+_LENGTH_POOL = 32  # batches per pool that length grouping sorts within
+_TEXT_BATCH = 128  # most rows per inference pass of a text model
+
+
+def _length_grouped_batches(
+    lengths: Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """Endless index batches of similar length (token ids): each epoch a seeded permutation is
+    cut into pools of `_LENGTH_POOL` batches, each pool sorted by length and cut into batches,
+    and the batches of the epoch shuffled — random like `_batches`, but with little padding."""
+    n = len(lengths)
+    size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=generator)
+        batches: list[Tensor] = []
+        for start in range(0, n, size * _LENGTH_POOL):
+            pool = order[start : start + size * _LENGTH_POOL]
+            pool = pool[torch.argsort(lengths[pool], descending=True, stable=True)]
+            batches += [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
+        for k in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[k]
+
+
+def _index_batches(
+    model: nn.Module, X: Tensor, batch_size: int, generator: torch.Generator
+) -> Iterator[Tensor]:
+    """Length-grouped batches for token ids of a model with a `pad_token_id`, else `_batches`."""
+    pad = _pad_token_id(model, X)
+    if pad is None:
+        return _batches(len(X), batch_size, generator)
+    from continual.text import sequence_lengths
+
+    return _length_grouped_batches(sequence_lengths(X, pad), batch_size, generator)
+
+
+def _pad_token_id(model: nn.Module, X: Tensor) -> int | None:
+    """The pad id when X holds right-padded token ids [N, L] for a text model, else None."""
+    if X.ndim != 2 or X.is_floating_point():
+        return None
+    pad = getattr(model, "pad_token_id", None)  # peft wrappers forward attribute lookups
+    return pad if isinstance(pad, int) else None
+
+
 def _check_inputs(X: Tensor, y: Tensor) -> None:
     if len(X) == 0:
         raise ValueError("train: X is empty; nothing to train on")
@@ -198,7 +241,7 @@ def train(
     model.train()
     with torch.random.fork_rng(devices=cuda):  # seeds dropout without leaking global RNG state
         torch.manual_seed(settings.seed)
-        batches = _batches(len(X), settings.batch_size, generator)
+        batches = _index_batches(model, X, settings.batch_size, generator)
         for step in range(1, settings.steps + 1):
             xb, yb = _next_batch(X, y, next(batches), replay, replay_ratio, generator)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
@@ -285,12 +328,21 @@ def predict_logits(model: nn.Module, X: Tensor, *, batch_size: int = 1024) -> Te
     """
     model.eval()
     device = _model_device(model)
+    pad = _pad_token_id(model, X)
+    order = None
+    if pad is not None:  # token ids: forward passes of similar length (continual.text)
+        from continual.text import inverse_order, length_order
+
+        order = length_order(X, pad)
+        X = X[order]
+        batch_size = min(batch_size, _TEXT_BATCH)  # attention memory grows with rows × length²
     chunks = [
         model(X[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)
     ]
     if not chunks:
         raise ValueError("predict_logits: X is empty")
-    return torch.cat(chunks)
+    logits = torch.cat(chunks)
+    return logits if order is None else logits[inverse_order(order)]
 
 
 def predict_proba(model: nn.Module, X: Tensor, *, batch_size: int = 1024) -> Tensor:

@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from data_plane import messages
+from data_plane import messages, text_validation
 from data_plane.drift import drift_report
 from data_plane.landing import COLUMNS_IN_FILES_ATTR, LandingZone, data_columns, read_batch
 from data_plane.messages import Failure, ValidationReport
@@ -411,13 +411,14 @@ def validate_batch(
         The report; `success` is False if any blocking check failed. With `gx_project`,
         `statistics["data_docs"]` is the URL of this batch's Data Docs page.
     """
-    frame = _gx_frame(df)
+    frame = _gx_frame(text_validation.gx_safe(df, data_cfg))
     started = time.perf_counter()
     extra = change_expectations(data_cfg, profile)
     result = run_suite(frame, suite_file, extra, project=gx_project, run_name=batch_id)
     elapsed = time.perf_counter() - started
     found = messages.failures_from_result(result, frame, data_cfg)
     found += _extra_columns(df, data_cfg)
+    found += text_validation.text_failures(df, data_cfg)
     failures = [f for f in found if f.severity == "critical"]
     warnings = [f for f in found if f.severity != "critical"]
     stats = messages.batch_statistics(frame, data_cfg)
@@ -476,6 +477,10 @@ def _change_checks(
             target = failures if "class_mix" in change.block else warnings
             severity = "critical" if target is failures else "warning"
             target.append(Failure("class_mix", data_cfg.label, None, [], message, severity))
+    if reference is not None and len(reference) and data_cfg.text in reference.columns:
+        stats["text_change"] = text_validation.text_change(frame, reference, str(data_cfg.text))
+        for finding in text_validation.text_change_failures(stats["text_change"], data_cfg):
+            (failures if finding.severity == "critical" else warnings).append(finding)
     if reference is not None and len(reference) and data_cfg.features:
         drift = drift_report(
             reference, frame, list(data_cfg.features), psi_threshold=change.drift_psi

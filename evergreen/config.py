@@ -31,10 +31,11 @@ class _Strict(BaseModel):
 class ChangeConfig(_Strict):
     """How validation treats *change* (as opposed to corruption, which always blocks)."""
 
-    block: list[Literal["range", "drift", "class_mix"]] = Field(
+    block: list[Literal["range", "drift", "class_mix", "text_drift"]] = Field(
         default_factory=list,
         description="Informing checks to make blocking: 'range' (values beyond the range accepted "
-        "so far, with `range_mostly`), 'drift' (KS+PSI), 'class_mix' (a new class mix).",
+        "so far, with `range_mostly`), 'drift' (KS+PSI), 'class_mix' (a new class mix), "
+        "'text_drift' (text length or vocabulary change).",
     )
     range_mostly: float = Field(
         0.99,
@@ -75,6 +76,13 @@ class DataConfig(_Strict):
     )
     features: list[str] = Field(default_factory=list, description="Numeric feature columns.")
     text: str | None = Field(None, description="Text column (for text models) instead of features.")
+    max_text_chars: int = Field(
+        20_000,
+        ge=1,
+        description="Text models: a row longer than this many characters blocks the batch (a "
+        "whole file pasted into one cell, a broken export); rows are truncated to "
+        "model.max_length tokens anyway.",
+    )
     label: str = Field("label", description="Label column.")
     classes: list[Any] = Field(
         ..., description="Every class the model may predict, in a fixed order."
@@ -191,7 +199,14 @@ class ModelConfig(_Strict):
     n_layers: int = Field(2, description="Transformer blocks.")
     n_tokens: int = Field(8, description="Transformer: features are split into this many tokens.")
     dropout: float = Field(0.0, ge=0, lt=1)
-    hf_path: str | None = Field(None, description="Local directory of a Hugging Face model.")
+    hf_path: str | None = Field(
+        None,
+        description='Local directory of a Hugging Face model, or "package:NAME" for a model '
+        "shipped inside an installed Python package (never downloaded).",
+    )
+    max_length: int = Field(
+        128, ge=8, le=8192, description="Text models: tokens per row (longer rows are truncated)."
+    )
 
     @field_validator("family")
     @classmethod
@@ -421,6 +436,20 @@ class EvergreenConfig(_Strict):
     @classmethod
     def _env_home(cls, value: str) -> str:
         return os.environ.get("EVERGREEN_HOME", value)
+
+    @model_validator(mode="after")
+    def _text_needs_a_text_model(self) -> EvergreenConfig:
+        text_family = self.model.family == "hf"
+        if self.data.text and self.data.features:
+            raise ValueError("data: set either `features` or `text`, not both")
+        if self.data.text and not (text_family and self.model.hf_path):
+            raise ValueError(
+                f"data.text is set: use model.family: hf with model.hf_path (a local model "
+                f"directory or package:NAME), got family {self.model.family!r}"
+            )
+        if text_family and not self.data.text:
+            raise ValueError("model.family hf reads text: set data.text (the text column)")
+        return self
 
     @property
     def home_path(self) -> Path:

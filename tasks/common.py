@@ -13,7 +13,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from continual.models import ModelSpec
+from continual.models import TEXT_FAMILIES, ModelSpec
+from continual.text import encode_texts, tokenizer_for
 from data_plane.profile import label_key
 
 
@@ -34,9 +35,22 @@ def encode_labels(labels: pd.Series, classes: list[Any]) -> torch.Tensor:
 def frame_to_tensors(
     df: pd.DataFrame, spec: ModelSpec, label: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (float32, in the spec's column order) and class indices of a validated frame."""
-    features = df[spec.feature_columns].to_numpy(dtype=np.float32, copy=True)
-    return torch.from_numpy(features), encode_labels(df[label], spec.classes)
+    """Model inputs and class indices of a validated frame: features (float32, in the spec's
+    column order), or for a text model the token ids of its text column (`continual.text`)."""
+    return model_inputs(df, spec), encode_labels(df[label], spec.classes)
+
+
+def model_inputs(df: pd.DataFrame, spec: ModelSpec) -> torch.Tensor:
+    """What the model reads from `df`: float32 features, or token ids [N, max_length]."""
+    if spec.family in TEXT_FAMILIES:
+        assert spec.hf_path is not None  # guaranteed by ModelSpec validation
+        return text_ids(df[spec.feature_columns[0]], spec.hf_path, spec.n_features)
+    return torch.from_numpy(df[spec.feature_columns].to_numpy(dtype=np.float32, copy=True))
+
+
+def text_ids(texts: pd.Series, hf_path: str, max_length: int) -> torch.Tensor:
+    """Token ids of a text column with the model's own tokenizer, padded to `max_length`."""
+    return encode_texts(tokenizer_for(hf_path), texts.astype(str).tolist(), max_length)
 
 
 def git_commit() -> str:

@@ -25,7 +25,7 @@ from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, update_retention
 from evergreen.config import EvergreenConfig
 from model_registry.memory import MemoryRef, MemoryStore, StaleMemoryError
-from tasks.common import encode_labels
+from tasks.common import encode_labels, text_ids
 
 BATCH_COLUMN = "batch_id"
 ROLES = ("select", "gate")
@@ -74,15 +74,16 @@ class DataMemory:
             return self
         mem = cfg.memory
         buffer = copy.deepcopy(self.buffer) if self.buffer is not None else None
-        if cfg.data.features and not split.train.empty:
+        if not split.train.empty:
+            X = replay_inputs(cfg, split.train)
             if buffer is None:
                 buffer = ReservoirBuffer(
                     mem.replay_capacity,
-                    len(cfg.data.features),
+                    X.shape[1],
                     policy=mem.replay_policy,
                     seed=mem.seed,
+                    dtype=X.dtype,
                 )
-            X = torch.from_numpy(split.train[cfg.data.features].to_numpy("float32", copy=True))
             buffer.add(X, encode_labels(split.train[cfg.data.label], cfg.data.classes), batch_id)
         held_out = dict(self.held_out)
         for role in ROLES:
@@ -128,6 +129,16 @@ class DataMemory:
             profile=DataProfile.from_json((directory / "profile.json").read_text()),
             ref=ref,
         )
+
+
+def replay_inputs(cfg: EvergreenConfig, train: pd.DataFrame) -> torch.Tensor:
+    """What the replay buffer stores of training rows: float features, or for text models the
+    token ids (`model.max_length` wide) of the text column, tokenized once on arrival."""
+    if cfg.data.text:
+        if not cfg.model.hf_path:
+            raise ValueError("data.text is set but model.hf_path is not: text needs its tokenizer")
+        return text_ids(train[cfg.data.text], cfg.model.hf_path, cfg.model.max_length)
+    return torch.from_numpy(train[cfg.data.features].to_numpy("float32", copy=True))
 
 
 def memory_store(cfg: EvergreenConfig) -> MemoryStore:

@@ -63,10 +63,17 @@ class ModelState:
 
     def clone_model(self) -> nn.Module:
         """A trainable deep copy (the champion itself is never modified in place)."""
-        twin = copy.deepcopy(self.model)
-        for parameter in twin.parameters():
-            parameter.requires_grad_(True)
-        return twin
+        return make_trainable(copy.deepcopy(self.model))
+
+
+def make_trainable(model: nn.Module) -> nn.Module:
+    """Mark what training may change, in place: every parameter, or what the model itself says
+    through `restrict_trainable_()` (text encoders keep embeddings and LayerNorms frozen)."""
+    model.requires_grad_(True)
+    restrict = getattr(model, "restrict_trainable_", None)
+    if callable(restrict):
+        restrict()
+    return model
 
 
 def read_state(directory: Path, version: str | None = None) -> ModelState:
