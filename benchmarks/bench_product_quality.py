@@ -122,6 +122,7 @@ def land(root: Path, batch_id: str, frame: pd.DataFrame) -> None:
     folder = root / "landing" / batch_id
     folder.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(folder / "part-0.parquet", index=False)
+    (folder / "_SUCCESS").touch()  # the producer's last step: the batch has fully arrived
 
 
 @contextlib.contextmanager

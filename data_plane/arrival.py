@@ -43,6 +43,7 @@ class Arrival:
     batch_id: str
     arrived: bool
     reason: str
+    settles_in: float | None = None  # seconds until the quiescence rule accepts it, if that is all
 
 
 def pending_batches(
@@ -107,6 +108,7 @@ def arrival_of(
         False,
         f"no {SUCCESS_MARKER} or {MANIFEST} and a file changed {quiet_for:.0f}s ago (waiting "
         f"for {quiescence:.0f}s without change, data.arrival_quiescence_seconds)",
+        settles_in=max(quiescence - quiet_for, 0.0),
     )
 
 

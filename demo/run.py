@@ -55,9 +55,10 @@ def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
 
 
 class _Spec:
-    """The two spec fields `frame_to_tensors` reads, straight from config."""
+    """The spec fields `frame_to_tensors` reads for tabular data, straight from config."""
 
     def __init__(self, cfg: EvergreenConfig) -> None:
+        self.family = cfg.model.family
         self.feature_columns = list(cfg.data.features)
         self.classes = list(cfg.data.classes)
 

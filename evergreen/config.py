@@ -117,10 +117,11 @@ class DataConfig(_Strict):
     )
     change: ChangeConfig = Field(default_factory=ChangeConfig)
     arrival_quiescence_seconds: float = Field(
-        300.0,
+        30.0,
         ge=0,
         description="A batch folder with no `_SUCCESS` or `_manifest.json` counts as arrived once "
-        "none of its files changed for this long (a multi-file upload is not atomic).",
+        "none of its files changed for this long (a multi-file upload is not atomic); a run "
+        "waits this long at most for a batch that just landed.",
     )
 
     @model_validator(mode="after")

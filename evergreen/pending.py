@@ -13,12 +13,15 @@ fast path does not leave behind is a Prefect flow run with its decision artifact
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from evergreen.config import EvergreenConfig
 
 NOTHING_PENDING = "no pending batches"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,9 @@ class BatchSelection:
 def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection) -> list[str]:
     """Batches `cadence` still has to process, in batch_id order (the ledger says which), among
     those that have fully arrived (`data_plane.arrival`: marker, manifest or quiescence).
+    A batch without a marker that is still inside its quiescence window is waited for once
+    (at most `data.arrival_quiescence_seconds`), so a run started right after a plain copy takes
+    it instead of skipping it; one that keeps changing stays pending.
 
     Raises:
         ValueError: a requested batch id is not in the landing zone or has not fully arrived.
@@ -45,7 +51,14 @@ def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection
 
     zone = open_landing(cfg.data.landing)
     done = set() if selection.force else ledger.processed(cfg, cadence)
-    arrivals = batch_arrivals(zone, done, quiescence_seconds=cfg.data.arrival_quiescence_seconds)
+    window = cfg.data.arrival_quiescence_seconds
+    arrivals = batch_arrivals(zone, done, quiescence_seconds=window)
+    settling = [a.settles_in for a in arrivals if a.settles_in is not None]
+    if settling:  # just landed without a marker: wait (at most one window) rather than skip it
+        wait = max(settling) + 0.5
+        log.info("waiting %.0fs for %d batch(es) without a marker to settle", wait, len(settling))
+        time.sleep(wait)
+        arrivals = batch_arrivals(zone, done, quiescence_seconds=window)
     chosen = [a.batch_id for a in arrivals if a.arrived]
     if selection.batch_ids:
         _check_requested(cfg, selection.batch_ids, {a.batch_id: a for a in arrivals}, done)

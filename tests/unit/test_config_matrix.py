@@ -73,4 +73,4 @@ def test_a_bad_config_is_refused_with_a_message_naming_the_key(override, message
 def test_the_matrix_is_large_enough_and_the_minimal_config_is_valid():
     assert len(BAD) >= 20
     cfg = config_from_dict(MINIMAL)
-    assert cfg.data.arrival_quiescence_seconds == 300
+    assert cfg.data.arrival_quiescence_seconds == 30

@@ -225,3 +225,16 @@ def test_builds_the_same_timeline_into_s3(monkeypatch, landing):
                 assert remote == (root / batch.batch_id / ref.name).read_bytes(), ref.name
     finally:
         server.stop()
+
+
+def test_demo_scores_every_valid_batch_with_the_flows_split(landing, tmp_path):
+    """The demo's own scoring path (held-out rows through `frame_to_tensors`) works on the
+    landing it builds: every valid batch has gate rows, the corrupt one has none."""
+    from demo.run import load_held_out
+
+    root, batches = landing
+    cfg = config_from_dict(demo_config_dict(str(root), str(tmp_path)))
+    held_out = load_held_out(cfg, batches)
+    valid = [b.batch_id for b in batches if not b.corrupt]
+    assert list(held_out.gate) == valid
+    assert all(len(frame) > 0 for frame in held_out.gate.values())

@@ -56,3 +56,18 @@ def test_cli_no_op_run_starts_no_flow(pipeline, monkeypatch, capsys):
     write_batch(pipeline["landing"], "2026-01-02", digits_frame(slice(20, 40)))
     assert cli.main(run) == 0
     assert started == ["monthly-finetune"]  # a pending batch: the flow runs
+
+
+def test_a_batch_landed_without_a_marker_is_waited_for_not_skipped(tmp_path):
+    """A plain copy just before `evergreen run`: the run waits out the quiescence window once
+    and takes the batch (the quickstart path); a marker-less batch is not read before that."""
+    import time
+
+    landing = tmp_path / "landing"
+    write_batch(landing, "2026-02-01", digits_frame(slice(0, 20)))
+    (landing / "2026-02-01" / "_SUCCESS").unlink()
+    config = write_config(tmp_path, landing, tmp_path / "home")
+    cfg = load_config(config, ["data.arrival_quiescence_seconds=1.5"])
+    started = time.monotonic()
+    assert choose_batches(cfg, "daily-lora", BatchSelection()) == ["2026-02-01"]
+    assert time.monotonic() - started >= 1.0  # it waited for the window, then took it
