@@ -35,6 +35,14 @@ if TYPE_CHECKING:
     from continual.replay import ReservoirBuffer
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training produced a non-finite loss or an exploding gradient; the run must stop.
+
+    Raised before the optimiser step that would have applied it, so the model holds the last
+    finite parameters. Callers train a copy (the champion is never touched): they drop it.
+    """
+
+
 @dataclass
 class TrainSettings:
     """Optimisation settings of one training run.
@@ -46,6 +54,8 @@ class TrainSettings:
         weight_decay: AdamW weight decay.
         seed: seeds batch order, dropout and replay sampling.
         max_grad_norm: clip the total gradient norm to this (None: no clipping).
+        abort_grad_norm: a total gradient norm above this (before clipping) means the run has
+            diverged: clipping would hide it, so training stops with `TrainingDivergedError`.
     """
 
     steps: int = 300
@@ -54,6 +64,7 @@ class TrainSettings:
     weight_decay: float = 0.0
     seed: int = 0
     max_grad_norm: float | None = 5.0
+    abort_grad_norm: float = 1e6
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -66,6 +77,8 @@ class TrainSettings:
             )
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
+        if not self.abort_grad_norm > 0:
+            raise ValueError(f"abort_grad_norm must be > 0, got {self.abort_grad_norm}")
 
 
 @dataclass
@@ -238,11 +251,9 @@ def train(
                 loss = F.cross_entropy(logits.float(), yb)
                 if distiller is not None:
                     loss = distiller.loss(xb, logits.float(), loss)
+            _check_loss(loss, step)
             loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-            if ewc is not None and ewc.mode == "gradient":
-                ewc.add_penalty_grad_(core)
-            if settings.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(params, settings.max_grad_norm)
+            _clip_checked(params, settings, step, ewc=ewc, model=core)
             optimizer.step()
             if ewc is not None and ewc.mode == "proximal":
                 ewc.proximal_step_(core, optimizer.param_groups[0]["lr"])
@@ -254,6 +265,51 @@ def train(
     result.steps = settings.steps
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _check_loss(loss: Tensor, step: int) -> None:
+    """Raise TrainingDivergedError on a NaN/inf loss (bad inputs, a too-high learning rate)."""
+    value = float(loss.detach())
+    if not np.isfinite(value):
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: the loss is {value} (check the learning rate "
+            "and the batch's values; the champion is unchanged)"
+        )
+
+
+def _clip_checked(
+    params: list[nn.Parameter],
+    settings: TrainSettings,
+    step: int,
+    *,
+    ewc: EWC | None,
+    model: nn.Module,
+) -> None:
+    """Check the task gradient for divergence, add a "gradient"-mode EWC penalty, then clip.
+
+    The check sees the task gradient only: a strong EWC pull is intended, not a divergence.
+    """
+    clip = settings.max_grad_norm if settings.max_grad_norm is not None else float("inf")
+    if ewc is not None and ewc.mode == "gradient":
+        grads = [p.grad for p in params if p.grad is not None]
+        _check_grad_norm(
+            float(torch.nn.utils.get_total_norm(grads)), settings.abort_grad_norm, step
+        )
+        ewc.add_penalty_grad_(model)
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    else:
+        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
+        _check_grad_norm(norm, settings.abort_grad_norm, step)
+
+
+def _check_grad_norm(norm: float, limit: float, step: int) -> None:
+    """Raise TrainingDivergedError on a non-finite or exploding total gradient norm."""
+    if not np.isfinite(norm) or norm > limit:
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: the gradient norm is {norm:.3g} (limit "
+            f"{limit:.3g}); lower the learning rate or check the batch's values — the champion "
+            "is unchanged"
+        )
 
 
 def _model_device(model: nn.Module) -> torch.device:

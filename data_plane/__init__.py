@@ -3,7 +3,9 @@
 Modules (imported on demand; Great Expectations loads only when a suite is built or run):
 
 - `landing`: list and read batches from a local folder or `s3://bucket/prefix` (`open_landing`,
-  `pending_batches`, `read_batch`, `BatchReadError`), and write them (demo, tests).
+  `read_batch`, `BatchReadError`), and write them (demo, tests).
+- `arrival`: which batches have fully arrived (`_SUCCESS`, `_manifest.json`, quiescence) and are
+  pending (`pending_batches`, `batch_arrivals`).
 - `validation`: the expectation suite file and per-batch `ValidationReport`s.
 - `splits`: deterministic hold-out split, content hash, bounded stratified retention set.
 - `drift`: per-feature KS + PSI drift report.

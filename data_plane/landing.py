@@ -19,7 +19,8 @@ import re
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -44,6 +45,15 @@ FileRef = readers.FileRef
 COLUMNS_IN_FILES_ATTR = "columns_in_files"
 
 
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object of a batch as the landing-zone listing saw it (any file, hidden ones too)."""
+
+    name: str
+    size: int
+    modified: float  # seconds since the epoch
+
+
 def data_columns(data_cfg: DataConfig) -> list[str]:
     """The columns a batch must provide: features (or the text column), then the label.
 
@@ -62,8 +72,34 @@ def _is_data_file(name: str, where: str) -> bool:
     return True
 
 
+def _regular(path: Path) -> bool:
+    """A regular file that is not a symlink: a link could point outside the landing zone."""
+    if path.is_symlink():
+        log.warning("ignoring %s: symbolic links are not followed in the landing zone", path)
+        return False
+    return path.is_file()
+
+
+MAX_NAME_LENGTH = 200
+
+
+def unsafe_name(value: str) -> str | None:
+    """Why a batch id or file name cannot be used as a path component, or None if it can.
+
+    Only ASCII letters, digits and `. _ - : = +`, not starting with `.`/`-`, no `..`, at most
+    200 characters: such a name cannot escape the landing zone (or `home`, where reports are
+    named after batches), hide characters (bidi overrides, look-alike digits, newlines) or
+    overflow a file-system name.
+    """
+    if len(value) > MAX_NAME_LENGTH:
+        return f"longer than {MAX_NAME_LENGTH} characters"
+    if not _SAFE_NAME.fullmatch(value) or ".." in value:
+        return "use only ASCII letters, digits and . _ - : = + (no '..', no leading '.' or '-')"
+    return None
+
+
 def _check_part(kind: str, value: str) -> None:
-    if not _SAFE_NAME.match(value) or ".." in value:
+    if unsafe_name(value):
         raise ValueError(
             f"{kind} {value!r} is not a safe path component: use letters, digits and . _ - : = +"
         )
@@ -85,6 +121,18 @@ class LandingZone(ABC):
     @abstractmethod
     def has_files(self, batch_id: str) -> bool:
         """Whether the batch holds any non-hidden file (data or not): has it arrived?"""
+
+    @abstractmethod
+    def scan(self) -> dict[str, list[ObjectInfo]]:
+        """Every batch folder and its files, from one listing of the whole landing zone.
+
+        Hidden/underscore folders are left out; files are every regular file directly in the
+        folder (hidden temp files and markers included: they tell whether an upload is going on).
+        """
+
+    @abstractmethod
+    def read_bytes(self, batch_id: str, name: str) -> bytes:
+        """The whole content of `<batch_id>/<name>` (markers, manifests, checksums)."""
 
     @abstractmethod
     def open(self, ref: FileRef) -> BinaryIO:
@@ -117,20 +165,52 @@ class LocalLandingZone(LandingZone):
         return sorted(
             p.name
             for p in self.root.iterdir()
-            if p.is_dir() and not p.name.startswith((".", "_")) and self.has_files(p.name)
+            if not p.name.startswith((".", "_")) and self.has_files(p.name)
         )
 
     def has_files(self, batch_id: str) -> bool:
-        folder = self.root / batch_id
-        return folder.is_dir() and any(
-            p.is_file() and not p.name.startswith((".", "_")) for p in folder.iterdir()
+        folder = self._folder(batch_id)
+        return folder is not None and any(
+            _regular(p) and not p.name.startswith((".", "_")) for p in folder.iterdir()
         )
 
-    def list_files(self, batch_id: str) -> list[FileRef]:
+    def _folder(self, batch_id: str) -> Path | None:
+        """The batch's folder if it is a real directory directly under the root (no symlink,
+        no `..`, no path separator: a batch id from anywhere cannot escape the landing zone)."""
+        if unsafe_name(batch_id):
+            return None
         folder = self.root / batch_id
-        if not folder.is_dir():
+        return folder if folder.is_dir() and not folder.is_symlink() else None
+
+    def scan(self) -> dict[str, list[ObjectInfo]]:
+        self._require_root()
+        batches: dict[str, list[ObjectInfo]] = {}
+        for folder in sorted(self.root.iterdir()):
+            if folder.name.startswith((".", "_")) or not folder.is_dir():
+                continue
+            if folder.is_symlink():
+                log.warning("ignoring %s: symbolic links are not followed", folder)
+                continue
+            objects = []
+            for path in sorted(folder.iterdir()):
+                if _regular(path):
+                    stat = path.stat()
+                    objects.append(ObjectInfo(path.name, stat.st_size, stat.st_mtime))
+            batches[folder.name] = objects
+        return batches
+
+    def read_bytes(self, batch_id: str, name: str) -> bytes:
+        folder = self._folder(batch_id)
+        path = folder / name if folder is not None else None
+        if path is None or "/" in name or not _regular(path):
+            raise FileNotFoundError(f"{self.root / batch_id / name} is not a file of the batch")
+        return path.read_bytes()
+
+    def list_files(self, batch_id: str) -> list[FileRef]:
+        folder = self._folder(batch_id)
+        if folder is None:
             return []
-        paths = sorted(p for p in folder.iterdir() if p.is_file())
+        paths = sorted(p for p in folder.iterdir() if _regular(p))
         return [
             FileRef(batch_id, p.name, p.stat().st_size, str(p))
             for p in paths
@@ -162,7 +242,7 @@ class S3LandingZone(LandingZone):
     Batches are the common prefixes one level below `prefix` (ListObjectsV2 with Delimiter="/",
     paginated). S3 cannot tell a prefix that holds only a zero-byte "folder" marker from a real
     batch without one extra request per prefix, so `list_batches` may list such a prefix;
-    `pending_batches` drops it (via `has_files`) until files arrive.
+    `arrival.pending_batches` drops it until files arrive.
     """
 
     def __init__(self, uri: str, client: Any) -> None:
@@ -195,6 +275,9 @@ class S3LandingZone(LandingZone):
         return sorted(b for b in batches if b and not b.startswith((".", "_")))
 
     def _objects(self, batch_id: str) -> Iterator[tuple[str, int]]:
+        problem = unsafe_name(batch_id)
+        if problem:
+            raise ValueError(f"batch id {batch_id!r} is not a safe name: {problem}")
         base = f"{self.prefix}{batch_id}/"
         for page in self._pages(base):
             for obj in page.get("Contents", []):
@@ -202,6 +285,35 @@ class S3LandingZone(LandingZone):
 
     def has_files(self, batch_id: str) -> bool:
         return any(name and not name.startswith((".", "_")) for name, _ in self._objects(batch_id))
+
+    def scan(self) -> dict[str, list[ObjectInfo]]:
+        """One paginated listing of every key under the prefix (no per-batch requests)."""
+        paginator = self.client.get_paginator("list_objects_v2")
+        batches: dict[str, list[ObjectInfo]] = {}
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
+                for obj in page.get("Contents", []):
+                    batch_id, _, name = obj["Key"][len(self.prefix) :].partition("/")
+                    if not batch_id or batch_id.startswith((".", "_")):
+                        continue
+                    objects = batches.setdefault(batch_id, [])
+                    if name and "/" not in name:  # direct children only, as `list_files`
+                        modified = obj["LastModified"].timestamp()
+                        objects.append(ObjectInfo(name, int(obj["Size"]), modified))
+        except self.client.exceptions.NoSuchBucket as exc:
+            raise FileNotFoundError(
+                f"landing zone {self.uri}: bucket {self.bucket!r} does not exist"
+                " — create it or fix `data.landing`"
+            ) from exc
+        return dict(sorted(batches.items()))
+
+    def read_bytes(self, batch_id: str, name: str) -> bytes:
+        problem = unsafe_name(batch_id) or ("a path separator" if "/" in name else None)
+        if problem:
+            raise ValueError(f"{batch_id}/{name} is not readable from the landing zone: {problem}")
+        key = f"{self.prefix}{batch_id}/{name}"
+        data: bytes = self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        return data
 
     def list_files(self, batch_id: str) -> list[FileRef]:
         where = f"{self.uri.rstrip('/')}/{batch_id}"
@@ -257,12 +369,6 @@ def open_landing(uri: str, *, s3_client: Any = None) -> LandingZone:
             f"unsupported landing zone {uri!r}: use a local path or s3://bucket/prefix"
         )
     return LocalLandingZone(uri.removeprefix("file://"))
-
-
-def pending_batches(zone: LandingZone, processed: Collection[str]) -> list[str]:
-    """Batches not yet processed, in batch-id order; batches with no file yet are not pending."""
-    done = set(processed)
-    return [b for b in zone.list_batches() if b not in done and zone.has_files(b)]
 
 
 def _seekable(handle: BinaryIO) -> BinaryIO:

@@ -355,6 +355,7 @@ def build_demo_landing(landing_uri: str, *, seed: int = 0) -> list[DemoBatch]:
     Returns:
         The batches written, in batch_id order, for the demo to print.
     """
+    from data_plane.arrival import write_manifest
     from data_plane.landing import open_landing, write_frame
 
     zone = open_landing(landing_uri)
@@ -366,6 +367,7 @@ def build_demo_landing(landing_uri: str, *, seed: int = 0) -> list[DemoBatch]:
             name = f"digits-part{part:02d}.{plan.fmt}"
             frame = item.frame.iloc[chunk].reset_index(drop=True)
             write_frame(zone, item.batch.batch_id, frame, fmt=plan.fmt, name=name)
+        write_manifest(zone, item.batch.batch_id)  # files + sha256: the batch is complete
         batches.append(item.batch)
     return batches
 

@@ -17,8 +17,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 DEFAULT_CONFIG_PATH = Path("evergreen.yaml")
 
 
+# Registered model and experiment names end up in MLflow search filters, Prefect concurrency
+# limit names and lock-file names: keep them to characters that are safe in all three.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+BUILTIN_FAMILIES = ("mlp", "transformer", "hf", "hf-causal-lm")
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # unknown keys are typos; NaN/inf pass `gt=`/`le=` bounds in pydantic unless refused here
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class ChangeConfig(_Strict):
@@ -109,6 +116,12 @@ class DataConfig(_Strict):
         "quarantine", description="What to do with labels outside `classes`."
     )
     change: ChangeConfig = Field(default_factory=ChangeConfig)
+    arrival_quiescence_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="A batch folder with no `_SUCCESS` or `_manifest.json` counts as arrived once "
+        "none of its files changed for this long (a multi-file upload is not atomic).",
+    )
 
     @model_validator(mode="after")
     def _features_or_text(self) -> DataConfig:
@@ -126,7 +139,36 @@ class DataConfig(_Strict):
         unknown = sorted(set(self.feature_bounds) - set(self.features))
         if unknown:
             raise ValueError(f"data.feature_bounds names columns not in data.features: {unknown}")
+        self._check_columns()
         return self
+
+    def _check_columns(self) -> None:
+        """Every column has one role: a feature, the text, or the label."""
+        duplicated = sorted({c for c in self.features if self.features.count(c) > 1})
+        if duplicated:
+            raise ValueError(f"data.features lists {duplicated} more than once")
+        if self.label in self.features or self.label == self.text:
+            raise ValueError(f"data.label {self.label!r} is also a feature/text column")
+        if self.text and self.text in self.features:
+            raise ValueError(f"data.text {self.text!r} is also listed in data.features")
+        inverted = sorted(k for k, (low, high) in self.feature_bounds.items() if not low < high)
+        if inverted:
+            raise ValueError(f"data.feature_bounds {inverted}: expected [min, max] with min < max")
+
+    @field_validator("landing")
+    @classmethod
+    def _landing_uri(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("data.landing is empty: a local folder or s3://bucket/prefix")
+        scheme = value.split("://", 1)[0] if "://" in value else ""
+        if scheme not in ("", "file", "s3"):
+            raise ValueError(
+                f"data.landing {value!r}: unsupported scheme {scheme!r}; use a local folder or "
+                "s3://bucket/prefix"
+            )
+        if scheme == "s3" and not value[len("s3://") :].split("/", 1)[0]:
+            raise ValueError(f"data.landing {value!r} has no bucket (s3://bucket/prefix)")
+        return value
 
 
 class MemoryConfig(_Strict):
@@ -166,11 +208,49 @@ class ModelConfig(_Strict):
         128, ge=8, le=8192, description="Text models: tokens per row (longer rows are truncated)."
     )
 
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, value: str) -> str:
+        module, _, factory = value.partition(":")
+        if value in BUILTIN_FAMILIES or (module and factory and "." not in factory):
+            return value
+        raise ValueError(
+            f"model.family {value!r}: expected one of {list(BUILTIN_FAMILIES)} or "
+            '"package.module:factory"'
+        )
+
+    @model_validator(mode="after")
+    def _sizes(self) -> ModelConfig:
+        sizes = {"d_model": self.d_model, "n_heads": self.n_heads, "n_layers": self.n_layers}
+        sizes["n_tokens"] = self.n_tokens
+        bad = sorted(k for k, v in sizes.items() if v < 1)
+        if bad or any(h < 1 for h in self.hidden):
+            raise ValueError(
+                f"model: sizes must be >= 1 (got {bad or 'hidden ' + str(self.hidden)})"
+            )
+        if self.family == "transformer" and self.d_model % self.n_heads:
+            raise ValueError(
+                f"model.d_model={self.d_model} must be divisible by model.n_heads={self.n_heads}"
+            )
+        if self.family.startswith("hf") and not self.hf_path:
+            raise ValueError(
+                f"model.family {self.family!r} needs model.hf_path (a local directory or "
+                "package:NAME)"
+            )
+        return self
+
 
 class RegistryConfig(_Strict):
     tracking_uri: str | None = Field(None, description="null = embedded SQLite under home.")
-    name: str = Field("evergreen", description="Registered model name.")
-    experiment: str = Field("evergreen", description="MLflow experiment for runs.")
+    name: str = Field(
+        "evergreen",
+        pattern=SAFE_NAME,
+        description="Registered model name (letters, digits, . _ -; also names the pipeline's "
+        "Prefect concurrency limits).",
+    )
+    experiment: str = Field(
+        "evergreen", pattern=SAFE_NAME, description="MLflow experiment for runs."
+    )
 
 
 def _env_processes() -> int:
@@ -265,7 +345,9 @@ class DailyConfig(_Strict):
     lora_r: int = Field(8, gt=0)
     lora_alpha: int = Field(16, gt=0)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] | None = Field(None, description="None: q_proj/v_proj where present.")
+    target_modules: list[str] | None = Field(
+        None, min_length=1, description="None: q_proj/v_proj where present."
+    )
     replay_ratio: float = Field(
         0.5, ge=0, lt=1, description="Share of each step drawn from the data memory's buffer."
     )
@@ -277,7 +359,7 @@ class StreamConfig(_Strict):
         0.05, ge=0, description="Page-Hinkley δ: loss drift tolerated per sample (loss units)."
     )
     ph_threshold: float | None = Field(
-        None, description="Fixed h for every epoch (no guarantee); None: calibrated."
+        None, gt=0, description="Fixed h for every epoch (no guarantee); None: calibrated."
     )
     ph_min_samples: int = Field(30, gt=0)
     false_alarm_rate: float = Field(

@@ -66,7 +66,8 @@ def deploy_all(
         return 2
     if ensure_work_pool():
         console.print(f"created work pool {WORK_POOL} (process)")
-    ensure_limits()
+    for name in ensure_limits(cfg.registry.name):
+        console.print(f"created concurrency limit {name} (limit 1)")
     if config_path is not None and ensure_config_variable(config_path):
         console.print(f"created Prefect Variable {CONFIG_VARIABLE} = {config_path.resolve()}")
     if notify:

@@ -33,31 +33,44 @@ class BatchSelection:
 
 
 def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection) -> list[str]:
-    """Batches `cadence` still has to process, in batch_id order (the ledger says which).
+    """Batches `cadence` still has to process, in batch_id order (the ledger says which), among
+    those that have fully arrived (`data_plane.arrival`: marker, manifest or quiescence).
 
     Raises:
-        ValueError: a requested batch id is not in the landing zone (or has no files yet).
+        ValueError: a requested batch id is not in the landing zone or has not fully arrived.
     """
-    from data_plane.landing import open_landing, pending_batches
+    from data_plane.arrival import batch_arrivals
+    from data_plane.landing import open_landing
     from tasks import ledger
 
     zone = open_landing(cfg.data.landing)
     done = set() if selection.force else ledger.processed(cfg, cadence)
-    chosen = pending_batches(zone, done)  # the data plane's rule: not done, files arrived
+    arrivals = batch_arrivals(zone, done, quiescence_seconds=cfg.data.arrival_quiescence_seconds)
+    chosen = [a.batch_id for a in arrivals if a.arrived]
     if selection.batch_ids:
-        requested = set(selection.batch_ids)
-        absent = sorted(b for b in requested if not zone.has_files(b))
-        if absent:
-            raise ValueError(
-                f"batches {absent} are not in the landing zone {cfg.data.landing} (or have no "
-                "files yet)"
-            )
-        chosen = [b for b in chosen if b in requested]
+        _check_requested(cfg, selection.batch_ids, {a.batch_id: a for a in arrivals}, done)
+        chosen = [b for b in chosen if b in set(selection.batch_ids)]
     if selection.until:
         chosen = [b for b in chosen if b <= selection.until]
     if selection.max_batches:
         chosen = chosen[: selection.max_batches]
     return chosen
+
+
+def _check_requested(
+    cfg: EvergreenConfig, batch_ids: tuple[str, ...], arrivals: dict[str, Any], done: set[str]
+) -> None:
+    """Raise ValueError naming every requested batch that is absent or has not fully arrived
+    (an already-processed one is fine: an unforced rerun of it is a no-op)."""
+    problems = [
+        f"{b}: {arrivals[b].reason}" if b in arrivals else f"{b}: not in the landing zone"
+        for b in sorted(batch_ids)
+        if (b in arrivals and not arrivals[b].arrived) or (b not in arrivals and b not in done)
+    ]
+    if problems:
+        raise ValueError(
+            f"requested batches cannot be read from {cfg.data.landing}: " + "; ".join(problems)
+        )
 
 
 def skipped_outcome(cadence: str) -> dict[str, Any]:

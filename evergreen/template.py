@@ -16,6 +16,7 @@ data:
   min_rows: 20                    # a batch with fewer rows is quarantined
   max_duplicate_fraction: 0.2     # tolerated share of duplicate rows
   extra_columns: block            # block | ignore: columns in the files that are not listed here
+  arrival_quiescence_seconds: 300 # no _SUCCESS/_manifest.json: a batch arrives after this long unchanged
   feature_bounds: {}              # optional {feature: [min, max]} you DECLARE: values outside block
   change:                         # change is learned from, not blocked (only corruption blocks)
     block: []                     # make informing checks blocking: [range, drift, class_mix, text_drift]

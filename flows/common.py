@@ -23,7 +23,7 @@ def begin(params: ConfigParams) -> EvergreenConfig:
     record any champion move made outside evergreen."""
     cfg = run_config(params)
     cfg.home_path.mkdir(parents=True, exist_ok=True)
-    ensure_limits()
+    ensure_limits(cfg.registry.name)
     reconcile_registry(cfg)  # champion moves made by hand appear in the history first
     return cfg
 

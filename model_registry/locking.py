@@ -56,13 +56,16 @@ def lock_path(name: str, lock_dir: Path | None) -> Path:
 
 
 @contextlib.contextmanager
-def promotion_lock(name: str, lock_dir: Path | None, timeout: float = 60) -> Iterator[Path]:
+def promotion_lock(
+    name: str, lock_dir: Path | None, timeout: float = 60, activity: str = "promotion or rollback"
+) -> Iterator[Path]:
     """Hold an exclusive lock named `name` for the duration of the `with` block.
 
     Args:
         name: What is being protected, e.g. the registered model name.
         lock_dir: Directory for lock files (created if missing); None = a per-user temp folder.
         timeout: Seconds to wait for the lock before giving up.
+        activity: what the lock guards, for the timeout message.
 
     Yields:
         The path of the lock file.
@@ -75,7 +78,7 @@ def promotion_lock(name: str, lock_dir: Path | None, timeout: float = 60) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        _acquire(fd, path, timeout)
+        _acquire(fd, path, timeout, activity)
         try:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -86,7 +89,7 @@ def promotion_lock(name: str, lock_dir: Path | None, timeout: float = 60) -> Ite
         os.close(fd)
 
 
-def _acquire(fd: int, path: Path, timeout: float) -> None:
+def _acquire(fd: int, path: Path, timeout: float, activity: str) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -96,8 +99,8 @@ def _acquire(fd: int, path: Path, timeout: float) -> None:
             if time.monotonic() >= deadline:
                 holder = path.read_text().strip() or "unknown"
                 raise LockTimeoutError(
-                    f"promotion lock {path} is still held (by pid {holder}) after {timeout:g} s:"
-                    " another promotion or rollback is running; retry when it has finished"
+                    f"{activity} lock {path} is still held (by pid {holder}) after {timeout:g} s:"
+                    f" another {activity} is running; retry when it has finished"
                     " (the lock is released automatically when its holder exits)"
                 ) from None
             time.sleep(_POLL_SECONDS)

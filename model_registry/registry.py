@@ -49,6 +49,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 TAG_PREFIX = "evergreen."
 SHA_PREFIX = "evergreen.sha256."
+IDEMPOTENCY_TAG = "evergreen.idempotency_key"
 CHECKPOINT_SUBPATH = f"artifacts/{pyfunc_model.CHECKPOINT_ARTIFACT}"  # inside the logged model
 
 
@@ -142,8 +143,13 @@ class Registry:
         reports: dict[str, Path] | None = None,
         run_id: str | None = None,
         record: RunRecord | None = None,
+        idempotency_key: str | None = None,
     ) -> VersionInfo:
         """Log a checkpoint directory as a new version of the registered model.
+
+        With an `idempotency_key`, a version already registered under that key is returned
+        instead of creating another: a retried step (Prefect task retry, flow retry) whose first
+        attempt got as far as registering must not leave two versions of one challenger.
 
         Args:
             checkpoint_dir: a checkpoint written by `continual.checkpoint.save_checkpoint`.
@@ -154,9 +160,10 @@ class Registry:
             run_id: log into this existing run instead of starting a new one.
             record: config, curves, datasets and evaluation to log on the run; its model
                 metrics are linked to the logged model (`run_record`).
+            idempotency_key: stored as tag `evergreen.idempotency_key` on the version.
 
         Returns:
-            The new version.
+            The new version (or the one already registered under `idempotency_key`).
 
         Raises:
             RegistryError: the checkpoint does not load/predict, a report is missing, or a
@@ -167,7 +174,13 @@ class Registry:
                 raise RegistryError(f"report name {name!r} must be a relative path inside reports/")
             if not Path(path).exists():
                 raise RegistryError(f"report {name!r}: {path} does not exist")
+        if idempotency_key:
+            existing = self.find_version(IDEMPOTENCY_TAG, idempotency_key)
+            if existing is not None:
+                return existing
         tags = {TAG_PREFIX + k.removeprefix(TAG_PREFIX): str(v) for k, v in lineage.items()}
+        if idempotency_key:
+            tags[IDEMPOTENCY_TAG] = idempotency_key
         with tempfile.TemporaryDirectory(prefix="evergreen-log-") as tmp:
             try:
                 staged, manifest, example, signature = pyfunc_model.prepare_checkpoint(
@@ -210,6 +223,15 @@ class Registry:
         )
         return [_info(mv, aliases) for mv in found]
 
+    def find_version(self, tag: str, value: str) -> VersionInfo | None:
+        """The newest version whose tag `tag` equals `value`, or None."""
+        found = self.client.search_model_versions(
+            f"name = {quote(self.model_name)} and tags.`{tag}` = {quote(value)}",
+            max_results=1,
+            order_by=["version_number DESC"],
+        )
+        return _info(found[0], self._aliases()) if found else None
+
     def champion(self) -> VersionInfo | None:
         """The version alias `champion` points to, or None before the first promotion."""
         version = self._aliases().get(CHAMPION)
@@ -239,6 +261,21 @@ class Registry:
         """Point alias `challenger` at `version` (which must exist)."""
         self._model_version(version)
         self.client.set_registered_model_alias(self.model_name, CHALLENGER, str(version))
+
+    def clear_challenger(self, version: str) -> bool:
+        """Remove alias `challenger` if it still points at `version` (a rejected or failed
+        candidate is no longer under evaluation); True when it was removed.
+
+        Another flow may have moved the alias to its own candidate since: that one is left.
+        """
+        if self._aliases().get(CHALLENGER) != str(version):
+            return False
+        try:
+            self.client.delete_registered_model_alias(self.model_name, CHALLENGER)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+        return True
 
     def set_version_tags(self, version: str, tags: dict[str, str]) -> None:
         """Set tags on a version (e.g. the gate decision).

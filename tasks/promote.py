@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -19,7 +20,12 @@ from continual.gating import GateDecision
 from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
 from model_registry.reconcile import reconcile_champion
-from model_registry.registry import ArtifactIntegrityError, Registry, VersionInfo
+from model_registry.registry import (
+    IDEMPOTENCY_TAG,
+    ArtifactIntegrityError,
+    Registry,
+    VersionInfo,
+)
 from tasks import ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
 from tasks.evaluate import Evaluation
@@ -107,10 +113,29 @@ def registration_for(
     )
 
 
+def idempotency_key(reg: Registration, flow_run_id: str) -> str | None:
+    """The key that makes registration idempotent: flow run + cadence + data hash (+ batches).
+
+    A Prefect retry (task or flow) keeps the flow-run id, so a retry after the version was
+    created finds it instead of registering a second one. Outside a flow run ("local") there is
+    nothing that identifies a retry, so there is no key.
+    """
+    if not flow_run_id or flow_run_id == "local":
+        return None
+    facts = [flow_run_id, reg.cadence, reg.data_hash or "none", ",".join(reg.batch_ids)]
+    return hashlib.sha256("\n".join(facts).encode()).hexdigest()[:32]
+
+
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
 def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) -> VersionInfo:
-    """Log the challenger as a new model version (alias `challenger`) with lineage and gate metrics."""
+    """Log the challenger as a model version (alias `challenger`) with lineage and gate metrics;
+    a retry of the same flow run reuses the version its earlier attempt registered."""
     registry = Registry.from_config(cfg)
+    key = idempotency_key(reg, current_flow_run_id())
+    existing = registry.find_version(IDEMPOTENCY_TAG, key) if key else None
+    if existing is not None:
+        registry.set_challenger(existing.version)
+        return existing
     checkpoint = staging / "checkpoint"
     if not checkpoint.exists():
         write_state(reg.challenger, checkpoint)
@@ -125,6 +150,7 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
         run_name=f"{reg.cadence}-{reg.batch_ids[-1] if reg.batch_ids else 'merge'}",
         reports={"gate.json": gate_file, **reg.reports},
         record=run_record(cfg, reg),
+        idempotency_key=key,
     )
     registry.set_challenger(info.version)
     return info
@@ -152,31 +178,21 @@ def verify_round_trip(cfg, challenger: ModelState, checkpoint: Path, rows) -> No
 
 @task(cache_policy=NO_CACHE)
 def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionInfo) -> FlowOutcome:
-    """Compare-and-set promotion if the gate passed; otherwise the champion stays."""
+    """Compare-and-set promotion if the gate passed; otherwise the champion stays and the
+    `challenger` alias is removed (it marks only the candidate under evaluation)."""
     registry = Registry.from_config(cfg)
     reasons = list(reg.decision.reasons)
-    expected = reg.parent.version if reg.parent else None
     promoted = False
-    if reg.decision.promote:
-        try:
-            with promotion_slot():
-                result = registry.promote(
-                    version.version,
-                    expected_champion=expected,
-                    reason=f"{reg.cadence}: " + "; ".join(reasons)[:400],
-                    actor=f"flow:{reg.cadence}",
-                    flow_run_id=current_flow_run_id(),
-                )
-        except ArtifactIntegrityError as error:  # tampered/corrupt artifacts: never served
-            reasons.append(f"not promoted: {error}")
-        else:
-            promoted = result.promoted
-            if not result.promoted:
-                reasons.append(result.reason)
-    outcome = "promoted" if promoted else "rejected"
-    registry.set_version_tags(version.version, {"evergreen.decision": outcome})
+    try:
+        if reg.decision.promote:
+            promoted = _promote(registry, reg, version, reasons)
+        outcome = "promoted" if promoted else "rejected"
+        registry.set_version_tags(version.version, {"evergreen.decision": outcome})
+    finally:
+        if not promoted:  # rejected, stale, tampered or crashed: no longer under evaluation
+            registry.clear_challenger(version.version)
     champion = registry.champion()
-    result = FlowOutcome(
+    return FlowOutcome(
         cadence=reg.cadence,
         decision=outcome,
         batch_ids=list(reg.batch_ids),
@@ -186,7 +202,33 @@ def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionI
         metrics={**reg.decision.to_metrics(), **reg.metrics},
         quarantined=dict(reg.quarantined),
     )
-    return result
+
+
+def _promote(registry: Registry, reg: Registration, version: VersionInfo, reasons: list) -> bool:
+    """Promote `version` (CAS against the champion it was evaluated with); reasons get why not.
+
+    A version that already is the champion was promoted by an earlier attempt of this flow run
+    (versions are registered once per run, see `idempotency_key`): a retry reports it promoted.
+    """
+    expected = reg.parent.version if reg.parent else None
+    champion = registry.champion()
+    if champion is not None and champion.version == version.version:
+        return True
+    try:
+        with promotion_slot(registry.model_name):
+            result = registry.promote(
+                version.version,
+                expected_champion=expected,
+                reason=f"{reg.cadence}: " + "; ".join(reasons)[:400],
+                actor=f"flow:{reg.cadence}",
+                flow_run_id=current_flow_run_id(),
+            )
+    except ArtifactIntegrityError as error:  # tampered/corrupt artifacts: never served
+        reasons.append(f"not promoted: {error}")
+        return False
+    if not result.promoted:
+        reasons.append(result.reason)
+    return result.promoted
 
 
 @task(cache_policy=NO_CACHE)
@@ -203,7 +245,7 @@ def reconcile_registry(cfg: EvergreenConfig) -> None:
 def roll_back(cfg: EvergreenConfig, *, to: str | None, reason: str) -> FlowOutcome:
     """Move `champion` back (to `to`, or the champion the current one replaced)."""
     registry = Registry.from_config(cfg)
-    with promotion_slot():
+    with promotion_slot(registry.model_name):
         result = registry.rollback(
             to=to, reason=reason, actor="flow:rollback", flow_run_id=current_flow_run_id()
         )

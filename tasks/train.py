@@ -59,15 +59,16 @@ def _fit(
     settings: TrainSettings,
     label: str,
     *,
+    cfg: EvergreenConfig,
     processes: int = 1,
     fisher_kind: FisherKind | None = None,
     **methods,
 ) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
-    """Run the training loop holding the device slot, with a progress bar; with more than one
-    process, under torchrun (`tasks.distributed`), which also returns the trained model's
-    Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards)."""
+    """Run the training loop holding the pipeline's training slot, with a progress bar; with
+    more than one process, under torchrun (`tasks.distributed`), which also returns the trained
+    model's Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards)."""
     fisher = None
-    with training_slot():
+    with training_slot(cfg.registry.name, cfg.home_path / "locks"):
         if processes > 1:
             logger = get_run_logger()
             job = DistributedJob(model, X, y, settings, fisher_kind=fisher_kind, **methods)
@@ -240,7 +241,7 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
     train_cfg = cfg.bootstrap.train
     settings = settings_from(train_cfg, len(X))
-    result, _ = _fit(model, X, y, settings, "bootstrap", processes=train_cfg.processes)
+    result, _ = _fit(model, X, y, settings, "bootstrap", cfg=cfg, processes=train_cfg.processes)
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
     ewc = EWC.from_model(
         model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
@@ -345,6 +346,7 @@ def _ewc_challenger(
             y,
             settings,
             f"{label} λ={lam:g}",
+            cfg=cfg,
             processes=section.train.processes,
             fisher_kind=ewc.kind,
             ewc=ewc,
@@ -433,6 +435,7 @@ def train_lora_gated(
             y,
             fit,
             "lora",
+            cfg=cfg,
             processes=d.train.processes,
             replay=buffer,
             replay_ratio=d.replay_ratio,

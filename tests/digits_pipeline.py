@@ -32,6 +32,7 @@ def write_batch(landing: Path, batch_id: str, frame: pd.DataFrame, fmt: str = "p
         frame.to_parquet(path, index=False)
     else:
         frame.to_csv(path, index=False)
+    (folder / "_SUCCESS").touch()  # the producer's last step: the batch has fully arrived
     return path
 
 

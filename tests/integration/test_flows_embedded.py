@@ -123,6 +123,26 @@ def test_03_rerun_of_processed_batch_is_a_noop(pipeline):
     assert len(pipeline["registry"].versions(limit=100)) == versions_before
 
 
+def test_03b_forced_rerun_is_recorded_as_forced(pipeline):
+    result = _run(pipeline, "daily-lora", batch_ids=["2026-01-02"], force=True)
+    assert result["decision"] in ("promoted", "rejected"), result
+    entry = pipeline["ledger"].processed("daily-lora")["2026-01-02"]
+    assert entry.details.get("forced") == "true"
+
+
+def test_03c_diverging_training_fails_cleanly_and_keeps_the_batch_pending(pipeline):
+    champion, versions = _champion(pipeline), len(pipeline["registry"].versions(limit=100))
+    absurd = ["weekly.train.lr=1e12", "weekly.train.weight_decay=1.0"]  # weights blow up
+    with pytest.raises(Exception, match="training diverged"):
+        _run(pipeline, "weekly-replay", batch_ids=["2026-01-05"], overrides=absurd)
+    assert _champion(pipeline) == champion
+    assert len(pipeline["registry"].versions(limit=100)) == versions  # nothing registered
+    entry = pipeline["ledger"].processed("weekly-replay")["2026-01-05"]
+    assert entry.outcome == "failed" and "training diverged" in entry.details["error"]
+    assert not pipeline["ledger"].is_processed("weekly-replay", "2026-01-05")  # still pending
+    assert "challenger" not in pipeline["registry"].aliases()
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 

@@ -18,12 +18,12 @@ import pytest
 
 from data_plane.landing import S3LandingZone, make_s3_client, open_landing, read_batch, write_frame
 from tests.fixtures_data import make_batch, make_config
-from tests.unit import test_landing, test_validation
+from tests.unit import test_arrival, test_hostile_names, test_landing, test_validation
 
 pytestmark = pytest.mark.integration
 
 # The shared test functions: collected here a second time, now with the S3 `zone` fixture.
-for _module in (test_landing, test_validation):
+for _module in (test_arrival, test_hostile_names, test_landing, test_validation):
     globals().update({k: v for k, v in vars(_module).items() if k.startswith("test_zone_")})
 
 _BUCKETS = itertools.count()

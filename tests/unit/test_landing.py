@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_plane.arrival import pending_batches
 from data_plane.landing import (
     SOURCE_COLUMN,
     BatchReadError,
@@ -17,7 +18,6 @@ from data_plane.landing import (
     S3LandingZone,
     iter_batch_frames,
     open_landing,
-    pending_batches,
     read_batch,
     write_frame,
 )

@@ -302,3 +302,28 @@ def test_prediction_helpers_agree() -> None:
 
 def test_pick_device() -> None:
     assert pick_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_a_nan_loss_aborts_training_with_the_reason() -> None:
+    from continual.training import TrainingDivergedError
+
+    X, y, _ = _digits()
+    X = X[:200].clone()
+    X[5, 3] = float("nan")  # one bad value reaches the loss through the batch mean
+    model = _model()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(TrainingDivergedError, match="loss is nan"):
+        train(model, X, y[:200], TrainSettings(steps=20, batch_size=200))
+    for name, param in model.named_parameters():  # the bad step was never applied
+        assert torch.isfinite(param).all() and torch.equal(param.detach(), before[name]), name
+
+
+def test_an_exploding_gradient_aborts_training_instead_of_being_clipped() -> None:
+    from continual.training import TrainingDivergedError
+
+    X, y, _ = _digits()
+    blown_up = X[:200] * 1e9  # finite, but activations and gradients ~1e9: clipping would hide it
+    with pytest.raises(TrainingDivergedError, match="gradient norm"):
+        train(_model(), blown_up, y[:200], TrainSettings(steps=5))
+    healthy = train(_model(), X[:200], y[:200], TrainSettings(steps=5))
+    assert healthy.steps == 5 and np.isfinite(healthy.losses).all()

@@ -1,0 +1,100 @@
+"""Nothing in evergreen unpickles bytes: `torch.load` only with `weights_only=True`, no pickle,
+cloudpickle, dill, joblib or shelve, no `allow_pickle=True`, no `read_pickle`, and the MLflow
+pyfunc is logged "from code" (a file path, never a Python object MLflow would cloudpickle)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ["continual", "data_plane", "model_registry", "tasks", "flows", "evergreen", "demo"]
+PICKLERS = {"pickle", "cPickle", "_pickle", "cloudpickle", "dill", "joblib", "shelve", "marshal"}
+
+
+def sources() -> list[Path]:
+    files = [p for package in PACKAGES for p in sorted((ROOT / package).rglob("*.py"))]
+    assert len(files) > 40, "the scan must see the code base"
+    return files
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return node.id if isinstance(node, ast.Name) else ""
+
+
+def unsafe_calls(tree: ast.AST) -> list[str]:
+    """Findings in one module's syntax tree, as `line: what` strings."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+            for name in names:
+                if name and name.split(".")[0] in PICKLERS:
+                    found.append(f"{node.lineno}: imports {name}")
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        keywords = {k.arg: k.value for k in node.keywords}
+        if name.endswith("torch.load"):
+            flag = keywords.get("weights_only")
+            if not (isinstance(flag, ast.Constant) and flag.value is True):
+                found.append(f"{node.lineno}: {name} without weights_only=True")
+        allow = keywords.get("allow_pickle")
+        if isinstance(allow, ast.Constant) and allow.value is True:
+            found.append(f"{node.lineno}: {name}(allow_pickle=True)")
+        if name.endswith("read_pickle") or name.endswith("to_pickle"):
+            found.append(f"{node.lineno}: {name}")
+        if name.endswith("pyfunc.log_model") and "python_model" in keywords:
+            model = keywords["python_model"]
+            if not (isinstance(model, ast.Call) and _dotted(model.func) == "str"):
+                found.append(f"{node.lineno}: pyfunc.log_model with a Python object")
+    return found
+
+
+@pytest.mark.parametrize(
+    "snippet",
+    [
+        "import pickle",
+        "from cloudpickle import dumps",
+        "import torch\ntorch.load('x')",
+        "import torch\ntorch.load('x', weights_only=False)",
+        "import numpy as np\nnp.load('x', allow_pickle=True)",
+        "import pandas as pd\npd.read_pickle('x')",
+        "import mlflow\nmlflow.pyfunc.log_model('m', python_model=Model())",
+    ],
+)
+def test_the_scanner_catches_each_unsafe_pattern(snippet):
+    assert unsafe_calls(ast.parse(snippet))
+
+
+def test_the_scanner_accepts_the_safe_forms():
+    safe = "import torch\ntorch.load('x', weights_only=True)\nlog_model(python_model=str(p))"
+    assert unsafe_calls(ast.parse(safe.replace("log_model", "mlflow.pyfunc.log_model"))) == []
+
+
+# Known and tracked: distributed training hands the job (model object included) to its own
+# torchrun children, and the result back, as pickles in the parent's private temp folder. Bytes
+# nobody else wrote, but still pickle: to be replaced by safetensors + spec. Listed exactly, so a
+# new occurrence fails, and so does the fix until this entry is removed.
+KNOWN = {
+    "continual/distributed.py": ["torch.load without weights_only=True"],
+    "tasks/distributed.py": ["torch.load without weights_only=True"],
+}
+
+
+def test_no_module_unpickles_anything():
+    findings = {
+        str(path.relative_to(ROOT)): [p.split(": ", 1)[1] for p in problems]
+        for path in sources()
+        if (problems := unsafe_calls(ast.parse(path.read_text(), str(path))))
+    }
+    assert findings == KNOWN
+
+
+def test_the_pyfunc_is_logged_from_code():
+    text = (ROOT / "model_registry" / "pyfunc_model.py").read_text()
+    assert "python_model=str(Path(__file__).resolve())" in text
