@@ -335,7 +335,8 @@ class HFTextClassifier(nn.Module):
 
         return encode_texts(self.tokenizer, texts, self.max_length)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def features(self, input_ids: Tensor) -> Tensor:
+        """The mean-pooled encoder output [N, hidden] the `classifier` head reads."""
         input_ids = input_ids.long()
         mask = input_ids != self.pad_token_id
         if torch._C._functorch.maybe_current_level() is None:  # not under vmap: trim the padding
@@ -343,8 +344,11 @@ class HFTextClassifier(nn.Module):
             input_ids, mask = input_ids[:, : max(longest, 1)], mask[:, : max(longest, 1)]
         hidden = self.encoder(input_ids=input_ids, attention_mask=mask.long()).last_hidden_state
         weights = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        logits: Tensor = self.classifier(pooled)
+        pooled: Tensor = (hidden * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        return pooled
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        logits: Tensor = self.classifier(self.features(input_ids))
         return logits
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import pandas as pd
 
+from data_plane.arrival import SUCCESS_MARKER
+
 TEXT_TOPICS: list[str] = ["pandas", "torch", "mlflow", "prefect"]
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _MIN_CHARS, _MAX_CHARS = 30, 240
@@ -133,7 +135,8 @@ def make_text_frames(scale: int = 1) -> list[pd.DataFrame]:
 
 
 def build_text_landing(landing: str | Path, *, scale: int = 1) -> list[TextBatch]:
-    """Write the timeline into a local landing folder (Parquet, then CSV, then JSONL files)."""
+    """Write the timeline into a local landing folder (Parquet, then CSV, then JSONL files),
+    each batch closed by its `_SUCCESS` marker."""
     root = Path(landing)
     batches = []
     for i, frame in enumerate(make_text_frames(scale)):
@@ -148,6 +151,7 @@ def build_text_landing(landing: str | Path, *, scale: int = 1) -> list[TextBatch
             frame.to_csv(path, index=False)
         else:
             frame.to_json(path, orient="records", lines=True, force_ascii=False)
+        (directory / SUCCESS_MARKER).touch()  # written last: the batch has arrived
         topics = frame["label"].value_counts().to_dict()
         batches.append(TextBatch(batch_id, len(frame), {str(k): int(v) for k, v in topics.items()}))
     return batches

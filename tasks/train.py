@@ -9,6 +9,7 @@ only; the promotion gate's rows are never looked at here.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from dataclasses import dataclass
 
@@ -17,12 +18,15 @@ import pandas as pd
 import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 
 from continual.distributed import DistributedJob
 from continual.ewc import EWC
 from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
 from continual.models import TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
+from continual.probe import has_probe_head, probe_head_
+from continual.replay import ReservoirBuffer as ReplayBuffer
 from continual.training import TrainResult, TrainSettings, correct_mask, train
 from evergreen.config import EvergreenConfig, TrainConfig
 from model_registry.run_record import flatten_params
@@ -184,6 +188,42 @@ def fisher_rows(
     return X[keep], y[keep]
 
 
+def start_update(
+    champion: ModelState,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    buffer: ReplayBuffer | None = None,
+) -> torch.nn.Module:
+    """The model an update starts from: a trainable copy of the champion whose classification
+    head, for models that expose one (text encoders), is first fitted on frozen features of the
+    learning rows plus the replayed rows (`continual.probe`, LP-FT). Without it a class the
+    champion never saw enters fine-tuning with a huge loss and its first gradients rewrite the
+    encoder: retention 0.905 → 0.452 on the text timeline."""
+    model = champion.clone_model()
+    if not has_probe_head(model):
+        return model
+    if buffer is not None and len(buffer) > 0:
+        bX, by, _ = buffer.tensors()
+        X, y = torch.cat([X, bX.to(X.dtype)]), torch.cat([y, by.to(y.dtype)])
+    probe = probe_head_(model, X, y)
+    _log_info(
+        "head probe on %d rows: loss %.3f → %.3f in %.1fs",
+        len(X),
+        probe.first_loss,
+        probe.last_loss,
+        probe.seconds,
+    )
+    return model
+
+
+def _log_info(message: str, *args: object) -> None:
+    """Log to the Prefect run when there is one (tasks), else to this module's logger."""
+    try:
+        get_run_logger().info(message, *args)
+    except MissingContextError:
+        logging.getLogger(__name__).info(message, *args)
+
+
 def _learned(memory: DataMemory) -> dict:
     return {
         "learned": frozenset(memory.batches),
@@ -293,11 +333,12 @@ def _ewc_challenger(
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
     selection = selection_rows(cfg, champion, memory)
+    start = start_update(champion, X, y, buffer)
     best: tuple[float, float, torch.nn.Module, EWC, TrainResult, dict | None] | None = None
     scores: dict[str, float] = {}
     seconds = 0.0
     for lam in grid:
-        model = champion.clone_model()
+        model = copy.deepcopy(start)
         ewc = _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
         result, own = _fit(
             model,
@@ -367,8 +408,8 @@ def train_lora_gated(
 ) -> tuple[ModelState | None, GateDecision]:
     """Daily: a LoRA adapter on the batch, kept only if the gate's rule passes on select rows.
 
-    The adapter starts at zero (it predicts exactly like the champion), so "before vs after" is
-    "champion vs adapted" and the keep/discard check is `decide()` itself — non-inferiority on the
+    The adapter starts at zero (it predicts like the champion, up to a text model's refitted
+    head), so "before vs after" is "champion vs adapted" and the keep/discard check is `decide()` itself — non-inferiority on the
     select rows of every batch — never a raw difference, never on the gate's rows. Returns
     (state or None, the check's decision).
     """
@@ -378,10 +419,11 @@ def train_lora_gated(
     lora = LoraSettings(
         r=d.lora_r, alpha=d.lora_alpha, dropout=d.lora_dropout, target_modules=d.target_modules
     )
-    peft_model = attach_lora(champion.clone_model(), lora)
     X, y = learning_rows(cfg, champion, data, memory)
     selection = selection_rows(cfg, champion, memory)
     buffer = memory.buffer if d.replay_ratio > 0 else None
+    # A text model's head is fitted first (it is not part of the adapter; see start_update).
+    peft_model = attach_lora(start_update(champion, X, y, buffer), lora)
     verdict: dict[str, GateDecision] = {}
     fit = settings_from(d.train, len(X))
     trained: list[TrainResult] = []

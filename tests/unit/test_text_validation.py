@@ -163,7 +163,7 @@ def test_invalid_utf8_in_a_csv_is_quarantined_not_crashing(tmp_path, frames):
     ("model", "data", "needle"),
     [
         ({"family": "mlp"}, {"text": "text"}, "model.family: hf"),
-        ({"family": "hf"}, {"text": "text"}, "model.family: hf"),
+        ({"family": "hf"}, {"text": "text"}, "needs model.hf_path"),
         ({"family": "hf", "hf_path": "x"}, {"features": ["a"]}, "set data.text"),
         ({"family": "hf", "hf_path": "x"}, {"text": "t", "features": ["a"]}, "not both"),
     ],
