@@ -31,7 +31,7 @@ from tasks.common import encode_labels, text_ids
 BATCH_COLUMN = "batch_id"
 ROLES = ("select", "gate")
 _COMMIT_ATTEMPTS = 5
-CACHE_MIN_AGE_SECONDS = 600.0
+CACHE_MIN_AGE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
