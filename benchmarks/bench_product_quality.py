@@ -388,6 +388,10 @@ def _rejected_by(steps: list[dict]) -> dict[str, int]:
     names = {"retention": "retention", "new-data": "new data", "cumulative": "forgetting budget"}
     counts: dict[str, int] = {}
     for step in steps:
+        if step["decision"] != "rejected":  # a promotion by exchange failed 2b/2c on purpose
+            if any("promoted by exchange" in r for r in step["reasons"]):
+                counts["promoted by exchange"] = counts.get("promoted by exchange", 0) + 1
+            continue
         failed = {r.split(" ")[0] for r in step["reasons"] if r.rstrip(". ").endswith("rejected")}
         for check in failed:
             counts[names.get(check, check)] = counts.get(names.get(check, check), 0) + 1
@@ -548,7 +552,7 @@ def markdown(result: dict) -> str:
         ]
         blocked = ", ".join(f"{k} {v}×" for k, v in s[family]["rejected_by"].items())
         lines.append(
-            f"- {family}: " + "; ".join(traces) + (f" (rejected by: {blocked})" if blocked else "")
+            f"- {family}: " + "; ".join(traces) + (f" (gate: {blocked})" if blocked else "")
         )
     return "\n".join(lines)
 
