@@ -10,7 +10,6 @@ champion's pyfunc scores a `text` column (log-likelihood and perplexity).
 from __future__ import annotations
 
 import io
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -23,99 +22,21 @@ import yaml
 from evergreen.config import load_config
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
+from tests.tiny_llama import DOMAINS, GLUE, sentences, tiny_llama
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-DOMAINS = {
-    "kitchen": [
-        "bread",
-        "butter",
-        "knife",
-        "oven",
-        "salt",
-        "pepper",
-        "bowl",
-        "spoon",
-        "soup",
-        "flour",
-    ],
-    "harbour": ["boat", "sail", "anchor", "rope", "tide", "wave", "gull", "pier", "net", "fish"],
-    "office": [
-        "desk",
-        "chair",
-        "paper",
-        "email",
-        "meeting",
-        "report",
-        "printer",
-        "stapler",
-        "budget",
-        "memo",
-    ],
-}
-GLUE = ["the", "a", "of", "and", "with", "on", "in", "is"]
-
-
-def _sentences(domain: str, n: int, seed: int) -> list[str]:
-    rng = random.Random(seed)
-    words = DOMAINS[domain]
-    return [
-        " ".join(
-            rng.choice(words) if i % 2 == 0 else rng.choice(GLUE) for i in range(rng.randint(4, 12))
-        )
-        for _ in range(n)
-    ]
-
-
-def _tiny_llama(directory) -> None:
-    """A randomly initialised Llama-style LM and its WordLevel tokenizer, saved locally."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = [
-        "[PAD]",
-        "[UNK]",
-        "[BOS]",
-        "[EOS]",
-        *sorted({w for words in DOMAINS.values() for w in words} | set(GLUE)),
-    ]
-    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
-    core.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="[PAD]",
-        unk_token="[UNK]",
-        bos_token="[BOS]",
-        eos_token="[EOS]",
-    )
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm")
-    _tiny_llama(root / "tiny-llama")
+    tiny_llama(root / "tiny-llama")
     batches = []
     for i, domain in enumerate(["kitchen", "harbour", "office"]):
         batch_id = f"2026-11-{i + 1:02d}"
         directory = root / "landing" / batch_id
         directory.mkdir(parents=True)
-        frame = pd.DataFrame({"text": _sentences(domain, 100, seed=i)})
+        frame = pd.DataFrame({"text": sentences(domain, 100, seed=i)})
         frame.to_parquet(directory / "part-0.parquet", index=False)
         (directory / "_SUCCESS").touch()
         batches.append(batch_id)
@@ -184,7 +105,7 @@ def test_02_03_updates_decide_on_log_likelihood(pipeline, cadence, batch):
 
 def test_04_champion_scores_text_in_a_fresh_process(pipeline):
     cfg = pipeline["cfg"]
-    texts = [*_sentences("kitchen", 3, seed=0), "stapler memo budget desk"]
+    texts = [*sentences("kitchen", 3, seed=0), "stapler memo budget desk"]
     code = (
         "import mlflow, pandas as pd;"
         f"mlflow.set_tracking_uri({cfg.tracking_uri!r});"
