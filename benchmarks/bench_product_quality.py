@@ -484,6 +484,11 @@ def save(result: dict) -> None:
     everything[result_key(result)] = result
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(everything, indent=2))
+    write_markdown(everything)
+
+
+def write_markdown(everything: dict) -> None:
+    """The Markdown page of every saved entry (entries older than a column show "—" there)."""
     RESULTS.with_suffix(".md").write_text(
         "# Continual-learning quality through the product\n\n"
         "Written by `python -m benchmarks.bench_product_quality`; see its docstring.\n\n"
@@ -492,8 +497,8 @@ def save(result: dict) -> None:
     )
 
 
-def _pm(stat: dict, signed: bool = False) -> str:
-    if stat["mean"] is None:
+def _pm(stat: dict | None, signed: bool = False) -> str:
+    if not stat or stat["mean"] is None:
         return "—"
     sign = "+" if signed else ""
     return f"{stat['mean']:{sign}.3f} ± {stat['std']:.3f}"
@@ -505,7 +510,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"## {result_key(result)}: {result['n_tasks']} tasks, seeds {result['seeds']}"
         f"{', declared bounds' if result['declare_bounds'] else ''} "
-        f"({result['total_seconds']:.0f} s, {result['machine']['cpus']} CPUs)",
+        f"({result['total_seconds']:.0f} s, {result['machine']['cpus']} CPUs, "
+        f"commit {result['machine'].get('commit', '?')[:7]}, finished {result.get('finished', '?')[:16]})",
         "",
         "| sequence | product avg acc | joint (product's rows) | joint (all rows) | naive avg acc"
         " | gap to joint (product's rows) | gap to joint (all rows) | product forgetting | "
@@ -519,9 +525,10 @@ def markdown(result: dict) -> str:
         flow_seconds = [v for k, v in e["seconds_per_flow"].items() if k != "bootstrap"]
         lines.append(
             f"| {family} | {_pm(e['product']['average_accuracy'])} | "
-            f"{_pm(e['joint']['average_accuracy'])} | {_pm(e['joint_all']['average_accuracy'])} | "
+            f"{_pm(e['joint']['average_accuracy'])} | "
+            f"{_pm(e.get('joint_all', {}).get('average_accuracy'))} | "
             f"{_pm(e['naive']['average_accuracy'])} | {_pm(e['gap_to_joint'], signed=True)} | "
-            f"{_pm(e['gap_to_joint_all'], signed=True)} | {_pm(e['product']['forgetting'])} | "
+            f"{_pm(e.get('gap_to_joint_all'), signed=True)} | {_pm(e['product']['forgetting'])} | "
             f"{_pm(e['naive']['forgetting'])} | {_pm(e['product']['newest_accuracy'])} | "
             f"{_pm(e['joint']['newest_accuracy'])} | {_pm(e['challenger']['average_accuracy'])} | "
             f"{d['promoted']} / {d['rejected']} / {d['quarantined']} / {other} | "

@@ -20,6 +20,14 @@ Decision rule (`decide`), with diff = challenger − champion on the same exampl
    interval for 0/1 correctness, the paired-bootstrap percentile interval for other scores. A drop
    beyond the tolerance that is not significant is NOT noise: "not shown worse" is not "shown not
    worse", and such a challenger is rejected.
+2d. Exchange (`exchange_gain`, None disables): a challenger that passes 2a but fails only 2b
+   and/or 2c is still promoted when its new-data gain is PROVEN large (LCB of the new-data diff
+   ≥ `exchange_gain`, 10 pts by default) and what it gives up is bounded: the point estimates
+   of its retention loss and of its cumulative forgetting are each ≤ `retention_tolerance`.
+   This is the class-arrival / strong-drift case: a model that learns ten classes where the
+   champion knew four cannot keep the four-class specialist's accuracy on them (joint training
+   on everything loses it too), and without the exchange such updates are rejected forever —
+   the champion stays safe and useless. The reason line says "exchange".
 3. Power, reported but never blocking: for each paired check, the minimum detectable effect at
    80% power, MDE = (z_{1−α} + z_{0.8})·SE, where SE is that of the paired difference. A
    check is underpowered when n < `min_examples` or MDE > its tolerance: then even an unchanged
@@ -32,6 +40,10 @@ tolerance or more"), and promotion requires all of them to reject: an intersecti
 so P(promote | any null true) ≤ α with no multiplicity correction, up to the intervals'
 approximate coverage. The price is power (roughly the product of the checks' powers: each added
 check raises the false-rejection rate). Check 2c can only add rejections, so it keeps the bound.
+The exchange 2d is the one deliberate exception: P(promote | retention loss ≥ tolerance + 1 pt)
+stays ≤ α for updates whose new-data gain is not proven ≥ `exchange_gain` (every cell of
+`benchmarks/bench_gate.py`, whose challengers gain 5 pts); with a proven large gain a point loss
+up to `retention_tolerance` is accepted by design.
 
 Why 2c. Each gate compares with the current champion only, so losses within the tolerance
 would pile up across promotions (five promotions that each lose 1 pt can each pass, losing 5 pts
@@ -106,6 +118,13 @@ class GatePolicy:
         default=0.025,
         metadata=_help("Allowed cumulative loss vs the fixed per-batch reference accuracies."),
     )
+    exchange_gain: float | None = field(
+        default=0.10,
+        metadata=_help(
+            "Proven new-data gain (one-sided LCB) that may buy a bounded retention loss (rule "
+            "2d); None: never."
+        ),
+    )
     min_examples: int = field(
         default=500, metadata=_help("Fewer paired examples than this flag a check underpowered.")
     )
@@ -128,6 +147,8 @@ class GatePolicy:
             raise ValueError(
                 f"new_data_rule must be one of {NEW_DATA_RULES}, got {self.new_data_rule!r}"
             )
+        if self.exchange_gain is not None and not 0.0 < self.exchange_gain < 1.0:
+            raise ValueError(f"exchange_gain must be in (0, 1) or None, got {self.exchange_gain}")
         if self.min_examples < 1:
             raise ValueError(f"min_examples must be >= 1, got {self.min_examples}")
         if not 0.0 <= self.min_accuracy <= 1.0:
@@ -340,6 +361,30 @@ def _forgetting_check(
     return forgetting, _Check(passed, [reason])
 
 
+def _exchange_check(
+    new_test: PairedTestResult,
+    retention_test: PairedTestResult | None,
+    forgetting: float | None,
+    policy: GatePolicy,
+) -> _Check:
+    """Rule 2d: a proven large new-data gain may buy a bounded retention loss."""
+    if policy.exchange_gain is None:
+        return _Check(False, [])
+    cap = policy.retention_tolerance
+    retention_loss = -retention_test.diff if retention_test is not None else 0.0
+    lost = max(retention_loss, forgetting or 0.0)
+    gain_proven = new_test.ci_low >= policy.exchange_gain
+    passed = gain_proven and lost <= cap
+    verdict = "promoted by exchange" if passed else "no exchange"
+    reason = (
+        f"exchange: new-data gain lower bound {_pts(new_test.ci_low)} pts "
+        f"{'≥' if gain_proven else '<'} {_pts(policy.exchange_gain, False)} pts, retention given "
+        f"up {_pts(lost, False)} pts (point estimate, retention and cumulative) "
+        f"{'≤' if lost <= cap else '>'} {_pts(cap, False)} pts — {verdict}."
+    )
+    return _Check(passed, [reason])
+
+
 _NO_REFERENCE = (
     "No retention batch has a reference accuracy: cumulative forgetting was not checked."
 )
@@ -412,11 +457,15 @@ def decide(
         )
         checks.append(budget_check)
     reasons = [reason for check in checks for reason in check.reasons]
+    promote = all(check.passed for check in checks)
+    if not promote and checks[0].passed:
+        exchange = _exchange_check(new_test, retention_test, forgetting, policy)
+        promote, reasons = exchange.passed, reasons + exchange.reasons
     nfr = None
     if is_binary(*flips):
         nfr = float(np.mean(flips[0].astype(bool) & ~flips[1].astype(bool)))
     return GateDecision(
-        promote=all(check.passed for check in checks),
+        promote=promote,
         reasons=tuple(reasons + ([] if retention_test else [_NO_RETENTION])),
         new_data=new_test,
         retention=retention_test,

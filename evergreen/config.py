@@ -426,6 +426,14 @@ class GateConfig(_Strict):
     min_examples: int = Field(
         500, ge=1, description="Fewer paired examples flag the gate as underpowered."
     )
+    exchange_gain: float | None = Field(
+        0.10,
+        gt=0,
+        lt=1,
+        description="A challenger whose new-data gain is proven (one-sided lower bound) to be at "
+        "least this may give up retention up to retention_tolerance (point estimate): new "
+        "classes or a strong drift cost some old accuracy even for joint training. null: never.",
+    )
     min_accuracy: float = Field(0.0, ge=0, le=1, description="Floor for the first champion.")
     n_bootstrap: int = Field(2000, gt=99)
 

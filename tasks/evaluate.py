@@ -35,6 +35,7 @@ def gate_policy(cfg: EvergreenConfig) -> GatePolicy:
         confidence=g.confidence,
         new_data_rule=g.new_data_rule,
         forgetting_budget=g.forgetting_budget,
+        exchange_gain=g.exchange_gain,
         min_examples=g.min_examples,
         min_accuracy=g.min_accuracy,
         n_bootstrap=g.n_bootstrap,
