@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results"
-CHECKPOINTS = (1, 10, 50, 100)
+CHECKPOINTS = (1, 10, 20, 30, 50, 100)
 
 
 def _rss_mb() -> float:
@@ -38,6 +38,16 @@ def _rss_mb() -> float:
 
 def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _store_mb(home: Path) -> dict[str, float]:
+    """Bytes on disk under `home` (MLflow database + artifacts, caches), in MB, by top folder."""
+    sizes: dict[str, float] = {}
+    for path in home.rglob("*"):
+        if path.is_file():
+            top = path.relative_to(home).parts[0]
+            sizes[top] = sizes.get(top, 0.0) + path.stat().st_size / 2**20
+    return {"total": sum(sizes.values()), **sizes}
 
 
 def _landing(root: Path, cycles: int) -> list[str]:
@@ -64,6 +74,7 @@ def run(cycles: int = 100) -> dict[str, Any]:
     from model_registry.ledger import Ledger
     from tests.digits_pipeline import write_config
 
+    load_at_start = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="evergreen-growth-") as folder:
         root = Path(folder)
         batch_ids = _landing(root, cycles)
@@ -82,20 +93,26 @@ def run(cycles: int = 100) -> dict[str, Any]:
                     "rss_mb": _rss_mb(),
                     "peak_rss_mb": _peak_mb(),
                     "decision": outcome["decision"],
+                    "store_mb": _store_mb(root / "home"),
                 }
             )
             print(f"run {i}: {seconds:.1f}s {outcome['decision']} rss {runs[-1]['rss_mb']:.0f} MB")
-            result = _write(cycles, runs)  # after every run: a stopped benchmark keeps its data
+            result = _write(
+                cycles, runs, load_at_start
+            )  # after every run: a stopped benchmark keeps its data
         result["ledger_entries_daily"] = len(Ledger.from_config(cfg).entries("daily-lora", 10**6))
     return result
 
 
-def _write(cycles: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _write(
+    cycles: int, runs: list[dict[str, Any]], load_at_start: tuple[float, ...]
+) -> dict[str, Any]:
     result = {
         "benchmark": "growth",
         "cycles": cycles,
         "completed": len(runs),
         "machine": platform.machine(),
+        "load_average_start": load_at_start,
         "load_average": os.getloadavg(),
         "runs": runs,
         "summary": _summary(runs),
@@ -117,6 +134,7 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "seconds_min5": min(r["seconds"] for r in runs[max(0, k - 3) : k + 2]),
             "rss_mb": runs[k - 1]["rss_mb"],
             "peak_rss_mb": runs[k - 1]["peak_rss_mb"],
+            "store_mb": runs[k - 1].get("store_mb", {}),
         }
     first, fastest = out["1"]["seconds_median3"], out["1"]["seconds_min5"]
     for figures in out.values():
@@ -128,20 +146,32 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"{result['completed']} of {result['cycles']} consecutive daily-lora cycles in one process "
-        "(embedded default); time = median of the runs k-1, k, k+1; load average "
-        f"{', '.join(f'{x:.1f}' for x in result['load_average'])} on {os.cpu_count()} cores",
+        "(embedded default); time = median of the runs k-1, k, k+1; load average (1, 5, 15 min) "
+        f"{_load(result.get('load_average_start'))} at the start, "
+        f"{_load(result['load_average'])} at the end, on {os.cpu_count()} cores",
         "",
         "| run | median s (k±1) | vs run 1 | fastest s (k±2) | vs run 1 | RSS after run MB | "
-        "peak RSS MB |",
-        "|---|---|---|---|---|---|---|",
+        "peak RSS MB | store MB (mlartifacts / gx / cache) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for k, f in result["summary"].items():
         lines.append(
             f"| {k} | {f['seconds_median3']:.1f} | {f['ratio_vs_run_1']:.2f}× | "
             f"{f['seconds_min5']:.1f} | {f['min5_ratio_vs_run_1']:.2f}× | "
-            f"{f['rss_mb']:.0f} | {f['peak_rss_mb']:.0f} |"
+            f"{f['rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {_store(f.get('store_mb', {}))} |"
         )
     return "\n".join(lines)
+
+
+def _load(load: Any) -> str:
+    return "unknown" if not load else ", ".join(f"{x:.1f}" for x in load)
+
+
+def _store(sizes: dict[str, float]) -> str:
+    if not sizes:
+        return "–"
+    parts = " / ".join(f"{sizes.get(k, 0.0):.1f}" for k in ("mlartifacts", "gx", "cache"))
+    return f"{sizes['total']:.1f} ({parts})"
 
 
 def main() -> None:

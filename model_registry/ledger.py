@@ -15,13 +15,24 @@ writer), so two records written within the same millisecond still have a defined
 A batch counts as processed for a cadence when its latest entry is promoted, rejected or
 quarantined; failed runs (a crash, a lost race) are retried by the next run, and skipped
 entries are informational.
+
+Flat cost as history grows: `Ledger.latest_outcomes` (what every flow start asks) reads the
+cadence's newest *summary* record (kind `ledger-summary`: batch → latest outcome, zlib-compressed
+in a few tags, plus `covers`, the highest seq folded into it) and only the records written after
+it (`metrics.seq > covers`), never the whole history. Writers compact (`Ledger.compact`): once
+`compact_after` records older than `settle_seconds` sit after the summary, a new summary folds
+them in. The settle window keeps a record whose write was delayed (retries, clock skew between
+writers) from being overtaken by a summary; summaries are a cache of the records, which stay the
+truth (`processed`, `entries` and the MLflow UI read them as before).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -42,6 +53,14 @@ SEQ_METRIC = "seq"
 RECORD_TAG = "evergreen.record"
 RECORDS_SUFFIX = "-records"
 _PAGE = 1000
+SUMMARY_KIND = "ledger-summary"
+COVERS_TAG = "evergreen.summary.covers"
+PARTS_TAG = "evergreen.summary.parts"
+PART_TAG = "evergreen.summary.part."
+_PART_CHARS = 7500  # MLflow caps a tag value at 8000 characters
+_MAX_PARTS = 90  # log_batch takes at most 100 tags: ~500 kB compressed, millions of batches
+SETTLE_SECONDS = 300.0
+COMPACT_AFTER = 20
 _REMOTE_SCHEMES = ("http://", "https://", "databricks")
 
 
@@ -230,16 +249,17 @@ class Ledger:
         experiment: str = "evergreen-records",
         artifact_location: str | None = None,
         legacy: tuple[str, ...] = (),
+        settle_seconds: float = SETTLE_SECONDS,
+        compact_after: int = COMPACT_AFTER,
     ) -> None:
         self.tracking_uri = tracking_uri
         location = artifact_location or default_artifact_location(tracking_uri)
-        self.log = RunLog(
-            MlflowClient(tracking_uri),
-            experiment,
-            None if is_remote(tracking_uri) else location,
-            kind="ledger",
-            legacy=legacy,
-        )
+        client = MlflowClient(tracking_uri)
+        where = None if is_remote(tracking_uri) else location
+        self.log = RunLog(client, experiment, where, kind="ledger", legacy=legacy)
+        self.summaries = RunLog(client, experiment, where, kind=SUMMARY_KIND)
+        self.settle_seconds = settle_seconds
+        self.compact_after = compact_after
 
     @classmethod
     def from_config(cls, cfg: EvergreenConfig) -> Ledger:
@@ -302,6 +322,52 @@ class Ledger:
             latest.setdefault(entry.batch_id, entry)
         return latest
 
+    def latest_outcomes(self, cadence: str) -> dict[str, str]:
+        """batch → its latest outcome on `cadence`: the newest summary plus the records after it
+        (what `processed` says, at a cost that does not grow with the number of records)."""
+        summary, covers = self._summary(cadence)
+        return _fold(summary, self._after(cadence, covers))
+
+    def compact(self, cadence: str) -> bool:
+        """Fold the settled records after the newest summary into a new summary, once there are
+        at least `compact_after` of them; True when a summary was written.
+
+        Settled: older than `settle_seconds`, so a record written late (its seq was taken before
+        a slow write) still lands after the summary's `covers` and is read.
+        """
+        summary, covers = self._summary(cadence)
+        horizon = time.time_ns() // 1000 - int(self.settle_seconds * 1_000_000)
+        settled = [run for run in self._after(cadence, covers) if run_seq(run) <= horizon]
+        if len(settled) < self.compact_after:
+            return False
+        parts = _encode(_fold(summary, settled))
+        if len(parts) > _MAX_PARTS:  # far beyond any real ledger: keep reading the records
+            return False
+        tags = {
+            "evergreen.cadence": cadence,
+            COVERS_TAG: str(max(run_seq(run) for run in settled)),
+            PARTS_TAG: str(len(parts)),
+            **{f"{PART_TAG}{i}": part for i, part in enumerate(parts)},
+        }
+        self.summaries.append(tags, run_name=f"{cadence}-ledger-summary")
+        return True
+
+    def _summary(self, cadence: str) -> tuple[dict[str, str], int | None]:
+        """The newest summary of `cadence` and the seq it covers (({}, None) before the first)."""
+        runs = self.summaries.search(_cadence_filter(cadence), limit=1)
+        if not runs:
+            return {}, None
+        tags = runs[0].data.tags
+        parts = [tags[f"{PART_TAG}{i}"] for i in range(int(tags[PARTS_TAG]))]
+        return _decode(parts), int(tags[COVERS_TAG])
+
+    def _after(self, cadence: str, covers: int | None) -> list[Run]:
+        """The cadence's records newer than `covers` (all of them when None), newest first."""
+        where = _cadence_filter(cadence)
+        if covers is not None:
+            where += f" and metrics.{SEQ_METRIC} > {covers}"
+        return self.log.search(where)
+
     def is_processed(self, cadence: str, batch_id: str) -> bool:
         """True when the batch's latest entry is promoted, rejected or quarantined."""
         where = f"{_cadence_filter(cadence)} and tags.`evergreen.batch_id` = {quote(batch_id)}"
@@ -311,6 +377,35 @@ class Ledger:
 
 def _cadence_filter(cadence: str | None) -> str:
     return "" if cadence is None else f"tags.`evergreen.cadence` = {quote(cadence)}"
+
+
+def _fold(summary: dict[str, str], newest_first: list[Run]) -> dict[str, str]:
+    """`summary` updated by records newer than it (the first record seen per batch wins)."""
+    latest = dict(summary)
+    seen: set[str] = set()
+    for run in newest_first:
+        tags = run.data.tags
+        batch_id = tags.get("evergreen.batch_id", "")
+        if batch_id not in seen:
+            seen.add(batch_id)
+            latest[batch_id] = tags.get("evergreen.outcome", "")
+    return latest
+
+
+def _encode(latest: dict[str, str]) -> list[str]:
+    """batch → outcome as zlib-compressed, base64 lines ("outcome\tbatch"), in tag-sized parts."""
+    text = "\n".join(f"{outcome}\t{batch}" for batch, outcome in sorted(latest.items()))
+    packed = base64.b64encode(zlib.compress(text.encode(), 9)).decode("ascii")
+    return [packed[i : i + _PART_CHARS] for i in range(0, len(packed), _PART_CHARS)] or [""]
+
+
+def _decode(parts: list[str]) -> dict[str, str]:
+    """The inverse of `_encode`."""
+    text = zlib.decompress(base64.b64decode("".join(parts))).decode() if any(parts) else ""
+    return {
+        batch: outcome
+        for outcome, batch in (line.split("\t", 1) for line in text.splitlines() if line)
+    }
 
 
 def _entry(run: Run) -> LedgerEntry:

@@ -29,6 +29,7 @@ def record(
     extra = {**(details or {}), **({"forced": "true"} if forced else {})}
     for batch_id in batch_ids:
         ledger.record(cadence, batch_id, outcome, details=extra)
+    ledger.compact(cadence)  # keeps `processed` reading a bounded number of records
 
 
 def record_failed(cfg: EvergreenConfig, cadence: str, batch_ids: Iterable[str], error: str) -> None:
@@ -44,6 +45,10 @@ def record_consumed(cfg: EvergreenConfig, batch_ids: Iterable[str], version: str
 
 
 def processed(cfg: EvergreenConfig, cadence: str) -> set[str]:
-    """Batches `cadence` is done with: the latest entry is anything but `failed`."""
-    entries = Ledger.from_config(cfg).processed(cadence)
-    return {b for b, entry in entries.items() if entry.outcome != "failed"}
+    """Batches `cadence` is done with: the latest entry is anything but `failed`.
+
+    Read from the cadence's ledger summary and the records after it (`Ledger.latest_outcomes`),
+    so a flow start does not read the whole history.
+    """
+    latest = Ledger.from_config(cfg).latest_outcomes(cadence)
+    return {b for b, outcome in latest.items() if outcome != "failed"}

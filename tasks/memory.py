@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from tasks.common import encode_labels, text_ids
 BATCH_COLUMN = "batch_id"
 ROLES = ("select", "gate")
 _COMMIT_ATTEMPTS = 5
+CACHE_MIN_AGE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -155,10 +157,37 @@ def read_memory(cfg: EvergreenConfig, ref: MemoryRef | None) -> DataMemory:
     """The snapshot `ref` (cached under `<home>/cache/memory/<run>`), or an empty memory."""
     if ref is None:
         return DataMemory()
-    target = cfg.home_path / "cache" / "memory" / ref.run_id
+    cache = cfg.home_path / "cache" / "memory"
+    target = cache / ref.run_id
     if not target.exists():
         memory_store(cfg).download(ref, target)
-    return DataMemory.load(target, ref)
+    try:
+        memory = DataMemory.load(target, ref)
+    except FileNotFoundError:  # pruned by another process between exists() and load
+        shutil.rmtree(target, ignore_errors=True)
+        memory_store(cfg).download(ref, target)
+        memory = DataMemory.load(target, ref)
+    prune_cache(cache, keep=ref.run_id)
+    return memory
+
+
+def prune_cache(cache: Path, *, keep: str, min_age_seconds: float = CACHE_MIN_AGE_SECONDS) -> int:
+    """Remove cached snapshots other than `keep` untouched for `min_age_seconds`; how many.
+
+    Every accepted batch makes a new head, and the old ones are never read again by the flows:
+    without this the cache holds a full copy of every snapshot ever committed. The age floor
+    spares a snapshot another flow may have just downloaded (a reader that loses one anyway
+    downloads it again).
+    """
+    if not cache.is_dir():
+        return 0
+    cutoff = time.time() - min_age_seconds
+    removed = 0
+    for entry in cache.iterdir():
+        if entry.name != keep and entry.is_dir() and entry.stat().st_mtime < cutoff:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)

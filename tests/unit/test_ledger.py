@@ -119,3 +119,59 @@ def test_promotion_lock_excludes_others_and_times_out(tmp_path):
         assert len(errors) == 1 and str(path) in str(errors[0])
     with promotion_lock("my model/v1", tmp_path, timeout=0.3):  # released on exit
         pass
+
+
+def _counting(monkeypatch: pytest.MonkeyPatch, ledger: Ledger) -> list[int]:
+    """Count the records every MLflow search of `ledger` returns (its client is shared)."""
+    read: list[int] = []
+    search = ledger.log.client.search_runs
+
+    def counted(*args, **kwargs):
+        page = search(*args, **kwargs)
+        read.append(len(page))
+        return page
+
+    monkeypatch.setattr(ledger.log.client, "search_runs", counted)
+    return read
+
+
+def _write(ledger: Ledger, cadence: str, batches: range, outcome: str = "promoted") -> None:
+    for i in batches:
+        ledger.record(cadence, f"b{i:03d}", outcome)  # type: ignore[arg-type]
+        ledger.compact(cadence)  # what tasks.ledger.record does after each run's entries
+
+
+def test_latest_outcomes_reads_a_bounded_number_of_records(uri, monkeypatch):
+    ledger = Ledger(uri, experiment="ledger-growth", settle_seconds=0, compact_after=4)
+    read = _counting(monkeypatch, ledger)
+    cost = {}
+    for upto in (8, 32):
+        _write(ledger, "daily", range(len(ledger.processed("daily")), upto))
+        read.clear()
+        latest = ledger.latest_outcomes("daily")
+        cost[upto] = (sum(read), len(read))
+        assert latest == {b: e.outcome for b, e in ledger.processed("daily").items()}
+        assert len(latest) == upto
+    # one summary plus fewer than compact_after records after it, in two searches, at 8 or 32
+    assert cost[8] == cost[32]
+    assert cost[32][0] <= 1 + 4 and cost[32][1] == 2
+
+
+def test_summaries_keep_failed_batches_pending_and_forced_reruns_done(uri):
+    ledger = Ledger(uri, experiment="ledger-summary-semantics", settle_seconds=0, compact_after=2)
+    _write(ledger, "daily", range(3))
+    ledger.record("daily", "b001", "failed", details={"error": "OOM"})  # after the summary
+    ledger.record("daily", "b002", "failed")
+    assert ledger.compact("daily")  # the failures are now inside a summary
+    ledger.record("daily", "b002", "promoted", details={"forced": "true"})  # rerun succeeded
+    latest = ledger.latest_outcomes("daily")
+    assert latest == {"b000": "promoted", "b001": "failed", "b002": "promoted"}
+    assert latest == {b: e.outcome for b, e in ledger.processed("daily").items()}
+    assert ledger.latest_outcomes("weekly") == {}  # per cadence
+
+
+def test_unsettled_records_are_not_folded(uri):
+    ledger = Ledger(uri, experiment="ledger-unsettled", settle_seconds=3600, compact_after=1)
+    _write(ledger, "daily", range(3))
+    assert not ledger.compact("daily")  # a late write with an older seq could still arrive
+    assert set(ledger.latest_outcomes("daily")) == {"b000", "b001", "b002"}

@@ -92,3 +92,24 @@ def test_store_commits_compare_and_set_and_verifies_downloads(tmp_path):
     with pytest.raises(MemoryIntegrityError, match=r"profile\.json"):
         store.download(ref2, tmp_path / "dl2")
     assert not (tmp_path / "dl2").exists() or not any((tmp_path / "dl2").iterdir())
+
+
+def test_reading_a_new_head_prunes_old_cached_snapshots(tmp_path):
+    import os
+
+    from tasks.memory import memory_store, read_memory
+
+    cfg = _cfg(tmp_path)
+    store = memory_store(cfg)
+    one = _remember(DataMemory(), cfg, "b1", seed=1)
+    ref1 = store.commit(one.save(tmp_path / "s1"), parent=None, batch_ids=["b1"])
+    assert read_memory(cfg, ref1).batches == ("b1",)
+    cache = cfg.home_path / "cache" / "memory"
+    two = _remember(one, cfg, "b2", seed=2)
+    ref2 = store.commit(two.save(tmp_path / "s2"), parent=ref1.run_id, batch_ids=["b1", "b2"])
+    assert read_memory(cfg, ref2).batches == ("b1", "b2")
+    assert {p.name for p in cache.iterdir()} == {ref1.run_id, ref2.run_id}  # ref1 is recent
+    os.utime(cache / ref1.run_id, (0, 0))  # untouched for long: nobody is about to read it
+    assert read_memory(cfg, ref2).batches == ("b1", "b2")
+    assert {p.name for p in cache.iterdir()} == {ref2.run_id}
+    assert read_memory(cfg, ref1).batches == ("b1",)  # an old snapshot is downloaded again
