@@ -13,6 +13,8 @@ Built-in families:
 - `hf`: a local Hugging Face encoder (never downloaded) + mean pooling + Linear `classifier`;
   inputs are token ids from `.tokenize(texts)` (`continual.text`); `feature_columns` is the one
   text column and `n_features` the maximum sequence length.
+- `hf-causal-lm`: a local `AutoModelForCausalLM` (`continual.causal_lm`), same inputs; it learns
+  the text itself (next-token loss), `n_classes` is its vocabulary size and `classes` is empty.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 _STD_FLOOR = 1e-6
-TEXT_FAMILIES = frozenset({"hf"})  # families whose input is one text column of token ids
+CAUSAL_LM = "hf-causal-lm"  # continual.causal_lm: n_classes is the vocabulary size
+TEXT_FAMILIES = frozenset({"hf", CAUSAL_LM})  # families whose input is one text column of ids
 
 
 @dataclass
@@ -127,8 +130,10 @@ def _spec_problems(spec: ModelSpec) -> list[str]:
         problems.append(f"dropout must be in [0, 1), got {spec.dropout}")
     if spec.family == "transformer" and spec.d_model % max(spec.n_heads, 1) != 0:
         problems.append(f"d_model={spec.d_model} is not divisible by n_heads={spec.n_heads}")
-    if spec.family == "hf" and not spec.hf_path:
-        problems.append('family "hf" needs hf_path (a local Hugging Face model directory)')
+    if spec.family in TEXT_FAMILIES and not spec.hf_path:
+        problems.append(
+            f"family {spec.family!r} needs hf_path (a local Hugging Face model directory)"
+        )
     return problems
 
 
@@ -383,10 +388,18 @@ def _build_hf(spec: ModelSpec) -> nn.Module:
     return HFTextClassifier(spec.hf_path, spec.n_classes, max_length=spec.n_features)
 
 
+def _build_causal_lm(spec: ModelSpec) -> nn.Module:
+    from continual.causal_lm import HFCausalLM
+
+    assert spec.hf_path is not None  # guaranteed by ModelSpec validation
+    return HFCausalLM(spec.hf_path, max_length=spec.n_features)
+
+
 MODEL_FAMILIES: dict[str, Callable[[ModelSpec], nn.Module]] = {
     "mlp": MLPClassifier,
     "transformer": TabularTransformer,
     "hf": _build_hf,
+    CAUSAL_LM: _build_causal_lm,
 }
 
 

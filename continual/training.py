@@ -248,7 +248,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb)
+                loss = _task_loss(model, logits, xb, yb)
                 if distiller is not None:
                     loss = distiller.loss(xb, logits.float(), loss)
             _check_loss(loss, step)
@@ -265,6 +265,19 @@ def train(
     result.steps = settings.steps
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+    """Cross-entropy of the labels; for a causal LM (logits [N, L, V]) the next-token loss of
+    the token ids themselves, padding masked (`continual.causal_lm`; its labels are unused)."""
+    if logits.ndim == 3:
+        from continual.causal_lm import next_token_loss
+
+        pad = _pad_token_id(model, xb)
+        if pad is None:
+            raise ValueError("train: 3-D logits need token-id inputs and a model pad_token_id")
+        return next_token_loss(logits, xb, pad)
+    return F.cross_entropy(logits.float(), yb)
 
 
 def _check_loss(loss: Tensor, step: int) -> None:
@@ -354,6 +367,16 @@ def correct_mask(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 10
     """Boolean array [N]: whether the model's top class is the label (paired gate input)."""
     predicted = predict_logits(model, X, batch_size=batch_size).argmax(dim=-1)
     return (predicted == y.cpu()).numpy()
+
+
+def row_scores(model: nn.Module, X: Tensor, y: Tensor) -> np.ndarray:
+    """The per-row score the gate and every keep/discard check compare (higher is better):
+    correctness (0/1) of a classifier, the mean token log-likelihood of a causal LM."""
+    from continual.causal_lm import is_causal_lm, token_log_likelihood
+
+    if is_causal_lm(model):
+        return token_log_likelihood(model, X)
+    return correct_mask(model, X, y)
 
 
 def accuracy(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) -> float:

@@ -62,6 +62,13 @@ def data_columns(data_cfg: DataConfig) -> list[str]:
     return [*data_cfg.features, *([data_cfg.text] if data_cfg.text else []), data_cfg.label]
 
 
+def file_columns(data_cfg: DataConfig) -> list[str]:
+    """The columns the files must hold: `data_columns` without the label of text-only data
+    (a causal LM), which `read_batch` fills in as the one placeholder class."""
+    columns = data_columns(data_cfg)
+    return columns[:-1] if data_cfg.text_only else columns
+
+
 def _is_data_file(name: str, where: str) -> bool:
     """Hidden/underscore files (`.tmp`, `_SUCCESS`) and other formats are not data."""
     if not name or name.startswith((".", "_")):
@@ -440,11 +447,13 @@ def read_batch(
     seen: set[str] = set()
     frames = list(
         iter_batch_frames(
-            zone, batch_id, data_columns(data_cfg), chunk_rows=chunk_rows, seen_columns=seen
+            zone, batch_id, file_columns(data_cfg), chunk_rows=chunk_rows, seen_columns=seen
         )
     )
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     frame = readers.numpy_dtypes(frame.reset_index(drop=True))
+    if data_cfg.text_only:  # a causal LM's text has no label: one placeholder class
+        frame[data_cfg.label] = data_cfg.classes[0]
     frame.attrs[COLUMNS_IN_FILES_ATTR] = sorted(seen)
     return frame
 

@@ -21,6 +21,12 @@ DEFAULT_CONFIG_PATH = Path("evergreen.yaml")
 # limit names and lock-file names: keep them to characters that are safe in all three.
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 BUILTIN_FAMILIES = ("mlp", "transformer", "hf", "hf-causal-lm")
+CAUSAL_LM_FAMILY = "hf-causal-lm"
+# A causal LM learns its text, not labels: its batches carry no label column; the reader fills
+# this one placeholder class in (`data_plane.landing.read_batch`), so splits, the data memory
+# and validation stay the same code.
+TEXT_ONLY_CLASSES = ["text"]
+CAUSAL_LM_REPLAY_RATIO = 0.2  # weekly default for a causal LM: 80 % new text, 20 % replayed
 
 
 class _Strict(BaseModel):
@@ -85,7 +91,9 @@ class DataConfig(_Strict):
     )
     label: str = Field("label", description="Label column.")
     classes: list[Any] = Field(
-        ..., description="Every class the model may predict, in a fixed order."
+        default_factory=list,
+        description="Every class the model may predict, in a fixed order (required, except for "
+        "model.family hf-causal-lm, which learns the text and has no labels).",
     )
     select_fraction: float = Field(
         0.1,
@@ -130,7 +138,7 @@ class DataConfig(_Strict):
             raise ValueError("data: set `features` (numeric columns) or `text` (a text column)")
         if len(set(map(str, self.classes))) != len(self.classes):
             raise ValueError("data.classes has duplicates")
-        if len(self.classes) < 2:
+        if self.classes and len(self.classes) < 2 and self.classes != TEXT_ONLY_CLASSES:
             raise ValueError("data.classes needs at least two classes")
         if self.select_fraction + self.gate_fraction >= 0.9:
             raise ValueError(
@@ -142,6 +150,11 @@ class DataConfig(_Strict):
             raise ValueError(f"data.feature_bounds names columns not in data.features: {unknown}")
         self._check_columns()
         return self
+
+    @property
+    def text_only(self) -> bool:
+        """Whether batches hold text alone (a causal LM: no label column, no classes)."""
+        return self.classes == TEXT_ONLY_CLASSES
 
     def _check_columns(self) -> None:
         """Every column has one role: a feature, the text, or the label."""
@@ -425,6 +438,28 @@ class GateConfig(_Strict):
     n_bootstrap: int = Field(2000, gt=99)
 
 
+def _causal_lm_defaults(cfg: EvergreenConfig) -> None:
+    """Check and complete a causal-LM config: text and no classes (the placeholder class is
+    filled in); weekly replays 20 % old text unless `weekly.replay_ratio` is set.
+
+    Raises:
+        ValueError: features instead of text, or data.classes set (it learns text, not labels).
+    """
+    if not cfg.data.text:
+        raise ValueError(
+            "model.family hf-causal-lm learns text: set data.text (the text column) instead of "
+            "data.features"
+        )
+    if cfg.data.classes and not cfg.data.text_only:
+        raise ValueError(
+            "model.family hf-causal-lm learns the text itself, not labels: remove data.classes "
+            f"(got {cfg.data.classes}); batches need only the {cfg.data.text!r} column"
+        )
+    cfg.data.classes = list(TEXT_ONLY_CLASSES)
+    if "replay_ratio" not in cfg.weekly.model_fields_set:
+        cfg.weekly.replay_ratio = CAUSAL_LM_REPLAY_RATIO
+
+
 class EvergreenConfig(_Strict):
     home: str = Field(
         ".evergreen", description="State: MLflow store, artifacts, reports.", validate_default=True
@@ -448,15 +483,24 @@ class EvergreenConfig(_Strict):
 
     @model_validator(mode="after")
     def _text_needs_a_text_model(self) -> EvergreenConfig:
-        text_family = self.model.family == "hf"
+        family = self.model.family
         if self.data.text and self.data.features:
             raise ValueError("data: set either `features` or `text`, not both")
-        if self.data.text and not (text_family and self.model.hf_path):
+        if family == CAUSAL_LM_FAMILY:
+            _causal_lm_defaults(self)
+            return self
+        if not self.data.classes or self.data.text_only:
             raise ValueError(
-                f"data.text is set: use model.family: hf with model.hf_path (a local model "
-                f"directory or package:NAME), got family {self.model.family!r}"
+                "data.classes needs at least two classes (only model.family hf-causal-lm, "
+                "which learns text without labels, goes without)"
             )
-        if text_family and not self.data.text:
+        if self.data.text and not (family == "hf" and self.model.hf_path):
+            raise ValueError(
+                f"data.text is set: use model.family: hf (classification) or hf-causal-lm "
+                f"(continual pre-training) with model.hf_path (a local model directory or "
+                f"package:NAME), got family {family!r}"
+            )
+        if family == "hf" and not self.data.text:
             raise ValueError("model.family hf reads text: set data.text (the text column)")
         return self
 

@@ -57,6 +57,8 @@ class EvergreenPyfunc(PythonModel):
     Output columns: `prediction` (the label from `spec.classes`, logit i ↔ classes[i]),
     `probability` (the probability of that label) and `probability_<class>` for every class in
     `spec.classes` order (they sum to 1), so a caller can rank, threshold or calibrate.
+    A causal LM (`hf-causal-lm`) returns `log_likelihood` (mean token log-likelihood per row)
+    and `perplexity` (its exp(−·)) for a `text` column instead.
     """
 
     def __init__(self) -> None:
@@ -108,8 +110,16 @@ class EvergreenPyfunc(PythonModel):
             raise ValueError(
                 f"input is missing feature columns {missing}; the model expects {columns}"
             )
+        from continual.causal_lm import is_causal_lm, token_log_likelihood
         from continual.training import predict_proba
 
+        if is_causal_lm(self.model):  # continual pre-training: how well the model knows the text
+            log_likelihood = token_log_likelihood(self.model, self._inputs(frame[columns]))
+            return pd.DataFrame(
+                {"log_likelihood": log_likelihood, "perplexity": np.exp(-log_likelihood)},
+                index=frame.index,
+                dtype=np.float64,
+            )
         proba = predict_proba(self.model, self._inputs(frame[columns])).numpy()
         best = proba.argmax(axis=1)
         labels = np.asarray(self.spec.classes, dtype=object)[best]
@@ -267,7 +277,7 @@ def pip_requirements(checkpoint: Path) -> list[str]:
     if (checkpoint / "adapter").is_dir():
         names.append("peft")
     spec = json.loads((checkpoint / "spec.json").read_text(encoding="utf-8"))
-    if spec.get("family") == "hf":
+    if str(spec.get("family", "")).startswith("hf"):
         names.append("transformers")
     pins = []
     for name in names:

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from continual.models import TEXT_FAMILIES, ModelSpec
+from continual.models import CAUSAL_LM, TEXT_FAMILIES, ModelSpec
 from continual.text import encode_texts, tokenizer_for
 from data_plane.profile import label_key
 
@@ -36,7 +36,10 @@ def frame_to_tensors(
     df: pd.DataFrame, spec: ModelSpec, label: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Model inputs and class indices of a validated frame: features (float32, in the spec's
-    column order), or for a text model the token ids of its text column (`continual.text`)."""
+    column order), or for a text model the token ids of its text column (`continual.text`).
+    A causal LM learns the text itself: its labels are placeholders (zeros)."""
+    if spec.family == CAUSAL_LM:
+        return model_inputs(df, spec), torch.zeros(len(df), dtype=torch.long)
     return model_inputs(df, spec), encode_labels(df[label], spec.classes)
 
 

@@ -16,9 +16,11 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from continual.causal_lm import beats_uniform
 from continual.classification import ClassReport, class_report
 from continual.gating import GateDecision, GatePolicy, decide
-from continual.training import predict_logits
+from continual.models import CAUSAL_LM
+from continual.training import predict_logits, row_scores
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.memory import BATCH_COLUMN, DataMemory
@@ -118,6 +120,47 @@ def _references(
     return references
 
 
+def _lm_scores(
+    state: ModelState | None, new: pd.DataFrame, retention: pd.DataFrame, label: str
+) -> Scored:
+    """A causal LM's per-row mean token log-likelihood on the new and retention gate rows."""
+
+    def score(frame: pd.DataFrame) -> np.ndarray | None:
+        if state is None or frame.empty:
+            return None
+        X, y = frame_to_tensors(frame, state.spec, label)
+        return row_scores(state.model, X, y)
+
+    return Scored(score(new), score(retention))
+
+
+def _paired_scores(
+    cfg: EvergreenConfig,
+    champion: ModelState | None,
+    challenger: ModelState,
+    new: pd.DataFrame,
+    retention: pd.DataFrame,
+) -> tuple[dict[str, tuple[np.ndarray | None, np.ndarray | None]], dict[str, ClassReport]]:
+    """Per-row scores {model: (new, retention)} (higher is better) and class reports.
+
+    Classifiers: correctness of the top class (and a class report); causal LMs: the mean token
+    log-likelihood (`continual.training.row_scores`), no class report.
+    """
+    label = cfg.data.label
+    models = {"challenger": challenger, **({"champion": champion} if champion else {})}
+    if challenger.spec.family == CAUSAL_LM:
+        lm = {name: _lm_scores(state, new, retention, label) for name, state in models.items()}
+        return {name: (s.new, s.retention) for name, s in lm.items()}, {}
+    spec = challenger.spec
+    truth = Scored(_truth(spec, new, label), _truth(spec, retention, label))
+    scored = {name: _scored(state, new, retention, label) for name, state in models.items()}
+    reports = {
+        name: class_report(truth.pooled(), s.pooled(), list(spec.classes))
+        for name, s in scored.items()
+    }
+    return {name: s.correct(truth) for name, s in scored.items()}, reports
+
+
 @task(cache_policy=NO_CACHE, timeout_seconds=1800)
 def evaluate_against_champion(
     cfg: EvergreenConfig,
@@ -125,23 +168,26 @@ def evaluate_against_champion(
     challenger: ModelState,
     memory: DataMemory,
 ) -> Evaluation:
-    """The gate's decision for `challenger` vs `champion` (pure function in continual.gating)."""
+    """The gate's decision for `challenger` vs `champion` (pure function in continual.gating).
+
+    A causal LM is judged on per-row mean token log-likelihoods (paired bootstrap; tolerances
+    in nats), its forgetting per batch is the drop in mean log-likelihood (log of the
+    perplexity ratio), and a first champion's floor is the share of rows it predicts better
+    than a uniform guess over the vocabulary (`gate.min_accuracy`).
+    """
     started = time.perf_counter()
     learned = champion.learned if champion else frozenset()
     new, retention = split_by_learned(memory, learned, "gate")
     if new.empty:
         raise ValueError("no gate rows to evaluate on: raise data.gate_fraction or batch sizes")
-    spec = challenger.spec
-    truth = Scored(_truth(spec, new, cfg.data.label), _truth(spec, retention, cfg.data.label))
-    scored = {"challenger": _scored(challenger, new, retention, cfg.data.label)}
-    if champion is not None:
-        scored["champion"] = _scored(champion, new, retention, cfg.data.label)
-    challenger_new, challenger_retention = scored["challenger"].correct(truth)
-    champion_new, champion_retention = (
-        scored["champion"].correct(truth) if champion is not None else (None, None)
-    )
+    scores, reports = _paired_scores(cfg, champion, challenger, new, retention)
+    challenger_new, challenger_retention = scores["challenger"]
+    champion_new, champion_retention = scores.get("champion", (None, None))
+    judged_new = challenger_new
+    if champion is None and challenger.spec.family == CAUSAL_LM and challenger_new is not None:
+        judged_new = beats_uniform(challenger_new, challenger.spec.n_classes)
     decision = decide(
-        challenger_new_correct=challenger_new,
+        challenger_new_correct=judged_new,
         champion_new_correct=champion_new,
         challenger_retention_correct=challenger_retention,
         champion_retention_correct=champion_retention,
@@ -153,10 +199,6 @@ def evaluate_against_champion(
     for reason in decision.reasons:
         logger.info("gate: %s", reason)
     references = _references(champion, new, challenger_new)
-    reports = {
-        name: class_report(truth.pooled(), s.pooled(), list(spec.classes))
-        for name, s in scored.items()
-    }
     return Evaluation(
         decision,
         replace(challenger, references=references),

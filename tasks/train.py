@@ -24,10 +24,10 @@ from continual.distributed import DistributedJob
 from continual.ewc import EWC
 from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
-from continual.models import TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
+from continual.models import CAUSAL_LM, TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
 from continual.probe import has_probe_head, probe_head_
 from continual.replay import ReservoirBuffer as ReplayBuffer
-from continual.training import TrainResult, TrainSettings, correct_mask, train
+from continual.training import TrainResult, TrainSettings, row_scores, train
 from evergreen.config import EvergreenConfig, TrainConfig
 from model_registry.run_record import flatten_params
 from tasks.common import frame_to_tensors
@@ -155,15 +155,32 @@ def text_spec(cfg: EvergreenConfig) -> ModelSpec:
             f"data.text is set but model.family is {cfg.model.family!r}: text needs one of "
             f"{sorted(TEXT_FAMILIES)} with model.hf_path (or use numeric data.features)"
         )
+    causal = cfg.model.family == CAUSAL_LM
     return ModelSpec(
         family=cfg.model.family,
         n_features=cfg.model.max_length,
-        n_classes=len(cfg.data.classes),
+        n_classes=_vocab_size(cfg.model.hf_path) if causal else len(cfg.data.classes),
         feature_columns=[str(cfg.data.text)],
-        classes=list(cfg.data.classes),
+        classes=[] if causal else list(cfg.data.classes),
         dropout=cfg.model.dropout,
         hf_path=cfg.model.hf_path,
     )
+
+
+def _vocab_size(hf_path: str | None) -> int:
+    """The vocabulary size (output logits) of a local causal LM, from its config.json."""
+    from transformers import AutoConfig
+
+    from continual.models import resolve_hf_path
+
+    config = AutoConfig.from_pretrained(str(resolve_hf_path(str(hf_path))), local_files_only=True)
+    return int(config.vocab_size)
+
+
+def uses_ewc(spec: ModelSpec) -> bool:
+    """Whether updates of this family carry an EWC penalty. Not a causal LM: its Fisher over
+    [N, L, V] outputs is not implemented; it keeps old text by replay mixing instead."""
+    return spec.family != CAUSAL_LM
 
 
 TEXT_FISHER_ROWS = 64  # rows a text model's Fisher is estimated on
@@ -243,9 +260,11 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     settings = settings_from(train_cfg, len(X))
     result, _ = _fit(model, X, y, settings, "bootstrap", cfg=cfg, processes=train_cfg.processes)
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
-    ewc = EWC.from_model(
-        model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
-    )
+    ewc = None
+    if uses_ewc(spec):
+        ewc = EWC.from_model(
+            model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
+        )
     facts = training_facts(cfg, "bootstrap", settings, result, rows=len(X))
     return ModelState(model=model, spec=spec, ewc=ewc, training=facts, **_learned(memory))
 
@@ -301,9 +320,7 @@ class Selection:
     def score(self, model: torch.nn.Module) -> float:
         """Mean of the new and old accuracies: plasticity and stability count alike."""
         parts = [
-            float(correct_mask(model, X, y).mean())
-            for X, y in (self.new, self.old)
-            if X is not None
+            float(row_scores(model, X, y).mean()) for X, y in (self.new, self.old) if X is not None
         ]
         return float(np.mean(parts)) if parts else float("nan")
 
@@ -332,14 +349,20 @@ def _ewc_challenger(
     settings = settings_from(section.train, len(X))
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
+    if not uses_ewc(champion.spec):  # a causal LM: replay mixing alone
+        grid = [0.0]
     selection = selection_rows(cfg, champion, memory)
     start = start_update(champion, X, y, buffer)
-    best: tuple[float, float, torch.nn.Module, EWC, TrainResult, dict | None] | None = None
+    best: tuple[float, float, torch.nn.Module, EWC | None, TrainResult, dict | None] | None = None
     scores: dict[str, float] = {}
     seconds = 0.0
     for lam in grid:
         model = copy.deepcopy(start)
-        ewc = _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
+        ewc = (
+            _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
+            if uses_ewc(champion.spec)
+            else None
+        )
         result, own = _fit(
             model,
             X,
@@ -348,7 +371,7 @@ def _ewc_challenger(
             f"{label} λ={lam:g}",
             cfg=cfg,
             processes=section.train.processes,
-            fisher_kind=ewc.kind,
+            fisher_kind=None if ewc is None else ewc.kind,
             ewc=ewc,
             replay=buffer,
             replay_ratio=replay_ratio,
@@ -363,7 +386,8 @@ def _ewc_challenger(
     if len(grid) > 1:
         get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
     # own Fisher on this version's data (from the ranks when distributed); F ← γ·F_old + F_own
-    ewc.consolidate(model, *fisher_rows(champion.spec, X, y), own=own)
+    if ewc is not None:
+        ewc.consolidate(model, *fisher_rows(champion.spec, X, y), own=own)
     state = ModelState(
         model=model,
         spec=champion.spec,
@@ -508,7 +532,7 @@ def _selection_decision(
     X = torch.cat([X for X, _ in parts])
     y = torch.cat([y for _, y in parts])
     return decide(
-        challenger_new_correct=correct_mask(candidate, X, y),
-        champion_new_correct=correct_mask(champion.model, X, y),
+        challenger_new_correct=row_scores(candidate, X, y),
+        champion_new_correct=row_scores(champion.model, X, y),
         policy=gate_policy(cfg),
     )

@@ -1,0 +1,138 @@
+"""Causal language models (`hf-causal-lm`): continual pre-training on text, scored by likelihood.
+
+A causal LM fits the same tensors as every other family: the inputs are right-padded token ids
+[N, L] (`continual.text`), the "labels" a flow carries are placeholders (zeros), and the targets
+are the ids themselves, shifted by one. Two rules make the rest of the pipeline work unchanged:
+
+- training: a model whose output is 3-D ([N, L, V] logits) is trained on the next-token loss
+  with padding masked (labels = ids, pad → -100; `next_token_loss`), in the one training loop;
+- scoring: the per-row score is the mean token log-likelihood (`token_log_likelihood`: minus the
+  row's NLL per predicted token, higher is better), so the promotion gate compares it with its
+  paired bootstrap for continuous scores, and the per-batch "forgetting" of the gate becomes
+  reference − current mean log-likelihood = log(perplexity now / perplexity then).
+
+Weights and tokenizer load from a local directory only (never downloaded).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CAUSAL_LM_FAMILY = "hf-causal-lm"
+IGNORE_INDEX = -100  # the label cross-entropy skips (padding, the last position)
+_SCORE_BATCH = 64
+
+
+class HFCausalLM(nn.Module):
+    """A local `AutoModelForCausalLM`; forward(ids) returns logits [N, L, V].
+
+    No dynamic trimming of the padding (unlike the encoder): logits keep the fixed width L so
+    that chunks of a prediction stack; `max_length` bounds L, so the waste is bounded too.
+    """
+
+    is_causal_lm = True
+
+    def __init__(self, path: str | Path, max_length: int = 128) -> None:
+        super().__init__()
+        from continual.models import resolve_hf_path
+
+        directory = resolve_hf_path(path)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(
+                f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
+                "(no config.json); models are never downloaded, point hf_path at a local copy"
+            )
+        from transformers import AutoModelForCausalLM  # heavy import: only for this family
+
+        from continual.text import load_tokenizer
+
+        self.lm = AutoModelForCausalLM.from_pretrained(str(directory), local_files_only=True)
+        self.tokenizer = load_tokenizer(str(directory))
+        self.max_length = max_length
+        pad = self.tokenizer.pad_token_id
+        if pad is None:
+            pad = self.tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(
+                f"the tokenizer in {str(directory)!r} has neither a pad nor an eos token: "
+                "a causal LM needs one to pad rows to a common length"
+            )
+        self.pad_token_id = int(pad)
+        self.vocab_size = int(self.lm.config.vocab_size)
+
+    def tokenize(self, texts: list[str]) -> Tensor:
+        """Token ids [len(texts), max_length], right-padded and truncated to `max_length`."""
+        from continual.text import encode_texts
+
+        return encode_texts(self.tokenizer, texts, self.max_length)
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        input_ids = input_ids.long()
+        mask = (input_ids != self.pad_token_id).long()
+        logits: Tensor = self.lm(input_ids=input_ids, attention_mask=mask).logits
+        return logits
+
+
+def next_token_labels(ids: Tensor, pad_token_id: int) -> Tensor:
+    """Targets [N, L-1] for logits [:, :-1]: the next token of each position, pad → -100."""
+    labels = ids[:, 1:].clone()
+    labels[labels == pad_token_id] = IGNORE_INDEX
+    return labels
+
+
+def next_token_loss(logits: Tensor, ids: Tensor, pad_token_id: int) -> Tensor:
+    """Mean next-token cross-entropy over the non-pad target tokens of a batch."""
+    labels = next_token_labels(ids, pad_token_id)
+    width = labels.shape[1]
+    return F.cross_entropy(
+        logits[:, :width].reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+    )
+
+
+@torch.no_grad()
+def token_log_likelihood(
+    model: nn.Module, ids: Tensor, *, batch_size: int = _SCORE_BATCH
+) -> np.ndarray:
+    """Per-row mean token log-likelihood [N] (float64; −NLL per predicted token, higher is
+    better). A row with a single token has nothing to predict and scores 0.0.
+
+    This is the one score of a causal LM: the gate, the keep/discard check of a LoRA update,
+    the forgetting references and the served model all read it. exp(−score) is the row's
+    perplexity.
+    """
+    pad = int(model.pad_token_id)  # type: ignore[arg-type]  # an HFCausalLM, maybe under peft
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[np.ndarray] = []
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size].long().to(device)
+        logits = model(chunk).float()
+        labels = next_token_labels(chunk, pad)
+        nll = F.cross_entropy(
+            logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        counts = (labels != IGNORE_INDEX).sum(dim=1)
+        mean = -nll.sum(dim=1) / counts.clamp(min=1)
+        out.append(mean.double().cpu().numpy())
+    if not out:
+        raise ValueError("token_log_likelihood: no rows to score")
+    return np.concatenate(out)
+
+
+def beats_uniform(log_likelihood: np.ndarray, vocab_size: int) -> np.ndarray:
+    """Whether each row is predicted better than a uniform guess over the vocabulary: the
+    accuracy-like [0, 1] score of a first champion's floor (`gate.min_accuracy`)."""
+    return np.asarray(log_likelihood) > -math.log(vocab_size)
+
+
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` (or the model a peft wrapper holds) is a causal LM of this module."""
+    return bool(getattr(model, "is_causal_lm", False))

@@ -1,0 +1,138 @@
+"""Continual pre-training of a causal LM (`hf-causal-lm`) through the cadences, by the CLI.
+
+A tiny Llama-style model (hidden 32, 2 layers, 4 heads) built from `LlamaConfig` with a WordLevel
+tokenizer made offline, saved to a temporary directory; three batches of ~100 short sentences
+from three "domains" (different word pools), text only (no label column, no classes):
+bootstrap → daily-lora → weekly-replay → rollback, each through `evergreen.cli.main`, then the
+champion's pyfunc scores a `text` column (log-likelihood and perplexity).
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from evergreen.config import load_config
+from model_registry.ledger import Ledger
+from model_registry.registry import Registry
+from tests.tiny_llama import DOMAINS, GLUE, sentences, tiny_llama
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lm")
+    tiny_llama(root / "tiny-llama")
+    batches = []
+    for i, domain in enumerate(["kitchen", "harbour", "office"]):
+        batch_id = f"2026-11-{i + 1:02d}"
+        directory = root / "landing" / batch_id
+        directory.mkdir(parents=True)
+        frame = pd.DataFrame({"text": sentences(domain, 100, seed=i)})
+        frame.to_parquet(directory / "part-0.parquet", index=False)
+        (directory / "_SUCCESS").touch()
+        batches.append(batch_id)
+    train = {"epochs": 3, "steps": 1, "batch_size": 16, "lr": 3e-3}
+    tree = {
+        "home": str(root / "home"),
+        "data": {"landing": str(root / "landing"), "text": "text", "min_rows": 20},
+        "model": {
+            "family": "hf-causal-lm",
+            "hf_path": str(root / "tiny-llama"),
+            "max_length": 32,
+        },
+        "registry": {"name": "lm-test", "experiment": "lm-test"},
+        "bootstrap": {"train": {**train, "epochs": 10}},
+        "daily": {"train": {**train, "lr": 1e-2}},
+        "weekly": {"train": dict(train)},
+        # tolerances in nats of mean token log-likelihood; forgetting budget: perplexity +35 %
+        "gate": {
+            "new_data_tolerance": 0.3,
+            "retention_tolerance": 0.3,
+            "forgetting_budget": 0.3,
+        },
+    }
+    config = root / "evergreen.yaml"
+    config.write_text(yaml.safe_dump(tree, sort_keys=False))
+    cfg = load_config(config)
+    return {
+        "config": str(config),
+        "cfg": cfg,
+        "batches": batches,
+        "registry": Registry.from_config(cfg),
+        "ledger": Ledger.from_config(cfg),
+        "root": root,
+    }
+
+
+def _cli(pipeline, *args: str) -> None:
+    from evergreen.cli import main
+
+    assert main(["run", *args, "--config", pipeline["config"]]) == 0
+
+
+def _champion(pipeline) -> str | None:
+    champion = pipeline["registry"].champion()
+    return champion.version if champion else None
+
+
+def test_config_has_no_classes_and_replays_20_percent(pipeline):
+    cfg = pipeline["cfg"]
+    assert cfg.data.text_only and cfg.weekly.replay_ratio == pytest.approx(0.2)
+
+
+def test_01_bootstrap_learns_the_text(pipeline):
+    _cli(pipeline, "bootstrap", "--batch", pipeline["batches"][0])
+    assert _champion(pipeline) is not None
+
+
+@pytest.mark.parametrize(("cadence", "batch"), [("daily-lora", 1), ("weekly-replay", 2)])
+def test_02_03_updates_decide_on_log_likelihood(pipeline, cadence, batch):
+    before = _champion(pipeline)
+    _cli(pipeline, cadence, "--batch", pipeline["batches"][batch])
+    decisions = [e.outcome for e in pipeline["ledger"].entries(cadence)]
+    assert decisions and decisions[0] in {"promoted", "rejected"}, decisions
+    assert (_champion(pipeline) != before) == (decisions[0] == "promoted")
+
+
+def test_04_champion_scores_text_in_a_fresh_process(pipeline):
+    cfg = pipeline["cfg"]
+    texts = [*sentences("kitchen", 3, seed=0), "stapler memo budget desk"]
+    code = (
+        "import mlflow, pandas as pd;"
+        f"mlflow.set_tracking_uri({cfg.tracking_uri!r});"
+        f"m = mlflow.pyfunc.load_model('models:/{cfg.registry.name}@champion');"
+        f"print(m.predict(pd.DataFrame({{'text': {texts!r}}})).to_json())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = pd.read_json(io.StringIO(done.stdout.strip().splitlines()[-1]))
+    assert list(out.columns) == ["log_likelihood", "perplexity"]
+    assert np.all(out["log_likelihood"] < 0)
+    np.testing.assert_allclose(out["perplexity"], np.exp(-out["log_likelihood"]), rtol=1e-6)
+    vocab = sum(len(w) for w in DOMAINS.values()) + len(GLUE) + 4
+    assert out["perplexity"].iloc[:3].max() < vocab  # better than a uniform guess on seen text
+
+
+def test_05_some_update_was_promoted_and_rollback_restores(pipeline):
+    from evergreen.cli import main
+
+    history = pipeline["registry"].history()
+    assert len(history) >= 2, "no update passed the gate"
+    current = _champion(pipeline)
+    assert main(["run", "rollback", "--config", pipeline["config"]]) == 0
+    assert _champion(pipeline) not in {None, current}
