@@ -322,7 +322,7 @@ def run_sequence(
         "family": family,
         "seed": seed,
         "tasks": [t.name for t in sequence.tasks],
-        "home": str(root),
+        "home": f"<workdir>/{root.name}",  # where it ran (kept with --keep)
         "steps": product["steps"],
         "ledger": product["ledger"],
         "product_seconds": round(product_seconds, 1),
@@ -440,7 +440,9 @@ def run(
             runs.append(run_sequence(family, seed, cadence, n_tasks, declare_bounds, workdir))
             with (workdir.parent / f"{workdir.name}.runs.jsonl").open("a") as partial:
                 partial.write(json.dumps(runs[-1], default=str) + "\n")  # survives a kill
-    if not keep:
+    if keep:
+        print(f"homes kept under {workdir} (<workdir> in the JSON)", file=sys.stderr)
+    else:
         shutil.rmtree(workdir, ignore_errors=True)
     result = {
         "benchmark": "product_quality",
@@ -575,7 +577,7 @@ def main() -> None:
         action="store_true",
         help="declare data.feature_bounds [0, max over the sequence] for every pixel",
     )
-    parser.add_argument("--keep", action="store_true", help="keep the homes (path in the JSON)")
+    parser.add_argument("--keep", action="store_true", help="keep the homes (printed)")
     args = parser.parse_args()
     result = run(
         args.split,
