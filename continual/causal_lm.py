@@ -40,14 +40,9 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, path: str | Path, max_length: int = 128) -> None:
         super().__init__()
-        from continual.models import resolve_hf_path
+        from continual.models import local_hf_directory
 
-        directory = resolve_hf_path(path)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
-                "(no config.json); models are never downloaded, point hf_path at a local copy"
-            )
+        directory = local_hf_directory(path)
         from transformers import AutoModelForCausalLM  # heavy import: only for this family
 
         from continual.text import load_tokenizer

@@ -300,12 +300,7 @@ class HFTextClassifier(nn.Module):
 
     def __init__(self, path: str | Path, n_classes: int, max_length: int = 128) -> None:
         super().__init__()
-        directory = resolve_hf_path(path)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(
-                f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
-                "(no config.json); models are never downloaded, point hf_path at a local copy"
-            )
+        directory = local_hf_directory(path)
         from transformers import AutoModel  # heavy import: only for this family
 
         from continual.text import load_tokenizer
@@ -355,6 +350,21 @@ class HFTextClassifier(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         logits: Tensor = self.classifier(self.features(input_ids))
         return logits
+
+
+def local_hf_directory(path: str | Path) -> Path:
+    """`resolve_hf_path`, checked to hold a Hugging Face model (models are never downloaded).
+
+    Raises:
+        FileNotFoundError: the directory has no config.json.
+    """
+    directory = resolve_hf_path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
+            "(no config.json); models are never downloaded, point hf_path at a local copy"
+        )
+    return directory
 
 
 def resolve_hf_path(path: str | Path) -> Path:
