@@ -136,7 +136,7 @@ def tensors_sha256(tensors: dict[str, Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().to("cpu").reshape(-1).contiguous()
         digest.update(f"{name}\0{t.dtype}\0{tuple(tensors[name].shape)}\0".encode())
-        digest.update(memoryview(t.view(torch.uint8).numpy()))
+        digest.update(t.view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 

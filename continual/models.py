@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from continual.base_model import resolve_hf_path  # re-exported: where callers find it
+from continual.base_model import resolve_hf_path as resolve_hf_path  # re-exported
 
 _STD_FLOOR = 1e-6
 CAUSAL_LM = "hf-causal-lm"  # continual.causal_lm: n_classes is the vocabulary size
