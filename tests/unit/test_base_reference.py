@@ -149,11 +149,13 @@ def test_a_checkpoint_with_full_weights_still_loads(base, tmp_path):
     spec = _spec(base)
     model = _daily_lora(spec).merge_and_unload()
     path = save_checkpoint(tmp_path / "v", model, spec)
+    from_delta = _logits(load_checkpoint(path)[0])
     (path / BASE_FILE).unlink()
     full = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     save_file(full, str(path / WEIGHTS_FILE))
     loaded, _ = load_checkpoint(path)
     assert torch.equal(_logits(loaded), _logits(model))
+    assert torch.equal(from_delta, _logits(loaded))  # same predictions as before the change
     save_file(dict(list(full.items())[:-1]), str(path / WEIGHTS_FILE))
     with pytest.raises(CheckpointError, match="missing keys"):
         load_checkpoint(path)  # without base.json nothing may come from the base
