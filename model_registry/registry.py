@@ -27,6 +27,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
 from model_registry import pyfunc_model
+from model_registry.fault_hooks import hang_here
 from model_registry.ledger import (
     PromotionEvent,
     PromotionHistory,
@@ -199,6 +200,7 @@ class Registry:
                 if record is not None:
                     log_record(record, active_run, info.model_id, self.client)
                 version_tags = {**tags, **{SHA_PREFIX + k: v for k, v in manifest.items()}}
+                hang_here("registry.run-logged")  # test hook: a run with no version yet
                 mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         return self.get_version(str(mv.version))
 
