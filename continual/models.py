@@ -37,6 +37,7 @@ from continual.base_model import resolve_hf_path as resolve_hf_path  # re-export
 _STD_FLOOR = 1e-6
 CAUSAL_LM = "hf-causal-lm"  # continual.causal_lm: n_classes is the vocabulary size
 TEXT_FAMILIES = frozenset({"hf", CAUSAL_LM})  # families whose input is one text column of ids
+SPEC_ATTRIBUTE = "evergreen_spec"  # set by build_model on the module it returns
 
 
 @dataclass
@@ -428,7 +429,16 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise ValueError(
             f"model family {spec.family!r} returned {type(model).__name__}, expected nn.Module"
         )
+    # The model carries its spec (copies and peft wrappers keep it) so code that must rebuild it
+    # elsewhere, e.g. on every torchrun rank, needs no pickle of the module.
+    setattr(model, SPEC_ATTRIBUTE, spec)
     return model
+
+
+def spec_of(model: nn.Module) -> ModelSpec | None:
+    """The spec `build_model` built `model` (or the base of a peft model) from, else None."""
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    return spec if isinstance(spec, ModelSpec) else None
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:

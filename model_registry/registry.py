@@ -28,6 +28,7 @@ from mlflow.exceptions import MlflowException
 
 from continual.base_model import BaseModelError, check_checkpoint_base
 from model_registry import pyfunc_model
+from model_registry.fault_hooks import hang_here
 from model_registry.ledger import (
     PromotionEvent,
     PromotionHistory,
@@ -204,6 +205,7 @@ class Registry:
                 if record is not None:
                     log_record(record, active_run, info.model_id, self.client)
                 version_tags = {**tags, **{SHA_PREFIX + k: v for k, v in manifest.items()}}
+                hang_here("registry.run-logged")  # test hook: a run with no version yet
                 mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         return self.get_version(str(mv.version))
 
