@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from continual.ewc import EWC
-from continual.models import ModelSpec, build_model
+from continual.models import ModelSpec, build_model, spec_of
 from continual.standardization import (
     FIRST_WEIGHT,
     align_for_merge,
@@ -131,6 +131,7 @@ def test_an_update_starts_from_a_widened_copy_and_the_champion_is_untouched():
     assert base is not champion and base.model is not champion.model
     assert float(champion.model.standardize.input_std[1]) == float(torch.tensor(0.02))
     assert base.spec.input_std[1] > 0.5 and spec.input_std[1] == 0.02
+    assert spec_of(base.model) == base.spec and spec_of(champion.model) == spec
     assert base.ewc is not None and ewc.own_fisher is not None
     before, after = ewc.fisher[FIRST_WEIGHT][:, 1], base.ewc.fisher[FIRST_WEIGHT][:, 1]
     assert torch.allclose(after, before * (0.02 / base.spec.input_std[1]) ** 2, rtol=1e-4)
