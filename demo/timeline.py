@@ -375,9 +375,11 @@ def build_demo_landing(landing_uri: str, *, seed: int = 0) -> list[DemoBatch]:
 def demo_config_dict(landing: str, home: str) -> dict[str, Any]:
     """A complete `evergreen.yaml` mapping for the digits demo (validates as `EvergreenConfig`).
 
-    The model is the small built-in transformer (its attention has q_proj/v_proj, so the daily
-    flow's LoRA applies). Step counts are sized so each flow run trains for a few seconds on two
-    CPU cores (about 6 ms per step at batch 64); the gate uses every held-out row it has.
+    The model and every training setting are the shipped defaults (`evergreen init`'s), so the
+    demo shows what a new user gets: the MLP, whose daily LoRA adapts every Linear but the head.
+    (Until this round the demo ran the small tabular transformer with shorter training; on the
+    same timeline it trailed joint training on new batches by 4.5 pts on average against 2.0
+    for the defaults, and took 2.5× as long.)
 
     Args:
         landing: landing-zone URI (local folder or s3://bucket/prefix).
@@ -395,23 +397,13 @@ def demo_config_dict(landing: str, home: str) -> dict[str, Any]:
             "classes": list(DEMO_CLASSES),
             "min_rows": 20,
         },
-        "model": {
-            "family": "transformer",
-            "d_model": 32,
-            "n_heads": 4,
-            "n_layers": 2,
-            "n_tokens": 8,
-        },
+        "model": {"family": "mlp"},  # the shipped default
         "registry": {
             "tracking_uri": None,
             "name": "evergreen-digits",
             "experiment": "evergreen-demo",
         },
-        "bootstrap": {"train": {"steps": 500, "batch_size": 64, "lr": 3e-3, "seed": 0}},
         "memory": {"replay_capacity": 3000},
-        "monthly": {"train": {"steps": 300, "lr": 2e-3}},
-        "weekly": {"train": {"steps": 200, "lr": 2e-3}},
-        "daily": {"train": {"steps": 100, "lr": 3e-3}, "lora_r": 8, "lora_alpha": 16},
         "stream": {"micro_batch": 16, "ph_min_samples": 30},
         "consolidate": {"mode": "ema", "decay": 0.5, "lineage": 3},
         "gate": {"n_bootstrap": 1000},

@@ -163,11 +163,14 @@ def test_transform_stays_in_range_and_force_always_changes_the_scan():
     assert np.array_equal(apply_style(scans[0], WriterStyle()), scans[0])
 
 
-def test_demo_config_validates_as_a_transformer_over_the_digits(tmp_path):
+def test_demo_config_validates_with_the_shipped_model_and_training_defaults(tmp_path):
     cfg = config_from_dict(demo_config_dict(str(tmp_path / "landing"), str(tmp_path / "home")))
     assert cfg.data.features == DEMO_FEATURES and len(DEMO_FEATURES) == 64
     assert cfg.data.classes == DEMO_CLASSES == list(range(10))
-    assert cfg.model.family == "transformer"
+    defaults = config_from_dict({"data": {"features": ["a"], "label": "y", "classes": [0, 1]}})
+    assert cfg.model == defaults.model and cfg.model.family == "mlp"
+    for section in ("bootstrap", "weekly", "monthly", "daily"):
+        assert getattr(cfg, section).train == getattr(defaults, section).train, section
     assert cfg.data.feature_bounds == {}  # the demo learns from change; nothing is declared
     assert cfg.registry.tracking_uri is None
     assert cfg.daily.train.steps < cfg.weekly.train.steps < cfg.monthly.train.steps
