@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from continual.ewc import EWC
 from continual.fisher import diagonal_fisher
 from continual.merging import ema_over_lineage, fisher_merge, linear_interpolate, parameter_distance
-from continual.models import build_model
+from continual.models import ModelSpec, build_model
+from continual.standardization import MEAN_KEY, STD_KEY, align_for_merge
 from evergreen.config import EvergreenConfig
 from model_registry.registry import Registry
 from tasks.memory import DataMemory
@@ -56,10 +59,20 @@ def _own_fisher(state: ModelState, memory: DataMemory) -> dict:
     return diagonal_fisher(state.model, X, y)
 
 
+def _spec_of(spec: ModelSpec, merged: dict) -> ModelSpec:
+    """The spec with the standardisation the merged weights use (`align_for_merge`)."""
+    if MEAN_KEY not in merged or STD_KEY not in merged:
+        return spec
+    return dataclasses.replace(
+        spec, input_mean=merged[MEAN_KEY].tolist(), input_std=merged[STD_KEY].tolist()
+    )
+
+
 def _with_weights(base: ModelState, merged: dict, champion: ModelState) -> ModelState:
     """A merged challenger: new weights; EWC anchored at them; the champion's learned batches
     and references (a merge learns no new data)."""
-    model = build_model(base.spec)
+    spec = _spec_of(base.spec, merged)
+    model = build_model(spec)
     model.load_state_dict(merged)
     model.eval()
     ewc = None
@@ -73,7 +86,7 @@ def _with_weights(base: ModelState, merged: dict, champion: ModelState) -> Model
         )
     return ModelState(
         model=model,
-        spec=base.spec,
+        spec=spec,
         ewc=ewc,
         learned=champion.learned,
         references=dict(champion.references),
@@ -92,10 +105,12 @@ def fisher_merge_models(
     """θ = Σ F_k θ_k / Σ F_k per parameter with each parent's own Fisher; reports how far apart
     the parents were."""
     fishers = [_own_fisher(s, memory) for s in states]
-    merged = fisher_merge([s.model.state_dict() for s in states], fishers, eps=eps)
+    # Versions that widened different features are first re-expressed in one standardisation.
+    dicts, aligned = align_for_merge([s.model.state_dict() for s in states], fishers)
+    merged = fisher_merge(dicts, aligned or fishers, eps=eps)
     distances = {
-        f"merge.distance.v{s.version}": parameter_distance(s.model.state_dict(), merged)
-        for s in states
+        f"merge.distance.v{s.version}": parameter_distance(d, merged)
+        for s, d in zip(states, dicts, strict=True)
     }
     get_run_logger().info(
         "Fisher merge of %s; distances %s", [s.version for s in states], distances
@@ -109,7 +124,7 @@ def consolidate_lineage(
 ) -> tuple[ModelState, dict[str, float]]:
     """EMA over the lineage (oldest first) or interpolation of champion and its parent."""
     c = cfg.consolidate
-    dicts = [s.model.state_dict() for s in lineage]
+    dicts, _ = align_for_merge([s.model.state_dict() for s in lineage])
     if c.mode == "ema":
         merged = ema_over_lineage(dicts, c.decay)
     else:

@@ -9,9 +9,9 @@ only; the promotion gate's rows are never looked at here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -27,6 +27,7 @@ from continual.gating import GateDecision, decide
 from continual.models import CAUSAL_LM, TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
 from continual.probe import has_probe_head, probe_head_
 from continual.replay import ReservoirBuffer as ReplayBuffer
+from continual.standardization import can_follow, rescale_fisher, widen_
 from continual.training import TrainResult, TrainSettings, row_scores, train
 from evergreen.config import EvergreenConfig, TrainConfig
 from model_registry.run_record import flatten_params
@@ -233,6 +234,47 @@ def start_update(
     return model
 
 
+def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory) -> ModelState:
+    """The champion re-standardised for the data it now meets, as the base an update starts from
+    and is anchored at: features whose spread in the learning rows plus the data memory (every
+    accepted batch's training rows) exceeds twice the model's std get the wider std
+    (`continual.standardization`), the EWC Fisher follows the new coordinates. The champion
+    itself is untouched; the gate and the LoRA check compare with it, not with this base."""
+    if not can_follow(champion.model):
+        return champion
+    rows = X
+    if memory.buffer is not None and len(memory.buffer) > 0:
+        rows = torch.cat([X, memory.buffer.tensors()[0].to(X.dtype)])
+    model = copy.deepcopy(champion.model)
+    widening = widen_(model, rows)
+    if not widening.features:
+        return champion
+    columns = champion.spec.feature_columns or [str(i) for i in range(champion.spec.n_features)]
+    examples = ", ".join(
+        f"{columns[j]} {widening.old_std[j]:.3g}→{widening.new_std[j]:.3g}"
+        for j in widening.features[:3]
+    )
+    _log_info(
+        "standardisation widened for %d of %d features (%s): later data spreads further",
+        len(widening.features),
+        len(columns),
+        examples,
+    )
+    ewc = champion.ewc
+    if ewc is not None:
+        own = ewc.own_fisher
+        ewc = EWC(
+            rescale_fisher(ewc.fisher, widening),
+            parameters_of(model),
+            lam=ewc.lam,
+            gamma=ewc.gamma,
+            own_fisher=None if own is None else rescale_fisher(own, widening),
+            kind=ewc.kind,
+        )
+    spec = dataclasses.replace(champion.spec, input_std=widening.new_std.tolist())
+    return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
+
+
 def _log_info(message: str, *args: object) -> None:
     """Log to the Prefect run when there is one (tasks), else to this module's logger."""
     try:
@@ -310,7 +352,7 @@ def learning_rows(
     return torch.cat([X, bX[keep].to(X.dtype)]), torch.cat([y, by[keep]])
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Selection:
     """Select rows of the batches the champion learned (old) and has not learned (new)."""
 
@@ -352,14 +394,15 @@ def _ewc_challenger(
     if not uses_ewc(champion.spec):  # a causal LM: replay mixing alone
         grid = [0.0]
     selection = selection_rows(cfg, champion, memory)
-    start = start_update(champion, X, y, buffer)
+    base = follow_data_scale(champion, X, memory)
+    start = start_update(base, X, y, buffer)
     best: tuple[float, float, torch.nn.Module, EWC | None, TrainResult, dict | None] | None = None
     scores: dict[str, float] = {}
     seconds = 0.0
     for lam in grid:
         model = copy.deepcopy(start)
         ewc = (
-            _anchored_ewc(cfg, champion, memory, lam, section.fisher_decay)
+            _anchored_ewc(cfg, base, memory, lam, section.fisher_decay)
             if uses_ewc(champion.spec)
             else None
         )
@@ -390,7 +433,7 @@ def _ewc_challenger(
         ewc.consolidate(model, *fisher_rows(champion.spec, X, y), own=own)
     state = ModelState(
         model=model,
-        spec=champion.spec,
+        spec=base.spec,
         ewc=ewc,
         references=dict(champion.references),
         training=training_facts(
@@ -447,7 +490,8 @@ def train_lora_gated(
     selection = selection_rows(cfg, champion, memory)
     buffer = memory.buffer if d.replay_ratio > 0 else None
     # A text model's head is fitted first (it is not part of the adapter; see start_update).
-    peft_model = attach_lora(start_update(champion, X, y, buffer), lora)
+    base = follow_data_scale(champion, X, memory)
+    peft_model = attach_lora(start_update(base, X, y, buffer), lora)
     verdict: dict[str, GateDecision] = {}
     fit = settings_from(d.train, len(X))
     trained: list[TrainResult] = []
@@ -477,8 +521,8 @@ def train_lora_gated(
     # The version keeps the adapter separate (base weights + adapter/); loading merges it.
     state = ModelState(
         model=peft_model,
-        spec=champion.spec,
-        ewc=_adapted_ewc(champion, peft_model, X, y),
+        spec=base.spec,
+        ewc=_adapted_ewc(base, peft_model, X, y),
         references=dict(champion.references),
         training=training_facts(
             cfg, "daily", fit, trained[-1], rows=len(X), chosen={"lora": _lora_params(peft_model)}
