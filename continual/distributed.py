@@ -2,7 +2,8 @@
 
 A cadence with `train.processes: N > 1` trains under torchrun (`tasks/distributed.py` launches
 `python -m torch.distributed.run --standalone --nproc-per-node N -m continual.distributed DIR`).
-Every rank loads the same job from DIR, takes its strided shard of the rows, and trains the
+Every rank loads the same job from DIR (safetensors + JSON, no pickle:
+`continual.distributed_files`), takes its strided shard of the rows, and trains the
 model wrapped in `DistributedDataParallel` (gloo on CPU, NCCL on GPUs) — torch's own gradient
 all-reduce, nothing home-made. The choices that keep N processes equivalent to one:
 
@@ -34,15 +35,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from continual.distributed_files import read_job, write_result
 from continual.ewc import EWC
 from continual.fisher import squared_gradient_sums
 from continual.fisher_kinds import FisherKind, label_draws, resolve_kind
 from continual.fisher_kinds import cross_entropy as _cross_entropy
+from continual.models import ModelSpec
 from continual.replay import ReservoirBuffer
 from continual.training import TrainResult, TrainSettings, train
 
-JOB_FILE = "job.pt"
-RESULT_FILE = "result.pt"
 ERROR_PREFIX = "error-rank"
 RANK_SEED_STRIDE = 1_000_003  # a prime: rank seeds never collide for any realistic seed
 
@@ -54,7 +55,7 @@ class DistributedJob:
     """What every rank runs: train `model` on its shard of (X, y), then optionally its Fisher.
 
     Attributes:
-        model: the model to train (pickled into the job; rebuilt on every rank).
+        model: the model to train; every rank rebuilds it from its spec and weights.
         X: every input row; each rank takes `shard_rows` of them.
         y: class indices for X.
         settings: optimiser settings of the single-process run (None: Fisher only).
@@ -63,6 +64,7 @@ class DistributedJob:
         replay_ratio: share of every batch taken from `replay`.
         fisher_kind: after training, estimate this kind of Fisher on (X, y) (None: skip).
         fisher_seed: seeds the label draws of kind "sampled" (global, not per rank).
+        spec: the spec `model` was built from (None: the one `build_model` put on the model).
     """
 
     model: nn.Module
@@ -74,6 +76,7 @@ class DistributedJob:
     replay_ratio: float = 0.0
     fisher_kind: FisherKind | None = None
     fisher_seed: int = 0
+    spec: ModelSpec | None = None
 
 
 @dataclass
@@ -237,25 +240,22 @@ def main(argv: list[str] | None = None) -> int:
         device = _device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend_for(device))
         log.info("%s on %s, world size %d", backend_for(device), device, dist.get_world_size())
-        job: DistributedJob = torch.load(job_dir / JOB_FILE, weights_only=False)
-        outcome = run_job(job, device)
+        outcome = run_job(read_job(job_dir), device)
         if rank == 0:
-            partial = job_dir / f"{RESULT_FILE}.partial"
-            torch.save(outcome, partial)
-            partial.replace(job_dir / RESULT_FILE)
+            write_result(outcome, job_dir)
         dist.barrier()
     except BaseException:
         (job_dir / f"{ERROR_PREFIX}{rank}.txt").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        sys.stdout.flush()
+        # No gloo teardown: with a peer gone mid-collective, destroy_process_group (or the
+        # interpreter's exit) waits for ever on the dead connection; torchrun needs the exit code.
+        os._exit(1)
+    dist.destroy_process_group()
     return 0
 
 
 if __name__ == "__main__":
-    # Run the module's importable twin so pickled results name `continual.distributed`, not
-    # `__main__` (the launcher unpickles them).
+    # Run the importable twin, so the job's classes and these functions are one module's.
     from continual import distributed
 
     raise SystemExit(distributed.main())

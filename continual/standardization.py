@@ -15,10 +15,12 @@ learns the new spread at a sane scale. Means never move and a std never narrows,
 sampling noise changes nothing; `factor` 2 was chosen on the validation sequences (1, 2 and 4 gave
 0.908/0.908/0.907 on rolled digits, 0.971/0.974/0.974 with classes arriving).
 
-Only a model whose first layer reads the standardised features directly (`MLPClassifier`: its
-`layers[0]`) is widened: there a per-feature rescale can be folded into that layer exactly, which
-`align_for_merge` needs to merge versions standardised differently. The tabular transformer shares
-its token embedding across feature positions (no exact fold), so it keeps its first batch's std.
+Every model with a standardisation buffer (`mlp`, `transformer`) is widened: no weight changes.
+Merging versions that widened different features needs one standardisation: where the first
+layer reads the standardised features directly (`MLPClassifier`'s `layers[0]`) `align_for_merge`
+folds the difference into it exactly; the tabular transformer shares its token embedding across
+feature positions, so its versions get the widest std and keep their weights (approximate: the
+merged challenger faces the gate like any other).
 """
 
 from __future__ import annotations
@@ -58,13 +60,20 @@ class Widening:
 
 
 def can_follow(model: nn.Module) -> bool:
-    """True when the model's first layer reads the standardised features directly."""
-    buffers = dict(model.named_buffers())
-    layers = getattr(model, "layers", None)
-    if STD_KEY not in buffers or not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        return False
-    first = layers[0]
-    return isinstance(first, nn.Linear) and first.in_features == buffers[STD_KEY].numel()
+    """True when the model standardises its inputs with a std buffer `widen_` can change."""
+    return STD_KEY in dict(model.named_buffers())
+
+
+def folds_exactly(state: StateDict) -> bool:
+    """True when the first layer reads the standardised features (so a rescale folds into it)."""
+    std, weight = state.get(STD_KEY), state.get(FIRST_WEIGHT)
+    return (
+        std is not None
+        and weight is not None
+        and FIRST_BIAS in state
+        and weight.ndim == 2
+        and weight.shape[1] == std.numel()
+    )
 
 
 def widened_std(current: Tensor, X: Tensor, factor: float = WIDEN_FACTOR) -> Tensor:
@@ -79,7 +88,7 @@ def widen_(model: nn.Module, X: Tensor, factor: float = WIDEN_FACTOR) -> Widenin
     """Widen the model's input std in place where `X` (the rows an update learns from) spreads
     more than `factor` × further (see the module docstring). A model `can_follow` rejects is
     left alone (no feature widened)."""
-    if not can_follow(model):
+    if not can_follow(model):  # text models: no standardisation
         return Widening([], torch.ones(0), torch.ones(0))
     buffer = model.get_buffer(STD_KEY)
     old = buffer.detach().clone()
@@ -110,42 +119,40 @@ def _standardisation(state: StateDict) -> tuple[Tensor, Tensor] | None:
 
 def align_for_merge(
     states: Sequence[StateDict], fishers: Sequence[dict[str, Tensor]] | None = None
-) -> tuple[list[StateDict], list[dict[str, Tensor]] | None]:
+) -> tuple[list[StateDict], list[dict[str, Tensor]] | None, bool]:
     """Re-express every version in one standardisation so their parameters can be averaged.
 
-    Versions of one lineage may have widened different features. Each is rewritten, exactly (the
-    same predictions for every input), to the widest std and the first version's mean:
-    W' = W·s/s_k, b' = b + W·(m − m_k)/s_k on the first layer; its Fisher entries scale by
-    (s_k/s)². Versions that already agree are returned unchanged.
+    Versions of one lineage may have widened different features. Each is rewritten to the widest
+    std and the first version's mean. Where the first layer reads the features
+    (`folds_exactly`) the rewrite is exact — the same predictions for every input:
+    W' = W·s/s_k, b' = b + W·(m − m_k)/s_k, its Fisher entries × (s_k/s)². Otherwise only the
+    buffers change (approximate). Versions that already agree are returned unchanged.
 
-    Raises:
-        ValueError: the versions differ in standardisation but have no first layer to fold it into.
+    Returns:
+        (state dicts, Fishers or None, exact): `exact` is False when an approximate rewrite was
+        needed.
     """
     found = [_standardisation(s) for s in states]
     stats = [s for s in found if s is not None]
     if len(stats) < len(states) or all(
         torch.equal(m, stats[0][0]) and torch.equal(sd, stats[0][1]) for m, sd in stats
     ):
-        return list(states), None if fishers is None else list(fishers)
-    if any(FIRST_WEIGHT not in s or FIRST_BIAS not in s for s in states):
-        raise ValueError(
-            "these versions were standardised differently and their first layer cannot absorb "
-            "the difference exactly; merge versions of one standardisation"
-        )
+        return list(states), None if fishers is None else list(fishers), True
     mean = stats[0][0]
     std = torch.stack([sd for _, sd in stats]).amax(dim=0)
+    exact = all(folds_exactly(s) for s in states)
     aligned, aligned_fishers = [], []
     for k, state in enumerate(states):
         m_k, s_k = stats[k]
-        weight, bias = state[FIRST_WEIGHT], state[FIRST_BIAS]
         out = dict(state)
-        out[FIRST_WEIGHT] = weight * (std / s_k)[None, :]
-        out[FIRST_BIAS] = bias + weight @ ((mean - m_k) / s_k)
         out[MEAN_KEY], out[STD_KEY] = mean.clone(), std.clone()
-        aligned.append(out)
-        if fishers is not None:
-            fisher = dict(fishers[k])
+        fisher = dict(fishers[k]) if fishers is not None else {}
+        if exact:
+            weight, bias = state[FIRST_WEIGHT], state[FIRST_BIAS]
+            out[FIRST_WEIGHT] = weight * (std / s_k)[None, :]
+            out[FIRST_BIAS] = bias + weight @ ((mean - m_k) / s_k)
             if FIRST_WEIGHT in fisher:
                 fisher[FIRST_WEIGHT] = fisher[FIRST_WEIGHT] * ((s_k / std).square())[None, :]
-            aligned_fishers.append(fisher)
-    return aligned, aligned_fishers if fishers is not None else None
+        aligned.append(out)
+        aligned_fishers.append(fisher)
+    return aligned, aligned_fishers if fishers is not None else None, exact

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import yaml
+from prefect import get_run_logger
 
 from evergreen.config import EvergreenConfig, config_from_dict, load_config
 from evergreen.pending import NOTHING_PENDING
@@ -11,6 +12,7 @@ from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
 from tasks.outcome import FlowOutcome
 from tasks.promote import reconcile_registry
+from tasks.staging import sweep_stale
 from tasks.state import ModelState
 
 
@@ -19,10 +21,14 @@ class NoChampionError(RuntimeError):
 
 
 def begin(params: ConfigParams) -> EvergreenConfig:
-    """Load the run's config, make sure the concurrency limits exist on this Prefect API, and
-    record any champion move made outside evergreen."""
+    """Load the run's config, make sure the concurrency limits exist on this Prefect API, remove
+    staging folders killed runs left behind, and record any champion move made outside
+    evergreen."""
     cfg = run_config(params)
     cfg.home_path.mkdir(parents=True, exist_ok=True)
+    removed = sweep_stale(cfg.home_path / "staging")
+    if removed:
+        get_run_logger().warning("removed staging folders left by killed runs: %s", removed)
     ensure_limits(cfg.registry.name)
     reconcile_registry(cfg)  # champion moves made by hand appear in the history first
     return cfg

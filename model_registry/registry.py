@@ -26,7 +26,9 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
+from continual.base_model import BaseModelError, check_checkpoint_base
 from model_registry import pyfunc_model
+from model_registry.fault_hooks import hang_here
 from model_registry.ledger import (
     PromotionEvent,
     PromotionHistory,
@@ -63,6 +65,10 @@ class StaleChampionError(RegistryError):
 
 class ArtifactIntegrityError(RegistryError):
     """A version's stored checkpoint files differ from the sha256 recorded when it was logged."""
+
+
+class BaseModelChangedError(ArtifactIntegrityError):
+    """A text version's pretrained base (which it stores no copy of) is missing or changed."""
 
 
 @dataclass
@@ -199,6 +205,7 @@ class Registry:
                 if record is not None:
                     log_record(record, active_run, info.model_id, self.client)
                 version_tags = {**tags, **{SHA_PREFIX + k: v for k, v in manifest.items()}}
+                hang_here("registry.run-logged")  # test hook: a run with no version yet
                 mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         return self.get_version(str(mv.version))
 
@@ -329,9 +336,19 @@ class Registry:
         return dst
 
     def verify_artifacts(self, version: str) -> None:
-        """Download a version into a temporary folder and check it (see `download`)."""
+        """Download a version into a temporary folder and check it (see `download`), and the
+        pretrained base a text version is stored against (`continual.base_model`): a version
+        whose base changed cannot be loaded, so it must not become the champion.
+
+        Raises:
+            ArtifactIntegrityError: as `download`; BaseModelChangedError: the base changed.
+        """
         with tempfile.TemporaryDirectory(prefix="evergreen-verify-") as tmp:
-            self.download(version, Path(tmp) / "checkpoint")
+            checkpoint = self.download(version, Path(tmp) / "checkpoint")
+            try:
+                check_checkpoint_base(checkpoint)
+            except BaseModelError as exc:
+                raise BaseModelChangedError(f"model {self.model_name!r} v{version}: {exc}") from exc
 
     def promote(
         self,

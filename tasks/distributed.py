@@ -1,15 +1,13 @@
 """Launch a training job under torchrun and bring its result back into the flow's process.
 
 `train.processes: N > 1` sends a cadence's training here: the job (model, rows, settings, EWC,
-replay buffer) is written to a private temporary folder, `python -m torch.distributed.run
+replay buffer) is written to a private temporary folder as safetensors + JSON
+(`continual.distributed_files`; nothing is pickled, so nothing in the folder can run code), `python -m torch.distributed.run
 --standalone --nproc-per-node N -m continual.distributed <folder>` runs it (DDP: gloo on CPU,
 NCCL on GPUs; `continual.distributed` says how ranks share the work), every rank's output is
 streamed line by line into `log` (the Prefect run logger in a task), and rank 0's weights are
 loaded back into the caller's model. If any rank fails, one `DistributedTrainingError` names the
 rank and its error; the caller's model is untouched and the folder is removed either way.
-
-The job file is a pickle (`torch.save`): it is written by this process into a folder only it
-created, a moment before the ranks read it, and never outlives the call.
 """
 
 from __future__ import annotations
@@ -26,13 +24,14 @@ import torch
 from torch import nn
 
 import continual
-from continual.distributed import (
-    ERROR_PREFIX,
-    JOB_FILE,
-    RESULT_FILE,
-    DistributedJob,
-    DistributedResult,
-)
+from continual.distributed import ERROR_PREFIX, DistributedJob, DistributedResult
+from continual.distributed_files import RESULT_FILE, read_result, write_job
+
+# A rank that crashes without a Python error (gloo on CPU sometimes aborts one with
+# std::terminate) gets a fresh torchrun, up to 3 more. Not torchrun's own --max-restarts: its
+# restarted ranks reconnected to a stale peer address and waited in gloo's connect for its 30
+# min timeout, and it restarted deterministic failures (a rank's Python error) too.
+ATTEMPTS = 4
 
 
 class DistributedTrainingError(RuntimeError):
@@ -47,7 +46,6 @@ def torchrun_command(job_dir: Path, processes: int) -> list[str]:
         "torch.distributed.run",
         "--standalone",
         f"--nproc-per-node={processes}",
-        "--max-restarts=3",  # elastic restarts: gloo on CPU sometimes aborts a rank (std::terminate)
         "-m",
         "continual.distributed",
         str(job_dir),
@@ -79,6 +77,24 @@ def failure_message(job_dir: Path, exit_code: int, processes: int) -> str:
     return "distributed training failed; " + "; ".join(parts)
 
 
+def _launch(job_dir: Path, processes: int, log: Callable[[str], None]) -> int:
+    """One torchrun of the job, its output streamed into `log`; returns its exit code."""
+    proc = subprocess.Popen(
+        torchrun_command(job_dir, processes),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=_environment(processes),
+        start_new_session=True,  # one process group: a cancelled task stops every rank
+    )
+    try:
+        return _stream(proc, log)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait()
+
+
 def _stream(proc: subprocess.Popen[str], log: Callable[[str], None]) -> int:
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -100,31 +116,26 @@ def run_distributed(
         raise ValueError(f"run_distributed needs at least 2 processes, got {processes}")
     with tempfile.TemporaryDirectory(prefix="evergreen-torchrun-") as folder:
         job_dir = Path(folder)
-        torch.save(job, job_dir / JOB_FILE)
+        write_job(job, job_dir)
         log(f"torchrun: {processes} processes, job in {job_dir.name}")
-        proc = subprocess.Popen(
-            torchrun_command(job_dir, processes),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=_environment(processes),
-            start_new_session=True,  # one process group: a cancelled task stops every rank
-        )
-        try:
-            code = _stream(proc, log)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait()
-        result_file = job_dir / RESULT_FILE
-        reported = any(job_dir.glob(f"{ERROR_PREFIX}*.txt"))
-        if code != 0 and result_file.exists() and not reported:
-            # Rank 0 writes the result after the last collective, so the work is complete; a
-            # rank that died afterwards (a gloo abort at teardown) loses nothing.
-            log(f"torchrun exited with code {code} after rank 0 wrote the result; using it")
-        elif code != 0 or not result_file.exists():
-            raise DistributedTrainingError(failure_message(job_dir, code, processes))
-        outcome: DistributedResult = torch.load(result_file, weights_only=False)
+        for attempt in range(1, ATTEMPTS + 1):
+            code = _launch(job_dir, processes, log)
+            result_file = job_dir / RESULT_FILE
+            reported = any(job_dir.glob(f"{ERROR_PREFIX}*.txt"))
+            if result_file.exists() and not reported:
+                if code != 0:
+                    # Rank 0 writes the result after the last collective, so the work is
+                    # complete; a rank that died afterwards (a gloo abort at teardown) loses
+                    # nothing.
+                    log(f"torchrun exited with code {code} after rank 0 wrote the result; using it")
+                break
+            if reported or attempt == ATTEMPTS:
+                raise DistributedTrainingError(failure_message(job_dir, code, processes))
+            log(
+                f"torchrun exited with code {code} and no rank reported an error (a crashed "
+                f"rank); fresh start {attempt + 1} of {ATTEMPTS}"
+            )
+        outcome = read_result(job_dir)
     _load_weights(job.model, outcome.state_dict)
     return outcome
 

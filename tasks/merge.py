@@ -59,6 +59,14 @@ def _own_fisher(state: ModelState, memory: DataMemory) -> dict:
     return diagonal_fisher(state.model, X, y)
 
 
+def _warn_if_approximate(exact: bool) -> None:
+    if not exact:
+        get_run_logger().warning(
+            "the versions widened different features and this model family cannot re-express "
+            "them exactly in one standardisation: merged with the widest std (the gate decides)"
+        )
+
+
 def _spec_of(spec: ModelSpec, merged: dict) -> ModelSpec:
     """The spec with the standardisation the merged weights use (`align_for_merge`)."""
     if MEAN_KEY not in merged or STD_KEY not in merged:
@@ -106,7 +114,8 @@ def fisher_merge_models(
     the parents were."""
     fishers = [_own_fisher(s, memory) for s in states]
     # Versions that widened different features are first re-expressed in one standardisation.
-    dicts, aligned = align_for_merge([s.model.state_dict() for s in states], fishers)
+    dicts, aligned, exact = align_for_merge([s.model.state_dict() for s in states], fishers)
+    _warn_if_approximate(exact)
     merged = fisher_merge(dicts, aligned or fishers, eps=eps)
     distances = {
         f"merge.distance.v{s.version}": parameter_distance(d, merged)
@@ -124,7 +133,8 @@ def consolidate_lineage(
 ) -> tuple[ModelState, dict[str, float]]:
     """EMA over the lineage (oldest first) or interpolation of champion and its parent."""
     c = cfg.consolidate
-    dicts, _ = align_for_merge([s.model.state_dict() for s in lineage])
+    dicts, _, exact = align_for_merge([s.model.state_dict() for s in lineage])
+    _warn_if_approximate(exact)
     if c.mode == "ema":
         merged = ema_over_lineage(dicts, c.decay)
     else:

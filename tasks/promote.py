@@ -19,6 +19,7 @@ from continual.checkpoint import load_checkpoint
 from continual.gating import GateDecision
 from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
+from model_registry.fault_hooks import hang_here
 from model_registry.reconcile import reconcile_champion
 from model_registry.registry import (
     IDEMPOTENCY_TAG,
@@ -32,6 +33,7 @@ from tasks.evaluate import Evaluation
 from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.outcome import FlowOutcome
+from tasks.staging import owned
 from tasks.state import ModelState, read_state, staging_dir, write_state
 from tasks.tracking import run_record
 from tasks.validate import PreparedData
@@ -153,6 +155,7 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
         idempotency_key=key,
     )
     registry.set_challenger(info.version)
+    hang_here("promote.challenger-set")  # test hook: registered, not yet promoted or rejected
     return info
 
 
@@ -300,7 +303,8 @@ def challenger_workspace(
     """
     staging = staging_dir(cfg, cadence)
     try:
-        yield staging
+        with owned(staging):  # a run killed before `finally` leaves it to `sweep_stale`
+            yield staging
     except Exception as error:
         ledger.record_failed(cfg, cadence, batch_ids, repr(error))
         raise

@@ -24,7 +24,14 @@ from continual.distributed import DistributedJob
 from continual.ewc import EWC
 from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
-from continual.models import CAUSAL_LM, TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
+from continual.models import (
+    CAUSAL_LM,
+    SPEC_ATTRIBUTE,
+    TEXT_FAMILIES,
+    ModelSpec,
+    build_model,
+    fit_standardizer,
+)
 from continual.probe import has_probe_head, probe_head_
 from continual.replay import ReservoirBuffer as ReplayBuffer
 from continual.standardization import can_follow, rescale_fisher, widen_
@@ -272,6 +279,7 @@ def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory)
             kind=ewc.kind,
         )
     spec = dataclasses.replace(champion.spec, input_std=widening.new_std.tolist())
+    setattr(model, SPEC_ATTRIBUTE, spec)  # what a torchrun rank rebuilds it from
     return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
 
 

@@ -15,6 +15,10 @@ for _key, _value in {
 
 # Ephemeral Prefect keeps its database under PREFECT_HOME: tests get their own, not ~/.prefect.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="evergreen-tests-prefect-")
+# Base-model file hashes are cached across processes (continual.base_model): not in ~/.cache.
+os.environ["EVERGREEN_HASH_CACHE"] = os.path.join(
+    tempfile.mkdtemp(prefix="evergreen-tests-hashes-"), "file-sha256.json"
+)
 
 # A developer's own settings must not redirect the tests' stores.
 for _key in ("MLFLOW_TRACKING_URI", "EVERGREEN_HOME", "EVERGREEN_CONFIG", "PREFECT_API_URL"):

@@ -12,7 +12,6 @@ from continual.fisher import diagonal_fisher
 from continual.models import ModelSpec, build_model
 from continual.training import TrainSettings, accuracy
 from tasks.distributed import DistributedTrainingError, run_distributed
-from tests.distributed_models import FailsOnRank
 
 
 def _data(n: int = 301, features: int = 12, classes: int = 4, seed: int = 0):
@@ -81,7 +80,7 @@ def test_two_rank_ewc_replay_training_learns_and_returns_weights():
 @pytest.mark.slow
 def test_a_failing_rank_fails_the_job_with_its_rank_and_keeps_the_model():
     X, y = _data()
-    model = FailsOnRank(12, 4, failing_rank=1)
+    model = build_model(ModelSpec("tests.distributed_models:fails_on_rank_one", 12, 4))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     job = DistributedJob(model, X, y, TrainSettings(steps=5, batch_size=16))
     with pytest.raises(DistributedTrainingError, match="rank 1 of 2 failed: RuntimeError"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from continual.ewc import EWC
-from continual.models import ModelSpec, build_model
+from continual.models import ModelSpec, build_model, spec_of
 from continual.standardization import (
     FIRST_WEIGHT,
     align_for_merge,
@@ -59,15 +59,28 @@ def test_a_std_never_narrows():
     assert torch.equal(model.standardize.input_std, torch.tensor([5.0, 5.0]))
 
 
-def test_the_transformer_keeps_its_standardisation():
-    spec = ModelSpec(
+def _transformer_spec(std: list[float]) -> ModelSpec:
+    return ModelSpec(
         family="transformer", n_features=8, n_classes=3, d_model=8, n_heads=2, n_tokens=2,
-        input_std=[0.01] * 8,
+        input_std=std,
     )  # fmt: skip
-    model = build_model(spec)
-    assert not can_follow(model)
-    assert widen_(model, torch.randn(100, 8)).features == []
-    assert torch.allclose(model.standardize.input_std, torch.full((8,), 0.01))
+
+
+def test_the_transformer_is_widened_too():
+    model = build_model(_transformer_spec([0.01] * 8))
+    assert can_follow(model)
+    assert widen_(model, torch.randn(100, 8)).features == list(range(8))
+    assert float(model.standardize.input_std.min()) > 0.5
+
+
+def test_transformer_versions_get_the_widest_std_approximately():
+    torch.manual_seed(0)
+    a = build_model(_transformer_spec([0.01] * 8)).state_dict()
+    b = build_model(_transformer_spec([1.0] * 8)).state_dict()
+    dicts, fishers, exact = align_for_merge([a, b])
+    assert not exact and fishers is None
+    assert all(torch.equal(d["standardize.input_std"], torch.ones(8)) for d in dicts)
+    assert torch.equal(dicts[0]["embed.weight"], a["embed.weight"])  # weights kept as they are
 
 
 def test_fisher_follows_the_widened_coordinates():
@@ -86,7 +99,8 @@ def test_versions_standardised_differently_merge_exactly():
     a, _ = _mlp([1.0, 0.1, 2.0], mean=[0.0, 0.0, 1.0], seed=0)
     b, _ = _mlp([1.0, 3.0, 2.0], mean=[0.5, 0.0, 1.0], seed=1)
     fishers = [{FIRST_WEIGHT: torch.ones(8, 3)}, {FIRST_WEIGHT: torch.ones(8, 3)}]
-    dicts, aligned = align_for_merge([a.state_dict(), b.state_dict()], fishers)
+    dicts, aligned, exact = align_for_merge([a.state_dict(), b.state_dict()], fishers)
+    assert exact
     X = torch.randn(64, 3) * 4
     for original, state in zip((a, b), dicts, strict=True):
         assert torch.equal(state["standardize.input_std"], torch.tensor([1.0, 3.0, 2.0]))
@@ -102,8 +116,8 @@ def test_versions_standardised_differently_merge_exactly():
 def test_versions_that_agree_are_returned_unchanged():
     a, _ = _mlp([1.0, 2.0], seed=0)
     b, _ = _mlp([1.0, 2.0], seed=1)
-    dicts, fishers = align_for_merge([a.state_dict(), b.state_dict()])
-    assert fishers is None
+    dicts, fishers, exact = align_for_merge([a.state_dict(), b.state_dict()])
+    assert fishers is None and exact
     assert all(torch.equal(dicts[1][k], v) for k, v in b.state_dict().items())
 
 
@@ -117,6 +131,7 @@ def test_an_update_starts_from_a_widened_copy_and_the_champion_is_untouched():
     assert base is not champion and base.model is not champion.model
     assert float(champion.model.standardize.input_std[1]) == float(torch.tensor(0.02))
     assert base.spec.input_std[1] > 0.5 and spec.input_std[1] == 0.02
+    assert spec_of(base.model) == base.spec and spec_of(champion.model) == spec
     assert base.ewc is not None and ewc.own_fisher is not None
     before, after = ewc.fisher[FIRST_WEIGHT][:, 1], base.ewc.fisher[FIRST_WEIGHT][:, 1]
     assert torch.allclose(after, before * (0.02 / base.spec.input_std[1]) ** 2, rtol=1e-4)
