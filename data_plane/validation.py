@@ -119,30 +119,56 @@ def _declared_bounds(feature: str, data_cfg: DataConfig) -> tuple[float, float, 
 
 def change_expectations(data_cfg: DataConfig, profile: DataProfile | None) -> list[Any]:
     """Range checks against the data accepted so far: severity `warning` unless the user put
-    "range" in `data.change.block`. `mostly` lets a few extreme values through."""
+    "range" in `data.change.block`. `mostly` lets a few extreme values through.
+
+    The bounds are GX expectation parameters (`{"$PARAMETER": ...}`), filled in at run time by
+    `change_parameters`: the ranges widen with every accepted batch, and baking them into the
+    suite made every run register a new suite, validation definition and checkpoint (a
+    second each, a suite file and a suite page per run, and one more cached checkpoint in the
+    process). With parameters the suite depends only on the features and the policy.
+    """
     import great_expectations.expectations as gxe
     from great_expectations.expectations.metadata_types import FailureSeverity
 
-    if profile is None or profile.empty:
-        return []
     blocking = "range" in data_cfg.change.block
     severity = FailureSeverity.CRITICAL if blocking else FailureSeverity.WARNING
     expectations = []
-    for feature in data_cfg.features:
-        known = profile.ranges.get(feature)
-        if known is None or feature in data_cfg.feature_bounds:
-            continue
+    for index, feature in _ranged_features(data_cfg, profile):
         expectations.append(
             gxe.ExpectColumnValuesToBeBetween(
                 column=feature,
-                min_value=known.low,
-                max_value=known.high,
+                min_value={"$PARAMETER": f"range_low_{index}"},
+                max_value={"$PARAMETER": f"range_high_{index}"},
                 mostly=data_cfg.change.range_mostly,
                 severity=severity,
-                meta={"bounds_from": f"accepted data ({profile.batches} batches)"},
+                meta={"bounds_from": "accepted data"},
             )
         )
     return expectations
+
+
+def change_parameters(data_cfg: DataConfig, profile: DataProfile | None) -> dict[str, float]:
+    """The values of the parameters `change_expectations` refers to: the accepted ranges."""
+    values: dict[str, float] = {}
+    if profile is None:
+        return values
+    for index, feature in _ranged_features(data_cfg, profile):
+        known = profile.ranges[feature]
+        values[f"range_low_{index}"] = float(known.low)
+        values[f"range_high_{index}"] = float(known.high)
+    return values
+
+
+def _ranged_features(data_cfg: DataConfig, profile: DataProfile | None) -> list[tuple[int, str]]:
+    """(position, feature) of the features with an accepted range and no declared bounds; the
+    position names the parameters (GX parameter names cannot hold arbitrary column names)."""
+    if profile is None or profile.empty:
+        return []
+    return [
+        (index, feature)
+        for index, feature in enumerate(data_cfg.features)
+        if profile.ranges.get(feature) is not None and feature not in data_cfg.feature_bounds
+    ]
 
 
 GX_FOLDER = "gx"  # the file-backed Data Context under home
@@ -304,7 +330,9 @@ def _gx_frame(df: pd.DataFrame) -> pd.DataFrame:
 _CHECKPOINTS: dict[tuple[str | None, str], Any] = {}  # (project, content sha256) → checkpoint
 
 
-def _checkpoint_for(suite_file: Path, extra: list[Any], project: Path | None) -> Any:
+def _checkpoint_for(
+    suite_file: Path, extra: list[Any], project: Path | None, keep_results: int = 30
+) -> Any:
     """The Checkpoint validating the suite file plus `extra` expectations, created once per
     process, project and content; in a file-backed project it updates the Data Docs.
 
@@ -325,6 +353,8 @@ def _checkpoint_for(suite_file: Path, extra: list[Any], project: Path | None) ->
             suite.expectations.append(expectation)
         suite.name = f"{suite.name}-{digest[:12]}"
         context, batch_definition = _gx_runtime(key[0])
+        if project is not None:
+            bound_data_docs_index(context, keep_results)
         suite = _get_or_add(context.suites, suite)
         definition = _get_or_add(
             context.validation_definitions,
@@ -343,6 +373,39 @@ def _checkpoint_for(suite_file: Path, extra: list[Any], project: Path | None) ->
     return _CHECKPOINTS[key]
 
 
+def bound_data_docs_index(context: Any, limit: int) -> None:
+    """Make every Data Docs site list (and read) at most the newest `limit` validation results.
+
+    GX's default index builder loads every stored validation result to draw the index, and
+    UpdateDataDocsAction rebuilds the index after each validation: without a limit a run's cost
+    grows with the number of batches ever validated. `validation_results_limit` is GX's own
+    setting; it is saved in `great_expectations.yml` so a manual `build_data_docs` is bounded too.
+    """
+    sites = dict(context.variables.data_docs_sites or {})
+    changed = False
+    for name, site in sites.items():
+        builder = dict(site.get("site_index_builder") or {"class_name": "DefaultSiteIndexBuilder"})
+        if builder.get("validation_results_limit") != limit:
+            builder["validation_results_limit"] = limit
+            sites[name] = {**site, "site_index_builder": builder}
+            changed = True
+    if changed:
+        context.variables.data_docs_sites = sites
+        context.variables.save()
+
+
+def prune_validation_results(context: Any, keep: int) -> int:
+    """Delete all but the newest `keep` validation results from the context's results store;
+    how many were deleted. Their Data Docs pages go with the next Data Docs build (GX removes
+    pages whose result is gone). The batch's own report under `<home>/reports/validation/`
+    stays: the GX result is the browsable copy, kept for recent batches only."""
+    store = context.validation_results_store
+    keys = sorted(store.list_keys(), key=lambda key: key.run_id.run_time, reverse=True)
+    for key in keys[max(keep, 0) :]:
+        store.remove_key(key)
+    return max(len(keys) - max(keep, 0), 0)
+
+
 def _get_or_add(store: Any, item: Any) -> Any:
     """A GX store's item by name (saved by an earlier process), else `item` added."""
     try:
@@ -358,10 +421,13 @@ def run_suite(
     *,
     project: Path | None = None,
     run_name: str | None = None,
+    parameters: dict[str, float] | None = None,
+    keep_results: int = 30,
 ) -> dict[str, Any]:
-    """Run the suite in `suite_file` (plus `extra` expectations) on `frame` through a GX
-    Checkpoint; GX's result, plus `data_docs_url` (this validation's Data Docs page) when
-    `project` is a file-backed project folder (`<project>/gx/`).
+    """Run the suite in `suite_file` (plus `extra` expectations, whose `$PARAMETER`s take
+    their values from `parameters`) on `frame` through a GX Checkpoint; GX's result, plus
+    `data_docs_url` (this validation's Data Docs page) when `project` is a file-backed project
+    folder (`<project>/gx/`), which keeps the newest `keep_results` validation results.
 
     Raises:
         FileNotFoundError, ValueError: see `load_suite`.
@@ -371,9 +437,12 @@ def run_suite(
     if not Path(suite_file).exists():
         load_suite(suite_file)  # raises the actionable FileNotFoundError
     with _GX_LOCK:
-        checkpoint = _checkpoint_for(suite_file, list(extra or []), project)
+        checkpoint = _checkpoint_for(suite_file, list(extra or []), project, keep_results)
+        if project is not None:  # before the run: its Data Docs build drops the pruned pages
+            prune_validation_results(_gx_runtime(str(project))[0], keep_results - 1)
         result = checkpoint.run(
             batch_parameters={"dataframe": frame},
+            expectation_parameters=dict(parameters or {}),
             run_id=gx.RunIdentifier(run_name=run_name, run_time=datetime.now(UTC)),
         )
         ((identifier, suite_result),) = result.run_results.items()
@@ -414,7 +483,15 @@ def validate_batch(
     frame = _gx_frame(text_validation.gx_safe(df, data_cfg))
     started = time.perf_counter()
     extra = change_expectations(data_cfg, profile)
-    result = run_suite(frame, suite_file, extra, project=gx_project, run_name=batch_id)
+    result = run_suite(
+        frame,
+        suite_file,
+        extra,
+        project=gx_project,
+        run_name=batch_id,
+        parameters=change_parameters(data_cfg, profile),
+        keep_results=data_cfg.data_docs_keep,
+    )
     elapsed = time.perf_counter() - started
     found = messages.failures_from_result(result, frame, data_cfg)
     found += _extra_columns(df, data_cfg)

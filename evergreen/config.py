@@ -124,6 +124,14 @@ class DataConfig(_Strict):
         "quarantine", description="What to do with labels outside `classes`."
     )
     change: ChangeConfig = Field(default_factory=ChangeConfig)
+    data_docs_keep: int = Field(
+        30,
+        ge=1,
+        description="Great Expectations validation results (and their Data Docs pages) kept "
+        "under <home>/gx, newest first; every batch's own report under "
+        "<home>/reports/validation is kept regardless. Bounds the Data Docs index each "
+        "validation rebuilds.",
+    )
     arrival_quiescence_seconds: float = Field(
         30.0,
         ge=0,

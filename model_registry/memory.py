@@ -119,6 +119,33 @@ class MemoryStore:
             shutil.rmtree(tmp, ignore_errors=True)
         return dst
 
+    def fetch_file(self, run_id: str, relative: str, sha256: str, dst: Path) -> Path:
+        """Download one file of snapshot `run_id` (`relative` to its snapshot folder) into the
+        folder `dst` and check it against `sha256` (recorded by the snapshot that refers to it).
+
+        Later snapshots refer to the held-out rows an earlier snapshot stored instead of
+        storing them again; this reads such rows back.
+
+        Raises:
+            MemoryIntegrityError: the stored file differs from `sha256`.
+        """
+        dst.mkdir(parents=True, exist_ok=True)
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                run_id=run_id,
+                artifact_path=f"{SNAPSHOT_ARTIFACT}/{relative}",
+                dst_path=str(dst),
+                tracking_uri=self.tracking_uri,
+            )
+        )
+        actual = pyfunc_model.file_sha256(local)
+        if actual != sha256:
+            raise MemoryIntegrityError(
+                f"memory snapshot {run_id}: {relative} has sha256 {actual[:12]}… but "
+                f"{sha256[:12]}… was recorded by the snapshot referring to it"
+            )
+        return local
+
     def commit(self, directory: Path, *, parent: str | None, batch_ids: list[str]) -> MemoryRef:
         """Append the snapshot in `directory` if the head is still `parent` (compare-and-set).
 

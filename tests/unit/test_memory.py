@@ -113,3 +113,86 @@ def test_reading_a_new_head_prunes_old_cached_snapshots(tmp_path):
     assert read_memory(cfg, ref2).batches == ("b1", "b2")
     assert {p.name for p in cache.iterdir()} == {ref2.run_id}
     assert read_memory(cfg, ref1).batches == ("b1",)  # an old snapshot is downloaded again
+
+
+def _commit(cfg, store, memory: DataMemory, tmp_path: Path, name: str) -> tuple[DataMemory, int]:
+    """What `commit_memory` does after `remember`: save, commit, refer to the stored rows by run
+    id, cache; returns the committed memory and the bytes of held-out rows the snapshot stored."""
+    from tasks.memory import cache_committed
+
+    snapshot = memory.save(tmp_path / name)
+    head = store.head()
+    ref = store.commit(snapshot, parent=head and head.run_id, batch_ids=list(memory.batches))
+    committed = memory.committed(ref, snapshot)
+    cache_committed(cfg, committed)
+    rows_bytes = sum(p.stat().st_size for p in (snapshot / "held_out").rglob("*.parquet"))
+    return committed, rows_bytes
+
+
+def test_a_snapshot_stores_the_new_batch_rows_only_and_the_chain_restores_the_memory(tmp_path):
+    from tasks.memory import clear_cache, memory_store, read_memory
+
+    cfg = _cfg(tmp_path, held_out_per_batch=12, held_out_max_rows=60)  # the cap cuts from b6 on
+    store = memory_store(cfg)
+    memory, stored = DataMemory(), []
+    for i in range(1, 13):
+        memory, rows_bytes = _commit(
+            cfg, store, _remember(memory, cfg, f"b{i}", seed=i), tmp_path, f"s{i}"
+        )
+        stored.append(rows_bytes)
+        assert not (tmp_path / f"s{i}" / "held_out-gate.parquet").exists()  # not the whole set
+    assert len(memory.held_out["gate"]) == 60  # capped: every batch lost rows to the cap
+    assert set(memory.held_out["gate"]["batch_id"]) == {f"b{i}" for i in range(1, 13)}
+    # each snapshot stored one batch's rows: the 12th no more than the 2nd (the whole set
+    # would be ~5 times as many rows by now)
+    assert max(stored[1:]) <= 1.5 * min(stored[1:])
+    index = (tmp_path / "s12" / "held_out-gate.json").read_text()
+    assert index.count('"run": null') == 1  # b12 here, b1..b11 referred to earlier snapshots
+    # a restart: nothing cached, the memory is assembled from the chain in the store
+    clear_cache(cfg)
+    restored = read_memory(cfg, store.head())
+    for role in ("select", "gate"):
+        pd.testing.assert_frame_equal(restored.held_out[role], memory.held_out[role])
+    assert restored.stored == memory.stored
+    # the assembled rows are cached: the next read opens one file per role
+    cached = cfg.home_path / "cache" / "memory" / memory.ref.run_id
+    assert (cached / "held_out-gate.parquet").exists()
+    again = read_memory(cfg, store.head())
+    pd.testing.assert_frame_equal(again.held_out["gate"], memory.held_out["gate"])
+    # the next batch still refers to the chain after the restart
+    _, rows_bytes = _commit(cfg, store, _remember(restored, cfg, "b13", seed=13), tmp_path, "s13")
+    assert rows_bytes <= 1.5 * min(stored[1:])
+
+
+def test_rows_an_earlier_snapshot_stored_are_checked_when_read_back(tmp_path):
+    from tasks.memory import clear_cache, memory_store, read_memory
+
+    cfg = _cfg(tmp_path)
+    store = memory_store(cfg)
+    one, _ = _commit(cfg, store, _remember(DataMemory(), cfg, "b1", seed=1), tmp_path, "s1")
+    _commit(cfg, store, _remember(one, cfg, "b2", seed=2), tmp_path, "s2")
+    [stored] = [
+        p
+        for p in (cfg.home_path / "mlartifacts").rglob("held_out/gate/*.parquet")
+        if one.ref.run_id in str(p)
+    ]
+    stored.write_bytes(stored.read_bytes()[::-1])
+    clear_cache(cfg)
+    with pytest.raises(MemoryIntegrityError, match="held_out/gate"):
+        read_memory(cfg, store.head())
+
+
+def test_a_snapshot_of_an_earlier_release_loads_and_the_next_one_stores_every_batch_once(
+    tmp_path,
+):
+    cfg = _cfg(tmp_path)
+    memory = _remember(_remember(DataMemory(), cfg, "b1", seed=1), cfg, "b2", seed=2)
+    legacy = tmp_path / "legacy"
+    memory.materialize(legacy)
+    for path in [*legacy.glob("held_out-*.json"), *legacy.glob("held_out/**/*")]:
+        path.unlink() if path.is_file() else None
+    loaded = DataMemory.load(legacy)
+    pd.testing.assert_frame_equal(loaded.held_out["gate"], memory.held_out["gate"])
+    assert loaded.stored == {"select": {}, "gate": {}}
+    saved = _remember(loaded, cfg, "b3", seed=3).save(tmp_path / "next")
+    assert len(list((saved / "held_out" / "gate").glob("*.parquet"))) == 3

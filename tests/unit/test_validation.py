@@ -308,3 +308,47 @@ def test_file_backed_context_stores_results_and_builds_data_docs(tmp_path: Path)
     assert "2026-11-21" in (site / "index.html").read_text()
     assert list((home / "gx" / "checkpoints").glob("evergreen-batch-*.json"))
     assert list((home / "gx" / "uncommitted" / "validations").rglob("*.json"))
+
+
+def test_many_validations_keep_one_suite_and_a_bounded_data_docs_history(tmp_path: Path) -> None:
+    """History must not make a validation slower or the store bigger: the widening accepted
+    ranges are run-time parameters (the suite, checkpoint and suite page stay the same), GX
+    keeps the newest `data.data_docs_keep` results, and the index reads at most that many."""
+    from great_expectations.render.renderer.site_builder import DefaultSiteIndexBuilder
+
+    from data_plane.profile import DataProfile
+
+    home, cfg = tmp_path / "home", make_config(data_docs_keep=3)
+    suite_file = ensure_suite(home, cfg)
+    profile, read_by_index = DataProfile(), []
+    original = DefaultSiteIndexBuilder._add_validations_to_index_links
+
+    def counting(self, links, keys):  # type: ignore[no-untyped-def]
+        original(self, links, keys)
+        read_by_index.append(len(links.get("validations_links", [])))
+
+    DefaultSiteIndexBuilder._add_validations_to_index_links = counting  # type: ignore[method-assign]
+    try:
+        for i in range(7):
+            frame = make_batch(60, seed=i)
+            report = validate_batch(
+                frame, f"b{i}", cfg, suite_file, profile=profile, gx_project=home
+            )
+            assert report.success
+            profile = profile.updated(frame, cfg.features, cfg.label)
+    finally:
+        DefaultSiteIndexBuilder._add_validations_to_index_links = original  # type: ignore[method-assign]
+    gx = home / "gx"
+    # the user's suite file, its copy for the first batch (nothing accepted yet) and the copy
+    # with change checks for every later batch: not one per run
+    assert len(list((gx / "expectations").glob("evergreen-batch*.json"))) == 3
+    assert len(list((gx / "checkpoints").glob("*.json"))) == 2
+    assert len(list((gx / "uncommitted" / "validations").rglob("*.json"))) == 3
+    pages = list((gx / "uncommitted" / "data_docs" / "local_site" / "validations").rglob("*.html"))
+    assert len(pages) == 3 and {p.parts[-3] for p in pages} == {"b4", "b5", "b6"}
+    assert max(read_by_index) == 3 and read_by_index[-1] == 3
+    # the range check still compares with the data accepted so far (parameters filled in)
+    shifted = make_batch(60, seed=99)
+    shifted[cfg.features[0]] += 100.0
+    report = validate_batch(shifted, "moved", cfg, suite_file, profile=profile, gx_project=home)
+    assert any("beyond the range accepted so far" in w.message for w in report.warnings)
