@@ -93,6 +93,7 @@ CADENCES: tuple[Cadence, ...] = (
         "weekly-replay",
         "flows.weekly_replay:weekly_replay",
         "Experience replay from the data memory + EWC; also triggered by drift.",
+        params="flows.params:TriggeredParams",
         section="weekly",
         schedule="0 3 * * 1",
         consumes_batches=True,

@@ -35,6 +35,15 @@ PRODUCTION_HEADER = """\
 CONFIG_VARIABLE = "evergreen_config"
 # A burst of drift events starts one update, then nothing for this long (reactive `within`).
 DRIFT_COOLDOWN_SECONDS = 3600
+# The run a drift event starts is told why: Prefect renders this Jinja template with the
+# triggering event (server side, when the automation fires) into the flow's `trigger` parameter
+# (flows.params.TRIGGER). A plain string with text around the expressions stays a string, so the
+# typed `str` field of the run form holds it; it is JSON, parsed back by `flows.common`.
+TRIGGER_TEMPLATE = (
+    '{"event": {{ event.event | tojson }}, "id": "{{ event.id }}", '
+    '"occurred": "{{ event.occurred }}", "model": {{ event.resource.name | tojson }}, '
+    '"details": {{ event.payload | tojson }} }'
+)
 # Our libraries' loggers are forwarded to the flow run's logs (the Prefect UI).
 JOB_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": "data_plane,model_registry,continual"}
 HEADER = """\
@@ -109,6 +118,7 @@ def _deployment(item: Cadence, production: bool = False) -> dict[str, Any]:
                 "posture": "Reactive",
                 "threshold": 1,
                 "within": DRIFT_COOLDOWN_SECONDS,
+                "parameters": {"trigger": TRIGGER_TEMPLATE},
             }
         ]
     spec["work_pool"] = _work_pool(item, production)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
 import yaml
 from prefect import get_run_logger
 
@@ -30,8 +33,40 @@ def begin(params: ConfigParams) -> EvergreenConfig:
     if removed:
         get_run_logger().warning("removed staging folders left by killed runs: %s", removed)
     ensure_limits(cfg.registry.name)
+    announce_trigger(getattr(params, "trigger", None))
     reconcile_registry(cfg)  # champion moves made by hand appear in the history first
     return cfg
+
+
+def trigger_details(trigger: str | None) -> dict[str, Any]:
+    """The `trigger` parameter as a dict: the drift automation's JSON (evergreen.deployments.
+    TRIGGER_TEMPLATE), or `{"note": text}` for free text an operator typed in the run form."""
+    if not trigger or not trigger.strip():
+        return {}
+    try:
+        value = json.loads(trigger)
+    except json.JSONDecodeError:
+        return {"note": trigger.strip()}
+    return value if isinstance(value, dict) else {"note": trigger.strip()}
+
+
+def announce_trigger(trigger: str | None) -> None:
+    """Say in the run's log what started it, so the Prefect UI answers "why did this run?"."""
+    details = trigger_details(trigger)
+    if not details:
+        return
+    if "event" in details:
+        facts = ", ".join(f"{k}={v}" for k, v in (details.get("details") or {}).items())
+        get_run_logger().info(
+            "started by %s (event %s at %s on %s): %s",
+            details["event"],
+            details.get("id"),
+            details.get("occurred"),
+            details.get("model"),
+            facts or "no details",
+        )
+    else:
+        get_run_logger().info("started by: %s", details["note"])
 
 
 def run_config(params: ConfigParams) -> EvergreenConfig:

@@ -41,6 +41,12 @@ VERSIONS: Any = Field(..., min_length=2, description='Model versions to merge, e
 EPS: Any = Field(1e-8, gt=0, description="Weight floor, relative to each tensor's Fisher scale.")
 TO: Any = Field(None, description="Version to restore (default: the previous champion).")
 REASON: Any = Field("manual rollback", description="Why: recorded in the promotion history.")
+TRIGGER: Any = Field(
+    None,
+    description="What started this run, recorded on it (log, MLflow tag `evergreen.trigger`). "
+    "The drift automation fills it with the event as JSON (event, id, occurred, model, details: "
+    "the monitor's batches, champion version, statistic); free text when set by hand.",
+)
 
 
 class ConfigParams(BaseModel):
@@ -57,6 +63,12 @@ class FlowParams(ConfigParams):
     until: str | None = UNTIL
     max_batches: int | None = MAX_BATCHES
     force: bool = FORCE
+
+
+class TriggeredParams(FlowParams):
+    """A cadence an automation starts (prefect.yaml `triggers`): it is told why."""
+
+    trigger: str | None = TRIGGER
 
 
 class StreamParams(FlowParams):

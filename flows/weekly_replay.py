@@ -1,6 +1,7 @@
 """Weekly: experience replay from the data memory + online EWC on the week's batches.
 
-Run: `evergreen run weekly-replay` (or the `weekly-replay` deployment, `0 3 * * 1`).
+Run: `evergreen run weekly-replay` (or the `weekly-replay` deployment, `0 3 * * 1`). A drift event
+also starts the deployment (prefect.yaml `triggers`), with the event in the `trigger` parameter.
 """
 
 from __future__ import annotations
@@ -8,7 +9,16 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
-from flows.params import BATCH_IDS, CONFIG_PATH, FORCE, MAX_BATCHES, OVERRIDES, UNTIL, FlowParams
+from flows.params import (
+    BATCH_IDS,
+    CONFIG_PATH,
+    FORCE,
+    MAX_BATCHES,
+    OVERRIDES,
+    TRIGGER,
+    UNTIL,
+    TriggeredParams,
+)
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.memory import commit_memory, load_memory
@@ -34,8 +44,9 @@ def weekly_replay(
     max_batches: int | None = MAX_BATCHES,
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
+    trigger: str | None = TRIGGER,
 ) -> dict:
-    params = FlowParams(**locals())
+    params = TriggeredParams(**locals())
     cfg = begin(params)
     # 1. ingest
     batch_ids = discover_batches(cfg, CADENCE, selection(params))
@@ -55,7 +66,9 @@ def weekly_replay(
         # 4. evaluate against champion
         evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject
-        reg = registration_for(CADENCE, "replay+ewc", evaluation, champion, data, metrics)
+        reg = registration_for(
+            CADENCE, "replay+ewc", evaluation, champion, data, metrics, trigger=params.trigger
+        )
         version = register_challenger(cfg, reg, staging)
         outcome = promote_or_reject(cfg, reg, version)
     return conclude(cfg, outcome, forced=params.force)

@@ -70,6 +70,7 @@ class Registration:
     evaluation: Evaluation | None = None  # datasets and per-class reports for the run
     train_rows: pd.DataFrame | None = None  # this run's accepted train rows
     data_docs: dict[str, str] = field(default_factory=dict)  # batch id → Data Docs page
+    trigger: str | None = None  # what started the run (the drift event's JSON), if anything
 
 
 def lineage_tags(reg: Registration) -> dict[str, str]:
@@ -85,6 +86,7 @@ def lineage_tags(reg: Registration) -> dict[str, str]:
         "flow_run_id": current_flow_run_id(),
         "gate_decision": "pass" if reg.decision.promote else "fail",
         "gate_metrics": json.dumps(reg.decision.to_metrics(), sort_keys=True)[:4900],
+        "trigger": (reg.trigger or "schedule or manual")[:4900],
     }
 
 
@@ -95,8 +97,11 @@ def registration_for(
     parent: ModelState | None,
     data: PreparedData | None = None,
     metrics: dict[str, float] | None = None,
+    *,
+    trigger: str | None = None,
 ) -> Registration:
-    """The registration of an evaluated challenger (data None: a merge, no new batches)."""
+    """The registration of an evaluated challenger (data None: a merge, no new batches);
+    `trigger` is the run's `trigger` parameter (tag `evergreen.trigger`)."""
     return Registration(
         cadence=cadence,
         method=method,
@@ -112,6 +117,7 @@ def registration_for(
         evaluation=evaluation,
         train_rows=data.train if data else None,
         data_docs=dict(data.data_docs) if data else {},
+        trigger=trigger,
     )
 
 

@@ -120,7 +120,7 @@ def monitor_stream(
     report.threshold = monitor.threshold
     save_monitor(cfg, champion, monitor)
     report.ema = replace(champion, model=teacher.module.eval(), version=None)
-    _announce(cfg, report, batch_ids)
+    _announce(cfg, report, batch_ids, champion.version)
     return report
 
 
@@ -132,7 +132,11 @@ def _online_step(model, optimizer, xb, yb) -> None:
     model.eval()
 
 
-def _announce(cfg: EvergreenConfig, report: StreamReport, batch_ids: list[str]) -> None:
+def _announce(
+    cfg: EvergreenConfig, report: StreamReport, batch_ids: list[str], champion: str | None
+) -> None:
+    """Log the outcome; on drift, emit the event whose payload the triggered update receives
+    (its `trigger` parameter): where the alarm fired, on which champion, by which statistic."""
     logger = get_run_logger()
     if not report.drift_at:
         logger.info("stream: %d samples, no drift (h=%.3f)", report.samples, report.threshold)
@@ -143,10 +147,14 @@ def _announce(cfg: EvergreenConfig, report: StreamReport, batch_ids: list[str]) 
         "evergreen.drift.detected",
         cfg,
         {
+            "source": "stream-monitor",
+            "statistic": "page-hinkley",
+            "champion": champion or "none",
             "batch_id": first["batch_id"],
             "sample": first["sample"],
             "alarms": len(report.drift_at),
             "threshold": first["threshold"],
+            "mean_loss": round(report.mean_loss, 6),
             "batches": ",".join(batch_ids),
         },
     )

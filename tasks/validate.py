@@ -169,6 +169,7 @@ def _inform(cfg: EvergreenConfig, cadence: str, report: ValidationReport) -> Non
             {
                 "batch_id": report.batch_id,
                 "source": f"validation:{cadence}",
+                "statistic": "psi",
                 "n_drifted": drift["n_drifted"],
                 "max_psi": drift["max_psi"],
             },

@@ -12,7 +12,7 @@ import yaml
 from prefect.utilities.callables import parameter_schema
 
 from evergreen.automations import automation_specs
-from evergreen.cadences import CADENCES
+from evergreen.cadences import BY_NAME, CADENCES
 from evergreen.deployments import DRIFT_COOLDOWN_SECONDS, JOB_ENV
 from flows import common
 from flows.params import FlowParams
@@ -102,3 +102,64 @@ def test_config_from_the_prefect_variable(tmp_path, monkeypatch, form):
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({**MINIMAL, "data": {**MINIMAL["data"], "label": "z"}}))
     assert common.run_config(FlowParams(config_path=str(other))).data.label == "z"
+
+
+def _drift_event(payload: dict) -> object:
+    from uuid import uuid4
+
+    from prefect.server.events.schemas.events import ReceivedEvent
+    from prefect.types._datetime import now
+
+    return ReceivedEvent(
+        occurred=now("UTC"),
+        event="evergreen.drift.detected",
+        resource={"prefect.resource.id": "evergreen.model.digits", "prefect.resource.name": "dig"},
+        payload=payload,
+        id=uuid4(),
+    )
+
+
+def test_drift_trigger_renders_the_event_into_the_typed_trigger_parameter():
+    """What the server does when the drift automation fires: render the action's parameters
+    with the event (same code path: RunDeployment's v1-template upgrade, then hydration)."""
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+    from prefect.server.events.actions import RunDeployment
+    from prefect.utilities.schema_tools.hydration import HydrationContext, hydrate
+
+    spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    weekly = next(d for d in spec["deployments"] if d["name"] == "weekly-replay")
+    (trigger,) = weekly["triggers"]
+    deployment_trigger = DeploymentEventTrigger.model_validate(trigger)
+    deployment_trigger.set_deployment_id("00000000-0000-0000-0000-000000000002")
+    (action,) = deployment_trigger.as_automation().actions
+    parameters = dict(action.parameters)
+    RunDeployment._upgrade_v1_templates(parameters)
+    payload = {"source": "stream-monitor", "champion": "3", "batch_id": "b2", "alarms": 2}
+    event = _drift_event(payload)
+    context = HydrationContext(
+        raise_on_error=True, render_jinja=True, jinja_context={"event": event}
+    )
+    rendered = hydrate(parameters, context)
+
+    model = BY_NAME["weekly-replay"].params_model()
+    params = model(**rendered)  # the run form's type: a string, accepted by the schema
+    assert isinstance(params.trigger, str)
+    details = common.trigger_details(params.trigger)
+    assert details["event"] == "evergreen.drift.detected"
+    assert details["id"] == str(event.id) and details["model"] == "dig"
+    assert details["details"] == payload  # types kept: alarms is still an int
+
+
+def test_every_triggered_cadence_accepts_the_trigger_parameter():
+    for item in CADENCES:
+        if item.triggers:
+            assert "trigger" in item.params_model().model_fields, item.name
+            assert "trigger" in parameter_schema(item.flow()).model_dump()["properties"]
+
+
+def test_trigger_details_of_free_text_and_of_nothing():
+    assert common.trigger_details(None) == {} == common.trigger_details("  ")
+    assert common.trigger_details("re-run after the export fix") == {
+        "note": "re-run after the export fix"
+    }
+    assert common.trigger_details("[1, 2]") == {"note": "[1, 2]"}
