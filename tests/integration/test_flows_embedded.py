@@ -167,12 +167,15 @@ def test_04_corrupt_batch_is_quarantined_and_nothing_changes(pipeline):
 )
 def test_05_update_cadences_train_and_gate(pipeline, flow, batch):
     before = _champion(pipeline)
-    result = _run(pipeline, flow, batch_ids=[batch])
+    # weekly-replay is the cadence drift starts: it is told why, and records it
+    why = {"trigger": "re-run after the export fix"} if flow == "weekly-replay" else {}
+    result = _run(pipeline, flow, batch_ids=[batch], **why)
     assert result["decision"] in ("promoted", "rejected"), result
     assert result["metrics"]["gate.retention.n"] > 0
     tags = pipeline["registry"].get_version(result["version"]).tags
     assert tags["evergreen.parent_version"] == before
     assert tags["evergreen.cadence"] == flow
+    assert tags["evergreen.trigger"] == why.get("trigger", "schedule or manual")
     params = _assert_run_explains_itself(pipeline, result["version"])
     assert params["ewc.lambda"] == "10.0"
     section = flow.split("-")[0]

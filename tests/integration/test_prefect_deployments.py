@@ -3,19 +3,28 @@
 `evergreen deploy` registers every deployment; `daily-lora` is triggered through the REST API
 exactly as the UI's "Custom run" does (POST /deployments/{id}/create_flow_run with parameters);
 the worker runs it and the MLflow champion alias moves, or stays with the reason recorded.
+The same server holds what `evergreen deploy --notify` adds around the deployments: the config
+Variable, the notification automations and the drift trigger (its cooldown, its parameters).
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import subprocess
 import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import pytest
 
+from evergreen.automations import FAILED_RUN, QUARANTINED
 from evergreen.config import load_config
+from evergreen.deployments import CONFIG_VARIABLE, DRIFT_COOLDOWN_SECONDS, TRIGGER_TEMPLATE
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
 from tests.digits_pipeline import digits_frame, write_batch, write_config
@@ -23,6 +32,7 @@ from tests.integration.servers import BIN, background, prefect_env, prefect_serv
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
+NOTIFY = "slack-webhook/evergreen-ops"
 
 
 @pytest.fixture(scope="module")
@@ -36,19 +46,25 @@ def deployed(tmp_path_factory):
     with prefect_server(root / "prefect") as api:
         env = prefect_env(root / "prefect", api)
         _check(env, root, [str(BIN / "evergreen"), "run", "bootstrap", "--batch", "2026-02-01"])
-        _check(
-            env,
-            root,
-            [str(BIN / "evergreen"), "deploy", "--prefect-file", str(ROOT / "prefect.yaml")],
-        )
+        _check(env, root, [str(BIN / "python"), "-c", NOTIFICATION_BLOCK])
+        _check(env, root, _deploy_command("--notify", NOTIFY))
         worker = [str(BIN / "prefect"), "worker", "start", "--pool", "evergreen-process"]
         with background(worker, env=env, log=root / "worker.log", cwd=root):
-            yield {"api": api, "config": config, "root": root}
+            yield {"api": api, "config": config, "root": root, "env": env}
+
+
+# the block an operator would create in the UI (a Slack webhook; nothing is sent in these tests)
+NOTIFICATION_BLOCK = (
+    "from prefect.blocks.notifications import SlackWebhook\n"
+    "SlackWebhook(url='http://127.0.0.1:9/hook').save('evergreen-ops')\n"
+)
+
+
+def _deploy_command(*extra: str) -> list[str]:
+    return [str(BIN / "evergreen"), "deploy", "--prefect-file", str(ROOT / "prefect.yaml"), *extra]
 
 
 def _check(env, cwd, command):
-    import subprocess
-
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
 
@@ -154,6 +170,84 @@ def test_invalid_parameters_are_refused_by_the_schema(deployed):
     assert response.status_code == 409, response.text
 
 
+@contextmanager
+def _client(api: str) -> Iterator:
+    """Prefect's own (sync) client on the test server: read back what deploy created."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def redeployed(deployed):
+    """An operator edits the config Variable in the UI (the YAML itself instead of a path), then
+    someone runs `evergreen deploy --notify` again."""
+    from prefect.client.schemas.actions import VariableUpdate
+
+    text = deployed["config"].read_text()
+    with _client(deployed["api"]) as client:
+        created = client.read_variable_by_name(CONFIG_VARIABLE)
+        client.update_variable(VariableUpdate(name=CONFIG_VARIABLE, value=text))
+    started = time.monotonic()
+    names = ["--name", "weekly-replay", "--name", "stream-monitor"]
+    _check(deployed["env"], deployed["root"], _deploy_command("--notify", NOTIFY, *names))
+    return {**deployed, "created": created, "edited": text, "seconds": time.monotonic() - started}
+
+
+def test_deploy_creates_the_config_variable_and_never_overwrites_it(redeployed):
+    assert redeployed["created"].value == str(redeployed["config"].resolve())
+    with _client(redeployed["api"]) as client:
+        kept = client.read_variable_by_name(CONFIG_VARIABLE)
+    assert kept.value == redeployed["edited"], "a second deploy replaced the operator's edit"
+
+
+def _evergreen_automations(client) -> dict[str, list]:
+    found: dict[str, list] = {}
+    for automation in client.read_automations():
+        found.setdefault(automation.name, []).append(automation)
+    return found
+
+
+def test_notification_automations_exist_once_and_notify_the_block(redeployed):
+    from prefect.blocks.core import Block
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: redeployed["api"]}):
+        block_id = Block.load(NOTIFY)._block_document_id
+    with _client(redeployed["api"]) as client:
+        found = _evergreen_automations(client)
+    assert len(found[FAILED_RUN]) == 1 and len(found[QUARANTINED]) == 1, "deploy is not idempotent"
+    (failed,), (quarantined,) = found[FAILED_RUN], found[QUARANTINED]
+    assert failed.enabled and quarantined.enabled
+    assert failed.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert failed.trigger.posture == "Reactive" and failed.trigger.threshold == 1
+    related = failed.trigger.match_related
+    related = related[0] if isinstance(related, list) else related
+    assert related.model_dump() == {"prefect.resource.id": "prefect.tag.evergreen"}
+    assert quarantined.trigger.expect == {"evergreen.batch.quarantined"}
+    for automation in (failed, quarantined):
+        (action,) = automation.actions
+        assert (action.type, action.block_document_id) == ("send-notification", block_id)
+        assert "{{" in action.subject and "{{" in action.body
+
+
+def test_drift_trigger_is_one_automation_with_cooldown_and_event_parameters(redeployed):
+    weekly = _deployment(redeployed["api"], "weekly-replay")
+    with _client(redeployed["api"]) as client:
+        owned = client.read_resource_related_automations(f"prefect.deployment.{weekly['id']}")
+    assert len(owned) == 1, f"{len(owned)} drift automations after two deploys"
+    (drift,) = owned
+    assert drift.trigger.expect == {"evergreen.drift.detected"}
+    assert drift.trigger.posture == "Reactive" and drift.trigger.threshold == 1
+    assert drift.trigger.within.total_seconds() == DRIFT_COOLDOWN_SECONDS
+    assert drift.trigger.match.model_dump() == {"prefect.resource.id": "evergreen.model.*"}
+    (action,) = drift.actions
+    assert action.type == "run-deployment" and str(action.deployment_id) == weekly["id"]
+    assert action.parameters == {"trigger": TRIGGER_TEMPLATE}
+
+
 def _runs_of(api: str, deployment_id: str) -> list[dict]:
     return httpx.post(
         f"{api}/flow_runs/filter",
@@ -193,3 +287,52 @@ def test_drift_event_triggers_the_update_deployment(deployed):
         time.sleep(3)
     assert events, "the monitor saw shifted digits but no drift event reached the server"
     assert triggered, "drift did not trigger a weekly-replay run"
+    (run,) = triggered  # the monitor's validation and its stream may both report the drift
+    # the triggered run was told which event started it, in its typed `trigger` parameter
+    details = json.loads(run["parameters"]["trigger"])
+    assert details["event"] == "evergreen.drift.detected"
+    assert details["id"] in {e["id"] for e in events}
+    assert details["details"]["batch_id"] == "2026-02-03"
+    if details["details"]["source"] == "stream-monitor":
+        champion = Registry.from_config(load_config(deployed["config"])).champion()
+        assert details["details"]["champion"] == champion.version
+    _another_drift_event_is_held_back_by_the_cooldown(api, weekly["id"], before, run)
+    assert _logs_of(api, run["id"], "started by evergreen.drift.detected"), (
+        "the triggered run did not record what started it"
+    )
+
+
+def _another_drift_event_is_held_back_by_the_cooldown(api, weekly_id, before, first) -> None:
+    event_id = str(uuid.uuid4())
+    event = {
+        "id": event_id,
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": "evergreen.drift.detected",
+        "resource": {"prefect.resource.id": "evergreen.model.digits-test"},
+        "payload": {"source": "test", "batch_id": "2026-02-03"},
+    }
+    assert httpx.post(f"{api}/events", json=[event], timeout=30).status_code == 204
+    deadline, seen = time.monotonic() + 60, []
+    while time.monotonic() < deadline and not seen:
+        seen = httpx.post(
+            f"{api}/events/filter", timeout=30, json={"filter": {"id": {"id": [event_id]}}}
+        ).json()["events"]
+        time.sleep(1)
+    assert seen, "the second drift event did not reach the server"
+    time.sleep(8)  # the trigger reacts within a second or two of an event being stored
+    runs = [r for r in _runs_of(api, weekly_id) if r["id"] not in before and _started_soon(r)]
+    assert [r["id"] for r in runs] == [first["id"]], "the cooldown let a second update start"
+
+
+def _logs_of(api: str, run_id: str, text: str, timeout: float = 240) -> list[str]:
+    """Messages of the run's logs holding `text`, once the worker has started it."""
+    deadline, found = time.monotonic() + timeout, []
+    while time.monotonic() < deadline and not found:
+        logs = httpx.post(
+            f"{api}/logs/filter",
+            timeout=30,
+            json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
+        ).json()
+        found = [log["message"] for log in logs if text in log["message"]]
+        time.sleep(3)
+    return found
