@@ -18,6 +18,7 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 from rich.console import Console
@@ -26,6 +27,9 @@ from evergreen.cadences import CADENCES, cadence, run_flow
 from evergreen.config import EvergreenConfig, load_config
 from evergreen.errors import ConfigError, ExitCode, UsageError, classify
 from evergreen.home import find_config, write_pointer
+
+if TYPE_CHECKING:
+    from model_registry.registry import Registry
 
 console = Console()
 err_console = Console(stderr=True)
@@ -313,7 +317,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     from model_registry.status import render_status, status_snapshot
 
     cfg = _config(args)
-    snapshot = status_snapshot(Registry.from_config(cfg), Ledger.from_config(cfg))
+    registry = Registry.from_config(cfg)
+    _reconcile(registry)
+    snapshot = status_snapshot(registry, Ledger.from_config(cfg))
     if args.json:
         print(json.dumps(snapshot, indent=2, default=str))
     else:
@@ -326,12 +332,26 @@ def cmd_history(args: argparse.Namespace) -> int:
     from model_registry.status import render_history
 
     cfg = _config(args)
-    events = Registry.from_config(cfg).history(limit=args.limit)
+    registry = Registry.from_config(cfg)
+    _reconcile(registry)
+    events = registry.history(limit=args.limit)
     if args.json:
         print(json.dumps([dataclasses.asdict(e) for e in events], indent=2, default=str))
     else:
         render_history(events, console)
     return 0
+
+
+def _reconcile(registry: Registry) -> None:
+    """Record a champion move made by hand (MLflow UI/API) before showing the history, as every
+    flow does when it starts, so the move shows without waiting for a flow run; say so on
+    stderr (even with --quiet or --json: an UNGATED champion is serving)."""
+    from model_registry.reconcile import reconcile_champion
+
+    found = reconcile_champion(registry)
+    if found.event is not None:
+        colour = "red" if found.ungated else "yellow"
+        err_console.print(f"[{colour}]recorded:[/{colour}] {found.event.reason}", highlight=False)
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:

@@ -196,3 +196,28 @@ def test_version_and_exit_code_table_in_help():
     readme = (ROOT / "README.md").read_text()
     for code in ExitCode:
         assert f"| {code.value} |" in readme, f"exit code {code.value} missing from README"
+
+
+def test_history_and_status_show_a_champion_moved_by_hand(project, capsys):
+    """Reconciliation runs before the history is shown, not only when a flow starts."""
+    from evergreen.config import load_config
+    from model_registry.registry import Registry
+    from tests.checkpoints import tiny_checkpoint
+
+    registry = Registry.from_config(load_config(project / "evergreen.yaml"))
+    checkpoint = tiny_checkpoint(project / "ckpt", 0, ["a", "b"], [0, 1])
+    gated = registry.log_version(checkpoint, lineage={"gate_decision": "pass"}).version
+    registry.promote(gated, expected_champion=None, reason="first")
+    rejected = registry.log_version(checkpoint, lineage={"gate_decision": "fail"}).version
+    # what the MLflow UI does: the same REST call, not evergreen's promote
+    registry.client.set_registered_model_alias(registry.model_name, "champion", rejected)
+    capsys.readouterr()
+    assert main(["history", "--json", "-q"]) == 0
+    captured = capsys.readouterr()
+    newest = json.loads(captured.out)[0]
+    assert (newest["action"], newest["version"], newest["previous"]) == ("manual", rejected, gated)
+    assert newest["reason"].startswith("UNGATED")
+    assert "UNGATED" in captured.err
+    assert main(["status", "--json", "-q"]) == 0  # recorded once, not again
+    assert "recorded:" not in capsys.readouterr().err
+    assert [e.action for e in registry.history()].count("manual") == 1
