@@ -7,8 +7,9 @@ shows in `evergreen history` and `rollback` can walk back past it, and flags it 
 version never passed evergreen's gate (its `evergreen.gate_decision` tag is not `pass`: a
 rejected challenger, or a version logged by something else).
 
-Flows call it when they start (MLflow OSS has no alias-change notification a flow could rely
-on everywhere, so reconciliation is the mechanism that works on every store).
+Flows call it when they start, and `evergreen history` / `status` before they show anything
+(MLflow OSS has no alias-change notification a flow could rely on everywhere, so reconciliation
+is the mechanism that works on every store).
 """
 
 from __future__ import annotations
