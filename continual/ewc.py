@@ -347,9 +347,27 @@ class EWC:
         self._anchor = {n: params[n].detach().clone() for n in fisher}
         self._set_fisher(fisher, own)
 
-    def save(self, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    def anchored_at(self, parameters: dict[str, Tensor]) -> bool:
+        """True when the anchor θ* is exactly `parameters` (the usual case: a version's EWC is
+        anchored at its own weights), so `save(anchor_in_model=True)` need not store it twice."""
+        return all(
+            n in parameters
+            and parameters[n].shape == a.shape
+            and torch.equal(parameters[n].detach().to(a.device, a.dtype), a)
+            for n, a in self._anchor.items()
+        )
+
+    def save(
+        self,
+        path: str | Path,
+        metadata: dict[str, str] | None = None,
+        *,
+        anchor_in_model: bool = False,
+    ) -> None:
         """Write `fisher.<name>`/`anchor.<name>`/`own.<name>` tensors + metadata to
-        safetensors, atomically."""
+        safetensors, atomically. `anchor_in_model`: the anchor is the weights saved beside this
+        file (check with `anchored_at`); it is not written, and `load` takes it from
+        `model_parameters` — for a text model that is the size of the trained weights saved."""
         extra = dict(metadata or {})
         clash = [k for k in extra if k in _RESERVED_METADATA]
         if clash or not all(isinstance(v, str) for v in extra.values()):
@@ -365,7 +383,11 @@ class EWC:
             "fisher_scale": repr(self._scale),  # informational: recomputed from the tensors
             "names": json.dumps(list(self._fisher)),  # safetensors sorts keys; keep model order
         }
-        groups = {"fisher": self._fisher, "anchor": self._anchor}
+        groups = {"fisher": self._fisher}
+        if anchor_in_model:
+            meta["anchor"] = "model"
+        else:
+            groups["anchor"] = self._anchor
         if self._own is not None:
             meta["own_names"] = json.dumps(list(self._own))
             groups["own"] = self._own
@@ -384,8 +406,10 @@ class EWC:
         lam: float | None = None,
         gamma: float | None = None,
         mode: EWCMode | None = None,
+        model_parameters: dict[str, Tensor] | None = None,
     ) -> EWC:
         """Read a state written by `save`; `lam`/`gamma`/`mode` override the stored values.
+        `model_parameters` supplies the anchor of a state saved with `anchor_in_model`.
 
         A file without own-Fisher tensors (e.g. format evergreen.ewc/1) loads with
         `own_fisher` None; missing mode/kind/normalize metadata take the constructor defaults.
@@ -410,7 +434,7 @@ class EWC:
         try:
             names = json.loads(meta["names"])
             fisher = {n: tensors.pop(f"fisher.{n}") for n in names}
-            anchor = {n: tensors.pop(f"anchor.{n}") for n in names}
+            anchor = _anchor_of(path, meta, names, tensors, model_parameters)
             own_names = json.loads(meta["own_names"]) if "own_names" in meta else None
             own = None if own_names is None else {n: tensors.pop(f"own.{n}") for n in own_names}
         except (KeyError, ValueError, TypeError) as exc:
@@ -433,6 +457,24 @@ class EWC:
             raise EWCStateError(f"{path}: inconsistent EWC state: {exc}") from exc
         ewc.metadata = {k: v for k, v in meta.items() if k not in _RESERVED_METADATA}
         return ewc
+
+
+def _anchor_of(
+    path: Path,
+    meta: dict[str, str],
+    names: list[str],
+    tensors: dict[str, Tensor],
+    model_parameters: dict[str, Tensor] | None,
+) -> dict[str, Tensor]:
+    """The stored anchor, or, for a state saved with `anchor_in_model`, the model's weights."""
+    if meta.get("anchor") != "model":
+        return {n: tensors.pop(f"anchor.{n}") for n in names}
+    if model_parameters is None:
+        raise EWCStateError(f"{path}: the anchor is the model's weights; pass model_parameters")
+    missing = [n for n in names if n not in model_parameters]
+    if missing:
+        raise EWCStateError(f"{path}: the model has no parameters {missing[:5]} for the anchor")
+    return {n: model_parameters[n].detach().clone() for n in names}
 
 
 def _write_atomically(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:

@@ -85,7 +85,9 @@ def read_state(directory: Path, version: str | None = None) -> ModelState:
         model=model,
         spec=spec,
         version=version,
-        ewc=EWC.load(ewc_file) if ewc_file.exists() else None,
+        ewc=EWC.load(ewc_file, model_parameters=parameters_of(model))
+        if ewc_file.exists()
+        else None,
         learned=frozenset(learned.get("batches", [])),
         references={str(k): float(v) for k, v in learned.get("references", {}).items()},
         memory_run=learned.get("memory_run"),
@@ -109,7 +111,13 @@ def write_state(state: ModelState, directory: Path) -> Path:
     try:
         save_checkpoint(directory, state.model, state.spec)
         if state.ewc is not None:
-            state.ewc.save(directory / EWC_FILE)
+            # Anchored at the weights saved beside it (not a peft model: its names differ):
+            # reference them instead of storing a second copy.
+            plain = not hasattr(state.model, "peft_config")
+            state.ewc.save(
+                directory / EWC_FILE,
+                anchor_in_model=plain and state.ewc.anchored_at(parameters_of(state.model)),
+            )
         learned = {
             "batches": sorted(state.learned),
             "references": dict(sorted(state.references.items())),

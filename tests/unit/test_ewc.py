@@ -309,3 +309,34 @@ def test_constructor_validates() -> None:
         EWC(fisher, anchor, lam=1.0, own_fisher={"w": torch.tensor([1.0, float("nan")])})
     half = EWC({"w": torch.ones(2, dtype=torch.bfloat16)}, anchor, lam=1.0)
     assert half.fisher["w"].dtype == torch.float32  # accumulated in float32
+
+
+def test_a_version_anchored_at_its_own_weights_stores_them_once(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from continual.models import ModelSpec, build_model
+    from tasks.state import ModelState, parameters_of, read_state, write_state
+
+    torch.manual_seed(0)
+    spec = ModelSpec(family="mlp", n_features=4, n_classes=3, hidden=[8])
+    model = build_model(spec)
+    X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    ewc = EWC.from_model(model, X, y, lam=2.0)
+    write_state(ModelState(model=model, spec=spec, ewc=ewc), tmp_path / "v1")
+    with safe_open(str(tmp_path / "v1" / "ewc.safetensors"), framework="pt") as handle:
+        assert not [k for k in handle.keys() if k.startswith("anchor.")]  # noqa: SIM118
+    loaded = read_state(tmp_path / "v1")
+    assert loaded.ewc is not None
+    for name, anchor in ewc.anchor.items():
+        assert torch.equal(loaded.ewc.anchor[name], anchor)
+    assert torch.equal(loaded.ewc.fisher["classifier.weight"], ewc.fisher["classifier.weight"])
+    with pytest.raises(EWCStateError, match="model_parameters"):
+        EWC.load(tmp_path / "v1" / "ewc.safetensors")
+
+    # anchored elsewhere (e.g. a merged challenger keeps its parent's anchor): stored in full
+    moved = {n: p + 1 for n, p in parameters_of(model).items()}
+    other = EWC(ewc.fisher, moved, lam=2.0)
+    write_state(ModelState(model=model, spec=spec, ewc=other), tmp_path / "v2")
+    again = read_state(tmp_path / "v2")
+    assert again.ewc is not None
+    assert all(torch.equal(again.ewc.anchor[n], moved[n]) for n in other.anchor)
