@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import argparse
 
-from benchmarks import bench_fisher, bench_gate, bench_product_quality, bench_quality, bench_speed
+from benchmarks import (
+    bench_data_plane,
+    bench_fisher,
+    bench_gate,
+    bench_product_quality,
+    bench_quality,
+    bench_speed,
+)
 
 
 def main() -> None:
@@ -24,6 +31,8 @@ def main() -> None:
     print("\n## Promotion gate\n\n" + bench_gate.markdown(bench_gate.run(quick=quick)))
     print("\n## Quality through the product (validation split)\n")
     print(bench_product_quality.markdown(bench_product_quality.run(quick=quick)))
+    print("\n## Data plane: reading + validating Parquet (1M rows × 64 columns)\n")
+    print(bench_data_plane.markdown(bench_data_plane.run(quick=quick)))
 
 
 if __name__ == "__main__":

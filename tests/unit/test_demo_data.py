@@ -241,3 +241,24 @@ def test_demo_scores_every_valid_batch_with_the_flows_split(landing, tmp_path):
     valid = [b.batch_id for b in batches if not b.corrupt]
     assert list(held_out.gate) == valid
     assert all(len(frame) > 0 for frame in held_out.gate.values())
+
+
+def test_the_demo_verdict_measures_the_champion_after_flows_that_learn():
+    from demo.run import _verdict
+    from evergreen.report import TimelineRow
+
+    def row(flow: str, new: float, joint: float) -> TimelineRow:
+        return TimelineRow(
+            date="2026-10-12",
+            flow=flow,
+            batch_ids=["2026-10-12"],
+            decision="skipped",
+            champion_version="3",
+            new_accuracy=new,
+            retention_accuracy=0.9,
+            forgetting=0.0,
+            joint_new_accuracy=joint,
+        )
+
+    timeline = [row("stream-monitor", 0.60, 0.80), row("weekly-replay", 0.77, 0.80)]
+    assert _verdict(timeline).startswith("champion vs joint on each new batch: largest gap +3.0")
