@@ -343,22 +343,29 @@ class S3LandingZone(LandingZone):
 
 
 def make_s3_client(*, endpoint_url: str | None = None) -> Any:
-    """A boto3 S3 client that retries throttling and 5xx with adaptive backoff.
+    """A boto3 S3 client that retries throttling, 5xx and an unreachable endpoint with backoff.
 
     Credentials, region and endpoint come from the standard AWS environment/config
     (`AWS_ENDPOINT_URL_S3` / `AWS_ENDPOINT_URL` for MinIO & co); `EVERGREEN_S3_ENDPOINT_URL`
     or `endpoint_url` override the endpoint. With a custom endpoint, path-style addressing is
     used, as S3-compatible servers expect.
+
+    Retries default to botocore's adaptive mode with 9 attempts (about 30-60 s of backoff when
+    the endpoint is down, so a restart of MinIO rides through); an operator's `AWS_RETRY_MODE` /
+    `AWS_MAX_ATTEMPTS` (total attempts, as botocore reads them) win, since a value passed to
+    the client would otherwise silently override them.
     """
     import boto3
     from botocore.config import Config
 
     endpoint = endpoint_url or os.environ.get("EVERGREEN_S3_ENDPOINT_URL") or None
     custom = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    config = Config(
-        retries={"max_attempts": 8, "mode": "adaptive"},
-        s3={"addressing_style": "path"} if custom else None,
-    )
+    retries: dict[str, Any] = {}
+    if not os.environ.get("AWS_RETRY_MODE"):
+        retries["mode"] = "adaptive"
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = 8  # retries after the first attempt: 9 attempts in all
+    config = Config(retries=retries, s3={"addressing_style": "path"} if custom else None)
     return boto3.client("s3", endpoint_url=endpoint, config=config)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
+from urllib.parse import urlsplit
 
 
 class ExitCode(IntEnum):
@@ -88,7 +89,11 @@ def _connection_message(error: BaseException) -> str:
             "and AWS_ENDPOINT_URL for a non-AWS endpoint"
         )
     if type(error).__module__.startswith("botocore"):
-        return f"cannot reach the S3 endpoint ({error}): check AWS_ENDPOINT_URL and the network"
+        return (
+            f"cannot reach the S3 endpoint {_s3_endpoint(error)} (gave up after its retries): "
+            "check that it is running, AWS_ENDPOINT_URL_S3/AWS_ENDPOINT_URL and the network; "
+            "AWS_MAX_ATTEMPTS sets the attempts per request"
+        )
     if type(error).__module__.startswith("httpx"):
         return (
             f"cannot reach the Prefect API ({error}): start `prefect server start` or unset "
@@ -98,6 +103,16 @@ def _connection_message(error: BaseException) -> str:
         "cannot reach the MLflow tracking server: check registry.tracking_uri / "
         f"MLFLOW_TRACKING_URI and that the server is running ({_root_reason(error)})"
     )
+
+
+def _s3_endpoint(error: BaseException) -> str:
+    """`scheme://host:port` of the request botocore could not send (its URL's bucket, key and
+    query are noise on the one line an operator reads)."""
+    url = str(getattr(error, "kwargs", {}).get("endpoint_url") or "")
+    if not url:
+        return "(no URL in the error)"
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
 
 
 def _root_reason(error: BaseException) -> str:

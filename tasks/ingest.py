@@ -11,6 +11,7 @@ from prefect.tasks import exponential_backoff
 from data_plane.landing import BatchReadError, open_landing, read_batch
 from evergreen.config import EvergreenConfig
 from evergreen.pending import BatchSelection, choose_batches
+from model_registry.fault_hooks import hang_here
 
 __all__ = ["BatchSelection", "RawBatch", "discover_batches", "read_batches"]
 
@@ -35,6 +36,7 @@ def discover_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelecti
 @task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=2), timeout_seconds=900)
 def read_batches(cfg: EvergreenConfig, batch_ids: list[str]) -> list[RawBatch]:
     """Read each batch (bounded memory per batch); unreadable files become a read error, not a crash."""
+    hang_here("ingest.discovered")  # fault tests: the landing zone fails between discovery and read
     zone = open_landing(cfg.data.landing)
     batches = []
     for batch_id in batch_ids:

@@ -20,7 +20,8 @@ from continual.gating import GateDecision
 from continual.training import predict_logits
 from evergreen.config import EvergreenConfig
 from model_registry.fault_hooks import hang_here
-from model_registry.reconcile import reconcile_champion
+from model_registry.ledger import records_experiment
+from model_registry.reconcile import ABANDONED, DECISION_TAG, clear_abandoned, reconcile_champion
 from model_registry.registry import (
     IDEMPOTENCY_TAG,
     ArtifactIntegrityError,
@@ -243,11 +244,29 @@ def _promote(registry: Registry, reg: Registration, version: VersionInfo, reason
 @task(cache_policy=NO_CACHE)
 def reconcile_registry(cfg: EvergreenConfig) -> None:
     """Record champion moves made outside evergreen (MLflow UI/API); an ungated one is an error
-    in the run's log (the history says UNGATED; `evergreen rollback` undoes it)."""
-    found = reconcile_champion(Registry.from_config(cfg))
+    in the run's log (the history says UNGATED; `evergreen rollback` undoes it); then clear
+    what a run killed during registration left (`clear_abandoned`)."""
+    registry = Registry.from_config(cfg)
+    found = reconcile_champion(registry)
+    log = get_run_logger()
     if found.event is not None:
-        log = get_run_logger()
         (log.error if found.ungated else log.warning)("registry: %s", found.event.reason)
+    experiment = cfg.registry.experiment
+    cleanup = clear_abandoned(registry, [experiment, records_experiment(experiment)])
+    if cleanup.challenger:
+        log.warning(
+            "registry: removed alias challenger from v%s, left by a run that never decided on "
+            "it (tagged %s=%s)",
+            cleanup.challenger,
+            DECISION_TAG,
+            ABANDONED,
+        )
+    if cleanup.killed_runs:
+        log.warning(
+            "registry: marked %d MLflow run(s) left RUNNING by killed runs as KILLED: %s",
+            len(cleanup.killed_runs),
+            ", ".join(cleanup.killed_runs),
+        )
 
 
 @task(cache_policy=NO_CACHE)

@@ -96,13 +96,17 @@ def test_s3_endpoint_down_is_a_connection_error():
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "test")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "test")
-    client = make_s3_client(endpoint_url=f"http://127.0.0.1:{_closed_port()}")
+    port = _closed_port()
+    client = make_s3_client(endpoint_url=f"http://127.0.0.1:{port}")
     client.meta.config.retries = {"max_attempts": 1}
     with pytest.raises(Exception) as raised:
         open_landing("s3://bucket/prefix", s3_client=client).list_batches()
     failure = classify(raised.value)
     assert failure.code == ExitCode.CONNECTION
     assert "S3 endpoint" in failure.message and "AWS_ENDPOINT_URL" in failure.message
+    # the endpoint, not the request's bucket, key and query string
+    assert f"endpoint http://127.0.0.1:{port} " in failure.message, failure.message
+    assert "list-type" not in failure.message and "bucket" not in failure.message
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,14 @@ from rich.console import Console
 
 from model_registry.ledger import Ledger, PromotionEvent, RunLog, now_iso
 from model_registry.locking import promotion_lock
-from model_registry.reconcile import reconcile_champion
+from model_registry.reconcile import (
+    ABANDONED,
+    ABANDONED_AFTER_SECONDS,
+    DECISION_TAG,
+    Cleanup,
+    clear_abandoned,
+    reconcile_champion,
+)
 from model_registry.registry import Registry
 from model_registry.status import render_history
 from tests.checkpoints import tiny_checkpoint
@@ -111,3 +118,70 @@ def test_a_promotion_in_progress_is_not_a_hand_move(store):
         registry.record_event(PromotionEvent(now_iso(), "promote", v2, v1, "t", "gated", None))
     worker.join(timeout=60)
     assert found and found[0].event is None
+
+
+# ---- what a run killed during registration leaves ----------------------------------------------
+
+HOUR = ABANDONED_AFTER_SECONDS
+
+
+def _undecided_challenger(registry: Registry, store) -> str:
+    """A version registered and aliased `challenger` whose run never decided on it."""
+    version = registry.log_version(store["checkpoint"], lineage={"gate_decision": "pass"}).version
+    registry.set_challenger(version)
+    return version
+
+
+def test_a_young_undecided_challenger_is_kept_an_old_one_cleared(store):
+    registry = registry_for(store, "orphan", "orphan")
+    v1 = registry.log_version(store["checkpoint"], lineage={"gate_decision": "pass"}).version
+    registry.promote(v1, expected_champion=None, reason="first")
+    v2 = _undecided_challenger(registry, store)
+
+    # a concurrent flow may still be evaluating it: minutes old, no decision
+    assert clear_abandoned(registry, []).challenger is None
+    assert registry.aliases() == {"champion": v1, "challenger": v2}
+
+    # an hour later nobody can be: its run was killed between registering and deciding
+    later = time.time() + HOUR + 60
+    assert clear_abandoned(registry, [], now=later) == Cleanup(challenger=v2)
+    assert registry.aliases() == {"champion": v1}
+    assert registry.get_version(v2).tags[DECISION_TAG] == ABANDONED
+    assert clear_abandoned(registry, [], now=later) == Cleanup()  # nothing left to do
+
+
+def test_a_decided_challenger_is_cleared_at_once_and_a_moved_alias_kept(store):
+    registry = registry_for(store, "decided", "decided")
+    v1 = _undecided_challenger(registry, store)
+    registry.set_version_tags(v1, {DECISION_TAG: "rejected"})  # died before removing the alias
+    assert clear_abandoned(registry, []).challenger == v1
+    assert registry.aliases() == {}
+    assert registry.get_version(v1).tags[DECISION_TAG] == "rejected"  # its own decision kept
+
+    v2 = _undecided_challenger(registry, store)  # another run's live candidate
+    assert clear_abandoned(registry, []).challenger is None
+    assert registry.aliases() == {"challenger": v2}
+    assert DECISION_TAG not in registry.get_version(v2).tags
+
+
+def test_orphan_running_runs_older_than_the_timeout_are_marked_killed(store):
+    client = MlflowClient(store["uri"])
+    registry = registry_for(store, "runs", "runs-exp")
+    experiment = client.create_experiment("runs-exp", artifact_location=store["artifacts"])
+    elsewhere = client.create_experiment("someone-else", artifact_location=store["artifacts"])
+    orphan = client.create_run(experiment, run_name="killed-while-logging").info.run_id
+    finished = client.create_run(experiment, run_name="done").info.run_id
+    client.update_run(finished, status="FINISHED")
+    foreign = client.create_run(elsewhere, run_name="not ours").info.run_id
+
+    # minutes old: possibly a live run still logging its model
+    assert clear_abandoned(registry, ["runs-exp", "no-such-experiment"]).killed_runs == ()
+    assert client.get_run(orphan).info.status == "RUNNING"
+
+    later = time.time() + HOUR + 60
+    cleanup = clear_abandoned(registry, ["runs-exp", "no-such-experiment"], now=later)
+    assert cleanup.killed_runs == (orphan,)
+    assert client.get_run(orphan).info.status == "KILLED"
+    assert client.get_run(orphan).info.end_time is not None
+    assert client.get_run(finished).info.status == "FINISHED"
+    assert client.get_run(foreign).info.status == "RUNNING"  # other experiments are not ours
