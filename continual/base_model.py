@@ -110,6 +110,21 @@ class BaseReference:
             raise ValueError(str(exc)) from exc
 
 
+def local_hf_directory(path: str | Path) -> Path:
+    """`resolve_hf_path`, checked to hold a Hugging Face model (models are never downloaded).
+
+    Raises:
+        FileNotFoundError: the directory has no config.json.
+    """
+    directory = resolve_hf_path(path)
+    if not (directory / "config.json").is_file():
+        raise FileNotFoundError(
+            f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
+            "(no config.json); models are never downloaded, point hf_path at a local copy"
+        )
+    return directory
+
+
 def base_files(directory: Path) -> list[Path]:
     """The files a base consists of: every non-hidden top-level file but documentation
     (`from_pretrained` and `AutoTokenizer` read top-level files only)."""

@@ -40,7 +40,7 @@ class HFCausalLM(nn.Module):
 
     def __init__(self, path: str | Path, max_length: int = 128) -> None:
         super().__init__()
-        from continual.models import local_hf_directory
+        from continual.base_model import local_hf_directory
 
         directory = local_hf_directory(path)
         from transformers import AutoModelForCausalLM  # heavy import: only for this family

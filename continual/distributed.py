@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,58 +35,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from continual.distributed_files import DistributedJob as DistributedJob  # re-exported
+from continual.distributed_files import DistributedResult as DistributedResult
 from continual.distributed_files import read_job, write_result
-from continual.ewc import EWC
 from continual.fisher import squared_gradient_sums
 from continual.fisher_kinds import FisherKind, label_draws, resolve_kind
 from continual.fisher_kinds import cross_entropy as _cross_entropy
-from continual.models import ModelSpec
-from continual.replay import ReservoirBuffer
 from continual.training import TrainResult, TrainSettings, train
 
 ERROR_PREFIX = "error-rank"
 RANK_SEED_STRIDE = 1_000_003  # a prime: rank seeds never collide for any realistic seed
 
 log = logging.getLogger("evergreen.distributed")
-
-
-@dataclass
-class DistributedJob:
-    """What every rank runs: train `model` on its shard of (X, y), then optionally its Fisher.
-
-    Attributes:
-        model: the model to train; every rank rebuilds it from its spec and weights.
-        X: every input row; each rank takes `shard_rows` of them.
-        y: class indices for X.
-        settings: optimiser settings of the single-process run (None: Fisher only).
-        ewc: the EWC penalty, applied by every rank after its DDP-synchronised step.
-        replay: the replay buffer; each rank samples it with its own seed.
-        replay_ratio: share of every batch taken from `replay`.
-        fisher_kind: after training, estimate this kind of Fisher on (X, y) (None: skip).
-        fisher_seed: seeds the label draws of kind "sampled" (global, not per rank).
-        spec: the spec `model` was built from (None: the one `build_model` put on the model).
-    """
-
-    model: nn.Module
-    X: Tensor
-    y: Tensor
-    settings: TrainSettings | None
-    ewc: EWC | None = None
-    replay: ReservoirBuffer | None = None
-    replay_ratio: float = 0.0
-    fisher_kind: FisherKind | None = None
-    fisher_seed: int = 0
-    spec: ModelSpec | None = None
-
-
-@dataclass
-class DistributedResult:
-    """What rank 0 writes: the trained weights, the run's record and the Fisher."""
-
-    state_dict: dict[str, Tensor]
-    result: TrainResult | None
-    fisher: dict[str, Tensor] | None
-    world_size: int
 
 
 def shard_rows(n: int, rank: int, world_size: int) -> Tensor:

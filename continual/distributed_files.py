@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -39,7 +39,45 @@ from continual.training import TrainResult, TrainSettings
 if TYPE_CHECKING:
     from peft import PeftModel
 
-    from continual.distributed import DistributedJob, DistributedResult
+
+@dataclass
+class DistributedJob:
+    """What every rank runs: train `model` on its shard of (X, y), then optionally its Fisher.
+
+    Attributes:
+        model: the model to train; every rank rebuilds it from its spec and weights.
+        X: every input row; each rank takes `shard_rows` of them.
+        y: class indices for X.
+        settings: optimiser settings of the single-process run (None: Fisher only).
+        ewc: the EWC penalty, applied by every rank after its DDP-synchronised step.
+        replay: the replay buffer; each rank samples it with its own seed.
+        replay_ratio: share of every batch taken from `replay`.
+        fisher_kind: after training, estimate this kind of Fisher on (X, y) (None: skip).
+        fisher_seed: seeds the label draws of kind "sampled" (global, not per rank).
+        spec: the spec `model` was built from (None: the one `build_model` put on the model).
+    """
+
+    model: nn.Module
+    X: Tensor
+    y: Tensor
+    settings: TrainSettings | None
+    ewc: EWC | None = None
+    replay: ReservoirBuffer | None = None
+    replay_ratio: float = 0.0
+    fisher_kind: FisherKind | None = None
+    fisher_seed: int = 0
+    spec: ModelSpec | None = None
+
+
+@dataclass
+class DistributedResult:
+    """What rank 0 writes: the trained weights, the run's record and the Fisher."""
+
+    state_dict: dict[str, Tensor]
+    result: TrainResult | None
+    fisher: dict[str, Tensor] | None
+    world_size: int
+
 
 JOB_FILE = "job.json"
 DATA_FILE = "data.safetensors"
@@ -178,7 +216,6 @@ def read_job(directory: Path) -> DistributedJob:
     Raises:
         JobFileError: a file is missing, unreadable or does not fit the others.
     """
-    from continual.distributed import DistributedJob
 
     meta = _read_json(directory / JOB_FILE)
     data = _read_tensors(directory / DATA_FILE)
@@ -227,7 +264,6 @@ def read_result(directory: Path) -> DistributedResult:
     Raises:
         JobFileError: a file is missing, unreadable, or names tensors the other lacks.
     """
-    from continual.distributed import DistributedResult
 
     meta = _read_json(directory / RESULT_FILE)
     tensors = _read_tensors(directory / RESULT_TENSORS)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from continual.base_model import local_hf_directory
 from continual.base_model import resolve_hf_path as resolve_hf_path  # re-exported
 
 _STD_FLOOR = 1e-6
@@ -353,21 +354,6 @@ class HFTextClassifier(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         logits: Tensor = self.classifier(self.features(input_ids))
         return logits
-
-
-def local_hf_directory(path: str | Path) -> Path:
-    """`resolve_hf_path`, checked to hold a Hugging Face model (models are never downloaded).
-
-    Raises:
-        FileNotFoundError: the directory has no config.json.
-    """
-    directory = resolve_hf_path(path)
-    if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
-            f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
-            "(no config.json); models are never downloaded, point hf_path at a local copy"
-        )
-    return directory
 
 
 def _build_hf(spec: ModelSpec) -> nn.Module:

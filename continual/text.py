@@ -35,7 +35,7 @@ def load_tokenizer(directory: str) -> Any:
 
 def tokenizer_for(hf_path: str) -> Any:
     """The tokenizer of `hf_path` (a directory or "package:NAME", see `resolve_hf_path`)."""
-    from continual.models import resolve_hf_path
+    from continual.base_model import resolve_hf_path
 
     return load_tokenizer(str(resolve_hf_path(hf_path)))
 

@@ -179,7 +179,7 @@ def _vocab_size(hf_path: str | None) -> int:
     """The vocabulary size (output logits) of a local causal LM, from its config.json."""
     from transformers import AutoConfig
 
-    from continual.models import resolve_hf_path
+    from continual.base_model import resolve_hf_path
 
     config = AutoConfig.from_pretrained(str(resolve_hf_path(str(hf_path))), local_files_only=True)
     return int(config.vocab_size)
