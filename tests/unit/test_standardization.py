@@ -15,6 +15,7 @@ from continual.standardization import (
     align_for_merge,
     can_follow,
     rescale_fisher,
+    robust_spread,
     widen_,
 )
 from tasks.memory import DataMemory
@@ -47,10 +48,21 @@ def test_only_features_that_spread_beyond_the_factor_are_widened():
     assert widening.features == [1]
     std = model.standardize.input_std
     assert torch.allclose(std[[0, 2, 3]], torch.ones(3))
-    assert abs(float(std[1]) - float(X[:, 1].std(unbiased=False))) < 1e-5
+    assert abs(float(std[1]) - float(robust_spread(X)[1])) < 1e-6
+    assert abs(float(std[1]) - float(X[:, 1].std(unbiased=False))) < 0.01  # winsorised 0.5 %
     for name, value in model.state_dict().items():  # weights (and the mean) are kept
         if name != "standardize.input_std":
             assert torch.equal(value, weights[name]), name
+
+
+def test_one_glitch_does_not_widen_a_feature_for_good():
+    model, _ = _mlp([1.0, 1.0])
+    torch.manual_seed(3)
+    X = torch.randn(2000, 2)
+    X[7, 0] = 1e6  # one value validation let through
+    assert widen_(model, X).features == []
+    X[:, 1] *= 5  # every row spreads further: a real change
+    assert widen_(model, X).features == [1]
 
 
 def test_a_std_never_narrows():
