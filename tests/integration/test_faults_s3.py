@@ -149,8 +149,9 @@ def test_s3_down_mid_run_is_retried_then_fails_clearly_and_loses_nothing(
         run, log = _run_with_an_outage(tmp_path, config, s3, stack, "--max-batches", "1")
         time.sleep(1.0)  # the read meets a refused connection and backs off
         s3.start()
+        # botocore's retries usually ride it out; on a loaded machine the restart can outlast them
+        # and the task's own retry (2 s later) reads the batch: either way the run succeeds.
         assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
-        assert "Retry 1/" not in log.read_text()  # botocore rode it out, not a task retry
         assert ledger.processed(CADENCE)[SHORT].outcome in ("promoted", "rejected")
         assert set(registry.aliases()) == {"champion"}
         champion, versions = registry.champion().version, len(registry.versions(limit=100))
