@@ -60,6 +60,20 @@ NOTIFICATION_BLOCK = (
 )
 
 
+RETRIED_STATUS = (429, 502, 503)  # what Prefect's own client retries (PREFECT_CLIENT_MAX_RETRIES)
+
+
+def _request(method: str, url: str, **kwargs) -> httpx.Response:
+    """The REST call as Prefect's client makes it: a busy server (its SQLite locked by the
+    scheduler and the worker at once: 503 "Service Unavailable") is retried with backoff."""
+    for attempt in range(6):
+        response = httpx.request(method, url, **kwargs)
+        if response.status_code not in RETRIED_STATUS:
+            return response
+        time.sleep(0.5 * 2**attempt)
+    return response
+
+
 def _deploy_command(*extra: str) -> list[str]:
     return [str(BIN / "evergreen"), "deploy", "--prefect-file", str(ROOT / "prefect.yaml"), *extra]
 
@@ -70,7 +84,7 @@ def _check(env, cwd, command):
 
 
 def _deployment(api: str, name: str) -> dict:
-    response = httpx.get(f"{api}/deployments/name/{name}/{name}", timeout=30)
+    response = _request("GET", f"{api}/deployments/name/{name}/{name}", timeout=30)
     response.raise_for_status()
     return response.json()
 
@@ -78,7 +92,7 @@ def _deployment(api: str, name: str) -> dict:
 def _wait_final(api: str, run_id: str, timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = httpx.get(f"{api}/flow_runs/{run_id}", timeout=30).json()
+        run = _request("GET", f"{api}/flow_runs/{run_id}", timeout=30).json()
         if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         time.sleep(3)
@@ -106,7 +120,8 @@ def test_scheduled_runs_have_the_expected_next_times(deployed):
     deployment = _deployment(deployed["api"], "daily-lora")
     deadline, runs = time.monotonic() + 120, []
     while time.monotonic() < deadline and not runs:
-        runs = httpx.post(
+        runs = _request(
+            "POST",
             f"{deployed['api']}/flow_runs/filter",
             timeout=30,
             json={
@@ -129,7 +144,8 @@ def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
     registry = Registry.from_config(cfg)
     champion_before = registry.champion().version
     deployment = _deployment(deployed["api"], "daily-lora")
-    response = httpx.post(
+    response = _request(
+        "POST",
         f"{deployed['api']}/deployments/{deployment['id']}/create_flow_run",
         timeout=30,
         json={
@@ -152,7 +168,8 @@ def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
     else:
         assert entry.outcome == "rejected" and entry.details["reasons"]
         assert champion_after == champion_before
-    artifacts = httpx.post(
+    artifacts = _request(
+        "POST",
         f"{deployed['api']}/artifacts/filter",
         timeout=30,
         json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
@@ -162,7 +179,8 @@ def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
 
 def test_invalid_parameters_are_refused_by_the_schema(deployed):
     deployment = _deployment(deployed["api"], "daily-lora")
-    response = httpx.post(
+    response = _request(
+        "POST",
         f"{deployed['api']}/deployments/{deployment['id']}/create_flow_run",
         timeout=30,
         json={"parameters": {"max_batches": "many"}},
@@ -249,7 +267,8 @@ def test_drift_trigger_is_one_automation_with_cooldown_and_event_parameters(rede
 
 
 def _runs_of(api: str, deployment_id: str) -> list[dict]:
-    return httpx.post(
+    return _request(
+        "POST",
         f"{api}/flow_runs/filter",
         timeout=30,
         json={"deployments": {"id": {"any_": [deployment_id]}}, "limit": 20},
@@ -267,7 +286,8 @@ def test_drift_event_triggers_the_update_deployment(deployed):
     weekly = _deployment(api, "weekly-replay")
     before = {r["id"] for r in _runs_of(api, weekly["id"])}
     monitor = _deployment(api, "stream-monitor")
-    response = httpx.post(
+    response = _request(
+        "POST",
         f"{api}/deployments/{monitor['id']}/create_flow_run",
         timeout=30,
         json={"parameters": {"batch_ids": ["2026-02-03"]}},
@@ -277,7 +297,8 @@ def test_drift_event_triggers_the_update_deployment(deployed):
     assert run["state_type"] == "COMPLETED", (deployed["root"] / "worker.log").read_text()[-4000:]
     deadline, triggered, events = time.monotonic() + 180, [], []
     while time.monotonic() < deadline and not (triggered and events):
-        events = httpx.post(
+        events = _request(
+            "POST",
             f"{api}/events/filter",
             timeout=30,
             json={"filter": {"event": {"name": ["evergreen.drift.detected"]}}},
@@ -311,11 +332,11 @@ def _another_drift_event_is_held_back_by_the_cooldown(api, weekly_id, before, fi
         "resource": {"prefect.resource.id": "evergreen.model.digits-test"},
         "payload": {"source": "test", "batch_id": "2026-02-03"},
     }
-    assert httpx.post(f"{api}/events", json=[event], timeout=30).status_code == 204
+    assert _request("POST", f"{api}/events", json=[event], timeout=30).status_code == 204
     deadline, seen = time.monotonic() + 60, []
     while time.monotonic() < deadline and not seen:
-        seen = httpx.post(
-            f"{api}/events/filter", timeout=30, json={"filter": {"id": {"id": [event_id]}}}
+        seen = _request(
+            "POST", f"{api}/events/filter", timeout=30, json={"filter": {"id": {"id": [event_id]}}}
         ).json()["events"]
         time.sleep(1)
     assert seen, "the second drift event did not reach the server"
@@ -328,7 +349,8 @@ def _logs_of(api: str, run_id: str, text: str, timeout: float = 240) -> list[str
     """Messages of the run's logs holding `text`, once the worker has started it."""
     deadline, found = time.monotonic() + timeout, []
     while time.monotonic() < deadline and not found:
-        logs = httpx.post(
+        logs = _request(
+            "POST",
             f"{api}/logs/filter",
             timeout=30,
             json={"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
