@@ -179,6 +179,22 @@ def reference_for(hf_path: str) -> BaseReference:
     return BaseReference(hf_path, str(directory), combined_sha256(files), files)
 
 
+def hash_differences(
+    recorded: dict[str, str], current: dict[str, str], *, unexpected: str
+) -> list[str]:
+    """Every file missing, unexpected (`unexpected` says how) or changed in `current` (name →
+    sha256) versus `recorded`, one line each — for any set of files checked against the hashes
+    written when they were stored (a pretrained base, a registered version's artifacts)."""
+    changes = [f"{n}: missing" for n in sorted(set(recorded) - set(current))]
+    changes += [f"{n}: {unexpected}" for n in sorted(set(current) - set(recorded))]
+    changes += [
+        f"{n}: sha256 {current[n][:12]}… but {recorded[n][:12]}… was recorded"
+        for n in sorted(set(current) & set(recorded))
+        if current[n] != recorded[n]
+    ]
+    return changes
+
+
 def verify_base(reference: BaseReference) -> Path:
     """Check that the base in `reference.hf_path` still has the recorded files; its directory.
 
@@ -189,14 +205,7 @@ def verify_base(reference: BaseReference) -> Path:
     current = fingerprint(directory)
     if combined_sha256(current) == reference.sha256:
         return directory
-    recorded = reference.files
-    changes = [f"{n}: missing" for n in sorted(set(recorded) - set(current))]
-    changes += [f"{n}: not in the recorded base" for n in sorted(set(current) - set(recorded))]
-    changes += [
-        f"{n}: sha256 {current[n][:12]}… but {recorded[n][:12]}… was recorded"
-        for n in sorted(set(current) & set(recorded))
-        if current[n] != recorded[n]
-    ]
+    changes = hash_differences(reference.files, current, unexpected="not in the recorded base")
     raise BaseModelError(
         f"the base model {reference.hf_path!r} ({directory}) is not the one this version was "
         f"stored against (sha256 {reference.sha256[:12]}…): {'; '.join(changes[:5])}. The "

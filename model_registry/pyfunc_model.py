@@ -200,15 +200,10 @@ def checkpoint_manifest(directory: Path) -> dict[str, str]:
 
 def manifest_problems(directory: Path, expected: dict[str, str]) -> list[str]:
     """Every missing, unexpected or modified file of `directory` versus `expected` hashes."""
+    from continual.base_model import hash_differences
+
     actual = checkpoint_manifest(directory)
-    problems = [f"{rel}: missing" for rel in sorted(set(expected) - set(actual))]
-    problems += [f"{rel}: not recorded when logged" for rel in sorted(set(actual) - set(expected))]
-    problems += [
-        f"{rel}: sha256 {actual[rel][:12]}… but {expected[rel][:12]}… was recorded"
-        for rel in sorted(set(actual) & set(expected))
-        if actual[rel] != expected[rel]
-    ]
-    return problems
+    return hash_differences(expected, actual, unexpected="not recorded when logged")
 
 
 def prepare_checkpoint(source: Path, workdir: Path) -> tuple[Path, dict[str, str], Any, Any]:
