@@ -85,7 +85,7 @@ def read_state(directory: Path, version: str | None = None) -> ModelState:
         model=model,
         spec=spec,
         version=version,
-        ewc=EWC.load(ewc_file, model_parameters=parameters_of(model))
+        ewc=EWC.load(ewc_file, model_parameters=dict(model.named_parameters()))
         if ewc_file.exists()
         else None,
         learned=frozenset(learned.get("batches", [])),
