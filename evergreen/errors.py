@@ -9,6 +9,7 @@ as well. The table is documented in the README's CLI reference; keep the two in 
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -26,6 +27,7 @@ class ExitCode(IntEnum):
     REGISTRY = 5  # the MLflow registry refused the operation (integrity, stale alias, …)
     CONNECTION = 6  # MLflow tracking server, S3 endpoint or Prefect API unreachable
     DATA = 7  # a landing-zone batch cannot be read
+    STORAGE = 8  # state cannot be written: disk full, quota, permission denied, read-only
     INTERNAL = 70  # anything else: a bug (EX_SOFTWARE); rerun with --debug and report it
     INTERRUPTED = 130  # Ctrl-C
 
@@ -105,6 +107,44 @@ def _connection_message(error: BaseException) -> str:
     )
 
 
+# errno values that mean "this machine cannot store what evergreen writes", not a bug
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "no space left on the device",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file too large (disk full or a file-size limit)",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "read-only file system",
+}
+# what SQLite (the MLflow store, Prefect's database) says for the same faults, through
+# SQLAlchemy and MLflow, which wrap it in their own exceptions and sometimes only in text
+_SQLITE_STORAGE = {
+    "database or disk is full": "the SQLite database's disk is full",
+    "attempt to write a readonly database": "the SQLite database is read-only for this user",
+    "disk i/o error": "SQLite could not write its database (disk full or failing)",
+}
+
+
+def _storage_reason(error: BaseException) -> str | None:
+    """Why state could not be written, if `error` is a disk-full or permission fault."""
+    if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+        where = f" {error.filename}" if error.filename else ""
+        return f"{_STORAGE_ERRNOS[error.errno]}{where}"
+    text = str(error).lower()
+    for phrase, reason in _SQLITE_STORAGE.items():
+        if phrase in text:
+            return reason
+    return None
+
+
+def _storage_message(reason: str) -> str:
+    return (
+        f"storage: {reason}. Free disk space or fix the permissions of the evergreen home and "
+        "the MLflow store, then rerun (state is written to a temporary name and renamed, so "
+        "what was written before is intact)"
+    )
+
+
 def _s3_endpoint(error: BaseException) -> str:
     """`scheme://host:port` of the request botocore could not send (its URL's bucket, key and
     query are noise on the one line an operator reads)."""
@@ -164,6 +204,13 @@ def classify(error: BaseException) -> Failure:
     for link in chain:
         if _is_connection_error(link):
             return Failure(ExitCode.CONNECTION, _connection_message(link))
+    # So does a full disk or a denied write (MLflow reports SQLite's as a registry error);
+    # a landing-zone file that cannot be read stays a data error.
+    unreadable_batch = any(type(link).__name__ == "BatchReadError" for link in chain)
+    for link in [] if unreadable_batch else chain:
+        reason = _storage_reason(link)
+        if reason is not None:
+            return Failure(ExitCode.STORAGE, _storage_message(reason))
     for link in chain:
         failure = _by_type(link)
         if failure is not None:

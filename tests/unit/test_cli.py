@@ -3,6 +3,7 @@ and it finds the config the way a person expects (nearest evergreen.yaml, then t
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -128,6 +129,56 @@ def test_classes_of_flow_failures(error, code, needle):
         failure = classify(wrapped)
     assert failure.code == code
     assert needle in failure.message
+
+
+def _sqlite_full() -> Exception:
+    """What MLflow raises when SQLite cannot grow its database: its own exception, from
+    SQLAlchemy's, from sqlite3's (the message is all that names the fault)."""
+    import sqlite3
+
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as inner:
+            raise OperationalError("INSERT INTO runs", {}, inner) from inner
+    except OperationalError as wrapped:
+        return MlflowException(f"(sqlalchemy.exc.OperationalError) {wrapped}")
+
+
+@pytest.mark.parametrize(
+    ("error", "needle"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/s/model.safetensors"), "no space"),
+        (OSError(errno.EFBIG, "File too large"), "file too large"),
+        (PermissionError(errno.EACCES, "Permission denied", "/s/mlartifacts/1"), "/s/mlartifacts"),
+        (OSError(errno.EROFS, "Read-only file system", "/s"), "read-only"),
+        (_sqlite_full(), "SQLite"),
+    ],
+)
+def test_disk_full_and_denied_writes_are_storage_errors(error, needle):
+    try:
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("Flow run encountered an exception") from inner
+    except RuntimeError as wrapped:
+        failure = classify(wrapped)
+    assert failure.code == ExitCode.STORAGE
+    assert failure.message.startswith("storage: ") and needle in failure.message
+    assert "\n" not in failure.message
+
+
+def test_an_unreadable_batch_stays_a_data_error():
+    from data_plane.landing import BatchReadError
+
+    try:
+        denied = PermissionError(errno.EACCES, "Permission denied")
+        raise BatchReadError("b", "part-0.parquet", "cannot be read") from denied
+    except BatchReadError as error:
+        assert classify(error).code == ExitCode.DATA
 
 
 def test_no_champion_via_the_cli(project, capsys, monkeypatch):
