@@ -146,6 +146,7 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
         registry.set_challenger(existing.version)
         return existing
     checkpoint = staging / "checkpoint"
+    hang_here("promote.before-checkpoint")  # test hook: trained and gated, nothing written yet
     if not checkpoint.exists():
         write_state(reg.challenger, checkpoint)
     verify_round_trip(cfg, reg.challenger, checkpoint, reg.check_rows)

@@ -1,0 +1,205 @@
+"""Fault injection: the disk fills up, or a write is denied, while a flow run writes state.
+
+A real `evergreen run weekly-replay` is paused at a named point (`model_registry/fault_hooks.py`,
+`EVERGREEN_TEST_PAUSE_AT`); the test then takes the room away from that very process and lets it
+go on:
+
+- disk full: `prlimit(RLIMIT_FSIZE, 0)` on the running process (Python ignores SIGXFSZ, so every
+  write that would grow a file fails with EFBIG, as on a full disk: the checkpoint's files, the
+  MLflow SQLite store and its artifact store alike);
+- permission denied: the MLflow artifact store is made read-only for the run's user (as root,
+  the run is started as an unprivileged user, since root ignores file modes).
+
+Each time: exit code 8 and one `evergreen: error: storage: …` line (no traceback), the champion
+and its artifacts unchanged and loadable, no new model version, no `challenger` alias, the batch
+still pending, no temporary or half-written file left in the pipeline's home. The next run,
+with the room back, processes the batch exactly once.
+
+Run: `pytest -m integration tests/integration/test_faults_disk.py`.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from evergreen.config import load_config
+from evergreen.errors import ExitCode
+from model_registry.fault_hooks import HANG_SIGNAL, PAUSE_AT
+from model_registry.ledger import Ledger
+from model_registry.registry import Registry
+from tasks.memory import memory_store, read_memory
+from tests.digits_pipeline import digits_frame, write_batch, write_config
+from tests.integration.test_faults import _cli, _env
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+CADENCE = "weekly-replay"
+BATCH = "2026-04-02"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A bootstrapped pipeline with one pending batch (shared: no fault may change it)."""
+    root = tmp_path_factory.mktemp("disk")
+    landing = root / "landing"
+    write_batch(landing, "2026-04-01", digits_frame(slice(0, 500)))
+    write_batch(landing, BATCH, digits_frame(slice(500, 800), shift=1))
+    config = str(write_config(root, landing, root / "home", weekly={"train": {"steps": 20}}))
+    done = _cli(root, "run", "bootstrap", "--config", config, "--batch", "2026-04-01")
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = load_config(config)
+    registry = Registry.from_config(cfg)
+    return {
+        "root": root,
+        "config": config,
+        "cfg": cfg,
+        "champion": registry.champion().version,
+        "versions": len(registry.versions(limit=100)),
+    }
+
+
+def _run_with_fault(pipeline: dict, point: str, fault, **popen) -> subprocess.CompletedProcess:
+    """`evergreen run weekly-replay`, paused at `point`; `fault(pid)` is applied, then it goes on."""
+    root = pipeline["root"]
+    signal_file = root / f"reached-{point}"
+    env = {**_env(root), PAUSE_AT: point, HANG_SIGNAL: str(signal_file), **popen.pop("env", {})}
+    command = [
+        sys.executable,
+        "-m",
+        "evergreen.cli",
+        "run",
+        CADENCE,
+        "--config",
+        pipeline["config"],
+    ]
+    run = subprocess.Popen(
+        command,
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+    deadline = time.monotonic() + 600
+    while not signal_file.exists():
+        assert run.poll() is None, run.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"{point} never reached"
+        time.sleep(0.3)
+    fault(run.pid)
+    signal_file.unlink()  # release the pause
+    out, err = run.communicate(timeout=600)
+    return subprocess.CompletedProcess(command, run.returncode, out, err)
+
+
+def _disk_full(pid: int) -> None:
+    """From now on the process cannot grow any file by one byte (EFBIG, SIGXFSZ is ignored)."""
+    resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, 0))
+
+
+def _assert_failed_cleanly(pipeline: dict, done: subprocess.CompletedProcess) -> str:
+    """The checks every fault shares; returns the error line."""
+    assert done.returncode == ExitCode.STORAGE, done.stderr[-4000:]
+    assert "Traceback" not in done.stderr, done.stderr[-4000:]
+    lines = [x for x in done.stderr.splitlines() if x.startswith("evergreen: error: ")]
+    assert len(lines) == 1, done.stderr[-4000:]
+    assert lines[0].startswith("evergreen: error: storage: "), lines[0]
+    cfg = pipeline["cfg"]
+    registry = Registry.from_config(cfg)
+    assert registry.champion().version == pipeline["champion"]
+    assert registry.aliases() == {"champion": pipeline["champion"]}  # no challenger left
+    assert len(registry.versions(limit=100)) == pipeline["versions"]  # nothing half-registered
+    registry.verify_artifacts(pipeline["champion"])  # the served files are whole and loadable
+    assert not Ledger.from_config(cfg).is_processed(CADENCE, BATCH)  # still pending
+    read_memory(cfg, memory_store(cfg).head())  # the data memory still reads
+    home = cfg.home_path
+    assert not list((home / "staging").glob(f"{CADENCE}-*")), "the staging folder was left"
+    leftovers = [p for p in home.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    assert not leftovers, f"temporary files left in the home: {leftovers}"
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "point",
+    [
+        "promote.before-checkpoint",  # the challenger's checkpoint files cannot be written
+        "registry.run-logged",  # the model version's row cannot be added to the MLflow store
+    ],
+)
+def test_disk_full_while_writing_state_fails_cleanly(pipeline, point):
+    done = _run_with_fault(pipeline, point, _disk_full)
+    line = _assert_failed_cleanly(pipeline, done)
+    assert "file too large" in line or "SQLite" in line, line
+
+
+def _unprivileged() -> tuple[int, int]:
+    entry = pwd.getpwnam("nobody")
+    return entry.pw_uid, entry.pw_gid
+
+
+def _chown_tree(root: Path, uid: int, gid: int) -> None:
+    for path in [root, *root.rglob("*")]:
+        os.lchown(path, uid, gid)
+
+
+def test_permission_denied_on_the_artifact_store_fails_cleanly(pipeline, tmp_path):
+    """The artifact store turns read-only for the run's user before the challenger is logged."""
+    cfg = pipeline["cfg"]
+    store = cfg.home_path / "mlartifacts"
+    assert store.is_dir(), list(cfg.home_path.iterdir())
+    popen: dict = {}
+    if os.geteuid() == 0:  # root ignores file modes: run as `nobody`, who owns all but the store
+        uid, gid = _unprivileged()
+        prefect_home = pipeline["root"] / "prefect"
+        for tree in (pipeline["root"], tmp_path):
+            _chown_tree(tree, uid, gid)
+        hashes = Path(os.environ["EVERGREEN_HASH_CACHE"]).parent
+        _chown_tree(hashes, uid, gid)
+        popen = {
+            "user": uid,
+            "group": gid,
+            "extra_groups": [],
+            "env": {
+                "HOME": str(tmp_path),
+                "TMPDIR": str(tmp_path),
+                "PREFECT_HOME": str(prefect_home),
+            },
+        }
+
+    def deny(pid: int) -> None:
+        for path in [store, *store.rglob("*")]:
+            if path.is_dir():
+                if os.geteuid() == 0:
+                    os.lchown(path, 0, 0)
+                path.chmod(0o555)
+
+    try:
+        done = _run_with_fault(pipeline, "promote.before-checkpoint", deny, **popen)
+    finally:
+        for path in [store, *store.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o755)
+        if os.geteuid() == 0:
+            _chown_tree(pipeline["root"], 0, 0)
+    line = _assert_failed_cleanly(pipeline, done)
+    assert "permission denied" in line, line
+
+
+def test_the_next_run_with_room_processes_the_batch_exactly_once(pipeline):
+    done = _cli(pipeline["root"], "run", CADENCE, "--config", pipeline["config"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    cfg = pipeline["cfg"]
+    done_entries = [
+        e.outcome
+        for e in Ledger.from_config(cfg).entries(CADENCE)
+        if e.batch_id == BATCH and e.outcome != "failed"
+    ]
+    assert done_entries in (["promoted"], ["rejected"])
+    assert set(Registry.from_config(cfg).aliases()) == {"champion"}
