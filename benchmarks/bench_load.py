@@ -103,9 +103,16 @@ class LoadResult:
 
 
 def request(method: str, url: str, **kwargs: Any) -> httpx.Response:
-    """A REST call retried like Prefect's client retries a busy server (429/502/503)."""
+    """A REST call retried as Prefect's client retries a busy server (429/502/503, and a read
+    that timed out: a POST must then carry an idempotency key)."""
     for attempt in range(6):
-        response = httpx.request(method, url, timeout=30, **kwargs)
+        try:
+            response = httpx.request(method, url, timeout=60, **kwargs)
+        except httpx.TimeoutException:
+            if attempt == 5:
+                raise
+            time.sleep(0.5 * 2**attempt)
+            continue
         if response.status_code not in RETRIED_STATUS:
             return response
         time.sleep(0.5 * 2**attempt)
@@ -128,9 +135,12 @@ def _deployment_ids(api: str) -> dict[str, str]:
 
 
 def _start(api: str, deployment_id: str, batch_id: str) -> str:
-    body = {"parameters": {"config_path": "evergreen.yaml", "batch_ids": [batch_id]}}
+    body = {
+        "parameters": {"config_path": "evergreen.yaml", "batch_ids": [batch_id]},
+        "idempotency_key": f"load-{deployment_id}-{batch_id}",  # a retried POST: the same run
+    }
     response = request("POST", f"{api}/deployments/{deployment_id}/create_flow_run", json=body)
-    if response.status_code != 201:
+    if response.status_code not in (200, 201):  # 200: the idempotency key's existing run
         raise RuntimeError(f"create_flow_run: {response.status_code} {response.text}")
     return str(response.json()["id"])
 

@@ -276,10 +276,13 @@ class _NoTraceback(logging.Formatter):
 
 
 def _console_without_tracebacks(args: argparse.Namespace) -> None:
-    """Prefect's console handlers print a failed flow's traceback; the CLI prints one line
-    instead (`main`), unless --debug."""
+    """Prefect's console handlers print a failed flow's traceback, and MLflow's own console
+    handlers (mlflow, sqlalchemy.engine, alembic) print one when its store fails (a full disk);
+    the CLI prints one line instead (`main`), unless --debug. Handlers that do not write to a
+    console (the Prefect API's, files) keep the traceback."""
     if args.debug or os.environ.get("EVERGREEN_DEBUG", "") not in ("", "0", "false"):
         return
+    import mlflow  # noqa: F401  (configures its loggers on import: wrap them now)
     from prefect.logging.configuration import PROCESS_LOGGING_CONFIG, setup_logging
 
     if not PROCESS_LOGGING_CONFIG:
@@ -291,10 +294,16 @@ def _console_without_tracebacks(args: argparse.Namespace) -> None:
     ]
     for logger in loggers:
         for handler in logger.handlers:
-            if type(handler).__name__ == "PrefectConsoleHandler" and not isinstance(
-                handler.formatter, _NoTraceback
-            ):
+            if _writes_to_console(handler) and not isinstance(handler.formatter, _NoTraceback):
                 handler.setFormatter(_NoTraceback(handler.formatter))
+
+
+def _writes_to_console(handler: logging.Handler) -> bool:
+    if type(handler).__name__ == "PrefectConsoleHandler":
+        return True
+    return isinstance(handler, logging.StreamHandler) and not isinstance(
+        handler, logging.FileHandler
+    )
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ as well. The table is documented in the README's CLI reference; keep the two in 
 from __future__ import annotations
 
 import errno
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
@@ -116,6 +117,7 @@ _STORAGE_ERRNOS = {
     errno.EPERM: "operation not permitted",
     errno.EROFS: "read-only file system",
 }
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 # what SQLite (the MLflow store, Prefect's database) says for the same faults, through
 # SQLAlchemy and MLflow, which wrap it in their own exceptions and sometimes only in text
 _SQLITE_STORAGE = {
@@ -131,6 +133,9 @@ def _storage_reason(error: BaseException) -> str | None:
         where = f" {error.filename}" if error.filename else ""
         return f"{_STORAGE_ERRNOS[error.errno]}{where}"
     text = str(error).lower()
+    rust = _RUST_OS_ERROR.search(text)  # safetensors (Rust) reports "I/O error: … (os error 28)"
+    if rust and int(rust.group(1)) in _STORAGE_ERRNOS:
+        return _STORAGE_ERRNOS[int(rust.group(1))]
     for phrase, reason in _SQLITE_STORAGE.items():
         if phrase in text:
             return reason

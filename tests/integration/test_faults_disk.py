@@ -26,6 +26,8 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,7 @@ def _run_with_fault(pipeline: dict, point: str, fault, **popen) -> subprocess.Co
     """`evergreen run weekly-replay`, paused at `point`; `fault(pid)` is applied, then it goes on."""
     root = pipeline["root"]
     signal_file = root / f"reached-{point}"
+    pipeline["files"] = set(pipeline["cfg"].home_path.rglob("*"))
     env = {**_env(root), PAUSE_AT: point, HANG_SIGNAL: str(signal_file), **popen.pop("env", {})}
     command = [
         sys.executable,
@@ -121,7 +124,8 @@ def _assert_failed_cleanly(pipeline: dict, done: subprocess.CompletedProcess) ->
     read_memory(cfg, memory_store(cfg).head())  # the data memory still reads
     home = cfg.home_path
     assert not list((home / "staging").glob(f"{CADENCE}-*")), "the staging folder was left"
-    leftovers = [p for p in home.rglob("*") if p.name.endswith(".tmp") or p.name.startswith(".")]
+    new = set(home.rglob("*")) - pipeline["files"]
+    leftovers = [p for p in new if p.name.endswith(".tmp") or p.name.startswith(".")]
     assert not leftovers, f"temporary files left in the home: {leftovers}"
     return lines[0]
 
@@ -149,45 +153,56 @@ def _chown_tree(root: Path, uid: int, gid: int) -> None:
         os.lchown(path, uid, gid)
 
 
+@contextmanager
+def _as_unprivileged(pipeline: dict, tmp_path: Path) -> Iterator[dict]:
+    """Popen arguments that run the flow as a user file modes apply to.
+
+    Not root: nothing to change. Root (ignores modes): `nobody`, who is given the pipeline's
+    folders and a way through their (pytest-private) parents; all is handed back afterwards.
+    """
+    if os.geteuid() != 0:
+        yield {}
+        return
+    uid, gid = _unprivileged()
+    hashes = Path(os.environ["EVERGREEN_HASH_CACHE"]).parent
+    trees = (pipeline["root"], tmp_path, hashes)
+    parents = {p for tree in trees for p in tree.parents if not p.stat().st_mode & 0o001}
+    modes = {p: p.stat().st_mode for p in parents}
+    try:
+        for parent in parents:
+            parent.chmod(modes[parent] | 0o001)
+        for tree in trees:
+            _chown_tree(tree, uid, gid)
+        env = {"HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
+        yield {"user": uid, "group": gid, "extra_groups": [], "env": env}
+    finally:
+        for tree in trees:
+            _chown_tree(tree, 0, 0)
+        for parent, mode in modes.items():
+            parent.chmod(mode)
+
+
+def _make_read_only(folder: Path) -> None:
+    for path in [folder, *folder.rglob("*")]:
+        if path.is_dir():
+            if os.geteuid() == 0:
+                os.lchown(path, 0, 0)  # no longer the run's: its mode now applies to it
+            path.chmod(0o555)
+
+
 def test_permission_denied_on_the_artifact_store_fails_cleanly(pipeline, tmp_path):
     """The artifact store turns read-only for the run's user before the challenger is logged."""
-    cfg = pipeline["cfg"]
-    store = cfg.home_path / "mlartifacts"
-    assert store.is_dir(), list(cfg.home_path.iterdir())
-    popen: dict = {}
-    if os.geteuid() == 0:  # root ignores file modes: run as `nobody`, who owns all but the store
-        uid, gid = _unprivileged()
-        prefect_home = pipeline["root"] / "prefect"
-        for tree in (pipeline["root"], tmp_path):
-            _chown_tree(tree, uid, gid)
-        hashes = Path(os.environ["EVERGREEN_HASH_CACHE"]).parent
-        _chown_tree(hashes, uid, gid)
-        popen = {
-            "user": uid,
-            "group": gid,
-            "extra_groups": [],
-            "env": {
-                "HOME": str(tmp_path),
-                "TMPDIR": str(tmp_path),
-                "PREFECT_HOME": str(prefect_home),
-            },
-        }
-
-    def deny(pid: int) -> None:
-        for path in [store, *store.rglob("*")]:
-            if path.is_dir():
-                if os.geteuid() == 0:
-                    os.lchown(path, 0, 0)
-                path.chmod(0o555)
-
+    store = pipeline["cfg"].home_path / "mlartifacts"
+    assert store.is_dir(), list(pipeline["cfg"].home_path.iterdir())
     try:
-        done = _run_with_fault(pipeline, "promote.before-checkpoint", deny, **popen)
+        with _as_unprivileged(pipeline, tmp_path) as popen:
+            done = _run_with_fault(
+                pipeline, "promote.before-checkpoint", lambda pid: _make_read_only(store), **popen
+            )
     finally:
         for path in [store, *store.rglob("*")]:
             if path.is_dir():
                 path.chmod(0o755)
-        if os.geteuid() == 0:
-            _chown_tree(pipeline["root"], 0, 0)
     line = _assert_failed_cleanly(pipeline, done)
     assert "permission denied" in line, line
 

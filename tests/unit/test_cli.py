@@ -148,6 +148,13 @@ def _sqlite_full() -> Exception:
         return MlflowException(f"(sqlalchemy.exc.OperationalError) {wrapped}")
 
 
+def _safetensors_efbig() -> Exception:
+    """What safetensors raises when the disk fills under `save_file` (its Rust I/O error)."""
+    from safetensors import SafetensorError
+
+    return SafetensorError("Error while serializing: I/O error: File too large (os error 27)")
+
+
 @pytest.mark.parametrize(
     ("error", "needle"),
     [
@@ -156,6 +163,7 @@ def _sqlite_full() -> Exception:
         (PermissionError(errno.EACCES, "Permission denied", "/s/mlartifacts/1"), "/s/mlartifacts"),
         (OSError(errno.EROFS, "Read-only file system", "/s"), "read-only"),
         (_sqlite_full(), "SQLite"),
+        (_safetensors_efbig(), "file too large"),
     ],
 )
 def test_disk_full_and_denied_writes_are_storage_errors(error, needle):
