@@ -245,6 +245,8 @@ def run_load(root: Path, rounds: int, round_timeout: float = 900) -> LoadResult:
             for index in range(rounds):
                 try:
                     done.append(run_round(api, ids, landing, index, round_timeout))
+                    states = {c: s for c, s in sorted(done[-1].states.items())}
+                    print(f"round {index + 1}: {done[-1].seconds}s {states}", flush=True)
                 except TimeoutError as error:
                     deadlocked = str(error)
                     break
