@@ -7,8 +7,9 @@ go on:
 - disk full: `prlimit(RLIMIT_FSIZE, 0)` on the running process (Python ignores SIGXFSZ, so every
   write that would grow a file fails with EFBIG, as on a full disk: the checkpoint's files, the
   MLflow SQLite store and its artifact store alike);
-- permission denied: the MLflow artifact store is made read-only for the run's user (as root,
-  the run is started as an unprivileged user, since root ignores file modes).
+- a denied write: the MLflow artifact store stops taking writes from the run: its folders lose
+  their write bits (EACCES); as root, which ignores modes, the run gets its own mount namespace
+  (`unshare`) and the store is bind-mounted read-only inside it (EROFS), the host untouched.
 
 Each time: exit code 8 and one `evergreen: error: storage: …` line (no traceback), the champion
 and its artifacts unchanged and loadable, no new model version, no `challenger` alias, the batch
@@ -21,13 +22,11 @@ Run: `pytest -m integration tests/integration/test_faults_disk.py`.
 from __future__ import annotations
 
 import os
-import pwd
 import resource
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -67,30 +66,18 @@ def pipeline(tmp_path_factory):
     }
 
 
-def _run_with_fault(pipeline: dict, point: str, fault, **popen) -> subprocess.CompletedProcess:
+def _run_with_fault(
+    pipeline: dict, point: str, fault, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess:
     """`evergreen run weekly-replay`, paused at `point`; `fault(pid)` is applied, then it goes on."""
     root = pipeline["root"]
     signal_file = root / f"reached-{point}"
     pipeline["files"] = set(pipeline["cfg"].home_path.rglob("*"))
-    env = {**_env(root), PAUSE_AT: point, HANG_SIGNAL: str(signal_file), **popen.pop("env", {})}
-    command = [
-        sys.executable,
-        "-m",
-        "evergreen.cli",
-        "run",
-        CADENCE,
-        "--config",
-        pipeline["config"],
-    ]
-    run = subprocess.Popen(
-        command,
-        cwd=root,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **popen,
-    )
+    env = {**_env(root), PAUSE_AT: point, HANG_SIGNAL: str(signal_file)}
+    command = [*(prefix or []), sys.executable, "-m", "evergreen.cli", "run", CADENCE]
+    command += ["--config", pipeline["config"]]
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    run = subprocess.Popen(command, cwd=root, env=env, **pipes)
     deadline = time.monotonic() + 600
     while not signal_file.exists():
         assert run.poll() is None, run.communicate()[1][-3000:]
@@ -143,68 +130,42 @@ def test_disk_full_while_writing_state_fails_cleanly(pipeline, point):
     assert "file too large" in line or "SQLite" in line, line
 
 
-def _unprivileged() -> tuple[int, int]:
-    entry = pwd.getpwnam("nobody")
-    return entry.pw_uid, entry.pw_gid
+def _own_mount_namespace() -> list[str]:
+    """A command prefix giving the run a private mount namespace (root: modes do not stop it,
+    a read-only mount does), or skip when this machine forbids it."""
+    prefix = ["unshare", "--mount", "--propagation", "private", "--"]
+    if shutil.which("unshare") is None or subprocess.run([*prefix, "true"]).returncode != 0:
+        pytest.skip("running as root without mount namespaces: cannot deny a write to root")
+    return prefix
 
 
-def _chown_tree(root: Path, uid: int, gid: int) -> None:
-    for path in [root, *root.rglob("*")]:
-        os.lchown(path, uid, gid)
-
-
-@contextmanager
-def _as_unprivileged(pipeline: dict, tmp_path: Path) -> Iterator[dict]:
-    """Popen arguments that run the flow as a user file modes apply to.
-
-    Not root: nothing to change. Root (ignores modes): `nobody`, who is given the pipeline's
-    folders and a way through their (pytest-private) parents; all is handed back afterwards.
-    """
+def _deny_writes(store: Path, pid: int) -> None:
+    """Writes under `store` now fail for the running process: EACCES (modes) for a normal
+    user; for root, EROFS from a read-only bind mount inside the run's own mount namespace."""
     if os.geteuid() != 0:
-        yield {}
+        for path in [store, *store.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o555)
         return
-    uid, gid = _unprivileged()
-    hashes = Path(os.environ["EVERGREEN_HASH_CACHE"]).parent
-    trees = (pipeline["root"], tmp_path, hashes)
-    parents = {p for tree in trees for p in tree.parents if not p.stat().st_mode & 0o001}
-    modes = {p: p.stat().st_mode for p in parents}
-    try:
-        for parent in parents:
-            parent.chmod(modes[parent] | 0o001)
-        for tree in trees:
-            _chown_tree(tree, uid, gid)
-        env = {"HOME": str(tmp_path), "TMPDIR": str(tmp_path)}
-        yield {"user": uid, "group": gid, "extra_groups": [], "env": env}
-    finally:
-        for tree in trees:
-            _chown_tree(tree, 0, 0)
-        for parent, mode in modes.items():
-            parent.chmod(mode)
+    remount = f"mount --bind {store} {store} && mount -o remount,bind,ro {store}"
+    subprocess.run(["nsenter", "-t", str(pid), "-m", "--", "sh", "-c", remount], check=True)
 
 
-def _make_read_only(folder: Path) -> None:
-    for path in [folder, *folder.rglob("*")]:
-        if path.is_dir():
-            if os.geteuid() == 0:
-                os.lchown(path, 0, 0)  # no longer the run's: its mode now applies to it
-            path.chmod(0o555)
-
-
-def test_permission_denied_on_the_artifact_store_fails_cleanly(pipeline, tmp_path):
-    """The artifact store turns read-only for the run's user before the challenger is logged."""
+def test_a_denied_write_to_the_artifact_store_fails_cleanly(pipeline):
+    """The artifact store stops taking writes from the run before the challenger is logged."""
     store = pipeline["cfg"].home_path / "mlartifacts"
     assert store.is_dir(), list(pipeline["cfg"].home_path.iterdir())
+    prefix = _own_mount_namespace() if os.geteuid() == 0 else []
     try:
-        with _as_unprivileged(pipeline, tmp_path) as popen:
-            done = _run_with_fault(
-                pipeline, "promote.before-checkpoint", lambda pid: _make_read_only(store), **popen
-            )
+        done = _run_with_fault(
+            pipeline, "promote.before-checkpoint", lambda pid: _deny_writes(store, pid), prefix
+        )
     finally:
         for path in [store, *store.rglob("*")]:
             if path.is_dir():
                 path.chmod(0o755)
     line = _assert_failed_cleanly(pipeline, done)
-    assert "permission denied" in line, line
+    assert "permission denied" in line or "read-only" in line, line
 
 
 def test_the_next_run_with_room_processes_the_batch_exactly_once(pipeline):
