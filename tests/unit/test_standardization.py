@@ -179,3 +179,18 @@ def test_a_merged_challenger_anchors_ewc_in_the_merged_coordinates():
     assert torch.equal(first[:, [0, 2]], torch.ones(8, 2))
     assert torch.equal(merged.ewc.fisher["layers.0.bias"], fisher["layers.0.bias"])
     assert merged.spec.input_std == [1.0, 3.0, 2.0]
+
+
+def test_the_run_records_how_many_features_an_update_widened():
+    from types import SimpleNamespace
+
+    from tasks.tracking import widening_params
+
+    _, parent_spec = _mlp([1.0, 0.1, 2.0])
+    _, child_spec = _mlp([1.0, 3.0, 2.5])
+    reg = SimpleNamespace(
+        challenger=SimpleNamespace(spec=child_spec), parent=SimpleNamespace(spec=parent_spec)
+    )
+    assert widening_params(reg) == {"standardize.widened_features": "2"}
+    reg.parent = None  # bootstrap: nothing to compare with
+    assert widening_params(reg) == {}
