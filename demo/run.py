@@ -126,14 +126,11 @@ def _add_references(cfg: EvergreenConfig, timeline: list[TimelineRow], held_out:
 def _bootstrap_state(cfg: EvergreenConfig):
     """The first champion (the naive baseline's starting point, like the flows')."""
     from model_registry.registry import Registry
-    from tasks.state import read_state
+    from tasks.version_cache import load_cached
 
     registry = Registry.from_config(cfg)
     first = registry.history(limit=1000)[-1].version
-    target = cfg.home_path / "cache" / "versions" / first
-    if not target.exists():
-        registry.download(first, target)
-    return read_state(target, version=first)
+    return load_cached(cfg, registry, first)
 
 
 LEARNING_FLOWS = frozenset({"bootstrap", "daily-lora", "weekly-replay", "monthly-finetune"})
