@@ -24,19 +24,16 @@ from continual.standardization import (
 from evergreen.config import EvergreenConfig
 from model_registry.registry import Registry
 from tasks.memory import DataMemory
-from tasks.state import ModelState, parameters_of, read_state
+from tasks.state import ModelState, parameters_of
+from tasks.version_cache import load_cached, prune_after_use
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def load_versions(cfg: EvergreenConfig, versions: list[str]) -> list[ModelState]:
     """Download (integrity-checked) and load several registered versions."""
     registry = Registry.from_config(cfg)
-    states = []
-    for version in versions:
-        target = cfg.home_path / "cache" / "versions" / version
-        if not target.exists():
-            registry.download(version, target)
-        states.append(read_state(target, version=version))
+    states = [load_cached(cfg, registry, version) for version in versions]
+    prune_after_use(cfg, registry, versions)
     if len({(s.spec.family, s.spec.n_features, s.spec.n_classes) for s in states}) != 1:
         raise ValueError(f"versions {versions} have different architectures and cannot be merged")
     return states
