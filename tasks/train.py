@@ -404,13 +404,18 @@ def _ewc_challenger(
     selection = selection_rows(cfg, champion, memory)
     base = follow_data_scale(champion, X, memory)
     start = start_update(base, X, y, buffer)
+    # EWC anchors where the update starts: for a text model that is the champion's encoder with
+    # the head the probe just re-fitted on new + replayed rows. Anchored at the champion's old
+    # head instead, the head's Fisher (hundreds of times the average weight's) pulls it back to
+    # a head that never saw the new classes, undoing the probe: the new topic was never learned.
+    anchor = dataclasses.replace(base, model=start)
     best: tuple[float, float, torch.nn.Module, EWC | None, TrainResult, dict | None] | None = None
     scores: dict[str, float] = {}
     seconds = 0.0
     for lam in grid:
         model = copy.deepcopy(start)
         ewc = (
-            _anchored_ewc(cfg, base, memory, lam, section.fisher_decay)
+            _anchored_ewc(cfg, anchor, memory, lam, section.fisher_decay)
             if uses_ewc(champion.spec)
             else None
         )

@@ -9,15 +9,18 @@ frozen features first (LP-FT), so the fine-tune starts at a small loss and the o
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
+from continual.ewc import EWC
 from continual.models import ModelSpec, build_model
 from continual.probe import probe_head_
 from continual.replay import ReservoirBuffer
 from continual.training import TrainSettings, accuracy, train
 from demo.text_timeline import package_sentences
-from tasks.state import ModelState
+from tasks.state import ModelState, parameters_of
 from tasks.train import start_update
 
 TOPICS = ["pandas", "torch", "mlflow"]
@@ -76,3 +79,28 @@ def test_without_the_head_fit_the_same_update_collapses(setup):
     result = _update(model, new, buffer)
     assert result.first_loss > 1.5
     assert accuracy(model, *old_test) < 0.45
+
+
+def _head(model) -> torch.Tensor:
+    return torch.cat([model.classifier.weight.detach().flatten(), model.classifier.bias.detach()])
+
+
+def test_ewc_anchored_where_the_update_starts_keeps_the_probed_head(setup):
+    """The weekly/monthly penalty anchors at the probed start (`tasks.train._ewc_challenger`).
+    Anchored at the champion's old head instead, the head's large Fisher pulls it back towards a
+    head that never saw the new class. Measured (8 steps, λ=100): anchored at the champion the
+    head ends 0.22 of the probe's move away from the old head; anchored at the start, 1.00."""
+    champion, new, buffer, _ = setup
+    start = start_update(champion, *new, buffer)
+    bX, by, _ = buffer.tensors()
+    at_champion = EWC.from_model(champion.model, bX, by, lam=100.0)
+    at_start = EWC(at_champion.fisher, parameters_of(start), lam=100.0)
+    old, probed = _head(champion.model), _head(start)
+    kept = {}
+    for name, ewc in (("champion", at_champion), ("start", at_start)):
+        model = copy.deepcopy(start)
+        settings = TrainSettings(steps=8, batch_size=16, lr=3e-4)
+        train(model, *new, settings, ewc=ewc, replay=buffer, replay_ratio=0.5)
+        kept[name] = float((_head(model) - old).norm() / (probed - old).norm())
+    assert kept["champion"] < 0.5  # the premise: the old anchor undoes the probe
+    assert kept["start"] > 0.9
