@@ -371,7 +371,7 @@ class DailyConfig(_Strict):
         None, min_length=1, description="None: q_proj/v_proj where present."
     )
     replay_ratio: float = Field(
-        0.5, ge=0, lt=1, description="Share of each step drawn from the data memory's buffer."
+        0.75, ge=0, lt=1, description="Share of each step drawn from the data memory's buffer."
     )
 
 
@@ -448,7 +448,7 @@ class GateConfig(_Strict):
 
 def _causal_lm_defaults(cfg: EvergreenConfig) -> None:
     """Check and complete a causal-LM config: text and no classes (the placeholder class is
-    filled in); weekly replays 20 % old text unless `weekly.replay_ratio` is set.
+    filled in); weekly and daily replay 20 % old text unless their `replay_ratio` is set.
 
     Raises:
         ValueError: features instead of text, or data.classes set (it learns text, not labels).
@@ -464,8 +464,9 @@ def _causal_lm_defaults(cfg: EvergreenConfig) -> None:
             f"(got {cfg.data.classes}); batches need only the {cfg.data.text!r} column"
         )
     cfg.data.classes = list(TEXT_ONLY_CLASSES)
-    if "replay_ratio" not in cfg.weekly.model_fields_set:
-        cfg.weekly.replay_ratio = CAUSAL_LM_REPLAY_RATIO
+    for section in (cfg.weekly, cfg.daily):  # the classifiers' 0.75 would starve the new text
+        if "replay_ratio" not in section.model_fields_set:
+            section.replay_ratio = CAUSAL_LM_REPLAY_RATIO
 
 
 class EvergreenConfig(_Strict):

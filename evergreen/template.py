@@ -62,7 +62,7 @@ daily:                            # online LoRA, kept only if it passes the gate
   lora_r: 8
   lora_alpha: 16
   target_modules: null            # null: q_proj/v_proj where present, else every Linear but the head
-  replay_ratio: 0.5
+  replay_ratio: 0.75
 
 stream:                           # Page-Hinkley on the champion's per-sample loss + EMA weights
   ema_decay: 0.99
