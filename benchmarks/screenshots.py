@@ -5,7 +5,8 @@ on the home's tracking store and a `prefect server` on a Prefect home of its own
 `<home>/screenshots/prefect`, so `evergreen deploy` does not add scheduled deployments to your
 `~/.prefect`), registers the deployments there, checks through the same HTTP APIs the two UIs
 call that the pages will hold what they should (`version_page`, `run_form`: the tests assert the
-same), then has headless Chromium take the pictures:
+same), then has headless Chromium (driven over DevTools) take each picture once the rendered page
+shows the texts that prove it holds them (`shots`):
 
 - `mlflow-model-version.png`: the champion's model version page (aliases, lineage tags, source run);
 - `mlflow-run.png`: that version's run (parameters, metrics, the datasets it used by role);
