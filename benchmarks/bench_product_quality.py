@@ -479,9 +479,14 @@ def _code_state() -> dict:
 
 
 def result_key(result: dict) -> str:
-    return f"{result['split']}/{result['cadence']}" + (
+    """split/cadence[/declared-bounds][/families] — a run of some families does not replace one
+    of others (the families are named only when the run left some of the split's out)."""
+    key = f"{result['split']}/{result['cadence']}" + (
         "/declared-bounds" if result["declare_bounds"] else ""
     )
+    if set(result["families"]) != set(SPLITS[result["split"]].families):
+        key += "/" + "+".join(result["families"])
+    return key
 
 
 def save(result: dict) -> None:

@@ -6,7 +6,10 @@
   quality bound a continual learner is measured against.
 
 Both train on the batches' *train* rows (the flows' own row-hash split) and are scored on their
-*gate* rows, like the champion.
+*gate* rows, like the champion, with the optimiser settings of the cadence they stand for
+(`tasks.train.settings_from`: steps, or epochs over the rows for the text demo's small batches).
+For a text model, "from scratch" means the pretrained encoder with a new head: the same start as
+the bootstrap flow.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 import torch
 
-from continual.models import build_model, fit_standardizer
-from continual.training import TrainSettings, accuracy, train
+from continual.models import TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
+from continual.training import accuracy, train
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.state import ModelState
+from tasks.train import settings_from
 
 
 @dataclass
@@ -51,10 +55,9 @@ def naive_rows(
 ) -> dict[str, dict[str, float]]:
     """batch → accuracy row of the naive fine-tune right after learning that batch."""
     model, rows = champion.clone_model(), {}
-    settings = TrainSettings(steps=cfg.monthly.train.steps, lr=cfg.monthly.train.lr)
     for batch_id in batches:
         X, y = frame_to_tensors(held_out.train[batch_id], champion.spec, cfg.data.label)
-        train(model, X, y, settings)
+        train(model, X, y, settings_from(cfg.monthly.train, len(X)))
         rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, champion.spec)
     return rows
 
@@ -67,12 +70,20 @@ def joint_rows(
     for batch_id in batches:
         seen.append(held_out.train[batch_id])
         frame = pd.concat(seen, ignore_index=True)
-        mean, std = fit_standardizer(frame[cfg.data.features].to_numpy("float32"))
-        spec = replace(champion.spec, input_mean=mean, input_std=std)
+        spec = joint_spec(cfg, champion.spec, frame)
         torch.manual_seed(cfg.bootstrap.train.seed)
         model = build_model(spec)
         X, y = frame_to_tensors(frame, spec, cfg.data.label)
-        t = cfg.bootstrap.train
-        train(model, X, y, TrainSettings(steps=t.steps, batch_size=t.batch_size, lr=t.lr))
+        train(model, X, y, settings_from(cfg.bootstrap.train, len(X)))
         rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, spec)
     return rows
+
+
+def joint_spec(cfg: EvergreenConfig, spec: ModelSpec, frame: pd.DataFrame) -> ModelSpec:
+    """The champion's spec for a model trained on `frame`: a tabular model standardises its
+    inputs with the statistics of those rows (as the bootstrap flow does); a text model reads
+    token ids and has no standardiser, so its spec is the champion's."""
+    if spec.family in TEXT_FAMILIES:
+        return spec
+    mean, std = fit_standardizer(frame[cfg.data.features].to_numpy("float32"))
+    return replace(spec, input_mean=mean, input_std=std)

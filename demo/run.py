@@ -1,15 +1,21 @@
-"""The embedded demo: a drifting timeline of real digits through every cadence, in calendar order.
+"""The embedded demos: a drifting timeline through every cadence, in calendar order.
 
-Run: `make demo` (or `evergreen demo`). No server to start: Prefect runs ephemeral, MLflow uses
-SQLite + a local artifact folder under the demo home. It prints a timeline table and writes a
-Markdown + PNG report comparing the champion with a model trained jointly on everything so far
-(the bound) and a naive fine-tune (the forgetting baseline), both on the same training rows.
+Run: `make demo` (or `evergreen demo`): real digits on the shipped tabular defaults;
+`make demo-text` (or `evergreen demo --text`): real text whose topics shift, on the packaged
+pretrained MiniLM encoder (`demo.text_demo`). Both go through this one driver. No server to
+start: Prefect runs ephemeral, MLflow uses SQLite + a local artifact folder under the demo home.
+It prints a timeline table and writes a Markdown + PNG report comparing the champion with a model
+trained jointly on everything so far (the bound) and a naive fine-tune (the forgetting baseline),
+both on the same training rows.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +27,8 @@ from continual.metrics import history_forgetting, retention_accuracy
 from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
 from data_plane.splits import ThreeWaySplit, split_three_way
 from demo.baselines import HeldOut, accuracy_row, joint_rows, naive_rows
+from demo.comparison import FinalComparison, comparison_markdown, comparison_table, final_comparison
+from demo.text_demo import build_text_demo_landing, text_demo_config_dict
 from demo.timeline import DemoBatch, build_demo_landing, demo_config_dict
 from evergreen.cadences import by_section, run_flow
 from evergreen.config import EvergreenConfig, load_config
@@ -28,6 +36,45 @@ from evergreen.report import TimelineRow, timeline_table, write_report
 from tasks.common import frame_to_tensors
 from tasks.merge import lineage_versions
 from tasks.promote import load_champion
+from tasks.train import text_spec
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """What differs between the demos: data, config, and which extra flows run.
+
+    Attributes:
+        title: the report's title.
+        landing_title: the title of the printed batch table.
+        config: (landing, home) → the evergreen.yaml mapping.
+        build_landing: landing folder → the batches written there, in calendar order.
+        report_dir: folder under `<home>/reports` for report.md and its plots.
+        extras: also run the stream monitor before each weekly update, a consolidation
+            half-way and a Fisher merge at the end (the digits demo shows every flow).
+    """
+
+    title: str
+    landing_title: str
+    config: Callable[[str, str], dict[str, Any]]
+    build_landing: Callable[[str], list[DemoBatch]]
+    report_dir: str = "demo"
+    extras: bool = True
+
+
+DIGITS = Scenario(
+    title="evergreen demo: drifting handwritten digits",
+    landing_title="demo landing zone (scikit-learn digits, drifting writers)",
+    config=demo_config_dict,
+    build_landing=build_demo_landing,
+)
+TEXT = Scenario(
+    title="evergreen demo --text: shifting topics on a pretrained MiniLM encoder",
+    landing_title="text demo landing zone (module docstrings of installed packages, by topic)",
+    config=text_demo_config_dict,
+    build_landing=build_text_demo_landing,
+    report_dir="demo-text",
+    extras=False,
+)
 
 
 def load_held_out(cfg: EvergreenConfig, batches: list[DemoBatch]) -> HeldOut:
@@ -36,7 +83,7 @@ def load_held_out(cfg: EvergreenConfig, batches: list[DemoBatch]) -> HeldOut:
     for batch in batches:
         try:
             split = _split(cfg, read_batch(zone, batch.batch_id, cfg.data)[columns])
-            frame_to_tensors(split.gate, _Spec(cfg), cfg.data.label)  # raises on bad labels
+            frame_to_tensors(split.gate, _input_spec(cfg), cfg.data.label)  # raises on bad rows
         except (BatchReadError, ValueError, KeyError, TypeError):
             continue
         held_out.train[batch.batch_id], held_out.gate[batch.batch_id] = split.train, split.gate
@@ -54,6 +101,12 @@ def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
     )
 
 
+def _input_spec(cfg: EvergreenConfig):
+    """What `frame_to_tensors` needs to read a batch: a text model's spec (its tokenizer and
+    length), or the tabular columns straight from config."""
+    return text_spec(cfg) if cfg.data.text else _Spec(cfg)
+
+
 class _Spec:
     """The spec fields `frame_to_tensors` reads for tabular data, straight from config."""
 
@@ -63,26 +116,35 @@ class _Spec:
         self.classes = list(cfg.data.classes)
 
 
-def plan_runs(batches: list[DemoBatch]) -> list[tuple[str, str, dict]]:
-    """(date, flow, params) in calendar order: each batch by its cadence, the stream monitor
-    over the week's arrivals before each weekly update, consolidation mid-way, a Fisher merge at
-    the end."""
+def plan_runs(batches: list[DemoBatch], *, extras: bool = True) -> list[tuple[str, str, dict]]:
+    """(date, flow, params) in calendar order: each batch by its cadence; with `extras`, the
+    stream monitor over the week's arrivals before each weekly update, consolidation mid-way,
+    a Fisher merge at the end."""
     runs: list[tuple[str, str, dict]] = []
     for i, batch in enumerate(batches):
         if batch.cadence == "bootstrap":
             runs.append((batch.date, by_section("bootstrap").name, {"batch_ids": [batch.batch_id]}))
             continue
-        if batch.cadence == "weekly":  # the stream sees the week's samples as they arrive
+        if extras and batch.cadence == "weekly":  # the stream sees the week's samples
             runs.append((batch.date, "stream-monitor", {"until": batch.batch_id}))
         flow_name = by_section(batch.cadence).name
         runs.append((batch.date, flow_name, {"batch_ids": [batch.batch_id]}))
-        if i == len(batches) // 2:
+        if extras and i == len(batches) // 2:
             runs.append((batch.date, "consolidate", {}))
-    runs.append((batches[-1].date, "merge", {"versions": "champion+previous"}))
+    if extras:
+        runs.append((batches[-1].date, "merge", {"versions": "champion+previous"}))
     return runs
 
 
-def run_demo(home: Path, *, console: Console | None = None) -> int:
+def run_demo(home: Path, *, console: Console | None = None, text: bool = False) -> int:
+    """Build the landing zone, run every flow of the calendar, print and write the report.
+
+    Args:
+        home: the demo home (config, landing zone, MLflow store, reports).
+        console: where to print (default: stdout).
+        text: the text demo on the packaged MiniLM (`TEXT`) instead of the digits (`DIGITS`).
+    """
+    scenario = TEXT if text else DIGITS
     console = console or Console()
     if not console.is_terminal:
         console.width = max(console.width, 150)  # logs and CI: keep the tables on one line
@@ -90,25 +152,35 @@ def run_demo(home: Path, *, console: Console | None = None) -> int:
     home.mkdir(parents=True, exist_ok=True)
     config_path = home / "evergreen.yaml"
     config_path.write_text(
-        yaml.safe_dump(demo_config_dict(str(home / "landing"), str(home)), sort_keys=False)
+        yaml.safe_dump(scenario.config(str(home / "landing"), str(home)), sort_keys=False)
     )
     cfg = load_config(config_path)
-    batches = build_demo_landing(cfg.data.landing)
-    console.print(_batches_table(batches))
+    batches = scenario.build_landing(cfg.data.landing)
+    console.print(_batches_table(batches, scenario.landing_title))
     held_out = load_held_out(cfg, batches)
-    timeline, matrix_rows = _run_calendar(cfg, config_path, batches, held_out, console)
+    plan = plan_runs(batches, extras=scenario.extras)
+    timeline, matrix_rows = _run_calendar(cfg, config_path, plan, held_out, console)
     console.print("[bold]references[/bold]: joint training and naive fine-tuning, same rows…")
-    _add_references(cfg, timeline, held_out)
+    references = _add_references(cfg, timeline, held_out)
+    seconds = time.perf_counter() - started
+    final = final_comparison(matrix_rows[-1][1], *references)
     console.print(timeline_table(timeline))
     console.print(_verdict(timeline))
-    report = _write(cfg, timeline, matrix_rows, held_out)
+    console.print(comparison_table(final))
+    report = _write(cfg, scenario, timeline, matrix_rows, held_out, final, seconds)
     console.print(f"\nreport: {report}  ({time.perf_counter() - started:.0f}s in all)")
     _explain(console, cfg, config_path)
     return 0
 
 
-def _add_references(cfg: EvergreenConfig, timeline: list[TimelineRow], held_out: HeldOut) -> None:
-    """Joint and naive accuracy on the new batch and on retention, beside each champion row."""
+References = tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]
+
+
+def _add_references(
+    cfg: EvergreenConfig, timeline: list[TimelineRow], held_out: HeldOut
+) -> References:
+    """Joint and naive accuracy on the new batch and on retention, beside each champion row;
+    returns both references' accuracy rows (batch → row after learning it)."""
     order = list(held_out.gate)
     first = _bootstrap_state(cfg)
     naive = naive_rows(cfg, first, held_out, order[1:])
@@ -121,19 +193,17 @@ def _add_references(cfg: EvergreenConfig, timeline: list[TimelineRow], held_out:
         row.joint_retention_accuracy = retention_accuracy(joint[batch], batch)
         if batch in naive:
             row.baseline_retention_accuracy = retention_accuracy(naive[batch], batch)
+    return joint, naive
 
 
 def _bootstrap_state(cfg: EvergreenConfig):
     """The first champion (the naive baseline's starting point, like the flows')."""
     from model_registry.registry import Registry
-    from tasks.state import read_state
+    from tasks.version_cache import load_cached
 
     registry = Registry.from_config(cfg)
     first = registry.history(limit=1000)[-1].version
-    target = cfg.home_path / "cache" / "versions" / first
-    if not target.exists():
-        registry.download(first, target)
-    return read_state(target, version=first)
+    return load_cached(cfg, registry, first)
 
 
 LEARNING_FLOWS = frozenset({"bootstrap", "daily-lora", "weekly-replay", "monthly-finetune"})
@@ -161,10 +231,10 @@ def _verdict(timeline: list[TimelineRow]) -> str:
     )
 
 
-def _run_calendar(cfg, config_path: Path, batches, held_out: HeldOut, console: Console):
+def _run_calendar(cfg, config_path: Path, plan, held_out: HeldOut, console: Console):
     timeline: list[TimelineRow] = []
     matrix_rows: list[tuple[str, dict[str, float]]] = []
-    for date, flow_name, extra in plan_runs(batches):
+    for date, flow_name, extra in plan:
         params = {"config_path": str(config_path), **extra}
         if extra.get("versions") == "champion+previous":
             params["versions"] = _champion_and_previous(cfg)
@@ -172,7 +242,7 @@ def _run_calendar(cfg, config_path: Path, batches, held_out: HeldOut, console: C
         result = run_flow(flow_name, **params)
         champion = load_champion.fn(cfg)
         until = max([b for b in result.get("batch_ids") or [date]] + [date])
-        row = accuracy_row(cfg, champion.model, held_out, until, _Spec(cfg))
+        row = accuracy_row(cfg, champion.model, held_out, until, champion.spec)
         matrix_rows.append((f"{date} {flow_name}", row))
         new_batch = (result.get("batch_ids") or [None])[-1]
         timeline.append(
@@ -197,7 +267,15 @@ def _champion_and_previous(cfg: EvergreenConfig) -> list[str]:
     return versions if len(versions) == 2 else versions * 2
 
 
-def _write(cfg, timeline, matrix_rows, held_out: HeldOut) -> Path:
+def _write(
+    cfg,
+    scenario: Scenario,
+    timeline,
+    matrix_rows,
+    held_out: HeldOut,
+    final: FinalComparison,
+    seconds: float,
+) -> Path:
     columns = list(held_out.gate)
     matrix = np.full((len(matrix_rows), len(columns)), np.nan)
     for i, (_, row) in enumerate(matrix_rows):
@@ -205,16 +283,17 @@ def _write(cfg, timeline, matrix_rows, held_out: HeldOut) -> Path:
             matrix[i, j] = row.get(batch_id, np.nan)
     labels = ([name for name, _ in matrix_rows], columns)
     return write_report(
-        cfg.home_path / "reports" / "demo",
+        cfg.home_path / "reports" / scenario.report_dir,
         timeline=timeline,
         accuracy_matrix=matrix,
         matrix_labels=labels,
-        title="evergreen demo: drifting handwritten digits",
+        title=scenario.title,
+        extra_markdown=comparison_markdown(final, seconds=seconds),
     )
 
 
-def _batches_table(batches: list[DemoBatch]) -> Table:
-    table = Table(title="demo landing zone (scikit-learn digits, drifting writers)")
+def _batches_table(batches: list[DemoBatch], title: str) -> Table:
+    table = Table(title=title)
     for column in ("batch", "cadence", "rows", "format", "description"):
         table.add_column(column)
     for b in batches:

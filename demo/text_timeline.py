@@ -34,11 +34,12 @@ _DOCSTRING = re.compile(r'\A(?:\s*#[^\n]*\n|\s)*([rRuU]?(?:"""[\s\S]*?"""|\'\'\'
 
 @dataclass(frozen=True)
 class TextBatch:
-    """One batch of the text timeline: its id, row count and topic mix."""
+    """One batch of the text timeline: its id, row count, topic mix and file format."""
 
     batch_id: str
     n_rows: int
     topics: dict[str, int]
+    fmt: str = "parquet"
 
 
 def package_sentences(package: str) -> list[str]:
@@ -153,7 +154,8 @@ def build_text_landing(landing: str | Path, *, scale: int = 1) -> list[TextBatch
             frame.to_json(path, orient="records", lines=True, force_ascii=False)
         (directory / SUCCESS_MARKER).touch()  # written last: the batch has arrived
         topics = frame["label"].value_counts().to_dict()
-        batches.append(TextBatch(batch_id, len(frame), {str(k): int(v) for k, v in topics.items()}))
+        counts = {str(k): int(v) for k, v in topics.items()}
+        batches.append(TextBatch(batch_id, len(frame), counts, kind))
     return batches
 
 

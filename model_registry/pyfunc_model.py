@@ -48,6 +48,7 @@ MODEL_NAME = "model"  # the logged model's name inside its run
 _TAG_KEY = re.compile(r"^[/\w.\- :]*$")  # what MLflow accepts in a tag key
 _FLUENT_LOCK = threading.RLock()
 _URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+CODE_MODEL_PREFIX = "code_model_"  # mlflow.models.utils._load_model_code_path's module names
 _COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*.tmp")
 
 
@@ -310,8 +311,10 @@ def fluent_tracking(uri: str) -> Iterator[None]:
 
     `mlflow.pyfunc.log_model` only exists in the fluent API. The lock serialises our own
     logging threads; `sys.path` is restored because loading the model to validate its input
-    example prepends the model's code folder. MLflow's "View run" lines and progress bars are
-    silenced meanwhile: they would corrupt the JSON the CLI prints on stdout.
+    example prepends the model's code folder, and the `code_model_<uuid>` modules MLflow
+    registers each time it executes this file (twice per logged version: saving, validating)
+    are dropped, or a long-lived process keeps every copy. MLflow's "View run" lines and
+    progress bars are silenced meanwhile: they would corrupt the JSON the CLI prints on stdout.
     """
     quiet = {
         "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
@@ -320,6 +323,7 @@ def fluent_tracking(uri: str) -> Iterator[None]:
     with _FLUENT_LOCK:
         saved_env = {key: os.environ.get(key) for key in (*_URI_ENV, *quiet)}
         saved = (mlflow.get_tracking_uri(), mlflow.get_registry_uri(), list(sys.path))
+        modules = set(sys.modules)
         mlflow.set_tracking_uri(uri)
         mlflow.set_registry_uri(uri)
         os.environ.update(quiet)
@@ -329,11 +333,19 @@ def fluent_tracking(uri: str) -> Iterator[None]:
             mlflow.set_tracking_uri(saved[0])
             mlflow.set_registry_uri(saved[1])
             sys.path[:] = saved[2]
+            _drop_code_model_modules(modules)
             for key, value in saved_env.items():
                 if value is None:
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+def _drop_code_model_modules(before: set[str]) -> None:
+    """Forget the modules MLflow's models-from-code loader added (`code_model_<uuid>`)."""
+    for name in set(sys.modules) - before:
+        if name.startswith(CODE_MODEL_PREFIX):
+            sys.modules.pop(name, None)
 
 
 @contextlib.contextmanager

@@ -4,30 +4,36 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from torch import Tensor
 
 from continual.ewc import EWC
 from continual.fisher import diagonal_fisher
 from continual.merging import ema_over_lineage, fisher_merge, linear_interpolate, parameter_distance
 from continual.models import ModelSpec, build_model
-from continual.standardization import MEAN_KEY, STD_KEY, align_for_merge
+from continual.standardization import (
+    MEAN_KEY,
+    STD_KEY,
+    Widening,
+    align_for_merge,
+    folds_exactly,
+    rescale_fisher,
+)
 from evergreen.config import EvergreenConfig
 from model_registry.registry import Registry
 from tasks.memory import DataMemory
-from tasks.state import ModelState, parameters_of, read_state
+from tasks.state import ModelState, parameters_of
+from tasks.version_cache import load_cached, prune_after_use
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def load_versions(cfg: EvergreenConfig, versions: list[str]) -> list[ModelState]:
     """Download (integrity-checked) and load several registered versions."""
     registry = Registry.from_config(cfg)
-    states = []
-    for version in versions:
-        target = cfg.home_path / "cache" / "versions" / version
-        if not target.exists():
-            registry.download(version, target)
-        states.append(read_state(target, version=version))
+    states = [load_cached(cfg, registry, version) for version in versions]
+    prune_after_use(cfg, registry, versions)
     if len({(s.spec.family, s.spec.n_features, s.spec.n_classes) for s in states}) != 1:
         raise ValueError(f"versions {versions} have different architectures and cannot be merged")
     return states
@@ -76,6 +82,23 @@ def _spec_of(spec: ModelSpec, merged: dict) -> ModelSpec:
     )
 
 
+def _fisher_in_merged_coordinates(champion: ModelState, merged: dict) -> dict[str, Tensor]:
+    """The champion's EWC Fisher as the merged weights read it: where the merge widened a
+    feature's std (`align_for_merge`), a first-layer weight sees inputs s_champion/s_merged
+    times smaller, so its Fisher entry scales by that ratio squared — the same rewrite a
+    weekly update's widening applies (`rescale_fisher`)."""
+    fisher = champion.ewc.fisher
+    new_std = merged.get(STD_KEY)
+    old_std = dict(champion.model.named_buffers()).get(STD_KEY)
+    if new_std is None or old_std is None or not folds_exactly(merged):
+        return fisher  # no standardisation, or weights not rewritten (approximate alignment)
+    if torch.equal(new_std, old_std.to(new_std.device, new_std.dtype)):
+        return fisher
+    old_std = old_std.to(new_std.device, new_std.dtype)
+    features = torch.nonzero(new_std != old_std).flatten().tolist()
+    return rescale_fisher(fisher, Widening(features, old_std, new_std))
+
+
 def _with_weights(base: ModelState, merged: dict, champion: ModelState) -> ModelState:
     """A merged challenger: new weights; EWC anchored at them; the champion's learned batches
     and references (a merge learns no new data)."""
@@ -86,7 +109,7 @@ def _with_weights(base: ModelState, merged: dict, champion: ModelState) -> Model
     ewc = None
     if champion.ewc is not None:
         ewc = EWC(
-            champion.ewc.fisher,
+            _fisher_in_merged_coordinates(champion, merged),
             parameters_of(model),
             lam=champion.ewc.lam,
             gamma=champion.ewc.gamma,

@@ -35,9 +35,10 @@ from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.outcome import FlowOutcome
 from tasks.staging import owned
-from tasks.state import ModelState, read_state, staging_dir, write_state
+from tasks.state import ModelState, staging_dir, write_state
 from tasks.tracking import run_record
 from tasks.validate import PreparedData
+from tasks.version_cache import load_cached, prune_after_use
 
 
 @task(retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=2), cache_policy=NO_CACHE)
@@ -47,10 +48,9 @@ def load_champion(cfg: EvergreenConfig) -> ModelState | None:
     champion = registry.champion()
     if champion is None:
         return None
-    target = cfg.home_path / "cache" / "versions" / champion.version
-    if not target.exists():
-        registry.download(champion.version, target)
-    return read_state(target, version=champion.version)
+    state = load_cached(cfg, registry, champion.version)
+    prune_after_use(cfg, registry, [champion.version])
+    return state
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,17 @@ def dataset_record(cfg: EvergreenConfig, context: str, frame: pd.DataFrame) -> D
     )
 
 
+def widening_params(reg: Registration) -> dict[str, str]:
+    """How many input features the challenger reads with a wider std than its parent
+    (`continual.standardization`): the run says when an update followed a change of scale."""
+    parent = reg.parent
+    new_std, old_std = reg.challenger.spec.input_std, parent.spec.input_std if parent else None
+    if not new_std or not old_std or len(new_std) != len(old_std):
+        return {}
+    widened = sum(1 for new, old in zip(new_std, old_std, strict=True) if new != old)
+    return {"standardize.widened_features": str(widened)}
+
+
 def run_record(cfg: EvergreenConfig, reg: Registration) -> RunRecord:
     """The run record of a registration (see the module docstring)."""
     training = reg.challenger.training
@@ -75,7 +86,7 @@ def run_record(cfg: EvergreenConfig, reg: Registration) -> RunRecord:
         for name, report in sorted(reports.items())
     )
     return RunRecord(
-        params=dict(training.params) if training else {},
+        params=(dict(training.params) if training else {}) | widening_params(reg),
         curves={"train.loss": training.losses} if training and training.losses else {},
         timings=timings,
         datasets=datasets,

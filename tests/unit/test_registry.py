@@ -109,12 +109,15 @@ def test_log_version_into_an_existing_run_keeps_it_and_global_state(registry, st
         ensure_experiment(registry.client, "evergreen", store["artifacts"])
     )
     before = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"), list(sys.path))
+    modules = set(sys.modules)
     info = registry.log_version(store["checkpoints"][1], lineage={}, run_id=run.info.run_id)
     assert info.run_id == run.info.run_id
     assert registry.client.get_run(run.info.run_id).info.status == "RUNNING"
     # the process-global fluent state MLflow's log_model needs is put back as it was
     after = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"), list(sys.path))
     assert after == before
+    # MLflow executes the model file as a new `code_model_<uuid>` module at every log: none kept
+    assert not [m for m in set(sys.modules) - modules if m.startswith("code_model_")]
 
 
 def test_log_version_refuses_a_checkpoint_that_cannot_serve(registry, store, tmp_path):

@@ -154,3 +154,43 @@ def test_no_change_returns_the_champion_itself():
     model, spec = _mlp([1.0, 1.0])
     champion = ModelState(model=model, spec=spec)
     assert follow_data_scale(champion, torch.randn(100, 2), DataMemory()) is champion
+
+
+def test_a_merged_challenger_anchors_ewc_in_the_merged_coordinates():
+    """The merge widens feature 1 (0.1 → 3.0): the champion's Fisher on the first-layer weights
+    reading it must shrink by (0.1/3)², as a weekly update's widening does."""
+    from tasks.merge import _with_weights
+
+    champion_model, champion_spec = _mlp([1.0, 0.1, 2.0], seed=0)
+    other, _ = _mlp([1.0, 3.0, 2.0], seed=1)
+    fisher = {name: torch.ones_like(p) for name, p in champion_model.named_parameters()}
+    champion = ModelState(
+        model=champion_model,
+        spec=champion_spec,
+        version="1",
+        ewc=EWC(fisher, parameters_of(champion_model), lam=10.0, normalize=False),
+    )
+    dicts, _, exact = align_for_merge([champion_model.state_dict(), other.state_dict()])
+    assert exact
+    merged = _with_weights(champion, dicts[0], champion)
+    assert merged.ewc is not None
+    first = merged.ewc.fisher[FIRST_WEIGHT]
+    assert torch.allclose(first[:, 1], torch.full((8,), (0.1 / 3.0) ** 2))
+    assert torch.equal(first[:, [0, 2]], torch.ones(8, 2))
+    assert torch.equal(merged.ewc.fisher["layers.0.bias"], fisher["layers.0.bias"])
+    assert merged.spec.input_std == [1.0, 3.0, 2.0]
+
+
+def test_the_run_records_how_many_features_an_update_widened():
+    from types import SimpleNamespace
+
+    from tasks.tracking import widening_params
+
+    _, parent_spec = _mlp([1.0, 0.1, 2.0])
+    _, child_spec = _mlp([1.0, 3.0, 2.5])
+    reg = SimpleNamespace(
+        challenger=SimpleNamespace(spec=child_spec), parent=SimpleNamespace(spec=parent_spec)
+    )
+    assert widening_params(reg) == {"standardize.widened_features": "2"}
+    reg.parent = None  # bootstrap: nothing to compare with
+    assert widening_params(reg) == {}
