@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY ?= true
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 
-.PHONY: demo demo-text test test-unit test-integration lint typecheck format bench bench-growth install clean
+.PHONY: demo demo-text test test-unit test-integration lint typecheck format bench bench-growth screenshots install clean
 
 # `make demo` needs the package alone; `make test` (and lint) add the test tools and text model.
 $(BASE_STAMP): pyproject.toml $(CONSTRAINTS)
@@ -74,6 +74,11 @@ bench: $(BASE_STAMP)
 
 bench-growth: $(STAMP)
 	nice -n 10 $(BIN)/python -m benchmarks.bench_growth --cycles $(or $(CYCLES),100)
+
+# docs/img/*.png: the MLflow and Prefect UIs on the demo home (run `make demo` first); needs
+# Chromium (Debian/Ubuntu: apt-get install -y chromium). Other home: make screenshots ARGS="--home DIR"
+screenshots: $(BASE_STAMP)
+	$(BIN)/python -m benchmarks.screenshots $(ARGS)
 
 clean:
 	rm -rf .evergreen .pytest_cache

@@ -8,6 +8,7 @@ configured, the UIs already exist and this only prints where.
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -26,6 +27,7 @@ class UiCommand:
     url: str
     shell: str  # what to type; empty when the server already runs elsewhere
     argv: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # set for the server besides the caller's environment
 
 
 def _tool(name: str) -> str:
@@ -52,8 +54,11 @@ def prefect_command(port: int) -> UiCommand:
         base = api.rstrip("/").removesuffix("/api")
         return UiCommand("Prefect UI", f"{base}/runs", "(server already running)")
     argv = (_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
-    shell = f"PREFECT_HOME={PREFECT_HOME.value()} {shlex.join(argv)}"
-    return UiCommand("Prefect UI", f"http://127.0.0.1:{port}/runs", shell, argv)
+    # `--port` alone moves the server, not the API URL its UI calls (still :4200): say both
+    env = (("PREFECT_HOME", str(PREFECT_HOME.value())),)
+    env += (("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api"),)
+    shell = " ".join(f"{key}={shlex.quote(value)}" for key, value in env) + " " + shlex.join(argv)
+    return UiCommand("Prefect UI", f"http://127.0.0.1:{port}/runs", shell, argv, env)
 
 
 def ui_commands(cfg: EvergreenConfig, *, mlflow_port: int, prefect_port: int) -> list[UiCommand]:
@@ -63,7 +68,11 @@ def ui_commands(cfg: EvergreenConfig, *, mlflow_port: int, prefect_port: int) ->
 
 def serve(commands: list[UiCommand], console: Console) -> int:
     """Start the UIs that are not already running; wait until Ctrl-C, then stop them."""
-    started = [subprocess.Popen(item.argv) for item in commands if item.argv]
+    started = [
+        subprocess.Popen(item.argv, env={**os.environ, **dict(item.env)})
+        for item in commands
+        if item.argv
+    ]
     if not started:
         console.print("both UIs are served elsewhere; nothing to start")
         return 0

@@ -15,13 +15,16 @@ from pathlib import Path
 from urllib.parse import urlparse
 from urllib.request import url2pathname
 
+import httpx
 import pytest
 
+from benchmarks.screenshots import DATASET_ROLES, mlflow_server, version_page
 from evergreen.cadences import run_flow
 from evergreen.config import load_config
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
 from tests.digits_pipeline import digits_frame, write_batch, write_config
+from tests.integration.servers import background, free_port, wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -243,3 +246,33 @@ def test_10_cli_status_json_and_report(pipeline, capsys):
     assert "daily-lora" in text
     bootstrap_row = next(line for line in text.splitlines() if "| bootstrap |" in line)
     assert "0." in bootstrap_row.split("|")[6], bootstrap_row  # the gate's new-data accuracy
+
+
+def test_11_the_mlflow_ui_shows_lineage_datasets_and_metrics_of_a_version(pipeline, tmp_path):
+    """A real `mlflow server` on the pipeline's store, read through the REST paths the UI's
+    pages call (`/ajax-api`): the champion's version page and a daily update's, as
+    `make screenshots` pictures them (docs/img/mlflow-*.png)."""
+    cfg, name = pipeline["cfg"], pipeline["cfg"].registry.name
+    log = tmp_path / "mlflow.log"
+    url, command, env = mlflow_server(cfg, free_port(), log)
+    with background(command, env=env, log=log) as process:
+        wait_http(f"{url}/health", 240, process, log)
+        assert "<title>MLflow</title>" in httpx.get(url, timeout=30).text  # the UI itself
+        champion = version_page(url, name, "champion")
+        assert champion.problems() == [], champion
+        assert champion.version == _champion(pipeline) and "champion" in champion.aliases
+        daily = next(
+            v.version
+            for v in pipeline["registry"].versions(limit=100)
+            if v.tags.get("evergreen.cadence") == "daily-lora"
+        )
+        page = version_page(url, name, daily)
+    assert page.problems() == [], page
+    batch = page.tags["evergreen.batch_ids"]
+    assert set(DATASET_ROLES) <= set(page.datasets)
+    assert page.datasets["train"] == f"train[{batch}]"
+    assert page.tags["evergreen.gate_decision"] and page.params["daily.lora_r"] == "8"
+    assert {"gate.new.lcb", "eval.champion.recall.3", "eval.challenger.recall.3"} <= set(
+        page.model_metrics
+    )
+    assert page.run_metrics["time.train_s"] > 0

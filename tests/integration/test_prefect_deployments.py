@@ -22,7 +22,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.screenshots import run_form
 from evergreen.automations import FAILED_RUN, QUARANTINED
+from evergreen.cadences import CADENCES
 from evergreen.config import load_config
 from evergreen.deployments import CONFIG_VARIABLE, DRIFT_COOLDOWN_SECONDS, TRIGGER_TEMPLATE
 from model_registry.ledger import Ledger
@@ -175,6 +177,33 @@ def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
         json={"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
     ).json()
     assert any(a["key"] == "daily-lora-decision" for a in artifacts), artifacts
+
+
+def test_custom_run_forms_on_the_server_are_flat_typed_documented_with_defaults(deployed):
+    """The "Custom run" form is rendered from what the server stores for the deployment
+    (`parameter_openapi_schema`, prefilled with `parameters`): the page of
+    docs/img/prefect-custom-run.png, read through the API the UI calls."""
+    for item in CADENCES:
+        form = run_form(deployed["api"], item.name)
+        assert form.problems() == [], item.name
+        model = item.params_model()
+        assert set(form.fields) == set(model.model_fields), item.name
+        for name, declared in model.model_fields.items():
+            spec = form.fields[name]
+            assert spec["description"] == declared.description, f"{item.name}.{name}"
+            if not declared.is_required():
+                assert spec["default"] == declared.get_default(), f"{item.name}.{name}"
+        assert form.defaults == {
+            name: spec["default"]
+            for name, spec in form.fields.items()
+            if spec.get("default") is not None
+        }, f"{item.name}: the form is not prefilled with the visible defaults"
+    daily = run_form(deployed["api"], "daily-lora").fields
+    assert min(daily, key=lambda name: daily[name]["position"]) == "batch_ids"  # shown first
+    assert daily["batch_ids"]["anyOf"][0] == {"items": {"type": "string"}, "type": "array"}
+    assert daily["force"]["type"] == "boolean" and daily["force"]["default"] is False
+    assert {"type": "integer"} in daily["max_batches"]["anyOf"]
+    assert "trigger" in run_form(deployed["api"], "weekly-replay").fields
 
 
 def test_invalid_parameters_are_refused_by_the_schema(deployed):

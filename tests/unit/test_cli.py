@@ -247,6 +247,18 @@ def test_ui_prints_both_uis_on_this_home(project, capsys):
     assert "prefect server start" in out and "http://127.0.0.1:4200" in out
 
 
+def test_ui_on_another_port_tells_the_prefect_ui_where_its_api_is(project):
+    """`prefect server start --port N` alone serves a page that calls the API on :4200."""
+    from evergreen.config import load_config
+    from evergreen.ui import ui_commands
+
+    cfg = load_config(project / "evergreen.yaml")
+    _, prefect = ui_commands(cfg, mlflow_port=5001, prefect_port=4301)
+    assert dict(prefect.env)["PREFECT_UI_API_URL"] == "http://127.0.0.1:4301/api"
+    assert "PREFECT_UI_API_URL=http://127.0.0.1:4301/api" in prefect.shell
+    assert prefect.argv[-2:] == ("--port", "4301")
+
+
 def test_version_and_exit_code_table_in_help():
     done = subprocess.run(
         [sys.executable, "-m", "evergreen.cli", "--version"],
