@@ -21,7 +21,10 @@ Every batch is validated by a GX Checkpoint (one per suite content: the user's s
 change checks of the run) in the file-backed context `<home>/gx/` when the flows call it, whose
 UpdateDataDocsAction adds the batch's page to the Data Docs site
 (`<home>/gx/uncommitted/data_docs/local_site/index.html`; validation results are stored beside
-it); library callers that pass no project get an ephemeral context (nothing written). The
+it); library callers that pass no project get an ephemeral context (nothing written). With
+`data.gx_store: s3://bucket/prefix` (several workers) the context's stores are shared in S3:
+`<home>/gx/` is synced with it around each validation and the Data Docs URL is the page's in
+the bucket (`data_plane.gx_store` says why a sync and not a GX store backend). The
 context is opened once per process (GX is slow to start). The result is turned into a
 `ValidationReport` whose failures and warnings each name the expectation, column, row count,
 sample values and what was expected.
@@ -46,6 +49,7 @@ import pandas as pd
 
 from data_plane import messages, text_validation
 from data_plane.drift import drift_report
+from data_plane.gx_store import S3GxStore, shared_store
 from data_plane.landing import COLUMNS_IN_FILES_ATTR, LandingZone, data_columns, read_batch
 from data_plane.messages import Failure, ValidationReport
 from data_plane.profile import DataProfile, GrossChangeRule, class_mix_change, gross_change
@@ -262,8 +266,20 @@ def ensure_suite(home: Path, data_cfg: DataConfig) -> Path:
 
     Suites written by earlier releases held bounds inferred from the first batch; those turned
     every genuine shift into a quarantine, so they are replaced by finite-only checks (declared
-    bounds and the user's own edits are kept).
+    bounds and the user's own edits are kept). With `data.gx_store` (S3) the shared copy is
+    pulled first and the result pushed, so every worker validates with the same suite.
     """
+    store = shared_store(data_cfg.gx_store)
+    if store is None:
+        return _ensure_suite_file(home, data_cfg)
+    with _GX_LOCK:  # with data.gx_store the suite in S3 is the one every worker uses
+        store.pull(Path(home) / GX_FOLDER)
+        path = _ensure_suite_file(home, data_cfg)
+        store.push(Path(home) / GX_FOLDER)
+    return path
+
+
+def _ensure_suite_file(home: Path, data_cfg: DataConfig) -> Path:
     path = suite_path(home)
     legacy = _legacy_suite_path(home)
     if not path.exists() and legacy.exists():  # written by an earlier release: move, keep edits
@@ -423,11 +439,14 @@ def run_suite(
     run_name: str | None = None,
     parameters: dict[str, float] | None = None,
     keep_results: int = 30,
+    store: S3GxStore | None = None,
 ) -> dict[str, Any]:
     """Run the suite in `suite_file` (plus `extra` expectations, whose `$PARAMETER`s take
     their values from `parameters`) on `frame` through a GX Checkpoint; GX's result, plus
     `data_docs_url` (this validation's Data Docs page) when `project` is a file-backed project
-    folder (`<project>/gx/`), which keeps the newest `keep_results` validation results.
+    folder (`<project>/gx/`), which keeps the newest `keep_results` validation results. With
+    `store` (`data.gx_store` in S3), the project is pulled before and pushed after, and the
+    URL is the page's in S3.
 
     Raises:
         FileNotFoundError, ValueError: see `load_suite`.
@@ -437,6 +456,8 @@ def run_suite(
     if not Path(suite_file).exists():
         load_suite(suite_file)  # raises the actionable FileNotFoundError
     with _GX_LOCK:
+        if store is not None and project is not None:
+            store.pull(Path(project) / GX_FOLDER)
         checkpoint = _checkpoint_for(suite_file, list(extra or []), project, keep_results)
         if project is not None:  # before the run: its Data Docs build drops the pruned pages
             prune_validation_results(_gx_runtime(str(project))[0], keep_results - 1)
@@ -451,6 +472,11 @@ def run_suite(
             context, _ = _gx_runtime(str(project))
             urls = context.get_docs_sites_urls(resource_identifier=identifier)
             summary["data_docs_url"] = urls[0].get("site_url") if urls else None
+            if store is not None:
+                store.push(Path(project) / GX_FOLDER)
+                if summary["data_docs_url"]:
+                    url = store.url_for(Path(project) / GX_FOLDER, summary["data_docs_url"])
+                    summary["data_docs_url"] = url
     return summary
 
 
@@ -491,6 +517,7 @@ def validate_batch(
         run_name=batch_id,
         parameters=change_parameters(data_cfg, profile),
         keep_results=data_cfg.data_docs_keep,
+        store=shared_store(data_cfg.gx_store) if gx_project is not None else None,
     )
     elapsed = time.perf_counter() - started
     found = messages.failures_from_result(result, frame, data_cfg)

@@ -132,6 +132,14 @@ class DataConfig(_Strict):
         "<home>/reports/validation is kept regardless. Bounds the Data Docs index each "
         "validation rebuilds.",
     )
+    gx_store: str | None = Field(
+        None,
+        description="Where the Great Expectations stores live: empty for the folder <home>/gx "
+        "(one worker), or s3://bucket/prefix shared by every worker (suite, checkpoints, "
+        "validation results and the Data Docs site; each worker syncs its <home>/gx with it "
+        "and the Data Docs links point into the bucket). Endpoint and credentials come from "
+        "the AWS environment, as for data.landing.",
+    )
     arrival_quiescence_seconds: float = Field(
         30.0,
         ge=0,
@@ -176,6 +184,18 @@ class DataConfig(_Strict):
         inverted = sorted(k for k, (low, high) in self.feature_bounds.items() if not low < high)
         if inverted:
             raise ValueError(f"data.feature_bounds {inverted}: expected [min, max] with min < max")
+
+    @field_validator("gx_store")
+    @classmethod
+    def _gx_store_uri(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        if not value.startswith("s3://") or not value[len("s3://") :].split("/", 1)[0]:
+            raise ValueError(
+                f"data.gx_store {value!r}: expected s3://bucket/prefix (or leave it empty for "
+                "the local <home>/gx)"
+            )
+        return value.rstrip("/")
 
     @field_validator("landing")
     @classmethod

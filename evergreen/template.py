@@ -18,6 +18,7 @@ data:
   extra_columns: block            # block | ignore: columns in the files that are not listed here
   arrival_quiescence_seconds: 30  # no _SUCCESS/_manifest.json: a batch arrives after this long unchanged (a run waits for it)
   data_docs_keep: 30              # newest GX validation results + Data Docs pages kept under <home>/gx
+  # gx_store: s3://bucket/gx      # several workers: GX suite, results, Data Docs shared in S3 (default: <home>/gx)
   feature_bounds: {}              # optional {feature: [min, max]} you DECLARE: values outside block
   change:                         # change is learned from, not blocked (only corruption blocks)
     block: []                     # make informing checks blocking: [range, drift, class_mix, text_drift]

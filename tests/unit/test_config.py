@@ -27,6 +27,9 @@ def test_overrides_are_parsed_as_yaml(tmp_path):
     path.write_text(yaml.safe_dump(MINIMAL))
     cfg = load_config(path, ["data.classes=[0,1,2]", "data.landing=s3://b/p", "daily.lora_r=16"])
     assert cfg.data.classes == [0, 1, 2]
+    assert cfg.data.gx_store is None  # default: the local <home>/gx
+    shared = load_config(path, ["data.landing=s3://b/p", "data.gx_store=s3://b/gx/"])
+    assert shared.data.gx_store == "s3://b/gx"
     assert cfg.data.landing == "s3://b/p"
     assert cfg.daily.lora_r == 16
 
