@@ -423,11 +423,23 @@ def prune_validation_results(context: Any, keep: int) -> int:
 
 
 def _get_or_add(store: Any, item: Any) -> Any:
-    """A GX store's item by name (saved by an earlier process), else `item` added."""
+    """A GX store's item by name (saved by an earlier process), else `item` added.
+
+    Flows of several cadences validate at once on one file-backed context: two may both miss
+    the item and both add it; the loser's add fails with GX's "Store already has the following
+    key", and the item the winner stored (the same definition) is read instead."""
     try:
         return store.get(item.name)
     except Exception:  # GX raises store-specific "not found" errors
+        pass
+    from great_expectations.exceptions import StoreBackendError  # GX loads lazily (heavy)
+
+    try:
         return store.add(item)
+    except StoreBackendError as error:
+        if "already has" not in str(error):
+            raise
+        return store.get(item.name)
 
 
 def run_suite(

@@ -352,3 +352,37 @@ def test_many_validations_keep_one_suite_and_a_bounded_data_docs_history(tmp_pat
     shifted[cfg.features[0]] += 100.0
     report = validate_batch(shifted, "moved", cfg, suite_file, profile=profile, gx_project=home)
     assert any("beyond the range accepted so far" in w.message for w in report.warnings)
+
+
+def test_a_definition_another_flow_added_meanwhile_is_read_not_re_added():
+    """Two cadences validating at once on one context: both miss the checkpoint, the loser's
+    add fails with GX's "already has the following key" and must read the winner's instead
+    (seen in the load test as a failed monthly run)."""
+    from great_expectations.exceptions import StoreBackendError
+
+    from data_plane.validation import _get_or_add
+
+    class RacedStore:
+        def __init__(self):
+            self.stored = None
+
+        def get(self, name):
+            if self.stored is None:
+                self.stored = f"{name} stored by the other flow"  # it wins the race now
+                raise KeyError(name)
+            return self.stored
+
+        def add(self, item):
+            raise StoreBackendError(f"Store already has the following key: ('{item.name}',).")
+
+    class Item:
+        name = "evergreen-batch-1"
+
+    assert _get_or_add(RacedStore(), Item()) == "evergreen-batch-1 stored by the other flow"
+
+    class BrokenStore(RacedStore):
+        def add(self, item):
+            raise StoreBackendError("permission denied")
+
+    with pytest.raises(StoreBackendError, match="permission denied"):
+        _get_or_add(BrokenStore(), Item())
