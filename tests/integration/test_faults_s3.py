@@ -137,6 +137,18 @@ def _run_with_an_outage(
     return run, log
 
 
+def _restart_while_paused(s3: Moto, run: subprocess.Popen) -> None:
+    """Bring the endpoint back with its data. moto keeps nothing across a restart, so the test
+    seeds it again; the run is paused (SIGSTOP) meanwhile, or a retry landing between "server
+    up" and "seeded" would see an empty batch folder — a harness race a real S3, which keeps its
+    objects, cannot have (it quarantined the batch in a CI run)."""
+    os.killpg(run.pid, signal.SIGSTOP)
+    try:
+        s3.start()
+    finally:
+        os.killpg(run.pid, signal.SIGCONT)
+
+
 def test_s3_down_mid_run_is_retried_then_fails_clearly_and_loses_nothing(
     tmp_path, s3_env, monkeypatch
 ):
@@ -148,7 +160,7 @@ def test_s3_down_mid_run_is_retried_then_fails_clearly_and_loses_nothing(
         # a short outage: the server is back while the read is still retrying
         run, log = _run_with_an_outage(tmp_path, config, s3, stack, "--max-batches", "1")
         time.sleep(1.0)  # the read meets a refused connection and backs off
-        s3.start()
+        _restart_while_paused(s3, run)
         # botocore's retries usually ride it out; on a loaded machine the restart can outlast them
         # and the task's own retry (2 s later) reads the batch: either way the run succeeds.
         assert run.wait(timeout=300) == 0, log.read_text()[-3000:]
