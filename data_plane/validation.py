@@ -432,7 +432,7 @@ def _get_or_add(store: Any, item: Any) -> Any:
         return store.get(item.name)
     except Exception:  # GX raises store-specific "not found" errors
         pass
-    from great_expectations.exceptions import StoreBackendError  # GX loads lazily (heavy)
+    from great_expectations.exceptions.exceptions import StoreBackendError  # lazy: GX is heavy
 
     try:
         return store.add(item)

@@ -358,7 +358,7 @@ def test_a_definition_another_flow_added_meanwhile_is_read_not_re_added():
     """Two cadences validating at once on one context: both miss the checkpoint, the loser's
     add fails with GX's "already has the following key" and must read the winner's instead
     (seen in the load test as a failed monthly run)."""
-    from great_expectations.exceptions import StoreBackendError
+    from great_expectations.exceptions.exceptions import StoreBackendError
 
     from data_plane.validation import _get_or_add
 
