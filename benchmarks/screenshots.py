@@ -25,8 +25,6 @@ import base64
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from urllib.parse import quote
 import httpx
 
 from evergreen.config import EvergreenConfig, load_config
+from tests.integration.servers import background, free_port, wait_http
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -296,43 +295,14 @@ def screenshot(tools: DevTools, shot: Shot, out: Path, timeout: float = 90) -> P
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serving(command: list[str], env: dict[str, str], log: Path, health: str) -> Iterator[None]:
-    """Run a server in its own process group until the block ends; wait for `health` first."""
+    """Run a server in its own process group until the block ends; wait for `health` first
+    (the integration tests' `background` and `wait_http`)."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            _wait(health, process, log)
-            yield
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-
-
-def _wait(url: str, process: subprocess.Popen, log: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{url}: server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not up after {timeout:.0f}s (log: {log})")
+    with background(command, env=env, log=log) as process:
+        wait_http(health, 240, process, log)
+        yield
 
 
 def mlflow_server(cfg: EvergreenConfig, port: int, log: Path) -> tuple[str, list[str], dict]:
