@@ -110,6 +110,18 @@ def test_s3_endpoint_down_is_a_connection_error():
     assert "list-type" not in failure.message and "bucket" not in failure.message
 
 
+def _classified_from_a_flow(error: BaseException):
+    """classify() of `error` as the CLI meets it: raised inside a flow, it arrives wrapped and
+    classify walks the chain."""
+    try:
+        try:
+            raise error
+        except Exception as inner:
+            raise RuntimeError("Flow run encountered an exception") from inner
+    except RuntimeError as wrapped:
+        return classify(wrapped)
+
+
 @pytest.mark.parametrize(
     ("error", "code", "needle"),
     [
@@ -120,13 +132,7 @@ def test_s3_endpoint_down_is_a_connection_error():
     ],
 )
 def test_classes_of_flow_failures(error, code, needle):
-    try:  # raised inside a flow, the error reaches the CLI wrapped: classify walks the chain
-        try:
-            raise error
-        except Exception as inner:
-            raise RuntimeError("Flow run encountered an exception") from inner
-    except RuntimeError as wrapped:
-        failure = classify(wrapped)
+    failure = _classified_from_a_flow(error)
     assert failure.code == code
     assert needle in failure.message
 
@@ -167,13 +173,7 @@ def _safetensors_efbig() -> Exception:
     ],
 )
 def test_disk_full_and_denied_writes_are_storage_errors(error, needle):
-    try:
-        try:
-            raise error
-        except Exception as inner:
-            raise RuntimeError("Flow run encountered an exception") from inner
-    except RuntimeError as wrapped:
-        failure = classify(wrapped)
+    failure = _classified_from_a_flow(error)
     assert failure.code == ExitCode.STORAGE
     assert failure.message.startswith("storage: ") and needle in failure.message
     assert "\n" not in failure.message
