@@ -148,7 +148,8 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
     checkpoint = staging / "checkpoint"
     hang_here("promote.before-checkpoint")  # test hook: trained and gated, nothing written yet
     if not checkpoint.exists():
-        write_state(reg.challenger, checkpoint)
+        parent = reg.parent.origin if reg.parent is not None else None
+        write_state(reg.challenger, checkpoint, parent=parent)
     verify_round_trip(cfg, reg.challenger, checkpoint, reg.check_rows)
     gate_file = staging / "gate.json"
     gate_file.write_text(json.dumps(reg.decision.to_dict(), indent=2, default=str))
