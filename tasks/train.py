@@ -185,19 +185,17 @@ def _vocab_size(hf_path: str | None) -> int:
     return int(config.vocab_size)
 
 
-def uses_ewc(spec: ModelSpec) -> bool:
-    """Whether updates of this family carry an EWC penalty. Not a causal LM: its Fisher over
-    [N, L, V] outputs is not implemented; it keeps old text by replay mixing instead."""
-    return spec.family != CAUSAL_LM
-
-
 TEXT_FISHER_ROWS = 64  # rows a text model's Fisher is estimated on
 
 
 def fisher_kind(spec: ModelSpec) -> FisherKind:
-    """ "sampled" for text models (one backward pass per row instead of one per class), else the
-    default. Why: per-example gradients of a pretrained encoder's Linear layers are the costly
-    part of a text update (200 rows, 4 classes, "true" kind: ~6 min on 2 CPU cores)."""
+    """ "empirical" for a causal LM (the only kind for [N, L, V] logits: per-sequence gradients
+    of the summed next-token NLL, `continual.fisher.causal_lm_targets`); "sampled" for the text
+    encoder (one backward pass per row instead of one per class); else the default. Why: per-
+    example gradients of a pretrained encoder's Linear layers are the costly part of a text
+    update (200 rows, 4 classes, "true" kind: ~6 min on 2 CPU cores)."""
+    if spec.family == CAUSAL_LM:
+        return "empirical"
     return "sampled" if spec.family in TEXT_FAMILIES else "auto"
 
 
@@ -283,6 +281,32 @@ def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory)
     return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
 
 
+def _log_fisher(ewc: EWC, cadence: str) -> dict[str, float]:
+    """Log the Fisher a version carries (its own, on this version's rows, and the accumulated
+    one the next update is anchored with); the same figures as run metrics."""
+    own = ewc.own_fisher or {}
+    metrics = {
+        "ewc.fisher_entries": float(sum(t.numel() for t in ewc.fisher.values())),
+        "ewc.own_fisher_mean": _mean(own),
+        "ewc.fisher_mean": _mean(ewc.fisher),
+    }
+    _log_info(
+        "%s EWC Fisher (%s): %d tensors, %d entries; own mean %.3g, accumulated mean %.3g",
+        cadence,
+        ewc.kind,
+        len(ewc.fisher),
+        int(metrics["ewc.fisher_entries"]),
+        metrics["ewc.own_fisher_mean"],
+        metrics["ewc.fisher_mean"],
+    )
+    return metrics
+
+
+def _mean(tensors: dict[str, torch.Tensor]) -> float:
+    count = sum(t.numel() for t in tensors.values())
+    return sum(float(t.double().sum()) for t in tensors.values()) / count if count else 0.0
+
+
 def _log_info(message: str, *args: object) -> None:
     """Log to the Prefect run when there is one (tasks), else to this module's logger."""
     try:
@@ -310,11 +334,9 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     settings = settings_from(train_cfg, len(X))
     result, _ = _fit(model, X, y, settings, "bootstrap", cfg=cfg, processes=train_cfg.processes)
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
-    ewc = None
-    if uses_ewc(spec):
-        ewc = EWC.from_model(
-            model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
-        )
+    ewc = EWC.from_model(
+        model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
+    )
     facts = training_facts(cfg, "bootstrap", settings, result, rows=len(X))
     return ModelState(model=model, spec=spec, ewc=ewc, training=facts, **_learned(memory))
 
@@ -399,8 +421,6 @@ def _ewc_challenger(
     settings = settings_from(section.train, len(X))
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
-    if not uses_ewc(champion.spec):  # a causal LM: replay mixing alone
-        grid = [0.0]
     selection = selection_rows(cfg, champion, memory)
     base = follow_data_scale(champion, X, memory)
     start = start_update(base, X, y, buffer)
@@ -414,11 +434,7 @@ def _ewc_challenger(
     seconds = 0.0
     for lam in grid:
         model = copy.deepcopy(start)
-        ewc = (
-            _anchored_ewc(cfg, anchor, memory, lam, section.fisher_decay)
-            if uses_ewc(champion.spec)
-            else None
-        )
+        ewc = _anchored_ewc(cfg, anchor, memory, lam, section.fisher_decay)
         result, own = _fit(
             model,
             X,
@@ -442,8 +458,10 @@ def _ewc_challenger(
     if len(grid) > 1:
         get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
     # own Fisher on this version's data (from the ranks when distributed); F ← γ·F_old + F_own
+    fisher_metrics: dict[str, float] = {}
     if ewc is not None:
         ewc.consolidate(model, *fisher_rows(champion.spec, X, y), own=own)
+        fisher_metrics = _log_fisher(ewc, section_name)
     state = ModelState(
         model=model,
         spec=base.spec,
@@ -460,7 +478,7 @@ def _ewc_challenger(
         ),
         **_learned(memory),
     )
-    return state, {"ewc.lambda": lam, **scores}
+    return state, {"ewc.lambda": lam, **fisher_metrics, **scores}
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
