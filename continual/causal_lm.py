@@ -90,7 +90,8 @@ def unmasked_right_padding(model: nn.Module, ids: Tensor) -> Iterator[None]:
         ValueError: a row has a real token after a pad (left padding, or a pad token used
             inside the text): those need the mask.
     """
-    real = (ids != int(model.pad_token_id)).int()  # type: ignore[arg-type]  # maybe under peft
+    pad = int(model.pad_token_id)  # type: ignore[arg-type]  # an HFCausalLM, maybe under peft
+    real = torch.ne(ids, pad).int()
     if bool((real[:, 1:] > real[:, :-1]).any()):
         raise ValueError(
             "the causal-LM Fisher needs right-padded rows (no real token after a pad token); "
