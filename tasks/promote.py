@@ -34,6 +34,7 @@ from tasks.evaluate import Evaluation
 from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.outcome import FlowOutcome
+from tasks.resume import discard_states
 from tasks.staging import owned
 from tasks.state import ModelState, staging_dir, write_state
 from tasks.tracking import run_record
@@ -321,7 +322,8 @@ def discarded_update(
 def challenger_workspace(
     cfg: EvergreenConfig, cadence: str, batch_ids: list[str]
 ) -> Iterator[Path]:
-    """A staging folder for the challenger, removed afterwards whatever happens.
+    """A staging folder for the challenger, removed afterwards whatever happens, as is the
+    cadence's saved training state (`tasks.resume`: only a killed run leaves it for the next).
 
     If training, evaluation or registration raises, the batches are recorded as `failed` in the
     ledger (with the error) before the exception propagates: the flow run fails visibly, nothing
@@ -336,3 +338,4 @@ def challenger_workspace(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        discard_states(cfg, cadence)  # the run ended: its training state is never resumed
