@@ -28,7 +28,7 @@ from model_registry.registry import (
     Registry,
     VersionInfo,
 )
-from tasks import ledger
+from tasks import attempts, ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
 from tasks.evaluate import Evaluation
 from tasks.events import emit
@@ -327,14 +327,21 @@ def challenger_workspace(
 
     If training, evaluation or registration raises, the batches are recorded as `failed` in the
     ledger (with the error) before the exception propagates: the flow run fails visibly, nothing
-    was promoted, and the batches stay pending for the next run.
+    was promoted, and the batches stay pending for the next run. An attempt marker written first
+    (`tasks.attempts`) lets the next run record `failed` for a run that was killed or could not
+    write the entry itself.
     """
+    attempts.begin(cfg, cadence, batch_ids)  # a run that cannot record its end is recorded later
     staging = staging_dir(cfg, cadence)
     try:
         with owned(staging):  # a run killed before `finally` leaves it to `sweep_stale`
             yield staging
     except Exception as error:
-        ledger.record_failed(cfg, cadence, batch_ids, repr(error))
+        try:
+            ledger.record_failed(cfg, cadence, batch_ids, repr(error))
+        except Exception:  # e.g. the disk is full: the next run records it from the marker
+            attempts.unrecorded(cfg, cadence, error)
+            raise
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -80,7 +80,7 @@ def test_a_fine_tune_killed_mid_training_resumes_from_its_saved_state(tmp_path):
     assert "60 steps (40 in this run)" in output, output[-3000:]
     outcomes = [e.outcome for e in ledger.entries(CADENCE) if e.batch_id == BATCH]
     assert outcomes[0] in ("promoted", "rejected") and outcomes[1:] == ["failed"], outcomes
-    interrupted = [e for e in ledger.entries(CADENCE) if e.outcome == "failed"][0]
+    interrupted = next(e for e in ledger.entries(CADENCE) if e.outcome == "failed")
     assert interrupted.details.get("interrupted") == "true", interrupted.details
     assert set(registry.aliases()) == {"champion"}
     assert registry.champion().version in (champion, registry.versions(limit=1)[0].version)
