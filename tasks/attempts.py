@@ -29,6 +29,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, unquote
 
 from evergreen.config import EvergreenConfig
@@ -167,7 +168,7 @@ def _reconcile_one(ledger: Ledger, path: Path) -> str | None:
         os.close(fd)
 
 
-def _facts(path: Path, data: bytes) -> dict | None:
+def _facts(path: Path, data: bytes) -> dict[str, Any] | None:
     try:
         facts = json.loads(data)
         if isinstance(facts, dict) and facts.get("cadence") and facts.get("batch_ids"):
@@ -178,7 +179,7 @@ def _facts(path: Path, data: bytes) -> dict | None:
     return None
 
 
-def _dead(facts: dict, path: Path) -> bool:
+def _dead(facts: dict[str, Any], path: Path) -> bool:
     """No lock held (checked by the caller); on another host the lock may not reach us, so its
     marker must also be older than `STALE_AFTER_SECONDS`."""
     if facts.get("host") == socket.gethostname():
@@ -187,7 +188,7 @@ def _dead(facts: dict, path: Path) -> bool:
     return age > STALE_AFTER_SECONDS
 
 
-def _reason(path: Path, facts: dict) -> str:
+def _reason(path: Path, facts: dict[str, Any]) -> str:
     who = (
         f"the run {facts.get('flow_run_id')} (pid {facts.get('pid')} on {facts.get('host')}, "
         f"started {facts.get('started_at')})"
@@ -201,7 +202,7 @@ def _reason(path: Path, facts: dict) -> str:
     )
 
 
-def _record(ledger: Ledger, facts: dict, reason: str) -> str | None:
+def _record(ledger: Ledger, facts: dict[str, Any], reason: str) -> str | None:
     """`failed` for each batch with no entry since the attempt started (through the ledger's
     one writer, which does not take this run's own marker for the one recorded)."""
     from tasks.ledger import record_interrupted  # tasks.ledger calls `finish`: import here
