@@ -17,7 +17,10 @@ Weights and tokenizer load from a local directory only (never downloaded).
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,3 +134,118 @@ def beats_uniform(log_likelihood: np.ndarray, vocab_size: int) -> np.ndarray:
 def is_causal_lm(model: nn.Module) -> bool:
     """Whether `model` (or the model a peft wrapper holds) is a causal LM of this module."""
     return bool(getattr(model, "is_causal_lm", False))
+
+
+# ---- generation (served model): continuations of prompts, bounded and greedy by default ----
+
+MAX_NEW_TOKENS_LIMIT = 256  # a request cannot make the server generate more per row
+GENERATION_DEFAULTS: dict[str, int | float] = {"max_new_tokens": 0, "temperature": 0.0, "seed": 0}
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to continue each prompt: `max_new_tokens` 0 = no generation; temperature 0 = greedy
+    (deterministic), > 0 = sampling from softmax(logits / temperature) under `seed`."""
+
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    seed: int = 0
+
+
+def generation_settings(params: Mapping[str, Any] | None) -> GenerationSettings:
+    """Validated settings from a request's inference params (missing keys take the defaults).
+
+    Raises:
+        ValueError: `max_new_tokens` not an integer in [0, MAX_NEW_TOKENS_LIMIT], `temperature`
+            negative or not finite, or `seed` not an integer (the message names the value).
+    """
+    given = {**GENERATION_DEFAULTS, **{k: v for k, v in (params or {}).items() if v is not None}}
+    tokens, temperature, seed = given["max_new_tokens"], given["temperature"], given["seed"]
+    if not _is_int(tokens) or not 0 <= int(tokens) <= MAX_NEW_TOKENS_LIMIT:
+        raise ValueError(
+            f"max_new_tokens must be an integer from 0 (no generation) to "
+            f"{MAX_NEW_TOKENS_LIMIT}, got {tokens!r}"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.number)):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not (math.isfinite(float(temperature)) and float(temperature) >= 0):
+        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not _is_int(seed):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    return GenerationSettings(int(tokens), float(temperature), int(seed))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+@torch.no_grad()
+def generate_continuations(
+    model: nn.Module, texts: Sequence[str], settings: GenerationSettings, *, batch_size: int = 16
+) -> list[str]:
+    """The text each prompt continues with (the prompt itself excluded), one string per row.
+
+    Prompts keep their last `max_length` tokens (what the continuation follows) and are
+    left-padded, so every row's new tokens start in the same column; an empty prompt starts
+    from the bos (else eos) token. Generation stops at eos or after `max_new_tokens`.
+    """
+    if settings.max_new_tokens == 0:
+        return ["" for _ in texts]
+    # an HFCausalLM, maybe under peft (which forwards attribute access to the wrapped model)
+    lm: Any = model.lm
+    tokenizer: Any = model.tokenizer
+    pad: int = int(model.pad_token_id)  # type: ignore[arg-type]
+    max_length: int = int(model.max_length)  # type: ignore[arg-type]
+    model.eval()
+    device = next(model.parameters()).device
+    prompts = [_prompt_ids(tokenizer, str(t), max_length) for t in texts]
+    config = _generation_config(settings, pad, tokenizer.eos_token_id)
+    out: list[str] = []
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):  # sampling is seeded, the caller's RNG untouched
+        torch.manual_seed(settings.seed)
+        for start in range(0, len(prompts), batch_size):
+            ids, mask = _left_padded(prompts[start : start + batch_size], pad)
+            generated = lm.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config
+            )
+            new = generated[:, ids.shape[1] :].cpu()
+            out.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+    return [text.strip() for text in out]
+
+
+def _prompt_ids(tokenizer: Any, text: str, max_length: int) -> list[int]:
+    ids: list[int] = list(tokenizer(text)["input_ids"])[-max_length:]
+    if ids:
+        return ids
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError(
+            f"prompt {text!r} has no tokens and the tokenizer no bos/eos to start from"
+        )
+    return [int(start)]
+
+
+def _left_padded(prompts: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt) :] = 1
+    return ids, mask
+
+
+def _generation_config(settings: GenerationSettings, pad: int, eos: int | None) -> Any:
+    from transformers import GenerationConfig
+
+    sampling = settings.temperature > 0
+    return GenerationConfig(  # type: ignore[no-untyped-call]
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=sampling,
+        temperature=settings.temperature if sampling else 1.0,
+        top_k=0 if sampling else None,  # plain temperature sampling: no top-k / top-p cut
+        top_p=1.0,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )

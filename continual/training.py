@@ -6,7 +6,9 @@ shared strategy object:
 
 - `replay` + `replay_ratio`: `continual.replay.mix_batch` swaps that share of every mini-batch
   for buffer samples, so old and new examples share one forward pass;
-- `distiller`: `distiller.loss(inputs, student_logits, task_loss)` replaces the task loss;
+- `distiller`: `distiller.loss(inputs, student_logits, task_loss)` replaces the task loss
+  (`continual.distillation`: the LwF mix for classifiers, next-token loss + w·per-token KL to
+  the previous champion for causal LMs);
 - `ewc`: applied as its `mode` says. "proximal" (default): `ewc.proximal_step_(model, lr)`
   right after `optimizer.step()`, the closed-form proximal step of the penalty with the step's
   learning rate, so AdamW never rescales it and clipping never sees it. "gradient":
@@ -33,7 +35,7 @@ from continual.batching import BatchStream, epoch_batches, length_grouped_batche
 from continual.resume import Checkpointing, LoopState
 
 if TYPE_CHECKING:
-    from continual.distillation import Distiller
+    from continual.distillation import Distiller, TokenDistiller
     from continual.ewc import EWC
     from continual.replay import ReservoirBuffer
 
@@ -171,7 +173,7 @@ def train(
     ewc: EWC | None = None,
     replay: ReservoirBuffer | None = None,
     replay_ratio: float = 0.0,
-    distiller: Distiller | None = None,
+    distiller: Distiller | TokenDistiller | None = None,
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | str | None = None,
     checkpointing: Checkpointing | None = None,
@@ -188,7 +190,8 @@ def train(
             optimiser step, or its gradient added before clipping).
         replay: optional replay buffer, mixed in at `replay_ratio` when it holds examples.
         replay_ratio: share of each batch taken from `replay` (0 disables replay).
-        distiller: optional teacher; its loss replaces the plain cross-entropy.
+        distiller: optional frozen teacher; its `loss` replaces the task loss (cross-entropy,
+            or a causal LM's next-token loss).
         on_step: called as on_step(step, loss) after each step (step counts from 1).
         device: where to train (default: `pick_device()`); the model stays there afterwards.
         checkpointing: save the loop's state as it says (`continual.resume`) and, when a state

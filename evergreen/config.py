@@ -347,7 +347,26 @@ class BootstrapConfig(_Strict):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=600))
 
 
-class _EWCSection(_Strict):
+class _DistillFields(_Strict):
+    """Distillation from the previous champion (causal LMs only; `continual.distillation`)."""
+
+    distill_weight: float = Field(
+        0.0,
+        ge=0,
+        description="hf-causal-lm only: loss = next-token loss + this × the per-token KL "
+        "divergence to the frozen champion's next-token distribution on the same batch "
+        "(padding masked), which keeps the update's predictions near the champion's on old "
+        "and new text alike. 0 = off.",
+    )
+    distill_temperature: float = Field(
+        2.0,
+        gt=0,
+        description="Softmax temperature T of both distributions in the distillation term "
+        "(scaled by T² so its gradient keeps its size as T changes).",
+    )
+
+
+class _EWCSection(_DistillFields):
     ewc_lambda: float | Literal["auto"] = Field(
         "auto",
         description="EWC strength on the Fisher normalised to mean 1 (applied as a proximal step "
@@ -397,7 +416,7 @@ class WeeklyConfig(_EWCSection):
     )
 
 
-class DailyConfig(_Strict):
+class DailyConfig(_DistillFields):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=150, lr=3e-3))
     lora_r: int = Field(8, gt=0)
     lora_alpha: int = Field(16, gt=0)
@@ -504,6 +523,30 @@ def _causal_lm_defaults(cfg: EvergreenConfig) -> None:
             section.replay_ratio = CAUSAL_LM_REPLAY_RATIO
 
 
+def _check_distillation(cfg: EvergreenConfig) -> None:
+    """Distillation runs on causal LMs, in one process.
+
+    Raises:
+        ValueError: `<section>.distill_weight` > 0 for another family (a classifier's head is
+            re-fitted before each update, and a teacher with the old head would pull it back),
+            or with `<section>.train.processes` > 1 (the torchrun ranks carry no teacher).
+    """
+    for name in ("daily", "weekly", "monthly"):
+        section = getattr(cfg, name)
+        if section.distill_weight <= 0:
+            continue
+        if cfg.model.family != CAUSAL_LM_FAMILY:
+            raise ValueError(
+                f"{name}.distill_weight is set but distillation from the champion is wired for "
+                f"model.family {CAUSAL_LM_FAMILY} only (got {cfg.model.family!r}): set it to 0"
+            )
+        if section.train.processes > 1:
+            raise ValueError(
+                f"{name}.distill_weight needs {name}.train.processes: 1 (distributed training "
+                f"carries no teacher), got {section.train.processes}"
+            )
+
+
 class EvergreenConfig(_Strict):
     home: str = Field(
         ".evergreen", description="State: MLflow store, artifacts, reports.", validate_default=True
@@ -530,6 +573,7 @@ class EvergreenConfig(_Strict):
         family = self.model.family
         if self.data.text and self.data.features:
             raise ValueError("data: set either `features` or `text`, not both")
+        _check_distillation(self)
         if family == CAUSAL_LM_FAMILY:
             _causal_lm_defaults(self)
             return self

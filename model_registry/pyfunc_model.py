@@ -17,6 +17,11 @@ Usage (any process that can reach the registry):
     model = mlflow.pyfunc.load_model("models:/<name>@champion")
     model.predict(df)  # DataFrame with the spec's feature columns →
                        # prediction, probability, probability_<class> for every class
+    lm.predict(pd.DataFrame({"text": [...]}), params={"max_new_tokens": 20})  # a causal LM →
+                       # log_likelihood, perplexity, generated (greedy unless temperature > 0)
+
+`mlflow models serve -m models:/<name>@champion --env-manager local` serves the same on
+/invocations: `{"dataframe_split": {...}, "params": {"max_new_tokens": 20}}`.
 """
 
 from __future__ import annotations
@@ -59,7 +64,9 @@ class EvergreenPyfunc(PythonModel):
     `probability` (the probability of that label) and `probability_<class>` for every class in
     `spec.classes` order (they sum to 1), so a caller can rank, threshold or calibrate.
     A causal LM (`hf-causal-lm`) returns `log_likelihood` (mean token log-likelihood per row)
-    and `perplexity` (its exp(−·)) for a `text` column instead.
+    and `perplexity` (its exp(−·)) for a `text` column instead, plus `generated` (the
+    continuation of each row, prompt excluded) when the inference params ask for new tokens:
+    `{"max_new_tokens": 1..256, "temperature": 0 (greedy) or > 0, "seed": int}`.
     """
 
     def __init__(self) -> None:
@@ -93,14 +100,16 @@ class EvergreenPyfunc(PythonModel):
             context: unused (the checkpoint is loaded in `load_context`).
             model_input: a DataFrame holding every feature column of the spec (extra columns
                 are ignored, column order does not matter).
-            params: unused.
+            params: MLflow inference params; read by a causal LM only (`max_new_tokens`,
+                `temperature`, `seed`: `continual.causal_lm.generation_settings`).
 
         Returns:
             DataFrame [prediction, probability, probability_<class>…] with the index of
-            `model_input`.
+            `model_input`; for a causal LM [log_likelihood, perplexity(, generated)].
 
         Raises:
-            ValueError: feature columns are missing (the message names them).
+            ValueError: feature columns are missing (the message names them), or a causal LM's
+                generation params are out of bounds.
         """
         if self.model is None or self.spec is None:
             raise RuntimeError("EvergreenPyfunc.predict called before the checkpoint was loaded")
@@ -111,16 +120,11 @@ class EvergreenPyfunc(PythonModel):
             raise ValueError(
                 f"input is missing feature columns {missing}; the model expects {columns}"
             )
-        from continual.causal_lm import is_causal_lm, token_log_likelihood
+        from continual.causal_lm import is_causal_lm
         from continual.training import predict_proba
 
         if is_causal_lm(self.model):  # continual pre-training: how well the model knows the text
-            log_likelihood = token_log_likelihood(self.model, self._inputs(frame[columns]))
-            return pd.DataFrame(
-                {"log_likelihood": log_likelihood, "perplexity": np.exp(-log_likelihood)},
-                index=frame.index,
-                dtype=np.float64,
-            )
+            return self._language_model_output(self.model, frame[columns], params)
         proba = predict_proba(self.model, self._inputs(frame[columns])).numpy()
         best = proba.argmax(axis=1)
         labels = np.asarray(self.spec.classes, dtype=object)[best]
@@ -129,6 +133,28 @@ class EvergreenPyfunc(PythonModel):
             output[name] = proba[:, i]
         out = pd.DataFrame(output, index=frame.index)
         return out.astype(dict.fromkeys(out.columns[1:], np.float64))
+
+    def _language_model_output(
+        self, model: torch.nn.Module, features: pd.DataFrame, params: dict[str, Any] | None
+    ) -> pd.DataFrame:
+        """Per-row log-likelihood and perplexity, and the generated continuation if asked."""
+        from continual.causal_lm import (
+            generate_continuations,
+            generation_settings,
+            token_log_likelihood,
+        )
+
+        settings = generation_settings(params)  # refuse a bad request before any compute
+        log_likelihood = token_log_likelihood(model, self._inputs(features))
+        out = pd.DataFrame(
+            {"log_likelihood": log_likelihood, "perplexity": np.exp(-log_likelihood)},
+            index=features.index,
+            dtype=np.float64,
+        )
+        if settings.max_new_tokens > 0:
+            texts = features.iloc[:, 0].astype(str).tolist()
+            out["generated"] = generate_continuations(model, texts, settings)
+        return out
 
     def _inputs(self, features: pd.DataFrame) -> torch.Tensor:
         tokenize = getattr(self.model, "tokenize", None)
@@ -229,6 +255,8 @@ def example_and_signature(checkpoint: Path) -> tuple[pd.DataFrame, Any]:
     """
     from mlflow.models import infer_signature
 
+    from continual.causal_lm import GENERATION_DEFAULTS, is_causal_lm
+
     pyfunc = EvergreenPyfunc().load_checkpoint_dir(checkpoint)
     spec = pyfunc.spec
     if callable(getattr(pyfunc.model, "tokenize", None)):
@@ -238,9 +266,14 @@ def example_and_signature(checkpoint: Path) -> tuple[pd.DataFrame, Any]:
         if spec.input_mean:
             rows.append([float(v) for v in spec.input_mean])
         example = pd.DataFrame(rows, columns=list(spec.feature_columns), dtype="float64")
+    # A causal LM declares its generation params (with their defaults: no generation), and is
+    # proven to generate: the output schema comes from a 2-token generation.
+    causal = pyfunc.model is not None and is_causal_lm(pyfunc.model)
+    params = dict(GENERATION_DEFAULTS) if causal else None
+    asked = {**params, "max_new_tokens": 2} if params else None
     with warnings.catch_warnings():  # integer labels: MLflow's "missing values" hint is noise
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
-        signature = infer_signature(example, pyfunc.predict(None, example))
+        signature = infer_signature(example, pyfunc.predict(None, example, asked), params)
     return example, _lenient_inputs(signature)
 
 
@@ -251,7 +284,8 @@ def _lenient_inputs(signature: Any) -> Any:
     (counts, pixels, JSON numbers in a serving request). Column presence is still enforced by
     MLflow; `predict` checks that every feature is numeric and converts it to float32. A text
     column stays `string`, and the outputs keep their inferred types (`prediction` as the
-    classes' type, every `probability*` column `double`).
+    classes' type, every `probability*` column `double`); a causal LM's `generated` column is
+    optional and its params schema is kept.
     """
     from mlflow.models import ModelSignature
     from mlflow.types import DataType
@@ -264,7 +298,15 @@ def _lenient_inputs(signature: Any) -> Any:
             for spec in signature.inputs.inputs
         ]
     )
-    return ModelSignature(inputs=inputs, outputs=signature.outputs)
+    outputs = Schema(  # `generated` only comes back when a request asks for new tokens
+        [
+            ColSpec(type=spec.type, name=spec.name, required=False)
+            if spec.name == "generated"
+            else spec
+            for spec in signature.outputs.inputs
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs, params=signature.params)
 
 
 def pip_requirements(checkpoint: Path) -> list[str]:

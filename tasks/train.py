@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.exceptions import MissingContextError
 
+from continual.distillation import TokenDistiller
 from continual.distributed import DistributedJob
 from continual.ewc import EWC
 from continual.fisher_kinds import FisherKind
@@ -37,7 +38,13 @@ from continual.probe import has_probe_head, probe_head_
 from continual.replay import ReservoirBuffer as ReplayBuffer
 from continual.standardization import can_follow, rescale_fisher, widen_
 from continual.training import TrainResult, TrainSettings, row_scores, train
-from evergreen.config import EvergreenConfig, TrainConfig
+from evergreen.config import (
+    DailyConfig,
+    EvergreenConfig,
+    MonthlyConfig,
+    TrainConfig,
+    WeeklyConfig,
+)
 from model_registry.run_record import flatten_params
 from tasks.common import frame_to_tensors
 from tasks.distributed import run_distributed
@@ -220,6 +227,21 @@ def uses_ewc(spec: ModelSpec) -> bool:
     """Whether updates of this family carry an EWC penalty. Not a causal LM: its Fisher over
     [N, L, V] outputs is not implemented; it keeps old text by replay mixing instead."""
     return spec.family != CAUSAL_LM
+
+
+def champion_distiller(
+    section: DailyConfig | WeeklyConfig | MonthlyConfig, champion: ModelState
+) -> TokenDistiller | None:
+    """The frozen champion as the teacher of a causal LM's update when the cadence's section
+    sets `distill_weight` > 0 (config refuses it for other families), else None."""
+    if section.distill_weight <= 0 or champion.spec.family != CAUSAL_LM:
+        return None
+    return TokenDistiller(
+        champion.model,
+        weight=section.distill_weight,
+        temperature=section.distill_temperature,
+        pad_token_id=int(champion.model.pad_token_id),  # type: ignore[arg-type]  # an HFCausalLM
+    )
 
 
 TEXT_FISHER_ROWS = 64  # rows a text model's Fisher is estimated on
@@ -443,6 +465,7 @@ def _ewc_challenger(
     # head instead, the head's Fisher (hundreds of times the average weight's) pulls it back to
     # a head that never saw the new classes, undoing the probe: the new topic was never learned.
     anchor = dataclasses.replace(base, model=start)
+    distiller = champion_distiller(section, champion)
     best: tuple[float, float, torch.nn.Module, EWC | None, TrainResult, dict | None] | None = None
     scores: dict[str, float] = {}
     seconds = 0.0
@@ -466,6 +489,7 @@ def _ewc_challenger(
             ewc=ewc,
             replay=buffer,
             replay_ratio=replay_ratio,
+            distiller=distiller,
         )
         seconds += result.seconds
         score = selection.score(model) if len(grid) > 1 else float("nan")
@@ -543,6 +567,7 @@ def train_lora_gated(
     verdict: dict[str, GateDecision] = {}
     fit = settings_from(d.train, len(X))
     trained: list[TrainResult] = []
+    distiller = champion_distiller(d, champion)
 
     def fit_adapter(m: torch.nn.Module) -> TrainResult:
         result, _ = _fit(
@@ -556,6 +581,7 @@ def train_lora_gated(
             resume=_resume_key("daily", champion, data, memory),
             replay=buffer,
             replay_ratio=d.replay_ratio,
+            distiller=distiller,
         )
         trained.append(result)
         return result

@@ -1,15 +1,32 @@
-"""The causal-LM family: padding never counts in the loss or the score; config rules."""
+"""The causal-LM family: padding never counts in the loss or the score; config rules;
+generation in the served model (bounded, greedy unless asked, prompt excluded); distillation
+from the previous champion."""
 
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from continual.causal_lm import HFCausalLM, next_token_loss, token_log_likelihood
+from continual.causal_lm import (
+    IGNORE_INDEX,
+    MAX_NEW_TOKENS_LIMIT,
+    GenerationSettings,
+    HFCausalLM,
+    generate_continuations,
+    generation_settings,
+    next_token_labels,
+    next_token_loss,
+    token_log_likelihood,
+)
+from continual.checkpoint import save_checkpoint
+from continual.distillation import TokenDistiller, distillation_loss
 from continual.models import CAUSAL_LM, ModelSpec, build_model
 from continual.training import TrainSettings, row_scores, train
 from evergreen.config import EvergreenConfig
+from model_registry.pyfunc_model import EvergreenPyfunc, example_and_signature
+from tests.checkpoints import tiny_checkpoint
 from tests.tiny_llama import sentences, tiny_llama
 
 
@@ -77,4 +94,168 @@ def test_causal_lm_config_needs_no_classes_and_replays_20_percent():
 )
 def test_config_errors_say_what_to_change(tree, message):
     with pytest.raises(ValueError, match=message):
+        EvergreenConfig.model_validate(tree)
+
+
+# ---- generation in the served model ----
+
+
+def _greedy_reference(model: HFCausalLM, text: str, n: int) -> list[int]:
+    """Brute force: one full forward pass per new token on the unpadded prompt."""
+    ids = torch.tensor([model.tokenizer(text)["input_ids"]])
+    start = ids.shape[1]
+    with torch.no_grad():
+        for _ in range(n):
+            best = model.lm(input_ids=ids).logits[0, -1].argmax()
+            if int(best) == model.tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, best.view(1, 1)], dim=1)
+    return ids[0, start:].tolist()
+
+
+def test_greedy_generation_continues_each_prompt_as_a_token_by_token_loop(model):
+    prompts = ["bread of the", "salt", "the oven with butter and the knife on a bowl of soup"]
+    out = generate_continuations(model, prompts, GenerationSettings(max_new_tokens=6))
+    for prompt, text in zip(prompts, out, strict=True):  # left padding changes nothing
+        reference = _greedy_reference(model, prompt, 6)
+        expected = model.tokenizer.decode(reference, skip_special_tokens=True)
+        assert text == expected.strip() and text
+        assert len(text.split()) <= 6  # continuation only: the prompt is not repeated
+    assert generate_continuations(model, prompts, GenerationSettings()) == ["", "", ""]
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(model):
+    prompts = ["bread of the", "boat"]
+    hot = GenerationSettings(max_new_tokens=8, temperature=5.0, seed=1)
+    torch.manual_seed(123)
+    first = generate_continuations(model, prompts, hot)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert generate_continuations(model, prompts, hot) == first
+    assert torch.equal(torch.rand(1), after)
+    other = generate_continuations(model, prompts, GenerationSettings(8, 5.0, seed=2))
+    assert other != first
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"max_new_tokens": MAX_NEW_TOKENS_LIMIT + 1}, "max_new_tokens must be an integer"),
+        ({"max_new_tokens": -1}, "from 0"),
+        ({"max_new_tokens": 2.5}, "got 2.5"),
+        ({"max_new_tokens": True}, "got True"),
+        ({"temperature": -0.5}, "temperature must be a number >= 0"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"seed": "x"}, "seed must be an integer"),
+    ],
+)
+def test_generation_params_out_of_bounds_are_refused(params, message):
+    with pytest.raises(ValueError, match=message):
+        generation_settings(params)
+
+
+def test_generation_params_default_to_no_generation():
+    assert generation_settings(None) == GenerationSettings(0, 0.0, 0)
+    given = {"max_new_tokens": np.int64(MAX_NEW_TOKENS_LIMIT), "temperature": 1}
+    assert generation_settings(given) == GenerationSettings(MAX_NEW_TOKENS_LIMIT, 1.0, 0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(model, tmp_path_factory):
+    spec = ModelSpec(
+        family=CAUSAL_LM,
+        n_features=16,
+        n_classes=model.vocab_size,
+        hf_path=model.lm.name_or_path,
+        feature_columns=["text"],
+    )
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "lm", model, spec)
+
+
+def test_served_lm_generates_only_when_asked_and_declares_its_params(checkpoint, model):
+    _, signature = example_and_signature(checkpoint)
+    assert {p.name: p.default for p in signature.params.params} == {
+        "max_new_tokens": 0,
+        "temperature": 0.0,
+        "seed": 0,
+    }
+    outputs = {c.name: c.required for c in signature.outputs.inputs}
+    assert outputs == {"log_likelihood": True, "perplexity": True, "generated": False}
+    assert signature.inputs.input_names() == ["text"]
+
+    served = EvergreenPyfunc().load_checkpoint_dir(checkpoint)
+    frame = pd.DataFrame({"text": ["bread of the", "boat"]}, index=[7, 9])
+    plain = served.predict(None, frame)
+    assert list(plain.columns) == ["log_likelihood", "perplexity"]
+    out = served.predict(None, frame, {"max_new_tokens": 5})
+    assert list(out.columns) == ["log_likelihood", "perplexity", "generated"]
+    assert list(out.index) == [7, 9]
+    pd.testing.assert_frame_equal(out[plain.columns], plain)
+    expected = generate_continuations(model, list(frame["text"]), GenerationSettings(5))
+    assert out["generated"].tolist() == expected
+    with pytest.raises(ValueError, match=f"to {MAX_NEW_TOKENS_LIMIT}, got 1000"):
+        served.predict(None, frame, {"max_new_tokens": 1000})
+
+
+def test_tabular_signature_has_no_params(tmp_path):
+    _, signature = example_and_signature(tiny_checkpoint(tmp_path / "c", 0, ["a", "b"], [0, 1]))
+    assert signature.params is None
+    assert signature.outputs.input_names() == [
+        "prediction",
+        "probability",
+        "probability_0",
+        "probability_1",
+    ]
+
+
+# ---- distillation from the previous champion ----
+
+
+def _kl_to(teacher: HFCausalLM, student: HFCausalLM, ids: torch.Tensor) -> float:
+    """Mean per-token KL(teacher ‖ student) over the real next-token positions (T = 1)."""
+    mask = next_token_labels(ids, teacher.pad_token_id) != IGNORE_INDEX
+    width = mask.shape[1]
+    with torch.no_grad():
+        kl = distillation_loss(student(ids)[:, :width], teacher(ids)[:, :width], 1.0, mask=mask)
+    return float(kl)
+
+
+def test_distillation_keeps_the_update_closer_to_the_champion(model):
+    import copy
+
+    champion = copy.deepcopy(model)
+    old = champion.tokenize(sentences("kitchen", 48, seed=1))
+    zeros = torch.zeros(len(old), dtype=torch.long)
+    train(champion, old, zeros, TrainSettings(steps=30, batch_size=16, lr=1e-2, seed=0))
+    frozen = {k: v.clone() for k, v in champion.state_dict().items()}
+    new = champion.tokenize(sentences("harbour", 48, seed=2))
+    settings = TrainSettings(steps=20, batch_size=16, lr=1e-2, seed=0)
+    kl = {}
+    for weight in (0.0, 1.0):
+        student = copy.deepcopy(champion)
+        teacher = TokenDistiller(champion, weight=weight, pad_token_id=champion.pad_token_id)
+        train(student, new, zeros, settings, distiller=teacher)
+        kl[weight] = (_kl_to(champion, student, old), _kl_to(champion, student, new))
+    # measured: old 3.10 → 0.87, new 5.01 → 0.64 nats per token
+    assert kl[1.0][0] < 0.7 * kl[0.0][0]  # old text: the champion's predictions kept
+    assert kl[1.0][1] < 0.7 * kl[0.0][1]  # and on the batch it was distilled on
+    assert all(torch.equal(v, champion.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_distillation_config_is_for_causal_lms_in_one_process():
+    tree = _config()
+    tree["weekly"] = {"distill_weight": 0.5, "distill_temperature": 1.0}
+    cfg = EvergreenConfig.model_validate(tree)
+    assert (cfg.weekly.distill_weight, cfg.daily.distill_weight) == (0.5, 0.0)
+    classifier = {
+        "data": {"landing": "/tmp/x", "features": ["f"], "classes": [0, 1]},
+        "daily": {"distill_weight": 1.0},
+    }
+    with pytest.raises(ValueError, match=r"daily.distill_weight .* hf-causal-lm only"):
+        EvergreenConfig.model_validate(classifier)
+    tree["weekly"]["train"] = {"processes": 2}
+    with pytest.raises(ValueError, match=r"weekly.train.processes: 1"):
+        EvergreenConfig.model_validate(tree)
+    tree["weekly"] = {"distill_weight": -1}
+    with pytest.raises(ValueError, match="distill_weight"):
         EvergreenConfig.model_validate(tree)

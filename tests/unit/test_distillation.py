@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from continual.distillation import Distiller, distillation_loss
+from continual.distillation import Distiller, TokenDistiller, distillation_loss
 
 
 def test_zero_when_student_equals_teacher_positive_otherwise() -> None:
@@ -65,3 +65,53 @@ def test_distiller_freezes_a_copy_and_mixes_losses() -> None:
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in distiller.teacher.parameters())
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_masked_loss_averages_kl_over_kept_positions_only() -> None:
+    torch.manual_seed(3)
+    student, teacher = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    expected = torch.stack(
+        [
+            distillation_loss(student[i, t : t + 1], teacher[i, t : t + 1], 2.0)
+            for i in range(2)
+            for t in range(5)
+            if mask[i, t]
+        ]
+    ).mean()
+    got = distillation_loss(student, teacher, 2.0, mask=mask)
+    torch.testing.assert_close(got, expected)
+    changed = teacher.clone()
+    changed[0, 3:] = 100 * torch.randn(2, 7)  # what padding positions hold does not count
+    torch.testing.assert_close(distillation_loss(student, changed, 2.0, mask=mask), got)
+    with pytest.raises(ValueError, match="mask"):
+        distillation_loss(student, teacher, mask=mask[:, :4])
+
+
+class _TinyLM(nn.Module):
+    """Token ids [N, L] → logits [N, L, V]: embedding + linear, enough to check the loss."""
+
+    def __init__(self, vocab: int = 9) -> None:
+        super().__init__()
+        self.embed, self.out = nn.Embedding(vocab, 4), nn.Linear(4, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(ids))
+
+
+def test_token_distiller_adds_weighted_kl_on_real_targets_only() -> None:
+    from continual.causal_lm import next_token_loss
+
+    torch.manual_seed(4)
+    teacher, student = _TinyLM(), _TinyLM()
+    ids = torch.tensor([[5, 6, 7, 0, 0], [3, 4, 5, 6, 8]])  # pad = 0
+    logits = student(ids).detach()
+    task = next_token_loss(logits, ids, 0)
+    off = TokenDistiller(teacher, weight=0.0, pad_token_id=0)
+    assert float(off.loss(ids, logits, task)) == pytest.approx(float(task))
+    on = TokenDistiller(teacher, weight=2.0, pad_token_id=0, temperature=1.5)
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)  # next token not pad
+    kd = distillation_loss(logits[:, :4], teacher(ids)[:, :4], 1.5, mask=mask)
+    assert float(on.loss(ids, logits, task)) == pytest.approx(float(task + 2.0 * kd), rel=1e-6)
+    with pytest.raises(ValueError, match="weight"):
+        TokenDistiller(teacher, weight=-1.0, pad_token_id=0)

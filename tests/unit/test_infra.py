@@ -347,3 +347,16 @@ def test_every_named_volume_and_dependency_is_defined_and_servers_are_health_che
             if dep == name
         )
         assert one_shot or "healthcheck" in service, f"{name} has no health check"
+
+
+def test_readme_config_for_the_stack_is_valid_and_shares_gx_through_the_landing_bucket():
+    """The example a user copies must load, and every worker of the stack must read one GX
+    suite and validation history (a per-pod `<home>/gx` would fork them)."""
+    from evergreen.config import EvergreenConfig
+
+    readme = (INFRA / "README.md").read_text()
+    block = re.search(r"```yaml\n(home: /var/lib/evergreen\n.*?)```", readme, re.S)
+    assert block is not None, "infra/README.md lost its evergreen.yaml example"
+    cfg = EvergreenConfig.model_validate(yaml.safe_load(block.group(1)))
+    assert cfg.data.gx_store is not None and cfg.data.gx_store.startswith("s3://")
+    assert cfg.data.gx_store.split("/")[2] == str(cfg.data.landing).split("/")[2]

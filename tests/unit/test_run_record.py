@@ -142,3 +142,4 @@ def test_signature_is_typed_with_every_class_probability(logged):
     assert outputs["prediction"] == "string"
     assert {outputs[f"probability_{c}"] for c in CLASSES} == {"double"}
     assert info.signature.inputs.input_names() == FEATURES
+    assert info.signature.params is None  # generation params are a causal LM's only
