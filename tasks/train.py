@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,7 @@ from tasks.evaluate import gate_policy, split_by_learned
 from tasks.limits import training_slot
 from tasks.memory import DataMemory
 from tasks.progress import step_progress
+from tasks.resume import ResumeKey, checkpointing_for
 from tasks.state import ModelState, TrainingFacts, make_trainable, parameters_of
 from tasks.validate import PreparedData
 
@@ -77,11 +79,14 @@ def _fit(
     cfg: EvergreenConfig,
     processes: int = 1,
     fisher_kind: FisherKind | None = None,
+    resume: ResumeKey | None = None,
     **methods,
 ) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
     """Run the training loop holding the pipeline's training slot, with a progress bar; with
     more than one process, under torchrun (`tasks.distributed`), which also returns the trained
-    model's Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards)."""
+    model's Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards).
+    With a `resume` key (one process) the loop saves its state as the section's
+    `checkpoint_every_*` say and resumes a killed run's state (`tasks.resume`)."""
     fisher = None
     with training_slot(cfg.registry.name, cfg.home_path / "locks"):
         if processes > 1:
@@ -91,18 +96,44 @@ def _fit(
             assert outcome.result is not None
             result, fisher = outcome.result, outcome.fisher
         else:
+            checkpointing = None
+            if resume is not None:
+                checkpointing = checkpointing_for(
+                    cfg, resume, label, model, X, y, settings, on_resumed=_announce_resume(label)
+                )
             with step_progress(label, settings.steps) as on_step:
-                result = train(model, X, y, settings, on_step=on_step, **methods)
+                result = train(
+                    model, X, y, settings, on_step=on_step, checkpointing=checkpointing, **methods
+                )
     get_run_logger().info(
-        "%s: %d steps in %.1fs, loss %.3f → %.3f on %s",
+        "%s: %d steps%s in %.1fs, loss %.3f → %.3f on %s",
         label,
         result.steps,
+        f" ({result.steps - result.resumed_at} in this run)" if result.resumed_at else "",
         result.seconds,
         result.first_loss,
         result.last_loss,
         result.device if processes == 1 else f"{processes} processes",
     )
     return result, fisher
+
+
+def _announce_resume(label: str) -> Callable[[int, int], None]:
+    def on_resumed(step: int, total: int) -> None:
+        _log_info("%s: resumed at step %d of %d from its saved training state", label, step, total)
+
+    return on_resumed
+
+
+def _resume_key(
+    section: str, champion: ModelState | None, data: PreparedData, memory: DataMemory
+) -> ResumeKey:
+    return ResumeKey(
+        section=section,
+        champion=str(champion.version) if champion is not None else "none",
+        data_hash=data.data_hash or "none",
+        memory=memory.ref.run_id if memory.ref else "none",
+    )
 
 
 def training_facts(
@@ -354,7 +385,10 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
     train_cfg = cfg.bootstrap.train
     settings = settings_from(train_cfg, len(X))
-    result, _ = _fit(model, X, y, settings, "bootstrap", cfg=cfg, processes=train_cfg.processes)
+    key = _resume_key("bootstrap", None, data, memory)
+    result, _ = _fit(
+        model, X, y, settings, "bootstrap", cfg=cfg, processes=train_cfg.processes, resume=key
+    )
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
     ewc = EWC.from_model(
         model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
@@ -467,6 +501,7 @@ def _ewc_challenger(
             cfg=cfg,
             processes=section.train.processes,
             fisher_kind=None if ewc is None else ewc.kind,
+            resume=_resume_key(section_name, champion, data, memory),
             ewc=ewc,
             replay=buffer,
             replay_ratio=replay_ratio,
@@ -561,6 +596,7 @@ def train_lora_gated(
             "lora",
             cfg=cfg,
             processes=d.train.processes,
+            resume=_resume_key("daily", champion, data, memory),
             replay=buffer,
             replay_ratio=d.replay_ratio,
             distiller=distiller,
