@@ -14,16 +14,39 @@ shared strategy object:
   learning rate, so AdamW never rescales it and clipping never sees it. "gradient":
   `ewc.add_penalty_grad_(model)` adds 2λF̂(θ−θ*) after backward, before clipping.
 
-On CPU a fixed seed gives identical losses run after run; on CUDA the forward pass runs under
-bf16 autocast.
+On CPU a fixed seed gives identical losses run after run. What a GPU user expects, each opt-in
+or automatic (`TrainSettings`, the `train` section of the config; docs/SCALING.md):
+
+- `grad_accum_steps` k: each optimiser step's batch (`batch_size` rows, replay already mixed
+  in) runs as k micro-batches whose losses are weighted by their share of the batch (rows, or
+  predicted tokens for a causal LM) — the same gradient as the whole batch in one pass, with
+  a k-th of the activation memory. Clipping, the divergence checks and the EWC penalty see
+  the accumulated gradient, once per optimiser step; steps (and checkpoints) count optimiser
+  steps.
+- `precision`: "auto" runs the forward pass under bf16 autocast on a CUDA device that supports
+  it, fp32 elsewhere; "bf16" asks for autocast on any device (CPU autocast on CPU); "fp32"
+  never. Parameters, gradients, optimiser state, losses, Fisher squares and the EWC terms
+  stay float32.
+- `compile`: the training forward runs through `torch.compile(model)`; a compilation that
+  fails falls back to the plain model with a logged warning.
+- `gradient_checkpointing`: a Hugging Face model inside `model` recomputes its activations in
+  the backward pass (non-reentrant, so LoRA gets gradients without `enable_input_require_grads`);
+  switched off again when the run ends.
+- `sync_every` N: losses and gradient norms stay on the device and are read back every N
+  steps (auto: 1 on CPU, where reading is free, 16 on a GPU), which is when the divergence
+  check runs and `on_step` hears of those steps. With N > 1 a non-finite loss or exploding
+  gradient is still reported at the step it happened, but up to N − 1 later steps may already
+  have been applied to the (discarded) copy being trained.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -38,6 +61,11 @@ if TYPE_CHECKING:
     from continual.distillation import Distiller, TokenDistiller
     from continual.ewc import EWC
     from continual.replay import ReservoirBuffer
+
+log = logging.getLogger(__name__)
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
+GPU_SYNC_EVERY = 16  # steps between read-backs of losses / gradient norms on an accelerator
 
 
 class TrainingDivergedError(RuntimeError):
@@ -61,6 +89,15 @@ class TrainSettings:
         max_grad_norm: clip the total gradient norm to this (None: no clipping).
         abort_grad_norm: a total gradient norm above this (before clipping) means the run has
             diverged: clipping would hide it, so training stops with `TrainingDivergedError`.
+        grad_accum_steps: micro-batches per optimiser step (the step's `batch_size` rows are
+            split k ways; same update, a k-th of the activation memory).
+        precision: "auto" (bf16 autocast on a CUDA device that supports it, else fp32), "bf16"
+            (autocast on any device; refused on a GPU without bf16), "fp32".
+        compile: run the training forward through `torch.compile` (falls back on failure).
+        gradient_checkpointing: recompute a Hugging Face model's activations in backward.
+        sync_every: read losses and gradient norms back to the host every this many steps
+            (0: auto, 1 on CPU and 16 on an accelerator); the divergence abort may then come
+            up to N − 1 steps after the bad step.
     """
 
     steps: int = 300
@@ -70,6 +107,11 @@ class TrainSettings:
     seed: int = 0
     max_grad_norm: float | None = 5.0
     abort_grad_norm: float = 1e6
+    grad_accum_steps: int = 1
+    precision: Precision = "auto"
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    sync_every: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -84,6 +126,15 @@ class TrainSettings:
             raise ValueError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm}")
         if not self.abort_grad_norm > 0:
             raise ValueError(f"abort_grad_norm must be > 0, got {self.abort_grad_norm}")
+        if not 1 <= self.grad_accum_steps <= self.batch_size:
+            raise ValueError(
+                f"grad_accum_steps must be in [1, batch_size={self.batch_size}] (each micro-batch "
+                f"needs a row), got {self.grad_accum_steps}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.sync_every < 0:
+            raise ValueError(f"sync_every must be >= 0 (0: auto), got {self.sync_every}")
 
 
 @dataclass
@@ -214,6 +265,7 @@ def train(
     if not params:
         raise ValueError("train: the model has no trainable parameter (all requires_grad=False)")
     device = torch.device(device) if device is not None else pick_device()
+    amp = autocast_dtype(settings.precision, device)
     model.to(device)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -222,8 +274,14 @@ def train(
     cuda = [device.index or 0] if device.type == "cuda" else []
     # Under DDP the penalty addresses the wrapped module's parameter names.
     core = model.module if isinstance(model, DistributedDataParallel) else model
+    forward = _Forward(model, compile=settings.compile)
+    watch = _Watch(settings.abort_grad_norm)
+    sync_every = settings.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY)
     model.train()
-    with torch.random.fork_rng(devices=cuda):  # seeds dropout without leaking global RNG state
+    with (
+        torch.random.fork_rng(devices=cuda),  # seeds dropout without leaking global RNG state
+        activation_checkpointing(core, settings.gradient_checkpointing),
+    ):
         torch.manual_seed(settings.seed)
         batches = _index_batches(model, X, settings.batch_size, generator)
         loop = LoopState(model, optimizer, generator, batches, cuda, result)
@@ -231,29 +289,180 @@ def train(
             loop.resume(checkpointing, settings.steps)
         for step in range(result.resumed_at + 1, settings.steps + 1):
             xb, yb = _next_batch(X, y, next(batches), replay, replay_ratio, generator)
-            xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                logits = model(xb)
-                loss = _task_loss(model, logits, xb, yb)
-                if distiller is not None:
-                    loss = distiller.loss(xb, logits.float(), loss)
-            _check_loss(loss, step)
-            loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
-            _clip_checked(params, settings, step, ewc=ewc, model=core)
+            loss = _forward_backward(
+                forward, model, xb, yb, settings.grad_accum_steps, distiller, amp, device
+            )
+            watch.add(step, loss, _clip(params, settings, ewc=ewc, model=core))
+            save = checkpointing is not None and checkpointing.due(step, settings.steps)
+            # Read back (and check: raises before this step is applied) on the sync cadence.
+            done = watch.drain() if save or step % sync_every == 0 or step == settings.steps else []
             optimizer.step()
             if ewc is not None and ewc.mode == "proximal":
                 ewc.proximal_step_(core, optimizer.param_groups[0]["lr"])
-            result.losses.append(float(loss.detach()))
             result.examples_seen += len(yb)
-            if checkpointing is not None and checkpointing.due(step, settings.steps):
+            result.losses += [value for _, value in done]
+            if save and checkpointing is not None:
                 loop.save(checkpointing, step, settings.steps, time.perf_counter() - started)
             if on_step is not None:
-                on_step(step, result.losses[-1])
+                for at, value in done:
+                    on_step(at, value)
     model.eval()
     result.steps = settings.steps
     result.seconds += time.perf_counter() - started
     return result
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of the training forward on `device`, or None for plain fp32.
+
+    "auto": bf16 on a CUDA device that supports it, else fp32 (CPU autocast is slower than fp32
+    on most CPUs). "bf16": CPU autocast on CPU (an explicit request, useful on CPUs with bf16
+    units); on a GPU without bf16 it is refused rather than silently run in fp32.
+
+    Raises:
+        ValueError: an unknown precision, or "bf16" on a CUDA device without bf16 support.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if precision == "bf16":
+            raise ValueError(
+                f"precision 'bf16' was asked for, but {device} has no bf16 support; set "
+                "train.precision to 'auto' or 'fp32'"
+            )
+        return None
+    return torch.bfloat16 if precision == "bf16" else None
+
+
+class _Forward:
+    """The training forward: `model` itself, or `torch.compile(model)` when asked for.
+
+    Compilation happens lazily on the first call (and again on new input shapes); if it fails
+    (no C compiler, an unsupported op) the plain model takes over for the rest of the run, with
+    a warning, instead of failing the run. The compiled module shares the model's parameters.
+    """
+
+    def __init__(self, model: nn.Module, *, compile: bool) -> None:
+        self.model = model
+        self.compiled: Callable[[Tensor], Tensor] | None = None
+        if compile:
+            self.compiled = torch.compile(model)
+
+    def __call__(self, inputs: Tensor) -> Tensor:
+        if self.compiled is not None:
+            try:
+                return self.compiled(inputs)
+            except Exception as error:  # any backend failure: fall back to the plain model
+                log.warning(
+                    "torch.compile failed (%s: %s); training with the uncompiled model",
+                    type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "",
+                )
+                self.compiled = None
+        output: Tensor = self.model(inputs)
+        return output
+
+
+@contextmanager
+def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Gradient checkpointing of the Hugging Face model inside `model` for the block.
+
+    Non-reentrant checkpointing: a LoRA adapter on a frozen base gets its gradients without
+    `enable_input_require_grads` (which the reentrant variant needs), and dropout is replayed
+    with the same RNG state in the recomputation. Switched off again afterwards (unless it was
+    on before). A model without such a module trains normally, with a warning.
+    """
+    hf = _checkpointable(model) if enabled else None
+    if enabled and hf is None:
+        log.warning(
+            "gradient_checkpointing: %s holds no Hugging Face model that supports it; "
+            "training without it",
+            type(model).__name__,
+        )
+    was_on = bool(getattr(hf, "is_gradient_checkpointing", False))
+    if hf is not None and not was_on:
+        enable = getattr(hf, "gradient_checkpointing_enable")  # noqa: B009 — nn.Module typing
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if hf is not None and not was_on:
+            getattr(hf, "gradient_checkpointing_disable")()  # noqa: B009
+
+
+def _checkpointable(model: nn.Module) -> nn.Module | None:
+    """The outermost Hugging Face `PreTrainedModel` in `model` that supports checkpointing."""
+    for module in model.modules():
+        if getattr(type(module), "supports_gradient_checkpointing", False) and hasattr(
+            module, "gradient_checkpointing_enable"
+        ):
+            return module
+    return None
+
+
+def _micro_batches(
+    model: nn.Module, xb: Tensor, yb: Tensor, k: int
+) -> list[tuple[Tensor, Tensor, float]]:
+    """The batch cut into up to k micro-batches, each with its share of the batch's loss.
+
+    The share is the micro-batch's share of what the loss averages over: rows for a
+    classifier, predicted (non-pad) tokens for a causal LM — so the weighted sum of the
+    micro-batch losses is the whole batch's loss, and its gradient the whole batch's gradient.
+    Computed on the host copy of the batch: no device sync.
+    """
+    if k == 1 or len(xb) == 1:
+        return [(xb, yb, 1.0)]
+    chunks = [c for c in torch.tensor_split(torch.arange(len(xb)), k) if len(c)]
+    pad = _pad_token_id(model, xb)
+    if pad is not None and xb.shape[1] > 1:
+        real = xb != pad
+        counts = [float((real[c, 1:] & real[c, :-1]).sum()) for c in chunks]
+    else:
+        counts = [float(len(c)) for c in chunks]
+    total = sum(counts)
+    if total == 0:  # nothing to predict anywhere: keep the batch whole (its loss says so)
+        return [(xb, yb, 1.0)]
+    return [(xb[c], yb[c], n / total) for c, n in zip(chunks, counts, strict=True) if n > 0]
+
+
+def _forward_backward(
+    forward: Callable[[Tensor], Tensor],
+    model: nn.Module,
+    xb: Tensor,
+    yb: Tensor,
+    k: int,
+    distiller: Distiller | TokenDistiller | None,
+    amp: torch.dtype | None,
+    device: torch.device,
+) -> Tensor:
+    """Forward and backward of one optimiser step's batch in up to k micro-batches; the
+    step's loss (task loss plus distillation, the micro-batches' weighted sum), on the device.
+
+    Under DDP only the last micro-batch's backward all-reduces the gradients.
+    """
+    parts = _micro_batches(model, xb, yb, k)
+    total: Tensor | None = None
+    for index, (x, y, share) in enumerate(parts):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        last = index == len(parts) - 1
+        quiet = model.no_sync() if isinstance(model, DistributedDataParallel) and not last else None
+        with quiet or nullcontext():
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                logits = forward(x)
+                loss = _task_loss(model, logits, x, y)
+                if distiller is not None:
+                    loss = distiller.loss(x, logits.float(), loss)
+            scaled = loss if len(parts) == 1 else loss * share
+            scaled.backward()  # type: ignore[no-untyped-call]  # torch leaves it unannotated
+        part = scaled.detach()
+        total = part if total is None else total + part
+    assert total is not None
+    return total
 
 
 def _task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
@@ -269,9 +478,38 @@ def _task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tens
     return F.cross_entropy(logits.float(), yb)
 
 
-def _check_loss(loss: Tensor, step: int) -> None:
+class _Watch:
+    """Per-step losses and gradient norms kept on the device until `drain` reads them back in
+    one transfer and checks them in step order (the divergence abort)."""
+
+    def __init__(self, abort_grad_norm: float) -> None:
+        self.limit = abort_grad_norm
+        self.steps: list[int] = []
+        self.values: list[Tensor] = []
+
+    def add(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
+        self.steps.append(step)
+        self.values.append(torch.stack([loss.detach().float(), grad_norm.detach().float()]))
+
+    def drain(self) -> list[tuple[int, float]]:
+        """(step, loss) of the steps added since the last drain.
+
+        Raises:
+            TrainingDivergedError: at the first of them with a non-finite loss, or a non-finite
+                or exploding gradient norm.
+        """
+        if not self.steps:
+            return []
+        rows = torch.stack(self.values).cpu().tolist()  # the one host–device sync
+        steps, self.steps, self.values = self.steps, [], []
+        for step, (loss, norm) in zip(steps, rows, strict=True):
+            _check_loss(loss, step)
+            _check_grad_norm(norm, self.limit, step)
+        return [(step, row[0]) for step, row in zip(steps, rows, strict=True)]
+
+
+def _check_loss(value: float, step: int) -> None:
     """Raise TrainingDivergedError on a NaN/inf loss (bad inputs, a too-high learning rate)."""
-    value = float(loss.detach())
     if not np.isfinite(value):
         raise TrainingDivergedError(
             f"training diverged at step {step}: the loss is {value} (check the learning rate "
@@ -279,29 +517,27 @@ def _check_loss(loss: Tensor, step: int) -> None:
         )
 
 
-def _clip_checked(
+def _clip(
     params: list[nn.Parameter],
     settings: TrainSettings,
-    step: int,
     *,
     ewc: EWC | None,
     model: nn.Module,
-) -> None:
-    """Check the task gradient for divergence, add a "gradient"-mode EWC penalty, then clip.
+) -> Tensor:
+    """Add a "gradient"-mode EWC penalty and clip; the total norm of the task gradient (before
+    the penalty and the clipping), left on the device for `_Watch`.
 
-    The check sees the task gradient only: a strong EWC pull is intended, not a divergence.
+    The divergence check sees the task gradient only: a strong EWC pull is intended, not a
+    divergence.
     """
     clip = settings.max_grad_norm if settings.max_grad_norm is not None else float("inf")
     if ewc is not None and ewc.mode == "gradient":
         grads = [p.grad for p in params if p.grad is not None]
-        _check_grad_norm(
-            float(torch.nn.utils.get_total_norm(grads)), settings.abort_grad_norm, step
-        )
+        norm = torch.nn.utils.get_total_norm(grads)
         ewc.add_penalty_grad_(model)
         torch.nn.utils.clip_grad_norm_(params, clip)
-    else:
-        norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
-        _check_grad_norm(norm, settings.abort_grad_norm, step)
+        return norm
+    return torch.nn.utils.clip_grad_norm_(params, clip)
 
 
 def _check_grad_norm(norm: float, limit: float, step: int) -> None:

@@ -338,6 +338,50 @@ class TrainConfig(_Strict):
         description="Also save it when this many seconds passed since the last save (0: not by "
         "time; both 0: never, a killed run starts over).",
     )
+    grad_accum_steps: int = Field(
+        1,
+        ge=1,
+        description="Micro-batches per optimiser step: each step's `batch_size` rows run as this "
+        "many micro-batches whose gradients add up to the whole batch's (losses weighted by "
+        "rows, or predicted tokens for a causal LM) — same update, a k-th of the activation "
+        "memory. `steps` and the checkpoint cadence count optimiser steps. At most batch_size.",
+    )
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Forward-pass precision. auto: bf16 autocast on a CUDA GPU that supports it, "
+        "fp32 on CPU; bf16: autocast everywhere (CPU autocast on CPU — slower than fp32 on CPUs "
+        "without bf16 units; refused on a GPU without bf16); fp32: never. Weights, gradients, "
+        "optimiser state, Fisher and EWC stay fp32.",
+    )
+    compile: bool = Field(
+        False,
+        description="Run the training forward through torch.compile (the first steps pay the "
+        "compilation, seconds to minutes; needs a C compiler on CPU). A compilation that "
+        "fails falls back to the plain model with a logged warning.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="hf / hf-causal-lm: recompute the transformer's activations in the backward "
+        "pass instead of keeping them (less memory, ≈ one more forward per step); same losses "
+        "and gradients. Ignored, with a warning, by models without it.",
+    )
+    sync_every: int = Field(
+        0,
+        ge=0,
+        description="Read the step losses and gradient norms back from the device every this "
+        "many steps (0: auto, 1 on CPU, 16 on a GPU). The divergence abort (NaN loss, exploding "
+        "gradient) names the step it happened at, but with N > 1 up to N − 1 later steps may "
+        "have been applied to the challenger before it stops (it is discarded either way).",
+    )
+
+    @model_validator(mode="after")
+    def _micro_batches_fit(self) -> TrainConfig:
+        if self.grad_accum_steps > self.batch_size:
+            raise ValueError(
+                f"grad_accum_steps ({self.grad_accum_steps}) must be <= batch_size "
+                f"({self.batch_size}): each micro-batch needs at least one row"
+            )
+        return self
 
 
 LAMBDA_GRID = [0.0, 1.0, 10.0, 100.0]

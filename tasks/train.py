@@ -66,6 +66,11 @@ def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
         lr=config.lr,
         weight_decay=config.weight_decay,
         seed=config.seed,
+        grad_accum_steps=config.grad_accum_steps,
+        precision=config.precision,
+        compile=config.compile,
+        gradient_checkpointing=config.gradient_checkpointing,
+        sync_every=config.sync_every,
     )
 
 

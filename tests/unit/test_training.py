@@ -184,8 +184,9 @@ def test_ewc_penalty_and_gradient_clipping(monkeypatch) -> None:
     real_clip = torch.nn.utils.clip_grad_norm_
 
     def spy(params, max_norm, *args, **kwargs):
-        norms.append(float(real_clip(params, max_norm, *args, **kwargs)))
-        return norms[-1]
+        norm = real_clip(params, max_norm, *args, **kwargs)  # a tensor: the loop keeps it there
+        norms.append(float(norm))
+        return norm
 
     monkeypatch.setattr(training.torch.nn.utils, "clip_grad_norm_", spy)
     first_step = {}
