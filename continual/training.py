@@ -384,15 +384,28 @@ def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
             "training without it",
             type(model).__name__,
         )
-    was_on = bool(getattr(hf, "is_gradient_checkpointing", False))
+    was_on = hf is not None and _hf_checkpointing(hf, "is")
     if hf is not None and not was_on:
-        enable = getattr(hf, "gradient_checkpointing_enable")  # noqa: B009 — nn.Module typing
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _hf_checkpointing(hf, "enable")
     try:
         yield
     finally:
         if hf is not None and not was_on:
-            getattr(hf, "gradient_checkpointing_disable")()  # noqa: B009
+            _hf_checkpointing(hf, "disable")
+
+
+def _hf_checkpointing(hf: nn.Module, action: Literal["is", "enable", "disable"]) -> bool:
+    """transformers ≥ 5 names it activation checkpointing (the gradient_* names warn)."""
+    new = hasattr(hf, "activation_checkpointing_enable")
+    prefix = "activation_checkpointing" if new else "gradient_checkpointing"
+    if action == "is":
+        return bool(getattr(hf, f"is_{prefix}", False))
+    method = getattr(hf, f"{prefix}_{action}")
+    if action == "enable":
+        method(**{f"{prefix}_kwargs": {"use_reentrant": False}})
+    else:
+        method()
+    return True
 
 
 def _checkpointable(model: nn.Module) -> nn.Module | None:
