@@ -498,11 +498,14 @@ class _Watch:
     def __init__(self, abort_grad_norm: float) -> None:
         self.limit = abort_grad_norm
         self.steps: list[int] = []
-        self.values: list[Tensor] = []
+        self.losses: list[Tensor] = []
+        self.norms: list[Tensor] = []
 
     def add(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
+        """Keep the step's loss and gradient norm (no device work: two list appends)."""
         self.steps.append(step)
-        self.values.append(torch.stack([loss.detach().float(), grad_norm.detach().float()]))
+        self.losses.append(loss)
+        self.norms.append(grad_norm)
 
     def drain(self) -> list[tuple[int, float]]:
         """(step, loss) of the steps added since the last drain.
@@ -513,8 +516,11 @@ class _Watch:
         """
         if not self.steps:
             return []
-        rows = torch.stack(self.values).cpu().tolist()  # the one host–device sync
-        steps, self.steps, self.values = self.steps, [], []
+        values = torch.stack([t.detach().float() for t in (*self.losses, *self.norms)])
+        flat = values.cpu().tolist()  # the one host–device sync
+        steps, n = self.steps, len(self.steps)
+        rows = list(zip(flat[:n], flat[n:], strict=True))
+        self.steps, self.losses, self.norms = [], [], []
         for step, (loss, norm) in zip(steps, rows, strict=True):
             _check_loss(loss, step)
             _check_grad_norm(norm, self.limit, step)
