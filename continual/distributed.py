@@ -70,11 +70,14 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def rank_settings(settings: TrainSettings, rank: int, world_size: int) -> TrainSettings:
-    """One rank's settings: ⌈batch_size / N⌉ rows per step (same global batch), its own seed."""
+    """One rank's settings: ⌈batch_size / N⌉ rows per step (same global batch), its own seed;
+    at most that many micro-batches (`grad_accum_steps`), each needing a row."""
+    batch_size = max(1, math.ceil(settings.batch_size / world_size))
     return replace(
         settings,
-        batch_size=max(1, math.ceil(settings.batch_size / world_size)),
+        batch_size=batch_size,
         seed=rank_seed(settings.seed, rank),
+        grad_accum_steps=min(settings.grad_accum_steps, batch_size),
     )
 
 

@@ -291,7 +291,7 @@ def train(
             xb, yb = _next_batch(X, y, next(batches), replay, replay_ratio, generator)
             optimizer.zero_grad(set_to_none=True)
             loss = _forward_backward(
-                forward, model, xb, yb, settings.grad_accum_steps, distiller, amp, device
+                forward, model, core, xb, yb, settings.grad_accum_steps, distiller, amp, device
             )
             watch.add(step, loss, _clip(params, settings, ewc=ewc, model=core))
             save = checkpointing is not None and checkpointing.due(step, settings.steps)
@@ -446,6 +446,7 @@ def _micro_batches(
 def _forward_backward(
     forward: Callable[[Tensor], Tensor],
     model: nn.Module,
+    core: nn.Module,
     xb: Tensor,
     yb: Tensor,
     k: int,
@@ -456,9 +457,10 @@ def _forward_backward(
     """Forward and backward of one optimiser step's batch in up to k micro-batches; the
     step's loss (task loss plus distillation, the micro-batches' weighted sum), on the device.
 
-    Under DDP only the last micro-batch's backward all-reduces the gradients.
+    Under DDP (`model` the wrapper, `core` the module inside) only the last micro-batch's
+    backward all-reduces the gradients.
     """
-    parts = _micro_batches(model, xb, yb, k)
+    parts = _micro_batches(core, xb, yb, k)
     total: Tensor | None = None
     for index, (x, y, share) in enumerate(parts):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -468,7 +470,7 @@ def _forward_backward(
             # A disabled autocast still costs ~8 µs to enter: none at all in fp32.
             with nullcontext() if amp is None else torch.autocast(device.type, dtype=amp):
                 logits = forward(x)
-                loss = _task_loss(model, logits, x, y)
+                loss = _task_loss(core, logits, x, y)
                 if distiller is not None:
                     loss = distiller.loss(x, logits.float(), loss)
             scaled = loss if len(parts) == 1 else loss * share

@@ -345,3 +345,18 @@ def test_gradient_checkpointing_on_a_model_without_it_warns_and_trains(
     with caplog.at_level(logging.WARNING, logger="continual.training"):
         result = train(_mlp(), X[:300], y[:300], settings, device=CPU)
     assert result.steps == 3 and "gradient_checkpointing" in caplog.text
+
+
+def test_the_config_knobs_reach_the_loop_and_each_rank() -> None:
+    from continual.distributed import rank_settings
+    from tasks.train import settings_from
+
+    config = TrainConfig.model_validate(
+        {"batch_size": 8, "grad_accum_steps": 4, "precision": "bf16", "compile": True,
+         "gradient_checkpointing": True, "sync_every": 3}
+    )  # fmt: skip
+    settings = settings_from(config, n_rows=100)
+    assert (settings.grad_accum_steps, settings.precision, settings.sync_every) == (4, "bf16", 3)
+    assert settings.compile and settings.gradient_checkpointing
+    rank = rank_settings(settings, rank=1, world_size=4)  # 2 rows per rank: 2 micro-batches
+    assert (rank.batch_size, rank.grad_accum_steps) == (2, 2)
