@@ -318,3 +318,32 @@ def test_distillation_config_is_for_causal_lms_in_one_process():
     tree["weekly"] = {"distill_weight": -1}
     with pytest.raises(ValueError, match="distill_weight"):
         EvergreenConfig.model_validate(tree)
+
+
+def test_merge_estimates_a_missing_own_fisher_on_a_frozen_loaded_version(model):
+    """A version without an own Fisher is weighed by one estimated on replay rows. A loaded
+    version can be frozen (a LoRA version is folded on load with requires_grad off): the estimate
+    runs on a trainable copy, with the family's Fisher kind, and leaves the version as it was.
+    Before: "no trainable parameters" from `diagonal_fisher`, and the merge of a causal LM failed."""
+    import copy
+
+    from prefect.logging import disable_run_logger
+
+    from continual.replay import ReservoirBuffer
+    from tasks.memory import DataMemory
+    from tasks.merge import _own_fisher
+    from tasks.state import ModelState
+
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    spec = ModelSpec(family=CAUSAL_LM, n_features=16, n_classes=42, hf_path="unused")
+    X = model.tokenize(sentences("harbour", 24, seed=3))
+    buffer = ReservoirBuffer(64, X.shape[1], dtype=torch.long)
+    buffer.add(X, torch.zeros(len(X), dtype=torch.long), "b1")
+    with disable_run_logger():
+        fisher = _own_fisher(
+            ModelState(model=frozen, spec=spec, version="2"), DataMemory(buffer=buffer)
+        )
+    assert set(fisher) == {name for name, _ in model.named_parameters()}
+    assert all(bool(f.isfinite().all()) and bool((f >= 0).all()) for f in fisher.values())
+    assert sum(float(f.sum()) for f in fisher.values()) > 0
+    assert not any(p.requires_grad for p in frozen.parameters())  # the version is untouched
