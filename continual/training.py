@@ -376,6 +376,15 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) 
 def per_example_loss(
     model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024
 ) -> np.ndarray:
-    """Cross-entropy per example [N] as float64 (the drift monitor's input stream)."""
+    """Cross-entropy per example [N] as float64 (the drift monitor's input stream).
+
+    For a causal LM (logits [N, L, V]) the row's mean next-token NLL over its non-pad targets,
+    −`token_log_likelihood`: the same per-row quantity the gate scores, in nats, so a drift in
+    it is a drift in log-perplexity. Cross-entropy of [N, L, V] logits against the flow's [N]
+    placeholder labels has no meaning (torch refuses the shapes)."""
+    from continual.causal_lm import is_causal_lm, token_log_likelihood
+
+    if is_causal_lm(model):
+        return -token_log_likelihood(model, X, batch_size=min(batch_size, 64))
     logits = predict_logits(model, X, batch_size=batch_size)
     return F.cross_entropy(logits, y.cpu().long(), reduction="none").double().numpy()

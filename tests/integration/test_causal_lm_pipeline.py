@@ -3,8 +3,9 @@
 A tiny Llama-style model (hidden 32, 2 layers, 4 heads) built from `LlamaConfig` with a WordLevel
 tokenizer made offline, saved to a temporary directory; three batches of ~100 short sentences
 from three "domains" (different word pools), text only (no label column, no classes):
-bootstrap → daily-lora → weekly-replay → merge → rollback, each through `evergreen.cli.main`, then the
-champion's pyfunc scores a `text` column (log-likelihood and perplexity).
+bootstrap → daily-lora → weekly-replay → merge (Fisher, linear) → consolidate → rollback, each
+through `evergreen.cli.main`; the champion's pyfunc scores a `text` column (log-likelihood and
+perplexity) in a fresh process before the merges.
 """
 
 from __future__ import annotations
@@ -179,6 +180,22 @@ def test_04b_merge_of_the_daily_adapter_and_the_weekly_version_is_gated(pipeline
     assert metrics["gate.promote"] == float(decision == "promoted")
     assert (_champion(pipeline) != before) == (decision == "promoted")
     assert registry.challenger() is None  # a decided merge leaves no challenger alias
+
+
+def test_04c_consolidate_over_the_champion_lineage_is_gated(pipeline):
+    """`evergreen run consolidate` (EMA over the recent champions: v1 and the weekly v3, full
+    weights of one base) on the same home: a registered challenger with one decision."""
+    registry = pipeline["registry"]
+    before = _champion(pipeline)
+    _cli(pipeline, "consolidate")
+    version = _version_of(pipeline, "consolidate")
+    decision = version.tags["evergreen.decision"]
+    assert decision in {"promoted", "rejected"}, version.tags
+    metrics = registry.client.get_run(version.run_id).data.metrics
+    assert "consolidate.distance" in metrics and metrics["gate.promote"] == float(
+        decision == "promoted"
+    )
+    assert (_champion(pipeline) != before) == (decision == "promoted")
 
 
 def test_05_some_update_was_promoted_and_rollback_restores(pipeline):

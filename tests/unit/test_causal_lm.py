@@ -347,3 +347,18 @@ def test_merge_estimates_a_missing_own_fisher_on_a_frozen_loaded_version(model):
     assert all(bool(f.isfinite().all()) and bool((f >= 0).all()) for f in fisher.values())
     assert sum(float(f.sum()) for f in fisher.values()) > 0
     assert not any(p.requires_grad for p in frozen.parameters())  # the version is untouched
+
+
+def test_per_example_loss_of_a_causal_lm_is_the_rows_mean_token_nll(model):
+    """The stream monitor's input for a causal LM: one loss per row, −(mean token log-lik.).
+    Before: cross-entropy of [N, L, V] logits against [N] labels raised on the shapes."""
+    from continual.training import per_example_loss
+
+    X = model.tokenize(sentences("office", 5, seed=4))
+    y = torch.zeros(len(X), dtype=torch.long)  # placeholders, as the flows carry them
+    losses = per_example_loss(model, X, y)
+    assert losses.shape == (5,) and losses.dtype == np.float64
+    np.testing.assert_allclose(losses, -token_log_likelihood(model, X), rtol=1e-6)
+    with torch.no_grad():
+        first = next_token_loss(model(X[:1]), X[:1], model.pad_token_id)
+    assert losses[0] == pytest.approx(float(first), abs=1e-5)
