@@ -235,7 +235,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(xb)
-                loss = _task_loss(model, logits, xb, yb)
+                loss = task_loss(model, logits, xb, yb)
                 if distiller is not None:
                     loss = distiller.loss(xb, logits.float(), loss)
             _check_loss(loss, step)
@@ -256,9 +256,10 @@ def train(
     return result
 
 
-def _task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+def task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
     """Cross-entropy of the labels; for a causal LM (logits [N, L, V]) the next-token loss of
-    the token ids themselves, padding masked (`continual.causal_lm`; its labels are unused)."""
+    the token ids themselves, padding masked (`continual.causal_lm`; its labels are unused).
+    The one loss of every gradient step: the training loop's and the stream's online SGD."""
     if logits.ndim == 3:
         from continual.causal_lm import next_token_loss
 

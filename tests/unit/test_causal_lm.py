@@ -362,3 +362,24 @@ def test_per_example_loss_of_a_causal_lm_is_the_rows_mean_token_nll(model):
     with torch.no_grad():
         first = next_token_loss(model(X[:1]), X[:1], model.pad_token_id)
     assert losses[0] == pytest.approx(float(first), abs=1e-5)
+
+
+def test_the_streams_online_step_trains_a_causal_lm_on_its_next_token_loss(model):
+    """stream-monitor's online SGD step on a causal LM: the next-token loss of the ids, as the
+    training loop takes it. Before: cross-entropy of [N, L, V] logits against the [N]
+    placeholder labels ("Expected target size [16, 42], got [16]")."""
+    import copy
+
+    from tasks.stream import _online_step
+
+    student = copy.deepcopy(model).requires_grad_(True)
+    X = model.tokenize(sentences("harbour", 16, seed=5))
+    y = torch.zeros(len(X), dtype=torch.long)
+    with torch.no_grad():
+        before = float(next_token_loss(student(X), X, model.pad_token_id))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    for _ in range(3):
+        _online_step(student, optimizer, X, y)
+    with torch.no_grad():
+        after = float(next_token_loss(student(X), X, model.pad_token_id))
+    assert after < before
