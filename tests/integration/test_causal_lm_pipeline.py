@@ -3,9 +3,9 @@
 A tiny Llama-style model (hidden 32, 2 layers, 4 heads) built from `LlamaConfig` with a WordLevel
 tokenizer made offline, saved to a temporary directory; three batches of ~100 short sentences
 from three "domains" (different word pools), text only (no label column, no classes):
-bootstrap → daily-lora → weekly-replay → merge (Fisher, linear) → consolidate → rollback, each
-through `evergreen.cli.main`; the champion's pyfunc scores a `text` column (log-likelihood and
-perplexity) in a fresh process before the merges.
+bootstrap → daily-lora → weekly-replay → merge (Fisher, linear) → consolidate → stream-monitor →
+rollback, each through `evergreen.cli.main`; the champion's pyfunc scores a `text` column
+(log-likelihood and perplexity) in a fresh process before the merges.
 """
 
 from __future__ import annotations
@@ -196,6 +196,18 @@ def test_04c_consolidate_over_the_champion_lineage_is_gated(pipeline):
         decision == "promoted"
     )
     assert (_champion(pipeline) != before) == (decision == "promoted")
+
+
+def test_04d_stream_monitor_reads_per_row_token_nll(pipeline):
+    """`evergreen run stream-monitor` on one batch: the drift statistic is each row's mean
+    next-token NLL under the champion, the online SGD step the next-token loss; recorded in
+    the ledger like any batch the cadence processed."""
+    batch = pipeline["batches"][1]
+    _cli(pipeline, "stream-monitor", "--batch", batch)
+    entries = [e for e in pipeline["ledger"].entries("stream-monitor") if e.batch_id == batch]
+    assert len(entries) == 1, entries
+    # no drift and drift are both recorded as skipped (no challenger without --promote-ema)
+    assert entries[0].outcome == "skipped", entries
 
 
 def test_05_some_update_was_promoted_and_rollback_restores(pipeline):
