@@ -470,7 +470,7 @@ def _forward_backward(
             # A disabled autocast still costs ~8 µs to enter: none at all in fp32.
             with nullcontext() if amp is None else torch.autocast(device.type, dtype=amp):
                 logits = forward(x)
-                loss = _task_loss(core, logits, x, y)
+                loss = task_loss(core, logits, x, y)
                 if distiller is not None:
                     loss = distiller.loss(x, logits.float(), loss)
             scaled = loss if len(parts) == 1 else loss * share
@@ -481,9 +481,10 @@ def _forward_backward(
     return total
 
 
-def _task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+def task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
     """Cross-entropy of the labels; for a causal LM (logits [N, L, V]) the next-token loss of
-    the token ids themselves, padding masked (`continual.causal_lm`; its labels are unused)."""
+    the token ids themselves, padding masked (`continual.causal_lm`; its labels are unused).
+    The one loss of every gradient step: the training loop's and the stream's online SGD."""
     if logits.ndim == 3:
         from continual.causal_lm import next_token_loss
 
@@ -637,6 +638,15 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) 
 def per_example_loss(
     model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024
 ) -> np.ndarray:
-    """Cross-entropy per example [N] as float64 (the drift monitor's input stream)."""
+    """Cross-entropy per example [N] as float64 (the drift monitor's input stream).
+
+    For a causal LM (logits [N, L, V]) the row's mean next-token NLL over its non-pad targets,
+    −`token_log_likelihood`: the same per-row quantity the gate scores, in nats, so a drift in
+    it is a drift in log-perplexity. Cross-entropy of [N, L, V] logits against the flow's [N]
+    placeholder labels has no meaning (torch refuses the shapes)."""
+    from continual.causal_lm import is_causal_lm, token_log_likelihood
+
+    if is_causal_lm(model):
+        return -token_log_likelihood(model, X, batch_size=min(batch_size, 64))
     logits = predict_logits(model, X, batch_size=batch_size)
     return F.cross_entropy(logits, y.cpu().long(), reduction="none").double().numpy()
