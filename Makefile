@@ -50,13 +50,13 @@ demo-text: $(TEXT_STAMP)
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
-	$(BIN)/python -m pytest -q -m integration
+	$(BIN)/python -m pytest -q -m integration --durations=25
 
 test-unit: $(DEV_STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"
 
 test-integration: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q -m integration
+	$(BIN)/python -m pytest -q -m integration --durations=25
 
 lint: $(DEV_STAMP) typecheck
 	$(BIN)/ruff check .

@@ -17,7 +17,8 @@ Weights and tokenizer load from a local directory only (never downloaded).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,7 @@ class HFCausalLM(nn.Module):
             )
         self.pad_token_id = int(pad)
         self.vocab_size = int(self.lm.config.vocab_size)
+        self.mask_padding = True  # False only inside `unmasked_right_padding`
 
     def tokenize(self, texts: list[str]) -> Tensor:
         """Token ids [len(texts), max_length], right-padded and truncated to `max_length`."""
@@ -72,9 +74,39 @@ class HFCausalLM(nn.Module):
 
     def forward(self, input_ids: Tensor) -> Tensor:
         input_ids = input_ids.long()
-        mask = (input_ids != self.pad_token_id).long()
+        mask = (input_ids != self.pad_token_id).long() if self.mask_padding else None
         logits: Tensor = self.lm(input_ids=input_ids, attention_mask=mask).logits
         return logits
+
+
+@contextmanager
+def unmasked_right_padding(model: nn.Module, ids: Tensor) -> Iterator[None]:
+    """Run `model` without an attention mask for the block, which gives the same logits at every
+    real token when the rows are right-padded: causal attention never looks forward, so no real
+    token sees the padding after it, and positions count from 0 either way (the logits at pad
+    positions differ, and every loss here masks them). Why: transformers decides whether to
+    build a padding mask by reading the mask's values, which `torch.func.vmap` (the per-sequence
+    gradients of the Fisher) cannot do.
+
+    Raises:
+        ValueError: a row has a real token after a pad (left padding, or a pad token used
+            inside the text): those need the mask.
+    """
+    pad = int(model.pad_token_id)  # type: ignore[arg-type]  # an HFCausalLM, maybe under peft
+    real = torch.ne(ids, pad).int()
+    if bool((real[:, 1:] > real[:, :-1]).any()):
+        raise ValueError(
+            "the causal-LM Fisher needs right-padded rows (no real token after a pad token); "
+            "rows come from HFCausalLM.tokenize, which right-pads"
+        )
+    cores = [m for m in model.modules() if isinstance(m, HFCausalLM)]
+    for core in cores:
+        core.mask_padding = False
+    try:
+        yield
+    finally:
+        for core in cores:
+            core.mask_padding = True
 
 
 def next_token_labels(ids: Tensor, pad_token_id: int) -> Tensor:
@@ -82,6 +114,28 @@ def next_token_labels(ids: Tensor, pad_token_id: int) -> Tensor:
     labels = ids[:, 1:].clone()
     labels[labels == pad_token_id] = IGNORE_INDEX
     return labels
+
+
+def sequence_nll(pad_token_id: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """The per-sequence loss the Fisher of a causal LM is taken of: `loss(logits [B, L, V],
+    ids [B, L]) -> [B]`, each row's **summed** next-token NLL over its non-pad targets.
+
+    Summed, not averaged per token: a sequence is one sample of p_θ(x) = Π_t p(x_t | x_<t), and
+    EWC's Laplace approximation needs the Fisher of log p_θ(x), which is the sum; a per-token mean
+    would divide each row's information by its length squared and under-weight long rows. The
+    penalty divides the Fisher by its mean entry anyway, so the overall scale does not change λ.
+    Written with `where`/`gather` (no boolean indexing, no ignore_index) so it runs under vmap.
+    """
+
+    def loss(logits: Tensor, ids: Tensor) -> Tensor:
+        ids = ids.long()
+        targets = ids[:, 1:]
+        keep = targets != pad_token_id
+        log_p = torch.log_softmax(logits[:, : targets.shape[1]].float(), dim=-1)
+        picked = log_p.gather(-1, torch.where(keep, targets, 0).unsqueeze(-1)).squeeze(-1)
+        return -(picked * keep.to(picked.dtype)).sum(dim=1)
+
+    return loss
 
 
 def next_token_loss(logits: Tensor, ids: Tensor, pad_token_id: int) -> Tensor:

@@ -29,11 +29,16 @@ matmul per layer, taken from forward hooks and verified per layer against autogr
 examples; `continual.fisher_linear`); every other trainable parameter gets per-sample gradients
 from `torch.func.vmap` over `vjp(functional_call)` (here), in chunks so memory stays bounded.
 Squares are taken and summed in float32 (or the promoted type), also for bf16/fp16 models.
+
+A causal LM (`continual.causal_lm`, logits [N, L, V]) gets the empirical Fisher of each
+sequence's summed next-token NLL with padding masked (`causal_lm_targets`): the same per-example
+machinery, one example = one sequence, the ids as targets.
 `continual.fisher_reference.brute_force_fisher` is the slow autograd loop the tests check against.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -41,6 +46,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from continual.causal_lm import is_causal_lm, sequence_nll, unmasked_right_padding
 from continual.fisher_kinds import (
     FisherKind,
     LossFn,
@@ -138,7 +144,11 @@ def fisher_paths(
     """
     check_args(X, y, "auto", 1)
     trainable = trainable_parameters(model)
-    with eval_mode(model):
+    padding: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if is_causal_lm(model) and loss_fn is None:
+        y, _, loss_fn = causal_lm_targets(model, X, "auto")
+        padding = unmasked_right_padding(model, X)
+    with eval_mode(model), padding:
         _, rest = _plan(model, trainable, X, y, loss_fn or cross_entropy, True)
     return {n: "vmap" if n in rest else "linear" for n in trainable}
 
@@ -222,6 +232,29 @@ def diagonal_fisher(
     return {n: value / X.shape[0] for n, value in sums.items()}
 
 
+def causal_lm_targets(
+    model: nn.Module, X: Tensor, kind: FisherKind
+) -> tuple[Tensor, FisherKind, LossFn]:
+    """What the Fisher of a causal LM is taken of: the empirical Fisher of each sequence's
+    summed next-token NLL (`continual.causal_lm.sequence_nll`, padding masked), the targets
+    being the token ids themselves (a flow's labels for this family are placeholders).
+
+    Per-sequence gradients, not per-token: a sequence is the sample. The logits are [N, L, V],
+    so "true"/"sampled" (an expectation or a draw over V classes, per position) are not
+    implemented; "auto" means "empirical".
+
+    Raises:
+        ValueError: kind "true" or "sampled".
+    """
+    if kind not in ("auto", "empirical"):
+        raise ValueError(
+            f"Fisher kind {kind!r} is not implemented for a causal LM ([N, L, V] logits); "
+            "use 'empirical' (or 'auto')"
+        )
+    pad = int(getattr(model, "pad_token_id"))  # noqa: B009  # an HFCausalLM, maybe under peft
+    return X, "empirical", sequence_nll(pad)
+
+
 def squared_gradient_sums(
     model: nn.Module,
     X: Tensor,
@@ -246,7 +279,50 @@ def squared_gradient_sums(
     check_args(X, y, kind, n_samples)
     if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
-    loss_fn = loss_fn or cross_entropy
+    if is_causal_lm(model) and loss_fn is None:
+        y, kind, loss_fn = causal_lm_targets(model, X, kind)
+        with unmasked_right_padding(model, X):
+            return _squared_sums(
+                model,
+                X,
+                y,
+                kind,
+                n_samples,
+                seed,
+                batch_size,
+                loss_fn,
+                chunk_size,
+                linear_fast_path,
+                draws,
+            )
+    return _squared_sums(
+        model,
+        X,
+        y,
+        kind,
+        n_samples,
+        seed,
+        batch_size,
+        loss_fn or cross_entropy,
+        chunk_size,
+        linear_fast_path,
+        draws,
+    )
+
+
+def _squared_sums(
+    model: nn.Module,
+    X: Tensor,
+    y: Tensor,
+    kind: FisherKind,
+    n_samples: int,
+    seed: int,
+    batch_size: int,
+    loss_fn: LossFn,
+    chunk_size: int | None,
+    linear_fast_path: bool,
+    draws: Tensor | None,
+) -> dict[str, Tensor]:
     trainable = trainable_parameters(model)
     device = next(iter(trainable.values())).device
     total = {n: torch.zeros_like(p, dtype=accumulator_dtype(p.dtype)) for n, p in trainable.items()}

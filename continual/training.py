@@ -21,7 +21,7 @@ bf16 autocast.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,6 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from continual.batching import BatchStream, epoch_batches, length_grouped_batches
+from continual.resume import Checkpointing, LoopState
 
 if TYPE_CHECKING:
     from continual.distillation import Distiller, TokenDistiller
@@ -92,6 +95,7 @@ class TrainResult:
     seconds: float = 0.0
     examples_seen: int = 0
     device: str = "cpu"
+    resumed_at: int = 0  # the step a saved state resumed from (0: trained from the start)
 
     def _window(self) -> int:
         return max(1, len(self.losses) // 10)
@@ -112,48 +116,19 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
-    """Endless index batches: a fresh seeded permutation per epoch, no repeats within one."""
-    size = min(batch_size, n)
-    while True:
-        order = torch.randperm(n, generator=generator)
-        for start in range(0, n - size + 1, size):
-            yield order[start : start + size]
-
-
-_LENGTH_POOL = 32  # batches per pool that length grouping sorts within
 _TEXT_BATCH = 128  # most rows per inference pass of a text model
-
-
-def _length_grouped_batches(
-    lengths: Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[Tensor]:
-    """Endless index batches of similar length (token ids): each epoch a seeded permutation is
-    cut into pools of `_LENGTH_POOL` batches, each pool sorted by length and cut into batches,
-    and the batches of the epoch shuffled — random like `_batches`, but with little padding."""
-    n = len(lengths)
-    size = min(batch_size, n)
-    while True:
-        order = torch.randperm(n, generator=generator)
-        batches: list[Tensor] = []
-        for start in range(0, n, size * _LENGTH_POOL):
-            pool = order[start : start + size * _LENGTH_POOL]
-            pool = pool[torch.argsort(lengths[pool], descending=True, stable=True)]
-            batches += [pool[i : i + size] for i in range(0, len(pool) - size + 1, size)]
-        for k in torch.randperm(len(batches), generator=generator).tolist():
-            yield batches[k]
 
 
 def _index_batches(
     model: nn.Module, X: Tensor, batch_size: int, generator: torch.Generator
-) -> Iterator[Tensor]:
-    """Length-grouped batches for token ids of a model with a `pad_token_id`, else `_batches`."""
+) -> BatchStream:
+    """Length-grouped batches for token ids of a model with a `pad_token_id`, else plain ones."""
     pad = _pad_token_id(model, X)
     if pad is None:
-        return _batches(len(X), batch_size, generator)
+        return BatchStream(lambda g: epoch_batches(len(X), batch_size, g), generator)
     from continual.text import sequence_lengths
 
-    return _length_grouped_batches(sequence_lengths(X, pad), batch_size, generator)
+    return length_grouped_batches(sequence_lengths(X, pad), batch_size, generator)
 
 
 def _pad_token_id(model: nn.Module, X: Tensor) -> int | None:
@@ -201,6 +176,7 @@ def train(
     distiller: Distiller | TokenDistiller | None = None,
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | str | None = None,
+    checkpointing: Checkpointing | None = None,
 ) -> TrainResult:
     """Train `model` in place for `settings.steps` AdamW steps on mini-batches of (X, y).
 
@@ -218,10 +194,15 @@ def train(
             or a causal LM's next-token loss).
         on_step: called as on_step(step, loss) after each step (step counts from 1).
         device: where to train (default: `pick_device()`); the model stays there afterwards.
+        checkpointing: save the loop's state as it says (`continual.resume`) and, when a state
+            saved under the same fingerprint exists, resume from it: the result (weights,
+            losses) is the same as that of a run never interrupted. The caller builds the
+            fingerprint from everything the run depends on (data, settings, starting weights,
+            method state) and removes the file when it no longer needs it.
 
     Returns:
         TrainResult with one loss per step (task loss, plus distillation; without the EWC
-        penalty). The model is left in eval mode.
+        penalty), including the steps a resumed run did not redo. The model is left in eval mode.
 
     Raises:
         ValueError: empty or mismatched inputs, non-integer labels, no trainable parameter.
@@ -245,7 +226,10 @@ def train(
     with torch.random.fork_rng(devices=cuda):  # seeds dropout without leaking global RNG state
         torch.manual_seed(settings.seed)
         batches = _index_batches(model, X, settings.batch_size, generator)
-        for step in range(1, settings.steps + 1):
+        loop = LoopState(model, optimizer, generator, batches, cuda, result)
+        if checkpointing is not None:
+            loop.resume(checkpointing, settings.steps)
+        for step in range(result.resumed_at + 1, settings.steps + 1):
             xb, yb = _next_batch(X, y, next(batches), replay, replay_ratio, generator)
             xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
@@ -262,11 +246,13 @@ def train(
                 ewc.proximal_step_(core, optimizer.param_groups[0]["lr"])
             result.losses.append(float(loss.detach()))
             result.examples_seen += len(yb)
+            if checkpointing is not None and checkpointing.due(step, settings.steps):
+                loop.save(checkpointing, step, settings.steps, time.perf_counter() - started)
             if on_step is not None:
                 on_step(step, result.losses[-1])
     model.eval()
     result.steps = settings.steps
-    result.seconds = time.perf_counter() - started
+    result.seconds += time.perf_counter() - started
     return result
 
 

@@ -323,6 +323,21 @@ class TrainConfig(_Strict):
         "gloo on CPU, NCCL on GPUs), each rank on a shard of the rows; the global batch stays "
         "`batch_size`. Unset: $EVERGREEN_TRAIN_PROCESSES, else 1.",
     )
+    checkpoint_every_steps: int = Field(
+        0,
+        ge=0,
+        description="Save the training state (weights, optimiser, RNG states, step) every this "
+        "many steps, so a run killed mid-training (SIGKILL, node pre-emption) resumes where it "
+        "was instead of starting over; 0: not by steps. Kept under <home>/resume until the run "
+        "ends; resumed only by a run of the same cadence on the same batches, champion and "
+        "training config. Not with processes > 1.",
+    )
+    checkpoint_every_seconds: float = Field(
+        300.0,
+        ge=0,
+        description="Also save it when this many seconds passed since the last save (0: not by "
+        "time; both 0: never, a killed run starts over).",
+    )
 
 
 LAMBDA_GRID = [0.0, 1.0, 10.0, 100.0]

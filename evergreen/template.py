@@ -48,6 +48,8 @@ bootstrap:                        # plain training of the first champion
 
 monthly:                          # full fine-tune + online EWC
   train: {steps: 400, epochs: 5, lr: 0.001}   # at least `steps`, at least `epochs` passes over the new rows
+  # any section's train also takes checkpoint_every_seconds (300) and checkpoint_every_steps (0):
+  # it saves its state so a killed run resumes where it was (0 = off; docs/SCALING.md)
   ewc_lambda: auto                # auto: best of lambda_grid on the select rows; or a number
   lambda_grid: [0, 1, 10, 100]    # on the normalised Fisher
   fisher_decay: 0.9               # F = gamma * F_old + F_own

@@ -11,6 +11,7 @@ from prefect import get_run_logger
 from evergreen.config import EvergreenConfig, config_from_dict, load_config
 from evergreen.pending import NOTHING_PENDING
 from flows.params import ConfigParams, FlowParams
+from tasks import attempts
 from tasks.ingest import BatchSelection
 from tasks.limits import ensure_limits
 from tasks.outcome import FlowOutcome
@@ -25,8 +26,8 @@ class NoChampionError(RuntimeError):
 
 def begin(params: ConfigParams) -> EvergreenConfig:
     """Load the run's config, make sure the concurrency limits exist on this Prefect API, remove
-    staging folders killed runs left behind, and record any champion move made outside
-    evergreen."""
+    staging folders killed runs left behind, record any champion move made outside evergreen,
+    and record as `failed` the attempts that ended without a ledger entry (`tasks.attempts`)."""
     cfg = run_config(params)
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     removed = sweep_stale(cfg.home_path / "staging")
@@ -35,6 +36,8 @@ def begin(params: ConfigParams) -> EvergreenConfig:
     ensure_limits(cfg.registry.name)
     announce_trigger(getattr(params, "trigger", None))
     reconcile_registry(cfg)  # champion moves made by hand appear in the history first
+    for line in attempts.reconcile(cfg):
+        get_run_logger().warning("recorded an earlier attempt as failed: %s", line)
     return cfg
 
 

@@ -368,11 +368,16 @@ class Ledger:
             where += f" and metrics.{SEQ_METRIC} > {covers}"
         return self.log.search(where)
 
-    def is_processed(self, cadence: str, batch_id: str) -> bool:
-        """True when the batch's latest entry is promoted, rejected or quarantined."""
+    def latest(self, cadence: str, batch_id: str) -> LedgerEntry | None:
+        """The batch's latest entry on `cadence` (None: it has none)."""
         where = f"{_cadence_filter(cadence)} and tags.`evergreen.batch_id` = {quote(batch_id)}"
         runs = self.log.search(where, limit=1)
-        return bool(runs) and runs[0].data.tags.get("evergreen.outcome") in DONE_OUTCOMES
+        return _entry(runs[0]) if runs else None
+
+    def is_processed(self, cadence: str, batch_id: str) -> bool:
+        """True when the batch's latest entry is promoted, rejected or quarantined."""
+        latest = self.latest(cadence, batch_id)
+        return latest is not None and latest.outcome in DONE_OUTCOMES
 
 
 def _cadence_filter(cadence: str | None) -> str:

@@ -7,7 +7,9 @@ needs `continual` (checkpoint loading, model families), torch, safetensors, pand
 which MLflow puts first on `sys.path` in a fresh process, so a serving host only needs the pip
 requirements recorded with the model — and a version keeps loading with the code that wrote it.
 Custom families ("package.module:factory") and `hf_path` directories must be importable /
-present on the serving host as well.
+present on the serving host as well, and a version stored as parent + adapter downloads its
+parent from the registry when it loads (`continual.lineage`): the serving host must reach the
+registry it was resolved from (or hold the parent in its cache).
 
 The second half of the file ("packaging") is what `Registry.log_version` uses to snapshot,
 hash, validate and log a checkpoint as such a model; it is inert when the model is served.
@@ -208,20 +210,21 @@ def file_sha256(path: Path) -> str:
 
 
 def checkpoint_manifest(directory: Path) -> dict[str, str]:
-    """relative posix path → sha256 of every file under `directory`.
+    """relative posix path → sha256 of every file under `directory` (the same digests a child
+    version records for its parent: `continual.lineage.directory_manifest`).
 
     Raises:
         ValueError: a file name cannot be part of an MLflow tag key.
     """
-    manifest = {}
-    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        relative = path.relative_to(directory).as_posix()
+    from continual.lineage import directory_manifest
+
+    manifest = directory_manifest(directory)
+    for relative in manifest:
         if not _TAG_KEY.match(relative):
             raise ValueError(
                 f"checkpoint file {relative!r}: only letters, digits and _ - . / : space are"
                 " allowed in checkpoint file names (they become MLflow tag keys)"
             )
-        manifest[relative] = file_sha256(path)
     return manifest
 
 

@@ -26,7 +26,8 @@ from mlflow import MlflowClient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 
-from continual.base_model import BaseModelError, check_checkpoint_base
+from continual.base_model import BaseModelError, check_checkpoint_base, hash_differences
+from continual.lineage import ParentReference, ParentVersionError, read_parent
 from model_registry import pyfunc_model
 from model_registry.fault_hooks import hang_here
 from model_registry.ledger import (
@@ -53,6 +54,7 @@ TAG_PREFIX = "evergreen."
 SHA_PREFIX = "evergreen.sha256."
 IDEMPOTENCY_TAG = "evergreen.idempotency_key"
 CHECKPOINT_SUBPATH = f"artifacts/{pyfunc_model.CHECKPOINT_ARTIFACT}"  # inside the logged model
+_PARENT_LINK_LIMIT = 16
 
 
 class RegistryError(Exception):
@@ -69,6 +71,11 @@ class ArtifactIntegrityError(RegistryError):
 
 class BaseModelChangedError(ArtifactIntegrityError):
     """A text version's pretrained base (which it stores no copy of) is missing or changed."""
+
+
+class ParentVersionChangedError(ArtifactIntegrityError):
+    """A version stored as parent + adapter references a parent version that is missing or
+    whose files are not the ones recorded (`continual.lineage`)."""
 
 
 @dataclass
@@ -335,20 +342,57 @@ class Registry:
             shutil.rmtree(tmp, ignore_errors=True)
         return dst
 
-    def verify_artifacts(self, version: str) -> None:
-        """Download a version into a temporary folder and check it (see `download`), and the
-        pretrained base a text version is stored against (`continual.base_model`): a version
-        whose base changed cannot be loaded, so it must not become the champion.
+    def verify_artifacts(self, version: str, *, _links: int = 0) -> None:
+        """Download a version into a temporary folder and check it (see `download`), and what
+        it is stored against: the pretrained base of a text version (`continual.base_model`),
+        or the parent version of one stored as parent + adapter (`continual.lineage`), whose
+        registry hashes must be the recorded ones and which is verified the same way in turn.
+        A version whose base or parent changed cannot be loaded, so it must not become the
+        champion.
 
         Raises:
-            ArtifactIntegrityError: as `download`; BaseModelChangedError: the base changed.
+            ArtifactIntegrityError: as `download`; BaseModelChangedError: the base changed;
+                ParentVersionChangedError: the parent is missing or changed.
         """
         with tempfile.TemporaryDirectory(prefix="evergreen-verify-") as tmp:
             checkpoint = self.download(version, Path(tmp) / "checkpoint")
             try:
+                parent = read_parent(checkpoint)
                 check_checkpoint_base(checkpoint)
+            except ParentVersionError as exc:
+                raise ParentVersionChangedError(
+                    f"model {self.model_name!r} v{version}: {exc}"
+                ) from exc
             except BaseModelError as exc:
                 raise BaseModelChangedError(f"model {self.model_name!r} v{version}: {exc}") from exc
+        if parent is not None:
+            self._verify_parent(str(version), parent, _links)
+
+    def _verify_parent(self, version: str, parent: ParentReference, links: int) -> None:
+        """The parent's registry hashes are the recorded ones, and it verifies in turn."""
+        where = f"model {self.model_name!r} v{version}: parent {parent.uri}"
+        if links >= _PARENT_LINK_LIMIT:
+            raise ParentVersionChangedError(f"{where}: more than {_PARENT_LINK_LIMIT} links")
+        registry = (
+            self
+            if parent.model_name == self.model_name
+            else Registry(self.tracking_uri, parent.model_name, lock_dir=self.lock_dir)
+        )
+        try:
+            recorded = registry._manifest(parent.version)
+        except RegistryError as exc:
+            raise ParentVersionChangedError(f"{where}: {exc}") from exc
+        changes = hash_differences(
+            parent.manifest, recorded, unexpected="not in the recorded parent"
+        )
+        if changes:
+            raise ParentVersionChangedError(
+                f"{where} is not the version this one was stored against: {'; '.join(changes[:5])}"
+            )
+        try:
+            registry.verify_artifacts(parent.version, _links=links + 1)
+        except ArtifactIntegrityError as exc:
+            raise ParentVersionChangedError(f"{where}: {exc}") from exc
 
     def promote(
         self,

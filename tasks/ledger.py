@@ -1,9 +1,11 @@
 """The batch ledger's one writer: which cadence processed, quarantined or failed which batch.
 
 Every ledger entry of a flow run is written here (`model_registry.ledger.Ledger` is the storage):
-the run's outcome per batch (`tasks.outcome.conclude`), a crash (`record_failed`), and the first
-champion's batches counting as processed for every cadence that consumes batches
-(`record_consumed`). Whether a batch is pending is decided by `pending_for` alone.
+the run's outcome per batch (`tasks.outcome.conclude`), a crash (`record_failed`), an earlier
+attempt that ended without an entry (`record_interrupted`, found by `tasks.attempts.reconcile`),
+and the first champion's batches counting as processed for every cadence that consumes batches
+(`record_consumed`). Whether a batch is pending is decided by `pending_for` alone. Recording a
+run's outcome removes its attempt marker (`tasks.attempts`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from evergreen.cadences import batch_consumers
 from evergreen.config import EvergreenConfig
 from model_registry.ledger import Ledger, Outcome
+from tasks import attempts
 
 
 def record(
@@ -24,17 +27,29 @@ def record(
     details: Mapping[str, str] | None = None,
     forced: bool = False,
 ) -> None:
-    """Append `outcome` for each batch (a forced rerun says so in its details)."""
+    """Append `outcome` for each batch (a forced rerun says so in its details); the run's
+    attempt marker of this cadence is done with."""
     ledger = Ledger.from_config(cfg)
     extra = {**(details or {}), **({"forced": "true"} if forced else {})}
     for batch_id in batch_ids:
         ledger.record(cadence, batch_id, outcome, details=extra)
+    attempts.finish(cfg, cadence)
     ledger.compact(cadence)  # keeps `processed` reading a bounded number of records
 
 
 def record_failed(cfg: EvergreenConfig, cadence: str, batch_ids: Iterable[str], error: str) -> None:
     """A crash while training, evaluating or registering: the batches stay pending."""
     record(cfg, cadence, batch_ids, "failed", details={"error": error[:2000]})
+
+
+def record_interrupted(
+    ledger: Ledger, cadence: str, batch_ids: Iterable[str], reason: str, details: Mapping[str, str]
+) -> None:
+    """An earlier run's attempt ended without an entry (killed, or the disk was full when it
+    failed): `failed` with the reason found, so the batches stay pending and the attempt shows."""
+    for batch_id in batch_ids:
+        ledger.record(cadence, batch_id, "failed", details={**details, "error": reason[:2000]})
+    ledger.compact(cadence)
 
 
 def record_consumed(cfg: EvergreenConfig, batch_ids: Iterable[str], version: str) -> None:

@@ -28,12 +28,13 @@ from model_registry.registry import (
     Registry,
     VersionInfo,
 )
-from tasks import ledger
+from tasks import attempts, ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
 from tasks.evaluate import Evaluation
 from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.outcome import FlowOutcome
+from tasks.resume import discard_states
 from tasks.staging import owned
 from tasks.state import ModelState, staging_dir, write_state
 from tasks.tracking import run_record
@@ -148,7 +149,8 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
     checkpoint = staging / "checkpoint"
     hang_here("promote.before-checkpoint")  # test hook: trained and gated, nothing written yet
     if not checkpoint.exists():
-        write_state(reg.challenger, checkpoint)
+        parent = reg.parent.origin if reg.parent is not None else None
+        write_state(reg.challenger, checkpoint, parent=parent)
     verify_round_trip(cfg, reg.challenger, checkpoint, reg.check_rows)
     gate_file = staging / "gate.json"
     gate_file.write_text(json.dumps(reg.decision.to_dict(), indent=2, default=str))
@@ -321,18 +323,27 @@ def discarded_update(
 def challenger_workspace(
     cfg: EvergreenConfig, cadence: str, batch_ids: list[str]
 ) -> Iterator[Path]:
-    """A staging folder for the challenger, removed afterwards whatever happens.
+    """A staging folder for the challenger, removed afterwards whatever happens, as is the
+    cadence's saved training state (`tasks.resume`: only a killed run leaves it for the next).
 
     If training, evaluation or registration raises, the batches are recorded as `failed` in the
     ledger (with the error) before the exception propagates: the flow run fails visibly, nothing
-    was promoted, and the batches stay pending for the next run.
+    was promoted, and the batches stay pending for the next run. An attempt marker written first
+    (`tasks.attempts`) lets the next run record `failed` for a run that was killed or could not
+    write the entry itself.
     """
+    attempts.begin(cfg, cadence, batch_ids)  # a run that cannot record its end is recorded later
     staging = staging_dir(cfg, cadence)
     try:
         with owned(staging):  # a run killed before `finally` leaves it to `sweep_stale`
             yield staging
     except Exception as error:
-        ledger.record_failed(cfg, cadence, batch_ids, repr(error))
+        try:
+            ledger.record_failed(cfg, cadence, batch_ids, repr(error))
+        except Exception:  # e.g. the disk is full: the next run records it from the marker
+            attempts.unrecorded(cfg, cadence, error)
+            raise
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        discard_states(cfg, cadence)  # the run ended: its training state is never resumed

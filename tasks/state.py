@@ -22,6 +22,7 @@ from torch import nn
 
 from continual.checkpoint import load_checkpoint, save_checkpoint
 from continual.ewc import EWC
+from continual.lineage import ParentSource
 from continual.models import ModelSpec
 from evergreen.config import EvergreenConfig
 
@@ -60,6 +61,7 @@ class ModelState:
     references: dict[str, float] = field(default_factory=dict)
     memory_run: str | None = None
     training: TrainingFacts | None = None  # set on a freshly trained challenger only
+    origin: ParentSource | None = None  # where a registered version was loaded from
 
     def clone_model(self) -> nn.Module:
         """A trainable deep copy (the champion itself is never modified in place)."""
@@ -106,10 +108,14 @@ def staging_dir(cfg: EvergreenConfig, cadence: str) -> Path:
     return path
 
 
-def write_state(state: ModelState, directory: Path) -> Path:
-    """Lay a state out as a checkpoint directory; on error nothing half-written is left."""
+def write_state(state: ModelState, directory: Path, parent: ParentSource | None = None) -> Path:
+    """Lay a state out as a checkpoint directory; on error nothing half-written is left.
+
+    `parent`: the registered version the state was trained from; a LoRA version of a text model
+    is then stored as that parent + its adapter and head (`continual.lineage`).
+    """
     try:
-        save_checkpoint(directory, state.model, state.spec)
+        save_checkpoint(directory, state.model, state.spec, parent=parent)
         if state.ewc is not None:
             # Anchored at the weights saved beside it (not a peft model: its names differ):
             # reference them instead of storing a second copy.

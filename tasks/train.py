@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import logging
 import math
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -51,6 +52,7 @@ from tasks.evaluate import gate_policy, split_by_learned
 from tasks.limits import training_slot
 from tasks.memory import DataMemory
 from tasks.progress import step_progress
+from tasks.resume import ResumeKey, checkpointing_for
 from tasks.state import ModelState, TrainingFacts, make_trainable, parameters_of
 from tasks.validate import PreparedData
 
@@ -77,11 +79,14 @@ def _fit(
     cfg: EvergreenConfig,
     processes: int = 1,
     fisher_kind: FisherKind | None = None,
+    resume: ResumeKey | None = None,
     **methods,
 ) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
     """Run the training loop holding the pipeline's training slot, with a progress bar; with
     more than one process, under torchrun (`tasks.distributed`), which also returns the trained
-    model's Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards)."""
+    model's Fisher on (X, y) when `fisher_kind` is set (all-reduced over the ranks' shards).
+    With a `resume` key (one process) the loop saves its state as the section's
+    `checkpoint_every_*` say and resumes a killed run's state (`tasks.resume`)."""
     fisher = None
     with training_slot(cfg.registry.name, cfg.home_path / "locks"):
         if processes > 1:
@@ -91,18 +96,44 @@ def _fit(
             assert outcome.result is not None
             result, fisher = outcome.result, outcome.fisher
         else:
+            checkpointing = None
+            if resume is not None:
+                checkpointing = checkpointing_for(
+                    cfg, resume, label, model, X, y, settings, on_resumed=_announce_resume(label)
+                )
             with step_progress(label, settings.steps) as on_step:
-                result = train(model, X, y, settings, on_step=on_step, **methods)
+                result = train(
+                    model, X, y, settings, on_step=on_step, checkpointing=checkpointing, **methods
+                )
     get_run_logger().info(
-        "%s: %d steps in %.1fs, loss %.3f → %.3f on %s",
+        "%s: %d steps%s in %.1fs, loss %.3f → %.3f on %s",
         label,
         result.steps,
+        f" ({result.steps - result.resumed_at} in this run)" if result.resumed_at else "",
         result.seconds,
         result.first_loss,
         result.last_loss,
         result.device if processes == 1 else f"{processes} processes",
     )
     return result, fisher
+
+
+def _announce_resume(label: str) -> Callable[[int, int], None]:
+    def on_resumed(step: int, total: int) -> None:
+        _log_info("%s: resumed at step %d of %d from its saved training state", label, step, total)
+
+    return on_resumed
+
+
+def _resume_key(
+    section: str, champion: ModelState | None, data: PreparedData, memory: DataMemory
+) -> ResumeKey:
+    return ResumeKey(
+        section=section,
+        champion=str(champion.version) if champion is not None else "none",
+        data_hash=data.data_hash or "none",
+        memory=memory.ref.run_id if memory.ref else "none",
+    )
 
 
 def training_facts(
@@ -192,12 +223,6 @@ def _vocab_size(hf_path: str | None) -> int:
     return int(config.vocab_size)
 
 
-def uses_ewc(spec: ModelSpec) -> bool:
-    """Whether updates of this family carry an EWC penalty. Not a causal LM: its Fisher over
-    [N, L, V] outputs is not implemented; it keeps old text by replay mixing instead."""
-    return spec.family != CAUSAL_LM
-
-
 def champion_distiller(
     section: DailyConfig | WeeklyConfig | MonthlyConfig, champion: ModelState
 ) -> TokenDistiller | None:
@@ -217,9 +242,13 @@ TEXT_FISHER_ROWS = 64  # rows a text model's Fisher is estimated on
 
 
 def fisher_kind(spec: ModelSpec) -> FisherKind:
-    """ "sampled" for text models (one backward pass per row instead of one per class), else the
-    default. Why: per-example gradients of a pretrained encoder's Linear layers are the costly
-    part of a text update (200 rows, 4 classes, "true" kind: ~6 min on 2 CPU cores)."""
+    """ "empirical" for a causal LM (the only kind for [N, L, V] logits: per-sequence gradients
+    of the summed next-token NLL, `continual.fisher.causal_lm_targets`); "sampled" for the text
+    encoder (one backward pass per row instead of one per class); else the default. Why: per-
+    example gradients of a pretrained encoder's Linear layers are the costly part of a text
+    update (200 rows, 4 classes, "true" kind: ~6 min on 2 CPU cores)."""
+    if spec.family == CAUSAL_LM:
+        return "empirical"
     return "sampled" if spec.family in TEXT_FAMILIES else "auto"
 
 
@@ -305,6 +334,32 @@ def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory)
     return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
 
 
+def _log_fisher(ewc: EWC, cadence: str) -> dict[str, float]:
+    """Log the Fisher a version carries (its own, on this version's rows, and the accumulated
+    one the next update is anchored with); the same figures as run metrics."""
+    own = ewc.own_fisher or {}
+    metrics = {
+        "ewc.fisher_entries": float(sum(t.numel() for t in ewc.fisher.values())),
+        "ewc.own_fisher_mean": _mean(own),
+        "ewc.fisher_mean": _mean(ewc.fisher),
+    }
+    _log_info(
+        "%s EWC Fisher (%s): %d tensors, %d entries; own mean %.3g, accumulated mean %.3g",
+        cadence,
+        ewc.kind,
+        len(ewc.fisher),
+        int(metrics["ewc.fisher_entries"]),
+        metrics["ewc.own_fisher_mean"],
+        metrics["ewc.fisher_mean"],
+    )
+    return metrics
+
+
+def _mean(tensors: dict[str, torch.Tensor]) -> float:
+    count = sum(t.numel() for t in tensors.values())
+    return sum(float(t.double().sum()) for t in tensors.values()) / count if count else 0.0
+
+
 def _log_info(message: str, *args: object) -> None:
     """Log to the Prefect run when there is one (tasks), else to this module's logger."""
     try:
@@ -330,13 +385,14 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
     train_cfg = cfg.bootstrap.train
     settings = settings_from(train_cfg, len(X))
-    result, _ = _fit(model, X, y, settings, "bootstrap", cfg=cfg, processes=train_cfg.processes)
+    key = _resume_key("bootstrap", None, data, memory)
+    result, _ = _fit(
+        model, X, y, settings, "bootstrap", cfg=cfg, processes=train_cfg.processes, resume=key
+    )
     # λ and γ belong to the cadence that uses the Fisher; the state only carries F and θ*.
-    ewc = None
-    if uses_ewc(spec):
-        ewc = EWC.from_model(
-            model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
-        )
+    ewc = EWC.from_model(
+        model, *fisher_rows(spec, X, y), lam=0.0, gamma=1.0, kind=fisher_kind(spec)
+    )
     facts = training_facts(cfg, "bootstrap", settings, result, rows=len(X))
     return ModelState(model=model, spec=spec, ewc=ewc, training=facts, **_learned(memory))
 
@@ -421,8 +477,6 @@ def _ewc_challenger(
     settings = settings_from(section.train, len(X))
     buffer = memory.buffer if replay_ratio > 0 else None
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
-    if not uses_ewc(champion.spec):  # a causal LM: replay mixing alone
-        grid = [0.0]
     selection = selection_rows(cfg, champion, memory)
     base = follow_data_scale(champion, X, memory)
     start = start_update(base, X, y, buffer)
@@ -437,11 +491,7 @@ def _ewc_challenger(
     seconds = 0.0
     for lam in grid:
         model = copy.deepcopy(start)
-        ewc = (
-            _anchored_ewc(cfg, anchor, memory, lam, section.fisher_decay)
-            if uses_ewc(champion.spec)
-            else None
-        )
+        ewc = _anchored_ewc(cfg, anchor, memory, lam, section.fisher_decay)
         result, own = _fit(
             model,
             X,
@@ -451,6 +501,7 @@ def _ewc_challenger(
             cfg=cfg,
             processes=section.train.processes,
             fisher_kind=None if ewc is None else ewc.kind,
+            resume=_resume_key(section_name, champion, data, memory),
             ewc=ewc,
             replay=buffer,
             replay_ratio=replay_ratio,
@@ -466,8 +517,10 @@ def _ewc_challenger(
     if len(grid) > 1:
         get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
     # own Fisher on this version's data (from the ranks when distributed); F ← γ·F_old + F_own
+    fisher_metrics: dict[str, float] = {}
     if ewc is not None:
         ewc.consolidate(model, *fisher_rows(champion.spec, X, y), own=own)
+        fisher_metrics = _log_fisher(ewc, section_name)
     state = ModelState(
         model=model,
         spec=base.spec,
@@ -484,7 +537,7 @@ def _ewc_challenger(
         ),
         **_learned(memory),
     )
-    return state, {"ewc.lambda": lam, **scores}
+    return state, {"ewc.lambda": lam, **fisher_metrics, **scores}
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
@@ -543,6 +596,7 @@ def train_lora_gated(
             "lora",
             cfg=cfg,
             processes=d.train.processes,
+            resume=_resume_key("daily", champion, data, memory),
             replay=buffer,
             replay_ratio=d.replay_ratio,
             distiller=distiller,

@@ -28,6 +28,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from continual.checkpoint import CheckpointError
+from continual.lineage import ParentSource, remember_local_copy
 from evergreen.config import EvergreenConfig
 from model_registry.registry import Registry
 from tasks.state import ModelState, read_state
@@ -57,7 +58,11 @@ def _read(registry: Registry, version: str, target: Path) -> ModelState:
     if not target.exists():
         registry.download(version, target)
     _touch(target)
-    return read_state(target, version=str(version))
+    origin = ParentSource(registry.model_name, str(version), registry.tracking_uri, target)
+    remember_local_copy(origin)  # its children find it here, not in a second download
+    state = read_state(target, version=str(version))
+    state.origin = origin
+    return state
 
 
 def _touch(path: Path) -> None:

@@ -20,6 +20,9 @@ os.environ["EVERGREEN_HASH_CACHE"] = os.path.join(
     tempfile.mkdtemp(prefix="evergreen-tests-hashes-"), "file-sha256.json"
 )
 
+# Parent versions a child version is loaded on are cached across processes (continual.lineage).
+os.environ["EVERGREEN_PARENT_CACHE"] = tempfile.mkdtemp(prefix="evergreen-tests-parents-")
+
 # A developer's own settings must not redirect the tests' stores.
 for _key in ("MLFLOW_TRACKING_URI", "EVERGREEN_HOME", "EVERGREEN_CONFIG", "PREFECT_API_URL"):
     os.environ.pop(_key, None)

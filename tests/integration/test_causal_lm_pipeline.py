@@ -103,6 +103,36 @@ def test_02_03_updates_decide_on_log_likelihood(pipeline, cadence, batch):
     assert (_champion(pipeline) != before) == (decisions[0] == "promoted")
 
 
+def _version_of(pipeline, cadence: str):
+    return next(
+        v for v in pipeline["registry"].versions() if v.tags["evergreen.cadence"] == cadence
+    )
+
+
+def test_03b_weekly_carries_an_ewc_fisher_and_daily_only_its_adapter(pipeline, tmp_path):
+    """Weekly replay trains with EWC (the Fisher of per-sequence next-token NLL) and stores the
+    accumulated Fisher; the daily LoRA version on the fine-tuned bootstrap champion is stored as
+    parent reference + adapter, not as the champion's weights again."""
+    from safetensors.torch import load_file
+
+    from continual.lineage import PARENT_FILE, ParentReference
+
+    registry = pipeline["registry"]
+    weekly = _version_of(pipeline, "weekly-replay")
+    checkpoint = registry.download(weekly.version, tmp_path / "weekly")
+    fisher = {k: v for k, v in load_file(str(checkpoint / "ewc.safetensors")).items()}
+    assert any(k.startswith("fisher.") for k in fisher), sorted(fisher)[:5]
+    assert all(bool(v.isfinite().all()) for v in fisher.values())
+    metrics = registry.client.get_run(weekly.run_id).data.metrics
+    assert "ewc.lambda" in metrics, sorted(metrics)  # λ calibrated on select rows, not ignored
+    assert metrics["ewc.own_fisher_mean"] > 0 and metrics["ewc.fisher_entries"] > 0
+    daily = _version_of(pipeline, "daily-lora")
+    checkpoint = registry.download(daily.version, tmp_path / "daily")
+    reference = ParentReference.from_json((checkpoint / PARENT_FILE).read_text())
+    assert reference.version == daily.tags["evergreen.parent_version"]
+    assert not (checkpoint / "base.json").exists()
+
+
 def test_04_champion_scores_text_in_a_fresh_process(pipeline):
     cfg = pipeline["cfg"]
     texts = [*sentences("kitchen", 3, seed=0), "stapler memo budget desk"]

@@ -13,8 +13,10 @@ go on:
 
 Each time: exit code 8 and one `evergreen: error: storage: …` line (no traceback), the champion
 and its artifacts unchanged and loadable, no new model version, no `challenger` alias, the batch
-still pending, no temporary or half-written file left in the pipeline's home. The next run,
-with the room back, processes the batch exactly once.
+still pending, no temporary or half-written file left in the pipeline's home. The ledger cannot
+take the `failed` entry either: the run's attempt marker (`tasks.attempts`) is renamed to carry
+the error instead. The next run, with the room back, records those attempts as `failed` with
+their errors and processes the batch exactly once.
 
 Run: `pytest -m integration tests/integration/test_faults_disk.py`.
 """
@@ -36,6 +38,7 @@ from evergreen.errors import ExitCode
 from model_registry.fault_hooks import HANG_SIGNAL, PAUSE_AT
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
+from tasks.attempts import ATTEMPTS_DIR, FAILED_MARK
 from tasks.memory import memory_store, read_memory
 from tests.digits_pipeline import digits_frame, write_batch, write_config
 from tests.integration.test_faults import _cli, _env
@@ -128,6 +131,18 @@ def test_disk_full_while_writing_state_fails_cleanly(pipeline, point):
     done = _run_with_fault(pipeline, point, _disk_full)
     line = _assert_failed_cleanly(pipeline, done)
     assert "file too large" in line or "SQLite" in line, line
+    # the ledger could not take `failed` either: the run's attempt marker now names the error;
+    # an earlier such attempt was recorded by this run's start, before the disk filled up
+    markers = list((pipeline["cfg"].home_path / ATTEMPTS_DIR).glob(f"{CADENCE}-*{FAILED_MARK}*"))
+    assert len(markers) == 1, markers
+    assert _unrecorded_entries(pipeline) == pipeline.get("unrecorded", 0)
+    pipeline["unrecorded"] = pipeline.get("unrecorded", 0) + 1
+
+
+def _unrecorded_entries(pipeline: dict) -> int:
+    """`failed` entries a later run recorded for attempts that could not record their own."""
+    entries = Ledger.from_config(pipeline["cfg"]).entries(CADENCE)
+    return sum("could not record it" in e.details.get("error", "") for e in entries)
 
 
 def _own_mount_namespace() -> list[str]:
@@ -172,10 +187,13 @@ def test_the_next_run_with_room_processes_the_batch_exactly_once(pipeline):
     done = _cli(pipeline["root"], "run", CADENCE, "--config", pipeline["config"])
     assert done.returncode == 0, done.stderr[-3000:]
     cfg = pipeline["cfg"]
-    done_entries = [
-        e.outcome
-        for e in Ledger.from_config(cfg).entries(CADENCE)
-        if e.batch_id == BATCH and e.outcome != "failed"
-    ]
-    assert done_entries in (["promoted"], ["rejected"])
+    entries = [e for e in Ledger.from_config(cfg).entries(CADENCE) if e.batch_id == BATCH]
+    assert [e.outcome for e in entries if e.outcome != "failed"] in (["promoted"], ["rejected"])
+    # the disk-full attempts, which could not record `failed`, were recorded by this run
+    unrecorded = [e for e in entries if "could not record it" in e.details.get("error", "")]
+    assert len(unrecorded) == pipeline.get("unrecorded", 0), [e.details for e in entries]
+    for entry in unrecorded:
+        assert entry.details["interrupted"] == "true"
+        assert "File too large" in entry.details["error"] or "SQLite" in entry.details["error"]
+    assert not list((cfg.home_path / ATTEMPTS_DIR).iterdir())
     assert set(Registry.from_config(cfg).aliases()) == {"champion"}

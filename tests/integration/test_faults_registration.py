@@ -4,8 +4,8 @@ Two points, held by the test hook `EVERGREEN_TEST_HANG_AT` (`model_registry/faul
 - `registry.run-logged`: the MLflow run holds the logged model, no model version exists yet;
 - `promote.challenger-set`: the version exists and carries `challenger`, nothing promoted yet.
 In both, the champion is unchanged, nothing is served that was not gated, the batch stays
-pending, and the next run processes it exactly once, removes the killed run's staging folder and
-leaves no `challenger` alias behind.
+pending, and the next run records the killed attempt as `failed` (interrupted), processes the
+batch exactly once, removes the killed run's staging folder and leaves no `challenger` alias.
 
 Run: `pytest -m integration tests/integration/test_faults_registration.py`.
 """
@@ -87,7 +87,9 @@ def test_a_run_killed_mid_registration_loses_nothing_and_the_next_run_recovers(t
     again = _cli(tmp_path, "run", CADENCE, "--config", config)
     assert again.returncode == 0, again.stderr[-3000:]
     entries = [e for e in ledger.entries(CADENCE) if e.batch_id == BATCH]
-    assert [e.outcome for e in entries] in (["promoted"], ["rejected"])  # exactly once
+    outcomes = [e.outcome for e in entries]  # newest first
+    assert outcomes[0] in ("promoted", "rejected") and outcomes[1:] == ["failed"]  # once
+    assert entries[1].details["interrupted"] == "true"  # the killed attempt, seen by the rerun
     assert set(registry.aliases()) == {"champion"}  # no orphan alias
     now = registry.champion().version
     final = registry.versions(limit=100)

@@ -7,11 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
+from continual.batching import length_grouped_batches
 from continual.fisher import fisher_paths
 from continual.lora import LoraSettings, attach_lora
 from continual.models import ModelSpec, build_model
 from continual.text import encode_texts, inverse_order, length_order, tokenizer_for
-from continual.training import _length_grouped_batches, predict_logits
+from continual.training import predict_logits
 from demo.text_timeline import package_sentences
 from tasks.common import frame_to_tensors
 from tasks.state import make_trainable
@@ -76,7 +77,7 @@ def test_length_order_round_trips():
 
 def test_length_grouped_batches_cover_every_row_and_group_lengths():
     lengths = torch.randint(1, 64, (256,), generator=torch.Generator().manual_seed(1))
-    batches = _length_grouped_batches(lengths, 16, torch.Generator().manual_seed(0))
+    batches = length_grouped_batches(lengths, 16, torch.Generator().manual_seed(0))
     epoch = [next(batches) for _ in range(256 // 16)]
     assert sorted(torch.cat(epoch).tolist()) == list(range(256))
     grouped = sum(float(lengths[b].max() - lengths[b].min()) for b in epoch)
