@@ -18,11 +18,15 @@ and the step's registered version (the challenger, promoted or not) are loaded w
 `mlflow.pyfunc` and score every domain's held-out text (all domains, seen or not) →
 log-perplexity matrices.
 
-- naive: `weekly-replay` with `weekly.replay_ratio: 0` (no distillation: the default);
-- replay: `weekly-replay` with the family's default replay mixing (80 % new / 20 % old text);
+- naive: `weekly-replay` with `weekly.replay_ratio: 0` and `weekly.ewc_lambda: 0` (and no
+  distillation, the default): plain fine-tuning on the new domain through the flow;
+- replay: `weekly-replay` with the family's default replay mixing (80 % new / 20 % old text),
+  `ewc_lambda: 0` — replay mixing alone;
+- replay+ewc: `weekly-replay` as it ships for this family: replay 20 % and online EWC with λ
+  chosen from `lambda_grid` [0, 1, 10, 100] on the select rows (one challenger per λ);
+- distill: `weekly-replay` with `weekly.distill_weight: 1.0` (T = 2, the default) on top of
+  replay mixing, `ewc_lambda: 0` — the knob a user would turn;
 - daily-lora: `daily-lora` with its defaults (LoRA r 8 on q_proj/v_proj, replay 20 %);
-- distill: `weekly-replay` with `weekly.distill_weight: 1.0` (T = 2, the default) on top of the
-  default replay mixing — the one knob a user would turn;
 - joint: plain PyTorch (`continual.training.train`): the same base trained from scratch on
   every domain's product training rows (each batch minus its select and gate rows) with the
   total step budget (bootstrap + one update per later domain); final row only.
@@ -78,10 +82,11 @@ if TYPE_CHECKING:
 
 RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {  # name: (cadence, extra --set overrides)
-    "naive": ("weekly-replay", ("weekly.replay_ratio=0",)),
-    "replay": ("weekly-replay", ()),
+    "naive": ("weekly-replay", ("weekly.replay_ratio=0", "weekly.ewc_lambda=0")),
+    "replay": ("weekly-replay", ("weekly.ewc_lambda=0",)),
+    "replay+ewc": ("weekly-replay", ()),  # the family's weekly as shipped: λ from the grid
+    "distill": ("weekly-replay", ("weekly.ewc_lambda=0", "weekly.distill_weight=1.0")),
     "daily-lora": ("daily-lora", ()),
-    "distill": ("weekly-replay", ("weekly.distill_weight=1.0",)),
 }
 
 

@@ -125,6 +125,10 @@ def test_each_method_config_sets_its_knob_and_the_same_budget(tmp_path: Path) ->
         m: load_config(tmp_path / "evergreen.yaml", base + list(x)) for m, (_, x) in METHODS.items()
     }
     assert cfgs["naive"].weekly.replay_ratio == 0 and cfgs["naive"].weekly.distill_weight == 0
+    for method in ("naive", "replay", "distill"):  # one mechanism each
+        assert cfgs[method].weekly.ewc_lambda == 0
+    assert cfgs["replay+ewc"].weekly.ewc_lambda == "auto"
+    assert cfgs["replay+ewc"].weekly.replay_ratio == pytest.approx(0.2)
     assert cfgs["replay"].weekly.replay_ratio == pytest.approx(0.2)
     assert cfgs["replay"].weekly.distill_weight == 0
     assert cfgs["distill"].weekly.distill_weight > 0
