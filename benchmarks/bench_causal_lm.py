@@ -22,7 +22,7 @@ log-perplexity matrices.
   distillation, the default): plain fine-tuning on the new domain through the flow;
 - replay: `weekly-replay` with the family's default replay mixing (80 % new / 20 % old text),
   `ewc_lambda: 0` — replay mixing alone;
-- replay+ewc: `weekly-replay` as it ships for this family: replay 20 % and online EWC with λ
+- replay-ewc: `weekly-replay` as it ships for this family: replay 20 % and online EWC with λ
   chosen from `lambda_grid` [0, 1, 10, 100] on the select rows (one challenger per λ);
 - distill: `weekly-replay` with `weekly.distill_weight: 1.0` (T = 2, the default) on top of
   replay mixing, `ewc_lambda: 0` — the knob a user would turn;
@@ -84,7 +84,7 @@ RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {  # name: (cadence, extra --set overrides)
     "naive": ("weekly-replay", ("weekly.replay_ratio=0", "weekly.ewc_lambda=0")),
     "replay": ("weekly-replay", ("weekly.ewc_lambda=0",)),
-    "replay+ewc": ("weekly-replay", ()),  # the family's weekly as shipped: λ from the grid
+    "replay-ewc": ("weekly-replay", ()),  # the family's weekly as shipped: λ from the grid
     "distill": ("weekly-replay", ("weekly.ewc_lambda=0", "weekly.distill_weight=1.0")),
     "daily-lora": ("daily-lora", ()),
 }
@@ -132,6 +132,11 @@ def overrides(root: Path, name: str, model_dir: Path, budget: Budget) -> list[st
             for section, n in steps.items()
         ),
     ]
+
+
+def registry_name(method: str) -> str:
+    """The registered model (and experiment) of a method's home."""
+    return f"lm-{method}"
 
 
 def set_args(sets: list[str]) -> list[str]:
@@ -195,7 +200,7 @@ def run_method(
     cadence, extra = METHODS[method]
     root = workdir / method
     root.mkdir(parents=True)
-    sets = overrides(root, f"lm-{method}", model_dir, budget) + list(extra)
+    sets = overrides(root, registry_name(method), model_dir, budget) + list(extra)
     config = str(root / "evergreen.yaml")
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli_main()(["init", "--path", config]) == 0  # type: ignore[no-untyped-call]

@@ -115,20 +115,22 @@ def test_target_checks_compare_replay_with_joint_and_naive() -> None:
 
 
 def test_each_method_config_sets_its_knob_and_the_same_budget(tmp_path: Path) -> None:
-    from benchmarks.bench_causal_lm import FULL, METHODS, overrides
+    from benchmarks.bench_causal_lm import FULL, METHODS, overrides, registry_name
     from evergreen.cli import main
     from evergreen.config import load_config
 
-    assert main(["init", "--path", str(tmp_path / "evergreen.yaml")]) == 0
-    base = overrides(tmp_path, "lm", tmp_path / "llama", FULL)
+    config = tmp_path / "evergreen.yaml"
+    assert main(["init", "--path", str(config)]) == 0
+    llama = tmp_path / "llama"
     cfgs = {
-        m: load_config(tmp_path / "evergreen.yaml", base + list(x)) for m, (_, x) in METHODS.items()
+        m: load_config(config, [*overrides(tmp_path, registry_name(m), llama, FULL), *x])
+        for m, (_, x) in METHODS.items()
     }
     assert cfgs["naive"].weekly.replay_ratio == 0 and cfgs["naive"].weekly.distill_weight == 0
     for method in ("naive", "replay", "distill"):  # one mechanism each
         assert cfgs[method].weekly.ewc_lambda == 0
-    assert cfgs["replay+ewc"].weekly.ewc_lambda == "auto"
-    assert cfgs["replay+ewc"].weekly.replay_ratio == pytest.approx(0.2)
+    assert cfgs["replay-ewc"].weekly.ewc_lambda == "auto"
+    assert cfgs["replay-ewc"].weekly.replay_ratio == pytest.approx(0.2)
     assert cfgs["replay"].weekly.replay_ratio == pytest.approx(0.2)
     assert cfgs["replay"].weekly.distill_weight == 0
     assert cfgs["distill"].weekly.distill_weight > 0
