@@ -1,7 +1,7 @@
 """Benchmark: continual pre-training of a causal LM through the product, per-domain perplexity.
 
 Run: `python -m benchmarks.bench_causal_lm` (4 domains; writes benchmarks/results/causal_lm.json
-and causal_lm.md); `--quick` (2 domains, fewer sentences and steps, prints only, 1–2 min);
+and causal_lm.md); `--quick` (2 domains, fewer sentences and steps, prints only; 179 s at load 8);
 `--threads N` (torch intra-op threads, default 1: see below); `--keep` keeps the homes.
 
 Domains (`benchmarks.lm_domains`): the module docstrings of four installed packages, in order

@@ -1,4 +1,5 @@
-"""Weight-space merging on state dicts: interpolation, EMA over a lineage, Fisher-weighted merge.
+"""Weight-space merging on state dicts: interpolation, EMA over a lineage, plain average,
+Fisher-weighted merge.
 
 Everything takes and returns plain `{name: tensor}` state dicts. Inputs are never mutated; every
 output tensor is freshly allocated. Merging is lossy: measure `parameter_distance` between
@@ -190,6 +191,30 @@ def fisher_merge(
         else:
             value = torch.stack(thetas).mean(0)
         merged[name] = value.to(first.dtype)
+    return merged
+
+
+def average(states: Sequence[StateDict]) -> StateDict:
+    """The plain mean of K state dicts: the linear merge, Σ_k θ_k / K on floating tensors.
+
+    The baseline a Fisher-weighted merge should beat (it weighs every parameter of every parent
+    equally, whatever data it was fitted on). Non-floating tensors come from the first state.
+
+    Raises:
+        ValueError: no states, or keys/shapes that differ (named).
+    """
+    if not states:
+        raise ValueError("average needs at least one state dict")
+    for k, state in enumerate(states[1:], start=1):
+        _check_compatible(states[0], state, f"state 0 and state {k}")
+    merged: StateDict = {}
+    for name, first in states[0].items():
+        if not first.is_floating_point():
+            merged[name] = first.clone()
+            continue
+        work = torch.promote_types(first.dtype, torch.float32)
+        stacked = torch.stack([s[name].to(first.device, work) for s in states])
+        merged[name] = stacked.mean(0).to(first.dtype)
     return merged
 
 

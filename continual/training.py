@@ -235,7 +235,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model(xb)
-                loss = _task_loss(model, logits, xb, yb)
+                loss = task_loss(model, logits, xb, yb)
                 if distiller is not None:
                     loss = distiller.loss(xb, logits.float(), loss)
             _check_loss(loss, step)
@@ -256,9 +256,10 @@ def train(
     return result
 
 
-def _task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
+def task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tensor:
     """Cross-entropy of the labels; for a causal LM (logits [N, L, V]) the next-token loss of
-    the token ids themselves, padding masked (`continual.causal_lm`; its labels are unused)."""
+    the token ids themselves, padding masked (`continual.causal_lm`; its labels are unused).
+    The one loss of every gradient step: the training loop's and the stream's online SGD."""
     if logits.ndim == 3:
         from continual.causal_lm import next_token_loss
 
@@ -376,6 +377,15 @@ def accuracy(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) 
 def per_example_loss(
     model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024
 ) -> np.ndarray:
-    """Cross-entropy per example [N] as float64 (the drift monitor's input stream)."""
+    """Cross-entropy per example [N] as float64 (the drift monitor's input stream).
+
+    For a causal LM (logits [N, L, V]) the row's mean next-token NLL over its non-pad targets,
+    −`token_log_likelihood`: the same per-row quantity the gate scores, in nats, so a drift in
+    it is a drift in log-perplexity. Cross-entropy of [N, L, V] logits against the flow's [N]
+    placeholder labels has no meaning (torch refuses the shapes)."""
+    from continual.causal_lm import is_causal_lm, token_log_likelihood
+
+    if is_causal_lm(model):
+        return -token_log_likelihood(model, X, batch_size=min(batch_size, 64))
     logits = predict_logits(model, X, batch_size=batch_size)
     return F.cross_entropy(logits, y.cpu().long(), reduction="none").double().numpy()

@@ -9,7 +9,7 @@ the field's description and bounds) and in the parameter model the flow body wor
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -39,6 +39,11 @@ PROMOTE_EMA: Any = Field(
 )
 VERSIONS: Any = Field(..., min_length=2, description='Model versions to merge, e.g. ["3", "5"].')
 EPS: Any = Field(1e-8, gt=0, description="Weight floor, relative to each tensor's Fisher scale.")
+MERGE_METHOD: Any = Field(
+    "fisher",
+    description="fisher: weigh each parameter by each version's own Fisher; linear: the plain "
+    "mean of the versions (the baseline). Both on full weights: a LoRA version is folded first.",
+)
 TO: Any = Field(None, description="Version to restore (default: the previous champion).")
 REASON: Any = Field("manual rollback", description="Why: recorded in the promotion history.")
 TRIGGER: Any = Field(
@@ -78,6 +83,7 @@ class StreamParams(FlowParams):
 class MergeParams(ConfigParams):
     versions: list[str] = VERSIONS
     eps: float = EPS
+    method: Literal["fisher", "linear"] = MERGE_METHOD
 
 
 class RollbackParams(ConfigParams):

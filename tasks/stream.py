@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 
 from continual.drift import AlphaSpending, DriftMonitor, within_batch_order
 from continual.streaming import EMATeacher
-from continual.training import per_example_loss
+from continual.training import per_example_loss, task_loss
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.events import emit
@@ -30,7 +30,7 @@ from tasks.state import ModelState
 @dataclass
 class StreamReport:
     samples: int = 0
-    drift_at: list[dict] = field(default_factory=list)
+    drift_at: list[dict[str, Any]] = field(default_factory=list)
     threshold: float = 0.0
     mean_loss: float = 0.0
     ema: ModelState | None = None
@@ -124,10 +124,15 @@ def monitor_stream(
     return report
 
 
-def _online_step(model, optimizer, xb, yb) -> None:
+def _online_step(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, xb: torch.Tensor, yb: torch.Tensor
+) -> None:
+    """One SGD step on the training loop's loss (`task_loss`): cross-entropy of the labels, or
+    for a causal LM the next-token loss of the ids (its labels are placeholders)."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    torch.nn.functional.cross_entropy(model(xb), yb).backward()
+    loss = task_loss(model, model(xb), xb, yb)
+    loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
     optimizer.step()
     model.eval()
 

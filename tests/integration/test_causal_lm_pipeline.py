@@ -3,8 +3,9 @@
 A tiny Llama-style model (hidden 32, 2 layers, 4 heads) built from `LlamaConfig` with a WordLevel
 tokenizer made offline, saved to a temporary directory; three batches of ~100 short sentences
 from three "domains" (different word pools), text only (no label column, no classes):
-bootstrap → daily-lora → weekly-replay → rollback, each through `evergreen.cli.main`, then the
-champion's pyfunc scores a `text` column (log-likelihood and perplexity).
+bootstrap → daily-lora → weekly-replay → merge (Fisher, linear) → consolidate → stream-monitor →
+rollback, each through `evergreen.cli.main`; the champion's pyfunc scores a `text` column
+(log-likelihood and perplexity) in a fresh process before the merges.
 """
 
 from __future__ import annotations
@@ -158,6 +159,57 @@ def test_04_champion_scores_text_in_a_fresh_process(pipeline):
     assert out["perplexity"].iloc[:3].max() < vocab  # better than a uniform guess on seen text
 
 
+@pytest.mark.parametrize("method", ["fisher", "linear"])
+def test_04b_merge_of_the_daily_adapter_and_the_weekly_version_is_gated(pipeline, method):
+    """`evergreen run merge` on the daily LoRA version (an adapter on v1, folded on load: its
+    ΔW merged) and the weekly fine-tune, weighted by their own Fishers or plainly averaged: one
+    decision on log-likelihood each."""
+    registry = pipeline["registry"]
+    daily = _version_of(pipeline, "daily-lora").version
+    weekly = _version_of(pipeline, "weekly-replay").version
+    before = _champion(pipeline)
+    _cli(pipeline, "merge", "--versions", daily, weekly, "--method", method)
+    merged = max(  # the newest merge version
+        (v for v in registry.versions() if v.tags["evergreen.cadence"] == "merge"),
+        key=lambda v: int(v.version),
+    )  # a merge reads no batch: no ledger row, the
+    decision = merged.tags["evergreen.decision"]  # decision is on the version it registered
+    assert decision in {"promoted", "rejected"}, merged.tags
+    metrics = registry.client.get_run(merged.run_id).data.metrics
+    assert {f"merge.distance.v{daily}", f"merge.distance.v{weekly}"} <= set(metrics), metrics
+    assert metrics["gate.promote"] == float(decision == "promoted")
+    assert (_champion(pipeline) != before) == (decision == "promoted")
+    assert registry.challenger() is None  # a decided merge leaves no challenger alias
+
+
+def test_04c_consolidate_over_the_champion_lineage_is_gated(pipeline):
+    """`evergreen run consolidate` (EMA over the recent champions: v1 and the weekly v3, full
+    weights of one base) on the same home: a registered challenger with one decision."""
+    registry = pipeline["registry"]
+    before = _champion(pipeline)
+    _cli(pipeline, "consolidate")
+    version = _version_of(pipeline, "consolidate")
+    decision = version.tags["evergreen.decision"]
+    assert decision in {"promoted", "rejected"}, version.tags
+    metrics = registry.client.get_run(version.run_id).data.metrics
+    assert "consolidate.distance" in metrics and metrics["gate.promote"] == float(
+        decision == "promoted"
+    )
+    assert (_champion(pipeline) != before) == (decision == "promoted")
+
+
+def test_04d_stream_monitor_reads_per_row_token_nll(pipeline):
+    """`evergreen run stream-monitor` on one batch: the drift statistic is each row's mean
+    next-token NLL under the champion, the online SGD step the next-token loss; recorded in
+    the ledger like any batch the cadence processed."""
+    batch = pipeline["batches"][1]
+    _cli(pipeline, "stream-monitor", "--batch", batch)
+    entries = [e for e in pipeline["ledger"].entries("stream-monitor") if e.batch_id == batch]
+    assert len(entries) == 1, entries
+    # no drift and drift are both recorded as skipped (no challenger without --promote-ema)
+    assert entries[0].outcome == "skipped", entries
+
+
 def test_05_some_update_was_promoted_and_rollback_restores(pipeline):
     from evergreen.cli import main
 
@@ -165,4 +217,12 @@ def test_05_some_update_was_promoted_and_rollback_restores(pipeline):
     assert len(history) >= 2, "no update passed the gate"
     current = _champion(pipeline)
     assert main(["run", "rollback", "--config", pipeline["config"]]) == 0
-    assert _champion(pipeline) not in {None, current}
+    restored = _champion(pipeline)
+    assert restored not in {None, current}
+    # the alias, the version's aliases and the promotion history agree on the restored champion
+    registry = pipeline["registry"]
+    assert registry.aliases().get("champion") == restored
+    assert registry.history()[0].action == "rollback"
+    assert registry.history()[0].version == restored
+    assert registry.get_version(restored).aliases == ["champion"]
+    assert registry.challenger() is None

@@ -318,3 +318,68 @@ def test_distillation_config_is_for_causal_lms_in_one_process():
     tree["weekly"] = {"distill_weight": -1}
     with pytest.raises(ValueError, match="distill_weight"):
         EvergreenConfig.model_validate(tree)
+
+
+def test_merge_estimates_a_missing_own_fisher_on_a_frozen_loaded_version(model):
+    """A version without an own Fisher is weighed by one estimated on replay rows. A loaded
+    version can be frozen (a LoRA version is folded on load with requires_grad off): the estimate
+    runs on a trainable copy, with the family's Fisher kind, and leaves the version as it was.
+    Before: "no trainable parameters" from `diagonal_fisher`, and the merge of a causal LM failed."""
+    import copy
+
+    from prefect.logging import disable_run_logger
+
+    from continual.replay import ReservoirBuffer
+    from tasks.memory import DataMemory
+    from tasks.merge import _own_fisher
+    from tasks.state import ModelState
+
+    frozen = copy.deepcopy(model).requires_grad_(False)
+    spec = ModelSpec(family=CAUSAL_LM, n_features=16, n_classes=42, hf_path="unused")
+    X = model.tokenize(sentences("harbour", 24, seed=3))
+    buffer = ReservoirBuffer(64, X.shape[1], dtype=torch.long)
+    buffer.add(X, torch.zeros(len(X), dtype=torch.long), "b1")
+    with disable_run_logger():
+        fisher = _own_fisher(
+            ModelState(model=frozen, spec=spec, version="2"), DataMemory(buffer=buffer)
+        )
+    assert set(fisher) == {name for name, _ in model.named_parameters()}
+    assert all(bool(f.isfinite().all()) and bool((f >= 0).all()) for f in fisher.values())
+    assert sum(float(f.sum()) for f in fisher.values()) > 0
+    assert not any(p.requires_grad for p in frozen.parameters())  # the version is untouched
+
+
+def test_per_example_loss_of_a_causal_lm_is_the_rows_mean_token_nll(model):
+    """The stream monitor's input for a causal LM: one loss per row, −(mean token log-lik.).
+    Before: cross-entropy of [N, L, V] logits against [N] labels raised on the shapes."""
+    from continual.training import per_example_loss
+
+    X = model.tokenize(sentences("office", 5, seed=4))
+    y = torch.zeros(len(X), dtype=torch.long)  # placeholders, as the flows carry them
+    losses = per_example_loss(model, X, y)
+    assert losses.shape == (5,) and losses.dtype == np.float64
+    np.testing.assert_allclose(losses, -token_log_likelihood(model, X), rtol=1e-6)
+    with torch.no_grad():
+        first = next_token_loss(model(X[:1]), X[:1], model.pad_token_id)
+    assert losses[0] == pytest.approx(float(first), abs=1e-5)
+
+
+def test_the_streams_online_step_trains_a_causal_lm_on_its_next_token_loss(model):
+    """stream-monitor's online SGD step on a causal LM: the next-token loss of the ids, as the
+    training loop takes it. Before: cross-entropy of [N, L, V] logits against the [N]
+    placeholder labels ("Expected target size [16, 42], got [16]")."""
+    import copy
+
+    from tasks.stream import _online_step
+
+    student = copy.deepcopy(model).requires_grad_(True)
+    X = model.tokenize(sentences("harbour", 16, seed=5))
+    y = torch.zeros(len(X), dtype=torch.long)
+    with torch.no_grad():
+        before = float(next_token_loss(student(X), X, model.pad_token_id))
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    for _ in range(3):
+        _online_step(student, optimizer, X, y)
+    with torch.no_grad():
+        after = float(next_token_loss(student(X), X, model.pad_token_id))
+    assert after < before

@@ -7,6 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from continual.merging import (
+    average,
     ema_over_lineage,
     ema_update,
     fisher_merge,
@@ -295,3 +296,17 @@ def test_refactor_delta_round_trips_at_full_rank_and_reports_truncation() -> Non
         refactor_delta(delta, 0)
     with pytest.raises(ValueError, match=r"'v' has shape \(3,\)"):
         refactor_delta({"v": torch.ones(3)}, 2)
+
+
+def test_average_is_the_plain_mean_and_copies_integer_buffers() -> None:
+    a = {"w": torch.tensor([1.0, 3.0]), "n": torch.tensor(4)}
+    b = {"w": torch.tensor([3.0, 5.0]), "n": torch.tensor(9)}
+    c = {"w": torch.tensor([5.0, 1.0]), "n": torch.tensor(1)}
+    merged = average([a, b, c])
+    assert torch.equal(merged["w"], torch.tensor([3.0, 3.0]))
+    assert torch.equal(merged["n"], torch.tensor(4))
+    assert merged["w"].data_ptr() != a["w"].data_ptr()
+    with pytest.raises(ValueError, match="at least one"):
+        average([])
+    with pytest.raises(ValueError, match="different keys"):
+        average([a, {"w": a["w"]}])
