@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 
 from benchmarks import (
+    bench_causal_lm,
     bench_data_plane,
     bench_fisher,
     bench_gate,
@@ -33,6 +34,9 @@ def main() -> None:
     print(bench_product_quality.markdown(bench_product_quality.run(quick=quick)))
     print("\n## Data plane: reading + validating Parquet (1M rows × 64 columns)\n")
     print(bench_data_plane.markdown(bench_data_plane.run(quick=quick)))
+    print("\n## Causal LM continual pre-training: per-domain perplexity\n")
+    budget = bench_causal_lm.QUICK if quick else bench_causal_lm.FULL
+    print(bench_causal_lm.markdown(bench_causal_lm.run(budget, quick=quick)))
 
 
 if __name__ == "__main__":
