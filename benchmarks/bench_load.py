@@ -29,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,7 @@ class Round:
     batch_id: str
     seconds: float
     states: dict[str, list[str]] = field(default_factory=dict)  # cadence → final state types
+    errors: list[str] = field(default_factory=list)  # "cadence: state message" of runs that failed
 
 
 @dataclass
@@ -190,9 +192,14 @@ def run_round(api: str, ids: dict[str, str], landing: Path, index: int, timeout:
             raise TimeoutError(f"round {index} ({batch_id}) not final after {timeout}s: {stuck}")
         time.sleep(2)
     states: dict[str, list[str]] = {}
+    errors: list[str] = []
     for run in runs:
-        states.setdefault(by_deployment[run["deployment_id"]], []).append(run["state_type"])
-    return Round(batch_id, round(time.monotonic() - began, 1), states)
+        cadence = by_deployment[run["deployment_id"]]
+        states.setdefault(cadence, []).append(run["state_type"])
+        if run["state_type"] != "COMPLETED":  # why: the final state's message names the error
+            message = (run.get("state") or {}).get("message") or "(no message)"
+            errors.append(f"{cadence} {run['id']}: {message}")
+    return Round(batch_id, round(time.monotonic() - began, 1), states, errors)
 
 
 def active_slots(api: str, pipeline: str) -> dict[str, int]:
@@ -247,6 +254,8 @@ def run_load(root: Path, rounds: int, round_timeout: float = 900) -> LoadResult:
                     done.append(run_round(api, ids, landing, index, round_timeout))
                     states = {c: s for c, s in sorted(done[-1].states.items())}
                     print(f"round {index + 1}: {done[-1].seconds}s {states}", flush=True)
+                    for error in done[-1].errors:
+                        print(f"  not completed: {error}", flush=True)
                 except TimeoutError as error:
                     deadlocked = str(error)
                     break
@@ -284,6 +293,10 @@ def _markdown(result: LoadResult, rounds: int) -> str:
     for i, r in enumerate(result.rounds):
         runs = ", ".join(f"{c} {len(s)}" for c, s in sorted(r.states.items()))
         lines.append(f"| {i + 1} | {r.batch_id} | {r.seconds} | {runs} |")
+    errors = [(r.batch_id, e) for r in result.rounds for e in r.errors]
+    if errors:
+        lines += ["", "Flow runs that did not complete (final state message):", ""]
+        lines += [f"- {batch}: {error}" for batch, error in errors]
     expected = len(result.rounds)
     lines += ["", "| cadence | batches processed once (expected) |", "|---|---|"]
     for cadence in CADENCES:
@@ -298,9 +311,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--round-timeout", type=float, default=900)
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the run's folder (worker.log, home) for a post-mortem",
+    )
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="evergreen-load-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="evergreen-load-")
+    try:
         result = run_load(Path(tmp), args.rounds, args.round_timeout)
+    finally:
+        if args.keep:
+            print(f"kept: {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
     RESULTS.mkdir(exist_ok=True)
     payload = {
         **asdict(result),
