@@ -60,14 +60,15 @@ monthly:                          # full fine-tune + online EWC
 weekly:                           # experience replay + EWC
   train: {steps: 300, epochs: 5, lr: 0.001, processes: 1}   # processes > 1: torchrun DDP (any section's train)
   ewc_lambda: auto
-  replay_ratio: 0.75              # share of each step drawn from the data memory (which holds every batch)
+  # replay_ratio: 0.75            # share of each step drawn from the data memory (which holds every
+  #                               # batch); unset: 0.75, or 0.2 for model.family hf-causal-lm
 
 daily:                            # online LoRA, kept only if it passes the gate's rule on select rows
   train: {steps: 150, lr: 0.003}
   lora_r: 8
   lora_alpha: 16
   target_modules: null            # null: q_proj/v_proj where present, else every Linear but the head
-  replay_ratio: 0.75
+  # replay_ratio: 0.75            # unset: 0.75, or 0.2 for model.family hf-causal-lm
 
 stream:                           # Page-Hinkley on the champion's per-sample loss + EMA weights
   ema_decay: 0.99

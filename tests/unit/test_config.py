@@ -22,6 +22,26 @@ def test_init_template_is_a_valid_config_and_init_writes_it(tmp_path, monkeypatc
     assert main(["init"]) == 1  # never overwrites silently
 
 
+def test_init_template_leaves_replay_to_the_model_family(tmp_path, monkeypatch):
+    """A user who runs `init` and then switches to a causal LM must get the family's 20 % old
+    text, not the classifier's 75 % written into the file."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    tabular = load_config(tmp_path / "evergreen.yaml")
+    assert (tabular.weekly.replay_ratio, tabular.daily.replay_ratio) == (0.75, 0.75)
+    causal = load_config(
+        tmp_path / "evergreen.yaml",
+        [
+            "model.family=hf-causal-lm",
+            "model.hf_path=./lm",
+            "data.text=text",
+            "data.features=[]",
+            "data.classes=[]",
+        ],
+    )
+    assert (causal.weekly.replay_ratio, causal.daily.replay_ratio) == (0.2, 0.2)
+
+
 def test_overrides_are_parsed_as_yaml(tmp_path):
     path = tmp_path / "evergreen.yaml"
     path.write_text(yaml.safe_dump(MINIMAL))
