@@ -427,17 +427,20 @@ def _get_or_add(store: Any, item: Any) -> Any:
 
     Flows of several cadences validate at once on one file-backed context: two may both miss
     the item and both add it; the loser's add fails with GX's "Store already has the following
-    key", and the item the winner stored (the same definition) is read instead."""
+    key", and the item the winner stored (the same definition) is read instead. GX reports it
+    as `StoreBackendError` (checkpoints, validation definitions), wrapped in
+    `ExpectationSuiteError` (a suite saved meanwhile), or as "already exists" (a suite the
+    factory found before saving): all are `DataContextError`s."""
     try:
         return store.get(item.name)
     except Exception:  # GX raises store-specific "not found" errors
         pass
-    from great_expectations.exceptions.exceptions import StoreBackendError  # lazy: GX is heavy
+    from great_expectations.exceptions.exceptions import DataContextError  # lazy: GX is heavy
 
     try:
         return store.add(item)
-    except StoreBackendError as error:
-        if "already has" not in str(error):
+    except DataContextError as error:
+        if "already has" not in str(error) and "already exists" not in str(error):
             raise
         return store.get(item.name)
 

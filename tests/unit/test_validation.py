@@ -354,11 +354,16 @@ def test_many_validations_keep_one_suite_and_a_bounded_data_docs_history(tmp_pat
     assert any("beyond the range accepted so far" in w.message for w in report.warnings)
 
 
-def test_a_definition_another_flow_added_meanwhile_is_read_not_re_added():
+@pytest.mark.parametrize("error_class", ["StoreBackendError", "ExpectationSuiteError"])
+def test_a_definition_another_flow_added_meanwhile_is_read_not_re_added(error_class):
     """Two cadences validating at once on one context: both miss the checkpoint, the loser's
     add fails with GX's "already has the following key" and must read the winner's instead
-    (seen in the load test as a failed monthly run)."""
+    (seen in the load test as a failed monthly run; for a suite GX wraps the store's error in
+    an ExpectationSuiteError)."""
+    from great_expectations.exceptions import exceptions
     from great_expectations.exceptions.exceptions import StoreBackendError
+
+    raised = getattr(exceptions, error_class)
 
     from data_plane.validation import _get_or_add
 
@@ -373,7 +378,7 @@ def test_a_definition_another_flow_added_meanwhile_is_read_not_re_added():
             return self.stored
 
         def add(self, item):
-            raise StoreBackendError(f"Store already has the following key: ('{item.name}',).")
+            raise raised(f"Store already has the following key: ('{item.name}',).")
 
     class Item:
         name = "evergreen-batch-1"
@@ -386,3 +391,33 @@ def test_a_definition_another_flow_added_meanwhile_is_read_not_re_added():
 
     with pytest.raises(StoreBackendError, match="permission denied"):
         _get_or_add(BrokenStore(), Item())
+
+
+def test_a_suite_another_flow_added_meanwhile_is_read_from_the_real_store(tmp_path):
+    """The same race on GX's real suite store, where the loser's error is an
+    `ExpectationSuiteError` (seen in a 20-round load run as a failed monthly run)."""
+    import great_expectations as gx
+
+    from data_plane.validation import _get_or_add
+
+    context = gx.get_context(mode="file", project_root_dir=str(tmp_path))
+    name = "evergreen-batch-raced"
+    context.suites.add(gx.ExpectationSuite(name=name))  # the other flow's add, already on disk
+
+    class MissedOnce:
+        """The real store, whose first look-up ran before the other flow wrote the suite."""
+
+        def __init__(self, store):
+            self.store, self.missed = store, False
+
+        def get(self, key):
+            if not self.missed:
+                self.missed = True
+                raise KeyError(key)
+            return self.store.get(key)
+
+        def add(self, item):
+            return self.store.add(item)
+
+    got = _get_or_add(MissedOnce(context.suites), gx.ExpectationSuite(name=name))
+    assert got.name == name
