@@ -96,6 +96,9 @@ def _fit(
     with training_slot(cfg.registry.name, cfg.home_path / "locks"):
         if processes > 1:
             logger = get_run_logger()
+            # the config refuses distillation under torchrun: the ranks carry no teacher
+            if methods.pop("distiller", None) is not None:
+                raise ValueError("distillation does not run under train.processes > 1")
             job = DistributedJob(model, X, y, settings, fisher_kind=fisher_kind, **methods)
             outcome = run_distributed(job, processes, logger.info)
             assert outcome.result is not None
