@@ -26,7 +26,7 @@ import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 BASE_FILE = "base.json"
 FORMAT = "evergreen.base/1"
@@ -65,8 +65,33 @@ def resolve_hf_path(path: str | Path) -> Path:
     return Path(module.__file__ or ".").parent / "model"
 
 
+class JsonReference:
+    """`to_json` / `from_json` of a reference file (`base.json`, `parent.json`): a frozen dataclass
+    whose `format` field holds its class's `FORMAT`, so a file of another kind is refused."""
+
+    FORMAT: ClassVar[str]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"  # type: ignore[call-overload]
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        """Parse the file's text.
+
+        Raises:
+            ValueError: not JSON, another format, or missing/unknown fields.
+        """
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("format") != cls.FORMAT:
+            raise ValueError(f"expected a JSON object with format {cls.FORMAT!r}")
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from exc
+
+
 @dataclass(frozen=True)
-class BaseReference:
+class BaseReference(JsonReference):
     """What a delta checkpoint was stored against (the content of its `base.json`).
 
     Attributes:
@@ -82,6 +107,8 @@ class BaseReference:
             it trained; a LoRA version only its head and adapter).
     """
 
+    FORMAT: ClassVar[str] = FORMAT
+
     hf_path: str
     resolved: str
     sha256: str
@@ -90,24 +117,6 @@ class BaseReference:
     stored_tensors: int = 0
     from_base_tensors: int = 0
     format: str = FORMAT
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> BaseReference:
-        """Parse `base.json`.
-
-        Raises:
-            ValueError: not JSON, another format, or missing/unknown fields.
-        """
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"expected a JSON object with format {FORMAT!r}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from exc
 
 
 def local_hf_directory(path: str | Path) -> Path:

@@ -96,7 +96,8 @@ def _base_state_dict(peft_model: PeftModel) -> dict[str, Tensor]:
     return _plain_state_dict(copy.deepcopy(peft_model).unload())
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temporary file in the same folder, fsync, rename: a reader sees the old file or the new."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
@@ -148,14 +149,14 @@ def _write_into(
         shutil.rmtree(adapter_dir, ignore_errors=True)
     _write_reference(directory, reference)
     text = json.dumps(spec.to_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write_bytes(directory / SPEC_FILE, text.encode("utf-8"))
+    atomic_write_bytes(directory / SPEC_FILE, text.encode("utf-8"))
 
 
 def _write_reference(directory: Path, reference: BaseReference | ParentReference | None) -> None:
     """`base.json` or `parent.json` (the other removed), or neither for complete weights."""
     for name, kind in ((BASE_FILE, BaseReference), (PARENT_FILE, ParentReference)):
         if isinstance(reference, kind):
-            _atomic_write_bytes(directory / name, reference.to_json().encode("utf-8"))
+            atomic_write_bytes(directory / name, reference.to_json().encode("utf-8"))
         else:
             (directory / name).unlink(missing_ok=True)
 

@@ -279,35 +279,24 @@ def squared_gradient_sums(
     check_args(X, y, kind, n_samples)
     if batch_size < 1 or (chunk_size is not None and chunk_size < 1):
         raise ValueError(f"batch_size and chunk_size must be >= 1, got {batch_size}, {chunk_size}")
+    padding: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if is_causal_lm(model) and loss_fn is None:
         y, kind, loss_fn = causal_lm_targets(model, X, kind)
-        with unmasked_right_padding(model, X):
-            return _squared_sums(
-                model,
-                X,
-                y,
-                kind,
-                n_samples,
-                seed,
-                batch_size,
-                loss_fn,
-                chunk_size,
-                linear_fast_path,
-                draws,
-            )
-    return _squared_sums(
-        model,
-        X,
-        y,
-        kind,
-        n_samples,
-        seed,
-        batch_size,
-        loss_fn or cross_entropy,
-        chunk_size,
-        linear_fast_path,
-        draws,
-    )
+        padding = unmasked_right_padding(model, X)
+    with padding:
+        return _squared_sums(
+            model,
+            X,
+            y,
+            kind,
+            n_samples,
+            seed,
+            batch_size,
+            loss_fn or cross_entropy,
+            chunk_size,
+            linear_fast_path,
+            draws,
+        )
 
 
 def _squared_sums(

@@ -26,16 +26,21 @@ Torch-free: the registry checks a version's parent before promoting it without i
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import quote
 
-from continual.base_model import BaseModelError, combined_sha256, hash_differences
+from continual.base_model import (
+    BaseModelError,
+    JsonReference,
+    combined_sha256,
+    hash_differences,
+)
 
 PARENT_FILE = "parent.json"
 FORMAT = "evergreen.parent/1"
@@ -63,7 +68,7 @@ class ParentSource:
 
 
 @dataclass(frozen=True)
-class ParentReference:
+class ParentReference(JsonReference):
     """The content of `parent.json`.
 
     Attributes:
@@ -81,6 +86,8 @@ class ParentReference:
         stored_tensors: entries this version stores itself.
     """
 
+    FORMAT: ClassVar[str] = FORMAT
+
     model_name: str
     version: str
     registry_uri: str
@@ -95,24 +102,6 @@ class ParentReference:
     @property
     def uri(self) -> str:
         return f"models:/{self.model_name}/{self.version}"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=1, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> ParentReference:
-        """Parse `parent.json`.
-
-        Raises:
-            ValueError: not JSON, another format, or missing/unknown fields.
-        """
-        data = json.loads(text)
-        if not isinstance(data, dict) or data.get("format") != FORMAT:
-            raise ValueError(f"expected a JSON object with format {FORMAT!r}")
-        try:
-            return cls(**data)
-        except TypeError as exc:
-            raise ValueError(str(exc)) from exc
 
 
 ParentResolver = Callable[[ParentReference], Path]

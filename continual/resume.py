@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor, nn
+
+from continual.checkpoint import atomic_write_bytes
 
 if TYPE_CHECKING:
     from continual.batching import BatchStream
@@ -338,16 +339,7 @@ class LoopState:
 def _atomic_write(path: Path, data: bytes) -> None:
     """Temporary file in the same folder, fsync, rename, fsync the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, data)
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
