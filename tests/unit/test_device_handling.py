@@ -8,18 +8,16 @@ import copy
 import logging
 import shutil
 import time
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits  # type: ignore[import-untyped]
 from torch import nn
 
 from continual.causal_lm import HFCausalLM
 from continual.ewc import EWC
-from continual.models import CAUSAL_LM, ModelSpec, build_model, fit_standardizer
+from continual.models import CAUSAL_LM, ModelSpec, build_model
 from continual.replay import ReservoirBuffer
 from continual.resume import Checkpointing
 from continual.training import (
@@ -32,17 +30,10 @@ from continual.training import (
     train,
 )
 from evergreen.config import TrainConfig
+from tests.digits_tensors import digits_tensors as _digits
 from tests.tiny_llama import sentences, tiny_llama
 
 CPU = torch.device("cpu")
-
-
-@lru_cache(maxsize=1)
-def _digits() -> tuple[torch.Tensor, torch.Tensor, ModelSpec]:
-    data = load_digits()
-    mean, std = fit_standardizer(data.data[:1200])
-    spec = ModelSpec("mlp", 64, 10, hidden=[64], input_mean=mean, input_std=std)
-    return torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target), spec
 
 
 def _mlp(dropout: float = 0.0) -> nn.Module:

@@ -9,19 +9,18 @@ is discarded instead of resumed.
 from __future__ import annotations
 
 import logging
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
 import torch
-from sklearn.datasets import load_digits
 from torch import nn
 
 from continual.ewc import EWC
-from continual.models import ModelSpec, build_model, fit_standardizer
+from continual.models import ModelSpec, build_model
 from continual.replay import ReservoirBuffer
 from continual.resume import Checkpointing, tensor_digest
 from continual.training import TrainResult, TrainSettings, train
+from tests.digits_tensors import digits_tensors
 
 CPU = torch.device("cpu")
 
@@ -30,12 +29,8 @@ class Interrupted(Exception):
     """Stands for the SIGKILL: the loop stops between two steps, nothing after runs."""
 
 
-@lru_cache(maxsize=1)
 def _digits() -> tuple[torch.Tensor, torch.Tensor, ModelSpec]:
-    data = load_digits()
-    mean, std = fit_standardizer(data.data[:1200])
-    spec = ModelSpec("mlp", 64, 10, hidden=[64], input_mean=mean, input_std=std, dropout=0.2)
-    return torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target), spec
+    return digits_tensors(dropout=0.2)
 
 
 def _mlp() -> nn.Module:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import pytest
 import torch
-from sklearn.datasets import load_digits
 
-from continual.models import ModelSpec, build_model, fit_standardizer
+from continual.models import ModelSpec, build_model
 from continual.training import (
     TrainResult,
     TrainSettings,
@@ -21,16 +18,9 @@ from continual.training import (
     predict_proba,
     train,
 )
+from tests.digits_tensors import digits_tensors as _digits
 
 CPU = torch.device("cpu")
-
-
-@lru_cache(maxsize=1)
-def _digits() -> tuple[torch.Tensor, torch.Tensor, ModelSpec]:
-    data = load_digits()
-    mean, std = fit_standardizer(data.data[:1200])
-    spec = ModelSpec("mlp", 64, 10, hidden=[64], input_mean=mean, input_std=std)
-    return torch.tensor(data.data, dtype=torch.float32), torch.tensor(data.target), spec
 
 
 def _model(seed: int = 0, **overrides) -> torch.nn.Module:
