@@ -140,7 +140,8 @@ def bench_flow_vs_script(root: Path, runs: int) -> dict[str, Any]:
     for batch_id in daily[:runs]:  # interleaved: script, then the flow, on the same batch
         bare_seconds.append(_bare_daily(config, batch_id))
         start = time.perf_counter()
-        state = flow(params=params(config_path=config, batch_ids=[batch_id]), return_state=True)
+        arguments = params(config_path=config, batch_ids=[batch_id]).model_dump()
+        state = flow(**arguments, return_state=True)
         flow_seconds.append(time.perf_counter() - start)
         tasks = _task_times(state.state_details.flow_run_id)
     flow_median, bare_median = statistics.median(flow_seconds), statistics.median(bare_seconds)

@@ -122,7 +122,8 @@ def _failures(tally: _Tally, cfg: DataConfig) -> list[Failure]:
     columns = data_columns(cfg)
     missing = [c for c in columns if c not in tally.columns]
     for column in missing:
-        found.append(Failure("expect_column_to_exist", column, None, [], f"{column!r} is missing"))
+        message = f"{column!r} is missing"
+        found.append(Failure("expect_table_columns_to_match_set", column, None, [], message))
     mistyped = {c for (k, c) in tally.counts if k == "expect_column_values_to_be_in_type_list"}
     kinds = [
         "expect_column_values_to_be_in_type_list",

@@ -12,6 +12,7 @@ import difflib
 import json
 import math
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,8 +122,52 @@ def _files(frame: pd.DataFrame, rows: list[Any]) -> str:
 
 
 def _counts(result: dict[str, Any]) -> str:
-    pairs = result.get("partial_unexpected_counts") or []
+    """The sample values with their counts: GX's SUMMARY `partial_unexpected_counts`, or (BASIC,
+    what `validation` asks for) the same tally of `partial_unexpected_list`, most common first."""
+    pairs = result.get("partial_unexpected_counts")
+    if pairs is None:
+        tally = Counter(_hashable(v) for v in result.get("partial_unexpected_list") or [])
+        pairs = [{"value": value, "count": count} for value, count in tally.most_common()]
     return ", ".join(f"{p['value']!r} ×{p['count']}" for p in pairs[:_SAMPLES])
+
+
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def unexpected_rows(
+    kind: str, kwargs: dict[str, Any], frame: pd.DataFrame, limit: int = 10
+) -> list[int]:
+    """Positions of the first `limit` rows a failed column check objects to, found in the frame
+    (GX reports them only with the costlier SUMMARY result format); [] for other checks.
+
+    Only for naming the files a failure is in: the verdict and the counts are GX's.
+    """
+    column = kwargs.get("column")
+    if column is not None and column not in frame.columns:
+        return []
+    values = frame[column] if column is not None else None
+    if kind == "expect_column_values_to_not_be_null" and values is not None:
+        mask = values.isna()
+    elif kind == "expect_column_values_to_be_between" and values is not None:
+        numbers = pd.to_numeric(values, errors="coerce")
+        low, high = kwargs.get("min_value"), kwargs.get("max_value")
+        outside = pd.Series(False, index=frame.index)
+        if isinstance(low, int | float):
+            outside |= numbers < low
+        if isinstance(high, int | float):
+            outside |= numbers > high
+        mask = outside & values.notna()
+    elif kind == "expect_column_values_to_be_in_set" and values is not None:
+        mask = values.notna() & ~values.isin(list(kwargs.get("value_set") or []))
+    elif kind == "expect_compound_columns_to_be_unique":
+        present = [c for c in kwargs.get("column_list", []) if c in frame.columns]
+        if not present:
+            return []
+        mask = frame.duplicated(subset=present, keep=False)
+    else:
+        return []
+    return [int(i) for i in np.flatnonzero(mask.to_numpy())[:limit]]
 
 
 def _non_numeric(frame: pd.DataFrame, column: str) -> pd.Series:
@@ -162,7 +207,7 @@ def _message(
     """The sentence for one failed expectation (`ctx`: frame, config, counts, files)."""
     frame, cfg, count, where = ctx["frame"], ctx["cfg"], ctx["count"], ctx["where"]
     col = f"column {column!r}"
-    if kind == "expect_column_to_exist":
+    if kind in ("expect_column_to_exist", "expect_table_columns_to_match_set"):
         present = [str(c) for c in frame.columns if c != SOURCE_COLUMN]
         expected = {*cfg.features, cfg.text, cfg.label}
         unexpected = [c for c in present if c not in expected]
@@ -229,12 +274,24 @@ def _failed_columns(results: list[dict[str, Any]], kind: str) -> set[str]:
     }
 
 
+def _missing_columns(results: list[dict[str, Any]], frame: pd.DataFrame) -> set[str]:
+    """Columns a failed existence check names: `expect_column_to_exist` (suites written before
+    the table-level check) or `expect_table_columns_to_match_set` (its set minus the batch's)."""
+    missing = _failed_columns(results, "expect_column_to_exist")
+    for item in results:
+        config = item["expectation_config"]
+        if not item["success"] and config["type"] == "expect_table_columns_to_match_set":
+            expected = config["kwargs"].get("column_set") or []
+            missing.update(str(c) for c in expected if c not in frame.columns)
+    return missing
+
+
 def _is_consequence(
     kind: str, involved: set[str], missing: set[str], mistyped: set[str], error: str | None
 ) -> bool:
     """A check that failed only because its column is missing, or could not run on a wrongly
     typed column, is a consequence: the cause is reported once."""
-    if kind == "expect_column_to_exist":
+    if kind in ("expect_column_to_exist", "expect_table_columns_to_match_set"):
         return False
     return bool(involved & missing) or bool(error and involved & mistyped)
 
@@ -245,7 +302,7 @@ def failures_from_result(
     """Actionable `Failure`s from a GX validation result (in suite order)."""
 
     results = result.get("results", [])
-    missing = _failed_columns(results, "expect_column_to_exist")
+    missing = _missing_columns(results, frame)
     mistyped = _failed_columns(results, "expect_column_values_to_be_in_type_list")
     failures = []
     for item in results:
@@ -258,6 +315,9 @@ def failures_from_result(
         error = _exception_message(item.get("exception_info"))
         if _is_consequence(kind, involved, missing, mistyped, error):
             continue
+        if kind == "expect_table_columns_to_match_set" and not error:
+            failures += _missing_failures(kind, kwargs, frame, data_cfg, config)
+            continue
         res = item.get("result") or {}
         count = res.get("unexpected_count")
         samples = list(res.get("partial_unexpected_list") or [])[:_SAMPLES]
@@ -269,7 +329,7 @@ def failures_from_result(
                 "frame": frame,
                 "cfg": data_cfg,
                 "count": count,
-                "where": _files(frame, list(res.get("partial_unexpected_index_list") or [])),
+                "where": _files(frame, _failed_rows(kind, kwargs, res, frame)),
                 "meta": config.get("meta"),
             }
             message = _message(kind, column, kwargs, res, ctx)
@@ -280,6 +340,31 @@ def failures_from_result(
         severity = str(config.get("severity") or "critical")
         failures.append(Failure(kind, column, count, samples, message, severity))
     return failures
+
+
+def _failed_rows(
+    kind: str, kwargs: dict[str, Any], result: dict[str, Any], frame: pd.DataFrame
+) -> list[Any]:
+    """Rows of a failure: GX's (SUMMARY) when it gave them, else found in the frame."""
+    rows = result.get("partial_unexpected_index_list")
+    return list(rows) if rows is not None else unexpected_rows(kind, kwargs, frame)
+
+
+def _missing_failures(
+    kind: str,
+    kwargs: dict[str, Any],
+    frame: pd.DataFrame,
+    data_cfg: DataConfig,
+    config: dict[str, Any],
+) -> list[Failure]:
+    """One failure per configured column the batch lacks (the table-level check names many)."""
+    severity = str(config.get("severity") or "critical")
+    columns = [str(c) for c in kwargs.get("column_set") or [] if c not in frame.columns]
+    ctx = {"frame": frame, "cfg": data_cfg, "count": None, "where": ""}
+    return [
+        Failure(kind, column, None, [], _message(kind, column, kwargs, {}, ctx), severity)
+        for column in columns
+    ]
 
 
 def _repeats(frame: pd.DataFrame, columns: list[str]) -> int:

@@ -179,7 +179,7 @@ def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Pa
     assert path == suite_path(home) == home / "gx" / "expectations" / "evergreen-batch.json"
     data = json.loads(path.read_text())
     kinds = {e["type"] for e in data["expectations"]}
-    assert {"expect_column_to_exist", "expect_column_values_to_be_between"} <= kinds
+    assert {"expect_table_columns_to_match_set", "expect_column_values_to_be_between"} <= kinds
     batch = make_batch(60, seed=7)
     assert validate_batch(batch, "b", make_config(), path).success
     for item in data["expectations"]:  # the user tightens f1's range by hand
@@ -196,6 +196,34 @@ def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Pa
     assert "outside [-0.1, 0.1]" in report.failures[0].message
 
 
+def test_a_suite_in_the_old_form_still_validates_and_names_a_missing_column(
+    zone: LandingZone, tmp_path: Path
+) -> None:
+    """Suites written before the table-level column check hold one `expect_column_to_exist` per
+    column: they keep working, with the same verdicts and messages."""
+    home = tmp_path / "home"
+    path = _suite_for_tests(home)
+    data = json.loads(path.read_text())
+    table = [e for e in data["expectations"] if e["type"] == "expect_table_columns_to_match_set"]
+    assert len(table) == 1
+    columns = table[0]["kwargs"]["column_set"]
+    data["expectations"] = [
+        {"type": "expect_column_to_exist", "kwargs": {"column": c}} for c in columns
+    ] + [e for e in data["expectations"] if e is not table[0]]
+    path.write_text(json.dumps(data, indent=2))
+    batch = make_batch(60, seed=7)
+    assert validate_batch(batch, "b", make_config(), path).success
+    report = validate_batch(batch.drop(columns=["f1"]), "b", make_config(), path)
+    assert [(f.expectation, f.column) for f in report.failures] == [
+        ("expect_column_to_exist", "f1")
+    ]
+    assert "column 'f1' is missing" in report.failures[0].message
+    new_form = validate_batch(
+        batch.drop(columns=["f1"]), "b", make_config(), _suite_for_tests(tmp_path / "other")
+    )
+    assert [f.message for f in new_form.failures] == [f.message for f in report.failures]
+
+
 def test_malformed_suite_files_give_actionable_errors(tmp_path: Path) -> None:
     path = write_suite(build_suite(make_config()), tmp_path / "suite.json")
     assert len(load_suite(path).expectations) == len(build_suite(make_config()).expectations)
@@ -204,9 +232,9 @@ def test_malformed_suite_files_give_actionable_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"suite.json is not valid JSON \(line \d+"):
         load_suite(path)
     data = json.loads(text)
-    data["expectations"][5]["kwargs"]["colum"] = data["expectations"][5]["kwargs"].pop("column")
+    data["expectations"][4]["kwargs"]["colum"] = data["expectations"][4]["kwargs"].pop("column")
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"expectation #5 \('expect_column_values_to_be_in_type"):
+    with pytest.raises(ValueError, match=r"expectation #4 \('expect_column_values_to_be_in_type"):
         load_suite(path)
     data["expectations"][4] = {"type": "expect_the_unexpected", "kwargs": {}}
     path.write_text(json.dumps(data))
@@ -286,7 +314,9 @@ def test_validation_latency_2000_rows_64_features(tmp_path: Path) -> None:
         started = time.perf_counter()
         report = validate_batch(frame, "b", config, suite_file)
         timings.append(time.perf_counter() - started)
-        assert report.success and report.statistics["gx"]["evaluated_expectations"] == 261
+        assert (
+            report.success and report.statistics["gx"]["evaluated_expectations"] == 197
+        )  # 1 + 3 × 64 + 4
     print(f"\nGX validate 2000x64: first {timings[0]:.2f}s, warm {min(timings[1:]):.2f}s")
     assert min(timings[1:]) < 30.0
 
