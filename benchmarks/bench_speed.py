@@ -220,9 +220,15 @@ def markdown(result: dict[str, Any]) -> str:
     ms = replay["ms_per_step"]
     load = result.get("load_average")
     lines = [
-        f"torch {result['torch']}, {result['threads']} thread(s) for the step timings; "
+        f"torch {result['torch']}, {result['threads']} thread(s) for the step timings and the "
+        "flow-vs-script runs; "
         "medians of interleaved repeats"
-        + (f"; load average at the end {load[0]:.1f} on {result['cpus']} cores" if load else ""),
+        + (f"; load average at the end {load[0]:.1f} on {result['cpus']} cores" if load else "")
+        + (
+            f" (at the start {result['load_average_at_start'][0]:.1f})"
+            if result.get("load_average_at_start")
+            else ""
+        ),
         "",
         f"Replay step vs plain step ({replay['model']}, {replay['n_params']} params, batch "
         f"{replay['batch']}, replay ratio {replay['replay_ratio']}): plain {ms['plain']:.2f} ms, "
@@ -259,6 +265,7 @@ def markdown(result: dict[str, Any]) -> str:
 def run(quick: bool = False) -> dict[str, Any]:
     """Run every part, write speed.json and speed.md, return the results."""
     steps, step_repeats, flow_runs, repeats = (10, 3, 1, 1) if quick else (30, 15, 3, 3)
+    load_at_start = os.getloadavg()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -266,7 +273,15 @@ def run(quick: bool = False) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="evergreen-speed-") as folder:
-        flow = bench_flow_vs_script(Path(folder), flow_runs)
+        # one intra-op thread on both sides: with torch's default (every core) a tiny model's
+        # steps wait on OpenMP barriers whenever another process takes a core, ~10× slower on
+        # a busy 2-core machine, and the flow's own Prefect server and log threads take cores
+        # during its training — the comparison then measured contention, not the product
+        torch.set_num_threads(1)
+        try:
+            flow = bench_flow_vs_script(Path(folder), flow_runs)
+        finally:
+            torch.set_num_threads(threads)
         fixed = bench_fixed_cost(flow.pop("config"), repeats)
     result = {
         "benchmark": "speed",
@@ -275,6 +290,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "threads": 1,
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
+        "load_average_at_start": load_at_start,
         "load_average": os.getloadavg(),
         "repeats": repeats,
         "replay_step": replay,
