@@ -94,6 +94,7 @@ def _bare_daily(config: str, batch_id: str) -> float:
 
     cfg = load_config(config)
     champion = load_champion.fn(cfg)
+    cpu_started = time.process_time()
     started = time.perf_counter()
     frame = pd.read_parquet(Path(cfg.data.landing) / batch_id)
     X = torch.tensor(frame[cfg.data.features].to_numpy("float32"))
@@ -105,7 +106,11 @@ def _bare_daily(config: str, batch_id: str) -> float:
     train(model, X[:cut], y[:cut], settings)
     correct_mask(model, X[cut:], y[cut:]).mean()
     correct_mask(champion.model, X[cut:], y[cut:]).mean()
+    _LAST_CPU[0] = time.process_time() - cpu_started
     return time.perf_counter() - started
+
+
+_LAST_CPU = [0.0]  # CPU seconds of the last `_bare_daily`: wall times swing with the load
 
 
 def _task_times(flow_run_id: Any) -> dict[str, float]:
@@ -135,14 +140,19 @@ def bench_flow_vs_script(root: Path, runs: int) -> dict[str, Any]:
     flow, params = item.flow(), item.params_model()
     flow_seconds: list[float] = []
     bare_seconds: list[float] = []
+    flow_cpu: list[float] = []
+    bare_cpu: list[float] = []
     tasks: dict[str, float] = {}
     _bare_daily(config, daily[0])  # warm-up: peft import, the champion's download
     for batch_id in daily[:runs]:  # interleaved: script, then the flow, on the same batch
         bare_seconds.append(_bare_daily(config, batch_id))
+        bare_cpu.append(_LAST_CPU[0])
+        cpu_start = time.process_time()  # this process only: not the Prefect server's
         start = time.perf_counter()
         arguments = params(config_path=config, batch_ids=[batch_id]).model_dump()
         state = flow(**arguments, return_state=True)
         flow_seconds.append(time.perf_counter() - start)
+        flow_cpu.append(time.process_time() - cpu_start)
         tasks = _task_times(state.state_details.flow_run_id)
     flow_median, bare_median = statistics.median(flow_seconds), statistics.median(bare_seconds)
     return {
@@ -151,6 +161,9 @@ def bench_flow_vs_script(root: Path, runs: int) -> dict[str, Any]:
         "flow_median": flow_median,
         "bare_median": bare_median,
         "ratio": flow_median / bare_median,
+        "flow_cpu_seconds": flow_cpu,
+        "bare_cpu_seconds": bare_cpu,
+        "cpu_ratio": statistics.median(flow_cpu) / statistics.median(bare_cpu),
         "fixed_cost_seconds": flow_median - bare_median,
         "bootstrap_and_prefect_start_seconds": setup,
         "last_flow_task_seconds": tasks,
@@ -238,7 +251,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"script: flow {flow['flow_median']:.1f} s, script {flow['bare_median']:.2f} s → "
         f"**{flow['ratio']:.1f}×**, fixed cost **{flow['fixed_cost_seconds']:.1f} s** per run "
         f"(bootstrap + ephemeral Prefect start: {flow['bootstrap_and_prefect_start_seconds']:.0f}"
-        " s, once per process). Where one flow run's time goes (task runs):",
+        " s, once per process); CPU seconds of this process "
+        f"{statistics.median(flow['flow_cpu_seconds']):.1f} vs "
+        f"{statistics.median(flow['bare_cpu_seconds']):.2f} → **{flow['cpu_ratio']:.1f}×** (the "
+        "Prefect server is a subprocess, not counted). Where one flow run's time goes (task "
+        "runs, wall):",
         "",
         "| task | seconds |",
         "|---|---|",
