@@ -196,7 +196,7 @@ def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Pa
     assert "outside [-0.1, 0.1]" in report.failures[0].message
 
 
-def test_a_suite_in_the_old_form_still_validates_and_names_a_missing_column(
+def test_a_suite_in_the_old_form_still_validates_and_is_merged_in_place(
     zone: LandingZone, tmp_path: Path
 ) -> None:
     """Suites written before the table-level column check hold one `expect_column_to_exist` per
@@ -218,6 +218,11 @@ def test_a_suite_in_the_old_form_still_validates_and_names_a_missing_column(
         ("expect_column_to_exist", "f1")
     ]
     assert "column 'f1' is missing" in report.failures[0].message
+    assert ensure_suite(home, make_config()) == path  # the plain checks become one, in place
+    merged = json.loads(path.read_text())
+    assert merged["expectations"][0]["type"] == "expect_table_columns_to_match_set"
+    assert merged["expectations"][0]["kwargs"]["column_set"] == columns
+    assert merged["expectations"][1:] == data["expectations"][len(columns) :]
     new_form = validate_batch(
         batch.drop(columns=["f1"]), "b", make_config(), _suite_for_tests(tmp_path / "other")
     )
