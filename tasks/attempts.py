@@ -34,7 +34,6 @@ from urllib.parse import quote, unquote
 
 from evergreen.config import EvergreenConfig
 from model_registry.ledger import Ledger, now_iso
-from tasks.common import current_flow_run_id
 from tasks.staging import STALE_AFTER_SECONDS
 
 ATTEMPTS_DIR = "attempts"
@@ -57,6 +56,15 @@ def _folder(cfg: EvergreenConfig) -> Path:
     return cfg.home_path / ATTEMPTS_DIR
 
 
+def _flow_run_id() -> str:
+    """`tasks.common.current_flow_run_id`, imported when needed: `tasks.common` loads torch
+    (≈ 2.8 s), and the CLI's no-op check (`evergreen.pending` → `tasks.ledger`) imports this
+    module without ever starting a run."""
+    from tasks.common import current_flow_run_id
+
+    return current_flow_run_id()
+
+
 def begin(cfg: EvergreenConfig, cadence: str, batch_ids: list[str]) -> None:
     """Write and lock this run's marker before its work begins (a warning if it cannot be
     written: the run goes on as before markers existed)."""
@@ -68,7 +76,7 @@ def begin(cfg: EvergreenConfig, cadence: str, batch_ids: list[str]) -> None:
     facts = {
         "cadence": cadence,
         "batch_ids": list(batch_ids),
-        "flow_run_id": current_flow_run_id(),
+        "flow_run_id": _flow_run_id(),
         "pid": os.getpid(),
         "host": socket.gethostname(),
         "started_at": now_iso(),
@@ -219,7 +227,7 @@ def _record(ledger: Ledger, facts: dict[str, Any], reason: str) -> str | None:
         "interrupted": "true",
         "attempt_flow_run": str(facts.get("flow_run_id")),
         "attempt_started": started,
-        "recorded_by": current_flow_run_id(),
+        "recorded_by": _flow_run_id(),
     }
     record_interrupted(ledger, cadence, batches, reason, details)
     return f"{cadence} {batches}: {reason}"

@@ -71,3 +71,21 @@ def test_a_batch_landed_without_a_marker_is_waited_for_not_skipped(tmp_path):
     started = time.monotonic()
     assert choose_batches(cfg, "daily-lora", BatchSelection()) == ["2026-02-01"]
     assert time.monotonic() - started >= 1.0  # it waited for the window, then took it
+
+
+def test_the_no_op_check_does_not_load_torch_or_great_expectations():
+    """The no-op path (`evergreen.pending` → `tasks.ledger`) reads the ledger only: torch
+    (≈ 2.8 s to import) and GX stay unloaded until a run does work."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, evergreen.pending, tasks.ledger; "
+        "print(sorted(m for m in ('torch', 'great_expectations', 'peft') if m in sys.modules))"
+    )
+    root = Path(__file__).resolve().parents[2]  # `-c` imports from the working directory
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert out.stdout.strip() == "[]"
