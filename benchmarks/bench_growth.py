@@ -226,6 +226,10 @@ def main() -> None:
     )
     parser.add_argument("--one", nargs=2, metavar=("CONFIG", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from evergreen.cli import QUIET_DEFAULTS
+
+    for key, value in QUIET_DEFAULTS.items():  # what `evergreen run` sets (e.g. Prefect's
+        os.environ.setdefault(key, value)  # ephemeral start-up timeout on a busy machine)
     if args.one:  # the child of --process-per-run: one run, figures as the last stdout line
         print(json.dumps(one_run(*args.one)))
         return
