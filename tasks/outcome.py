@@ -69,6 +69,8 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
     Returns the outcome as a dict (what the flow returns).
     """
     details = {"version": str(outcome.version), "reasons": " | ".join(outcome.reasons)[:4000]}
+    if outcome.champion is not None:  # the report's champion column: not the challenger's number
+        details["champion"] = str(outcome.champion)
     if outcome.decision in LEDGER_OUTCOME and outcome.batch_ids:
         ledger.record(
             cfg,
