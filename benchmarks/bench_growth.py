@@ -1,11 +1,17 @@
 """Benchmark: does a daily cycle get slower or bigger as history grows?
 
-Run: `nice -n 10 python -m benchmarks.bench_growth [--cycles 100]` (writes
-`benchmarks/results/growth.json` and `growth.md`). One process, the embedded default (ephemeral
-Prefect, SQLite MLflow): bootstrap on the first batch of real digits, then `cycles` consecutive
+Run: `nice -n 10 python -m benchmarks.bench_growth [--cycles 100] [--process-per-run]` (writes
+`benchmarks/results/growth[-process].json` and `.md`). The embedded default (ephemeral Prefect,
+SQLite MLflow): bootstrap on the first batch of real digits, then `cycles` consecutive
 `daily-lora` runs, one new ~150-row batch each (digits rows with a little pixel noise, so no two
-batches hold the same rows). Per run: wall time, the process's resident memory after the run and
-its peak so far, the ledger and registry sizes. Targets: run N ≤ 1.2× run 1, flat memory.
+batches hold the same rows). Per run: wall time, resident memory, the ledger and registry sizes.
+Targets: run N ≤ 1.2× run 1, flat memory.
+
+Two ways to run the cycles, because they answer different questions:
+- one process for every run (default): does anything accumulate *in a process* across runs?
+- `--process-per-run`: each run in a fresh Python process, as Prefect's process worker runs
+  every flow run of a deployment: does a run get slower or bigger as the *stores* (registry,
+  ledger, memory, GX) grow? Memory is then the run's own peak resident set.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -67,7 +75,37 @@ def _landing(root: Path, cycles: int) -> list[str]:
     return batch_ids
 
 
-def run(cycles: int = 100) -> dict[str, Any]:
+def one_run(config: str, batch_id: str) -> dict[str, Any]:
+    """One daily-lora run in this process: its wall time, decision and resident memory."""
+    from evergreen.cadences import run_flow
+
+    started = time.perf_counter()
+    outcome = run_flow("daily-lora", config_path=config, batch_ids=[batch_id])
+    return {
+        "seconds": time.perf_counter() - started,
+        "decision": outcome["decision"],
+        "rss_mb": _rss_mb(),
+        "peak_rss_mb": _peak_mb(),
+    }
+
+
+def _run_in_fresh_process(config: str, batch_id: str) -> dict[str, Any]:
+    """`one_run` in a new interpreter (what a process worker does); the wall time is the whole
+    process's, imports included, and memory is that process's own peak."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench_growth", "--one", config, batch_id],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    figures["flow_seconds"] = figures["seconds"]
+    figures["seconds"] = time.perf_counter() - started
+    return figures
+
+
+def run(cycles: int = 100, *, process_per_run: bool = False) -> dict[str, Any]:
     """Bootstrap, then `cycles` daily-lora runs; returns (and writes) per-run figures."""
     from evergreen.cadences import run_flow
     from evergreen.config import load_config
@@ -83,32 +121,30 @@ def run(cycles: int = 100) -> dict[str, Any]:
         run_flow("bootstrap", config_path=config, batch_ids=["2026-01-01T00-00"])
         runs = []
         for i, batch_id in enumerate(batch_ids, start=1):
-            started = time.perf_counter()
-            outcome = run_flow("daily-lora", config_path=config, batch_ids=[batch_id])
-            seconds = time.perf_counter() - started
-            runs.append(
-                {
-                    "run": i,
-                    "seconds": seconds,
-                    "rss_mb": _rss_mb(),
-                    "peak_rss_mb": _peak_mb(),
-                    "decision": outcome["decision"],
-                    "store_mb": _store_mb(root / "home"),
-                }
+            if process_per_run:
+                figures = _run_in_fresh_process(config, batch_id)
+            else:
+                figures = one_run(config, batch_id)
+            runs.append({"run": i, **figures, "store_mb": _store_mb(root / "home")})
+            print(
+                f"run {i}: {figures['seconds']:.1f}s {figures['decision']} "
+                f"rss {figures['rss_mb']:.0f} MB peak {figures['peak_rss_mb']:.0f} MB"
             )
-            print(f"run {i}: {seconds:.1f}s {outcome['decision']} rss {runs[-1]['rss_mb']:.0f} MB")
-            result = _write(
-                cycles, runs, load_at_start
-            )  # after every run: a stopped benchmark keeps its data
+            # after every run: a stopped benchmark keeps its data
+            result = _write(cycles, runs, load_at_start, process_per_run)
         result["ledger_entries_daily"] = len(Ledger.from_config(cfg).entries("daily-lora", 10**6))
     return result
 
 
 def _write(
-    cycles: int, runs: list[dict[str, Any]], load_at_start: tuple[float, ...]
+    cycles: int,
+    runs: list[dict[str, Any]],
+    load_at_start: tuple[float, ...],
+    process_per_run: bool,
 ) -> dict[str, Any]:
     result = {
         "benchmark": "growth",
+        "process_per_run": process_per_run,
         "cycles": cycles,
         "completed": len(runs),
         "machine": platform.machine(),
@@ -118,8 +154,9 @@ def _write(
         "summary": _summary(runs),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "growth.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "growth.md").write_text(markdown(result) + "\n")
+    stem = "growth-process" if process_per_run else "growth"
+    (RESULTS / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / f"{stem}.md").write_text(markdown(result) + "\n")
     return result
 
 
@@ -144,8 +181,13 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def markdown(result: dict[str, Any]) -> str:
+    where = (
+        "each in a fresh process (time = the whole process, imports included; memory = its peak)"
+        if result.get("process_per_run")
+        else "in one process"
+    )
     lines = [
-        f"{result['completed']} of {result['cycles']} consecutive daily-lora cycles in one process "
+        f"{result['completed']} of {result['cycles']} consecutive daily-lora cycles {where} "
         "(embedded default); time = median of the runs k-1, k, k+1; load average (1, 5, 15 min) "
         f"{_load(result.get('load_average_start'))} at the start, "
         f"{_load(result['load_average'])} at the end, on {os.cpu_count()} cores",
@@ -177,7 +219,21 @@ def _store(sizes: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=100)
-    print(markdown(run(parser.parse_args().cycles)))
+    parser.add_argument(
+        "--process-per-run",
+        action="store_true",
+        help="run every cycle in a fresh process, as a Prefect process worker does",
+    )
+    parser.add_argument("--one", nargs=2, metavar=("CONFIG", "BATCH"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    from evergreen.cli import QUIET_DEFAULTS
+
+    for key, value in QUIET_DEFAULTS.items():  # what `evergreen run` sets (e.g. Prefect's
+        os.environ.setdefault(key, value)  # ephemeral start-up timeout on a busy machine)
+    if args.one:  # the child of --process-per-run: one run, figures as the last stdout line
+        print(json.dumps(one_run(*args.one)))
+        return
+    print(markdown(run(args.cycles, process_per_run=args.process_per_run)))
 
 
 if __name__ == "__main__":

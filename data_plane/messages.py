@@ -86,6 +86,17 @@ class ValidationReport:
         return render_summary(self)
 
 
+def clip_middle(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters by dropping its middle: a message's end is often
+    what to do about it (the command to run, the report's path), so a head-only cut loses it."""
+    if len(text) <= limit:
+        return text
+    marker = " … "
+    head = (limit - len(marker)) * 2 // 3
+    tail = limit - len(marker) - head
+    return text[:head] + marker + text[-tail:]
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _json_safe(v) for k, v in value.items()}

@@ -124,7 +124,7 @@ CADENCES: tuple[Cadence, ...] = (
     Cadence(
         "merge",
         "flows.merge:merge",
-        "On-demand Fisher-weighted merge of chosen versions (set `versions`).",
+        "On-demand merge of chosen versions: Fisher-weighted, linear, TIES or DARE (set `versions`).",
         params="flows.params:MergeParams",
         tags=("manual",),
     ),

@@ -231,7 +231,8 @@ def _flow_options(run: argparse.ArgumentParser) -> None:
                 continue
             seen.add(name)
             flag = _FLAG_NAMES.get(name, "--" + name.replace("_", "-"))
-            help_text = f"{info.description} ({', '.join(_takers(name))})"
+            # argparse %-formats help strings: a literal "%" in a description must be doubled
+            help_text = f"{info.description} ({', '.join(_takers(name))})".replace("%", "%%")
             annotation = str(info.annotation)
             if info.annotation is bool:
                 run.add_argument(flag, dest=name, action="store_true", default=None, help=help_text)

@@ -10,6 +10,11 @@ from evergreen.report import TimelineRow, write_report
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
 
+_GATE_KEYS = {  # (new data, retention) accuracy of each side of the gate, as the version records it
+    "challenger": ("gate.challenger_new_accuracy", "gate.challenger_retention_accuracy"),
+    "champion": ("gate.new.champion_mean", "gate.retention.champion_mean"),
+}
+
 
 def _metric(version_tags: dict[str, str], key: str) -> float | None:
     try:
@@ -19,22 +24,31 @@ def _metric(version_tags: dict[str, str], key: str) -> float | None:
 
 
 def timeline_from_registry(cfg: EvergreenConfig) -> list[TimelineRow]:
-    """One row per recorded flow outcome (ledger), oldest first, with the gate's numbers."""
+    """One row per recorded flow outcome (ledger), oldest first, with the gate's numbers.
+
+    Each row shows the champion *after* the run and its accuracies: a rejected run's row keeps
+    the champion it was compared with (the gate's champion-side numbers), not the challenger's.
+    """
     registry = Registry.from_config(cfg)
     versions = {v.version: v for v in registry.versions(limit=500)}
     rows: list[TimelineRow] = []
+    champion: str | None = None
     for entry in reversed(Ledger.from_config(cfg).entries(limit=1000)):
-        version = versions.get(entry.details.get("version", ""))
-        tags = version.tags if version else {}
+        version = entry.details.get("version")
+        promoted = entry.outcome == "promoted"
+        # entries from before the ledger recorded the champion: a promotion's version is it
+        champion = entry.details.get("champion") or (version if promoted else champion)
+        tags = versions[version].tags if version in versions else {}
+        side = "challenger" if promoted else "champion"
         rows.append(
             TimelineRow(
                 date=entry.at[:19],
                 flow=entry.cadence,
                 batch_ids=[entry.batch_id],
                 decision=entry.outcome,
-                champion_version=entry.details.get("version"),
-                new_accuracy=_metric(tags, "gate.challenger_new_accuracy"),
-                retention_accuracy=_metric(tags, "gate.challenger_retention_accuracy"),
+                champion_version=champion,
+                new_accuracy=_metric(tags, _GATE_KEYS[side][0]),
+                retention_accuracy=_metric(tags, _GATE_KEYS[side][1]),
                 forgetting=None,
                 note=entry.details.get("reasons", entry.details.get("reason", ""))[:160],
             )
@@ -50,4 +64,5 @@ def write_registry_report(cfg: EvergreenConfig, out: Path) -> Path:
         timeline=timeline_from_registry(cfg),
         title=f"evergreen report: {cfg.registry.name}",
         extra_markdown=extra,
+        champion=champion.version if champion else None,
     )

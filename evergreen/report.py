@@ -160,15 +160,16 @@ def timeline_table(rows: Sequence[TimelineRow]) -> rich.table.Table:
     return table
 
 
-def _summary_markdown(rows: Sequence[TimelineRow]) -> str:
-    """Counts of decisions and where the champion ended, as a short bullet list."""
+def _summary_markdown(rows: Sequence[TimelineRow], champion: str | None = None) -> str:
+    """Counts of decisions and where the champion ended, as a short bullet list (`champion`:
+    the registry's, when known — a rollback by hand is not a flow run)."""
     counts = Counter(row.decision for row in rows)
     lines = [
         f"- {len(rows)} flow runs: " + ", ".join(f"{n} {d}" for d, n in sorted(counts.items()))
     ]
     versions = [row.champion_version for row in rows if row.champion_version]
-    if versions:
-        lines.append(f"- champion now: version {versions[-1]}")
+    if champion or versions:
+        lines.append(f"- champion now: version {champion or versions[-1]}")
     last = next((r for r in reversed(rows) if r.retention_accuracy is not None), None)
     if last is not None:
         line = f"- latest champion retention accuracy: {_fmt(last.retention_accuracy)}"
@@ -348,6 +349,7 @@ def write_report(
     matrix_labels: tuple[list[str], list[str]] | None = None,
     title: str = "evergreen report",
     extra_markdown: str = "",
+    champion: str | None = None,
 ) -> Path:
     """Write report.md, champion_accuracy.png, accuracy_matrix.png (if R is given), report.json.
 
@@ -358,6 +360,7 @@ def write_report(
         matrix_labels: (row labels, column labels) for R, e.g. step names and batch ids.
         title: the Markdown title.
         extra_markdown: appended at the end (e.g. the demo's batch list).
+        champion: the champion now, from the registry (default: the last row's).
 
     Returns:
         The path of report.md.
@@ -371,7 +374,7 @@ def write_report(
     labels = None if matrix is None else _matrix_labels(matrix, matrix_labels)  # check first
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    sections = [f"# {title}", _summary_markdown(timeline), "## Timeline"]
+    sections = [f"# {title}", _summary_markdown(timeline, champion), "## Timeline"]
     sections += [timeline_markdown(timeline), "## Champion accuracy over time"]
     _atomic_write(out_dir / CHAMPION_PNG, _png_bytes(champion_figure(timeline)))
     sections.append(f"![champion accuracy]({CHAMPION_PNG})")

@@ -42,7 +42,21 @@ EPS: Any = Field(1e-8, gt=0, description="Weight floor, relative to each tensor'
 MERGE_METHOD: Any = Field(
     "fisher",
     description="fisher: weigh each parameter by each version's own Fisher; linear: the plain "
-    "mean of the versions (the baseline). Both on full weights: a LoRA version is folded first.",
+    "mean of the versions (the baseline); ties, dare, dare_ties: peft's TIES / DARE / DARE-TIES "
+    "on the task vectors θ_v − θ_ancestor against the versions' nearest common registered "
+    "ancestor (refused when they have none). All on full weights: a LoRA version is folded "
+    "first, so its task vector is its ΔW = (α/r)·B·A.",
+)
+DENSITY: Any = Field(
+    None,
+    gt=0,
+    le=1,
+    description="ties/dare/dare_ties: fraction of each task vector's entries kept (TIES: the "
+    "largest by magnitude per tensor; DARE: a random draw, survivors scaled by 1/density). "
+    "Empty: 0.2 for ties (the TIES paper's top 20 %), 0.5 for dare and dare_ties.",
+)
+SEED: Any = Field(
+    0, ge=0, description="dare/dare_ties: seed of the random drop (the same seed, the same merge)."
 )
 TO: Any = Field(None, description="Version to restore (default: the previous champion).")
 REASON: Any = Field("manual rollback", description="Why: recorded in the promotion history.")
@@ -83,7 +97,9 @@ class StreamParams(FlowParams):
 class MergeParams(ConfigParams):
     versions: list[str] = VERSIONS
     eps: float = EPS
-    method: Literal["fisher", "linear"] = MERGE_METHOD
+    method: Literal["fisher", "linear", "ties", "dare", "dare_ties"] = MERGE_METHOD
+    density: float | None = DENSITY
+    seed: int = SEED
 
 
 class RollbackParams(ConfigParams):

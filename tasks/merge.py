@@ -1,9 +1,11 @@
-"""Merging and consolidation challengers: Fisher-weighted merge and lineage EMA/interpolation."""
+"""Merging and consolidation challengers: Fisher-weighted, linear, TIES and DARE merges, and
+lineage EMA/interpolation."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+from typing import cast
 
 import torch
 from prefect import get_run_logger, task
@@ -28,6 +30,7 @@ from continual.standardization import (
     folds_exactly,
     rescale_fisher,
 )
+from continual.task_merging import DEFAULT_DENSITY, TASK_METHODS, TaskMethod, task_merge
 from evergreen.config import EvergreenConfig
 from model_registry.registry import Registry
 from tasks.memory import DataMemory
@@ -45,6 +48,61 @@ def load_versions(cfg: EvergreenConfig, versions: list[str]) -> list[ModelState]
     if len({(s.spec.family, s.spec.n_features, s.spec.n_classes) for s in states}) != 1:
         raise ValueError(f"versions {versions} have different architectures and cannot be merged")
     return states
+
+
+MAX_ANCESTRY = 500  # parent links followed per version when looking for a common ancestor
+_NO_PARENT = ("", "none")
+
+
+def ancestry(registry: Registry, version: str) -> list[str]:
+    """The versions `version`'s weights descend from, nearest first, from the registry's
+    `evergreen.parent_version` tags. A bootstrap version is trained from scratch, so its tag (the
+    champion a forced bootstrap replaced) is not a weight ancestor and the walk stops there."""
+    chain: list[str] = []
+    current = str(version)
+    for _ in range(MAX_ANCESTRY):
+        tags = registry.get_version(current).tags
+        if tags.get("evergreen.cadence") == "bootstrap":
+            break
+        parent = tags.get("evergreen.parent_version", "none")
+        if parent in _NO_PARENT or parent in chain or parent == str(version):
+            break
+        chain.append(parent)
+        current = parent
+    return chain
+
+
+def common_ancestor(registry: Registry, versions: list[str]) -> str:
+    """The nearest version that every one of `versions` descends from (a strict ancestor of
+    each: a version is not its own ancestor, so merging v2 with its child v3 uses v2's parent).
+
+    Raises:
+        ValueError: no such version; the message gives each version's ancestry.
+    """
+    chains = {str(v): ancestry(registry, str(v)) for v in versions}
+    first = chains[str(versions[0])]
+    for candidate in first:
+        if all(candidate in chain for chain in chains.values()):
+            return candidate
+    lines = "; ".join(
+        f"v{v}: {' → '.join('v' + a for a in chain) or 'none (trained from scratch)'}"
+        for v, chain in chains.items()
+    )
+    raise ValueError(
+        f"versions {list(chains)} share no registered ancestor, and TIES/DARE merge task "
+        f"vectors θ_v − θ_ancestor (ancestry: {lines}). Merge versions trained from a common "
+        "registered version, or use --method fisher or linear"
+    )
+
+
+@task(cache_policy=NO_CACHE)
+def find_ancestor(cfg: EvergreenConfig, versions: list[str]) -> str:
+    """The versions' nearest common ancestor (`common_ancestor`). Not retried: a refusal is an
+    answer about the lineage, which a retry would only repeat (MLflow's client retries
+    transient HTTP errors itself)."""
+    ancestor = common_ancestor(Registry.from_config(cfg), versions)
+    get_run_logger().info("common ancestor of %s: v%s", versions, ancestor)
+    return ancestor
 
 
 def lineage_versions(cfg: EvergreenConfig, count: int) -> list[str]:
@@ -141,6 +199,9 @@ def _with_weights(base: ModelState, merged: dict[str, Tensor], champion: ModelSt
     )
 
 
+MERGE_METHODS = ("fisher", "linear", *TASK_METHODS)
+
+
 @task(cache_policy=NO_CACHE, timeout_seconds=1800)
 def merge_models(
     cfg: EvergreenConfig,
@@ -149,29 +210,93 @@ def merge_models(
     memory: DataMemory,
     eps: float = 1e-8,
     method: str = "fisher",
+    *,
+    ancestor: ModelState | None = None,
+    density: float | None = None,
+    seed: int = 0,
 ) -> tuple[ModelState, dict[str, float]]:
     """ "fisher": θ = Σ F_k θ_k / Σ F_k per parameter with each parent's own Fisher; "linear":
-    the plain mean. Reports how far apart the parents were.
+    the plain mean; "ties", "dare", "dare_ties": θ_ancestor + the TIES/DARE merge of the task
+    vectors θ_k − θ_ancestor (`continual.task_merging`; `density` None: the method's default,
+    `seed` seeds DARE's drop). Reports how far apart the parents were.
 
     Parents are full weights (a LoRA version is loaded folded, W₀ + ΔW_k), so on a shared base
     this merges the adapters' ΔW: Σ F_k (W₀ + ΔW_k) / Σ F_k = W₀ + Σ F_k ΔW_k / Σ F_k, with F_k
-    the Fisher of W at the folded weights on k's own data (`continual.merging.merge_lora_deltas`).
+    the Fisher of W at the folded weights on k's own data (`continual.merging.merge_lora_deltas`);
+    against the version it was trained from, a LoRA version's task vector is its ΔW.
     """
-    if method not in ("fisher", "linear"):
-        raise ValueError(f"merge method {method!r}: expected 'fisher' or 'linear'")
+    if method not in MERGE_METHODS:
+        raise ValueError(f"merge method {method!r}: expected one of {MERGE_METHODS}")
+    if method in TASK_METHODS:
+        return _task_merge(states, champion, method, ancestor, density, seed)
     fishers = [_own_fisher(s, memory) for s in states] if method == "fisher" else None
     # Versions that widened different features are first re-expressed in one standardisation.
     dicts, aligned, exact = align_for_merge([s.model.state_dict() for s in states], fishers)
     _warn_if_approximate(exact)
     merged = average(dicts) if fishers is None else fisher_merge(dicts, aligned or fishers, eps=eps)
-    distances = {
-        f"merge.distance.v{s.version}": parameter_distance(d, merged)
-        for s, d in zip(states, dicts, strict=True)
-    }
+    distances = _distances(states, dicts, merged)
     get_run_logger().info(
         "%s merge of %s; distances %s", method, [s.version for s in states], distances
     )
     return _with_weights(states[0], merged, champion), distances
+
+
+def _distances(
+    states: list[ModelState], dicts: list[dict[str, Tensor]], merged: dict[str, Tensor]
+) -> dict[str, float]:
+    return {
+        f"merge.distance.v{s.version}": parameter_distance(d, merged)
+        for s, d in zip(states, dicts, strict=True)
+    }
+
+
+def _task_merge(
+    states: list[ModelState],
+    champion: ModelState,
+    method: str,
+    ancestor: ModelState | None,
+    density: float | None,
+    seed: int,
+) -> tuple[ModelState, dict[str, float]]:
+    """TIES/DARE on task vectors against the common ancestor, in one standardisation."""
+    if ancestor is None:
+        raise ValueError(f"a {method} merge needs the versions' common ancestor")
+    key = (ancestor.spec.family, ancestor.spec.n_features, ancestor.spec.n_classes)
+    if key != (states[0].spec.family, states[0].spec.n_features, states[0].spec.n_classes):
+        raise ValueError(
+            f"the common ancestor v{ancestor.version} has another architecture than "
+            f"{[s.version for s in states]}; their task vectors are not defined"
+        )
+    chosen = DEFAULT_DENSITY[method] if density is None else density
+    # The ancestor is re-expressed with the versions, so θ_k − θ_ancestor is a change of weights,
+    # not of standardisation.
+    everything = [s.model.state_dict() for s in states] + [ancestor.model.state_dict()]
+    dicts, _, exact = align_for_merge(everything)
+    _warn_if_approximate(exact)
+    task_method = cast(TaskMethod, method)
+    merged, kept = task_merge(dicts[:-1], dicts[-1], task_method, density=chosen, seed=seed)
+    metrics = _distances(states, dicts[:-1], merged)
+    metrics.update(
+        {
+            f"merge.ancestor.v{ancestor.version}": parameter_distance(dicts[-1], merged),
+            "merge.density": chosen,
+            "merge.kept_fraction": kept,
+        }
+    )
+    if method.startswith("dare"):
+        metrics["merge.seed"] = float(seed)
+    get_run_logger().info(
+        "%s merge of %s on ancestor v%s (density %s, seed %s): %.1f %% of the merged task "
+        "vector non-zero; %s",
+        method,
+        [s.version for s in states],
+        ancestor.version,
+        chosen,
+        seed,
+        100 * kept,
+        metrics,
+    )
+    return _with_weights(states[0], merged, champion), metrics
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=1800)

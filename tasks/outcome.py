@@ -13,6 +13,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+from data_plane.messages import clip_middle
 from evergreen.config import EvergreenConfig
 from model_registry.ledger import Outcome
 from tasks import ledger
@@ -29,6 +30,8 @@ LEDGER_OUTCOME: dict[str, Outcome] = {
     "drift": "skipped",
     "failed": "failed",
 }
+
+REASON_LIMIT = 2000  # characters of a quarantine reason in the ledger (an MLflow tag)
 
 
 @dataclass
@@ -66,6 +69,8 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
     Returns the outcome as a dict (what the flow returns).
     """
     details = {"version": str(outcome.version), "reasons": " | ".join(outcome.reasons)[:4000]}
+    if outcome.champion is not None:  # the report's champion column: not the challenger's number
+        details["champion"] = str(outcome.champion)
     if outcome.decision in LEDGER_OUTCOME and outcome.batch_ids:
         ledger.record(
             cfg,
@@ -77,7 +82,11 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
         )
     for batch_id, reason in outcome.quarantined.items():
         ledger.record(
-            cfg, outcome.cadence, [batch_id], "quarantined", details={"reason": reason[:500]}
+            cfg,
+            outcome.cadence,
+            [batch_id],
+            "quarantined",
+            details={"reason": clip_middle(reason, REASON_LIMIT)},
         )
     if outcome.decision in ("promoted", "rejected"):
         emit(

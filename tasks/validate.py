@@ -11,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from data_plane.landing import data_columns
+from data_plane.messages import clip_middle
 from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, content_hash, split_three_way
 from data_plane.validation import ValidationReport, ensure_suite, save_report, validate_batch
@@ -19,6 +20,15 @@ from tasks.common import current_flow_run_id
 from tasks.events import emit
 from tasks.ingest import RawBatch
 from tasks.memory import BATCH_COLUMN, DataMemory, Remembered
+
+QUARANTINE_REASON_LIMIT = 1200
+
+
+def quarantine_reason(report: ValidationReport, report_file: Path | str) -> str:
+    """Why a batch was quarantined, for the ledger and the run's result: the report's headline,
+    clipped in the middle so that what to do (its end) and the report's path survive."""
+    suffix = f" (report {report_file})"
+    return clip_middle(report.headline(), QUARANTINE_REASON_LIMIT - len(suffix)) + suffix
 
 
 @dataclass
@@ -116,7 +126,7 @@ def validate_batches(
         )
         if not report.success:
             announce_quarantine(cadence, cfg, report, docs)
-            prepared.quarantined[batch.batch_id] = f"{report.headline()[:400]} (report {files[1]})"
+            prepared.quarantined[batch.batch_id] = quarantine_reason(report, files[1])
             continue
         _inform(cfg, cadence, report)
         drift = report.statistics.get("drift") or {}

@@ -3,7 +3,7 @@
 A tiny Llama-style model (hidden 32, 2 layers, 4 heads) built from `LlamaConfig` with a WordLevel
 tokenizer made offline, saved to a temporary directory; three batches of ~100 short sentences
 from three "domains" (different word pools), text only (no label column, no classes):
-bootstrap → daily-lora → weekly-replay → merge (Fisher, linear) → consolidate → stream-monitor →
+bootstrap → daily-lora → weekly-replay → merge (Fisher, linear, TIES) → consolidate → stream-monitor →
 rollback, each through `evergreen.cli.main`; the champion's pyfunc scores a `text` column
 (log-likelihood and perplexity) in a fresh process before the merges.
 """
@@ -159,11 +159,12 @@ def test_04_champion_scores_text_in_a_fresh_process(pipeline):
     assert out["perplexity"].iloc[:3].max() < vocab  # better than a uniform guess on seen text
 
 
-@pytest.mark.parametrize("method", ["fisher", "linear"])
+@pytest.mark.parametrize("method", ["fisher", "linear", "ties"])
 def test_04b_merge_of_the_daily_adapter_and_the_weekly_version_is_gated(pipeline, method):
     """`evergreen run merge` on the daily LoRA version (an adapter on v1, folded on load: its
-    ΔW merged) and the weekly fine-tune, weighted by their own Fishers or plainly averaged: one
-    decision on log-likelihood each."""
+    ΔW merged) and the weekly fine-tune, weighted by their own Fishers, plainly averaged, or by
+    TIES on their changes to their common ancestor (the bootstrap version): one decision on
+    log-likelihood each."""
     registry = pipeline["registry"]
     daily = _version_of(pipeline, "daily-lora").version
     weekly = _version_of(pipeline, "weekly-replay").version
@@ -177,6 +178,9 @@ def test_04b_merge_of_the_daily_adapter_and_the_weekly_version_is_gated(pipeline
     assert decision in {"promoted", "rejected"}, merged.tags
     metrics = registry.client.get_run(merged.run_id).data.metrics
     assert {f"merge.distance.v{daily}", f"merge.distance.v{weekly}"} <= set(metrics), metrics
+    if method == "ties":
+        bootstrap = _version_of(pipeline, "bootstrap").version
+        assert f"merge.ancestor.v{bootstrap}" in metrics and 0 < metrics["merge.kept_fraction"] < 1
     assert metrics["gate.promote"] == float(decision == "promoted")
     assert (_champion(pipeline) != before) == (decision == "promoted")
     assert registry.challenger() is None  # a decided merge leaves no challenger alias

@@ -246,6 +246,13 @@ def test_10_cli_status_json_and_report(pipeline, capsys):
     assert "daily-lora" in text
     bootstrap_row = next(line for line in text.splitlines() if "| bootstrap |" in line)
     assert "0." in bootstrap_row.split("|")[6], bootstrap_row  # the gate's new-data accuracy
+    # the champion column is the champion after each run, never a rejected challenger
+    assert f"- champion now: version {status['champion']['version']}" in text
+    promoted = {e["details"].get("version") for e in status["ledger"] if e["outcome"] == "promoted"}
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| 20")]
+    rejected = [cells for cells in rows if cells[4].strip() == "rejected"]
+    assert rejected, "the pipeline has rejected updates"
+    assert all(cells[5].strip() in promoted for cells in rejected), rejected
 
 
 def test_11_the_mlflow_ui_shows_lineage_datasets_and_metrics_of_a_version(pipeline, tmp_path):

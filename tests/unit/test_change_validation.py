@@ -17,9 +17,11 @@ import pytest
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
+from data_plane.messages import clip_middle
 from data_plane.profile import DataProfile, GrossChangeRule, gross_change
 from data_plane.validation import ensure_suite, validate_batch
 from evergreen.config import DataConfig
+from tasks.validate import QUARANTINE_REASON_LIMIT, quarantine_reason
 
 PIXELS = [f"pixel_{i}" for i in range(64)]
 
@@ -120,6 +122,24 @@ def test_units_switched_x16_is_quarantined(tmp_path, first_batch):
     assert "switching units" in failure.message and "--force" in failure.message
     relaxed = _config(change={"gross_change": False})
     assert _validate(tmp_path / "relaxed", scaled, _accepted(first_batch), cfg=relaxed).success
+
+
+def test_the_quarantine_reason_keeps_the_command_that_accepts_the_batch(tmp_path, first_batch):
+    """The ledger's reason is clipped in the middle: its end says what to do (here the command
+    that accepts a real jump once) and where the report is; a head-only cut dropped both."""
+    scaled = _digits(slice(400, 700), lambda im: im * 16)
+    report = _validate(tmp_path, scaled, _accepted(first_batch))
+    reason = quarantine_reason(report, tmp_path / "report.md")
+    assert "--force --set data.change.gross_change=false" in reason
+    assert reason.endswith(f"(report {tmp_path / 'report.md'})")
+    assert len(reason) <= QUARANTINE_REASON_LIMIT
+
+
+def test_clip_middle_keeps_both_ends():
+    text = "head " + "x" * 500 + " tail"
+    clipped = clip_middle(text, 60)
+    assert len(clipped) == 60 and clipped.startswith("head ") and clipped.endswith(" tail")
+    assert clip_middle("short", 60) == "short"
 
 
 @pytest.mark.parametrize(

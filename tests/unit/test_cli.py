@@ -71,11 +71,23 @@ def test_unparseable_config(project, capsys):
         (["run", "daily-lora", "--versions", "1", "2"], "does not take --versions"),
         (["run", "merge", "--versions", "3"], "versions"),  # at least two
         (["run", "daily-lora", "--max-batches", "0"], "max_batches"),
+        (["run", "merge", "--versions", "3", "5", "--method", "magic"], "method"),
+        (["run", "merge", "--versions", "3", "5", "--method", "ties", "--density", "0"], "density"),
     ],
 )
 def test_bad_flow_parameters(project, capsys, argv, needle):
     assert main(argv) == ExitCode.USAGE
     assert needle in _one_error_line(capsys)
+
+
+def test_run_help_lists_every_flow_option(capsys):
+    """argparse %-formats help text: a description with a literal "%" (merge's --density says
+    "top 20 %") used to crash `evergreen run --help`."""
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert "--density" in out and "20 %" in out and "--seed" in out
 
 
 def test_unknown_flow_is_refused_with_the_choices(capsys):
