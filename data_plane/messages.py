@@ -27,6 +27,11 @@ if TYPE_CHECKING:
 
 _FINITE_MAX = sys.float_info.max
 _SAMPLES = 5
+FINITE_NUMBERS = "expect_multicolumn_values_to_be_finite_numbers"  # data_plane.gx_expectations
+# the per-column checks it replaces: its failures keep their kinds (reports, the chunked scan)
+KIND_NULL = "expect_column_values_to_not_be_null"
+KIND_TYPE = "expect_column_values_to_be_in_type_list"
+KIND_BETWEEN = "expect_column_values_to_be_between"
 
 
 @dataclass
@@ -315,6 +320,7 @@ def failures_from_result(
     results = result.get("results", [])
     missing = _missing_columns(results, frame)
     mistyped = _failed_columns(results, "expect_column_values_to_be_in_type_list")
+    mistyped |= _mistyped_in_multicolumn(results, frame)
     failures = []
     for item in results:
         if item["success"]:
@@ -324,6 +330,12 @@ def failures_from_result(
         column = kwargs.get("column")
         involved = {column, *kwargs.get("column_list", [])} - {None}
         error = _exception_message(item.get("exception_info"))
+        if kind == FINITE_NUMBERS and (not error or involved & missing):
+            # GX's verdict is per row; the person fixing the data needs it per column. With a
+            # column missing GX cannot run it: the present columns are still reported
+            severity = str(config.get("severity") or "critical")
+            failures += _finite_failures(kwargs, frame, data_cfg, severity)
+            continue
         if _is_consequence(kind, involved, missing, mistyped, error):
             continue
         if kind == "expect_table_columns_to_match_set" and not error:
@@ -351,6 +363,77 @@ def failures_from_result(
         severity = str(config.get("severity") or "critical")
         failures.append(Failure(kind, column, count, samples, message, severity))
     return failures
+
+
+def _mistyped_in_multicolumn(results: list[dict[str, Any]], frame: pd.DataFrame) -> set[str]:
+    """Columns a failed finite-numbers check objects to for holding non-numbers (text, bools)."""
+    mistyped: set[str] = set()
+    for item in results:
+        config = item["expectation_config"]
+        if item["success"] or config["type"] != FINITE_NUMBERS:
+            continue
+        for column in config["kwargs"].get("column_list") or []:
+            if column in frame.columns and len(_not_numbers(frame[column])):
+                mistyped.add(column)
+    return mistyped
+
+
+def _not_numbers(values: pd.Series) -> pd.Series:
+    """Present values that are not real numbers (the finite-numbers check's type question)."""
+    present = values.dropna()
+    if pd.api.types.is_bool_dtype(present.dtype):
+        return present
+    if pd.api.types.is_numeric_dtype(present.dtype):
+        return present.iloc[:0]
+    return present[~present.map(is_real_number)]
+
+
+def is_real_number(value: Any) -> bool:
+    """A number for the finite-numbers check: ints and floats (numpy's too), not bools."""
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(
+        value, bool | np.bool_
+    )
+
+
+def _finite_failures(
+    kwargs: dict[str, Any], frame: pd.DataFrame, cfg: DataConfig, severity: str
+) -> list[Failure]:
+    """A failed `expect_multicolumn_values_to_be_finite_numbers`, one failure per column and
+    problem, with the kinds and messages of the per-column checks it replaces (null, type,
+    ±inf); ±inf in a column with declared bounds is left to that column's between check."""
+    found: list[Failure] = []
+    for column in kwargs.get("column_list") or []:
+        if column not in frame.columns:
+            continue
+        values = frame[column]
+        nulls = values[values.isna()]
+        if len(nulls):
+            where = _files(frame, nulls.index.tolist()[:10])
+            message = f"column {column!r} has {len(nulls)} missing values (null/NaN){where}; expected none"
+            found.append(
+                Failure(KIND_NULL, column, len(nulls), nulls.tolist()[:_SAMPLES], message, severity)
+            )
+        odd = _not_numbers(values)
+        if len(odd):
+            message = _type_message(frame, column, {"type_list": "numbers"}, {}, cfg)
+            bad = _non_numeric(frame, column)
+            shown = bad if len(bad) else odd
+            samples = list(dict.fromkeys(shown.tolist()))[:_SAMPLES]
+            found.append(Failure(KIND_TYPE, column, len(shown), samples, message, severity))
+            continue  # ±inf of a text column is not asked
+        if column in cfg.feature_bounds:
+            continue
+        numbers = values.to_numpy(dtype=float, na_value=np.nan)
+        infinite = values[np.isinf(numbers)]
+        if len(infinite):
+            where = _files(frame, infinite.index.tolist()[:10])
+            message = (
+                f"column {column!r} has {len(infinite)} non-finite values (±inf){where}; "
+                "expected finite numbers"
+            )
+            samples = infinite.tolist()[:_SAMPLES]
+            found.append(Failure(KIND_BETWEEN, column, len(infinite), samples, message, severity))
+    return found
 
 
 def _failed_rows(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 
 from data_plane.landing import LandingZone, open_landing, write_frame
 from data_plane.validation import (
+    NUMERIC_TYPES,
     Failure,
     ValidationReport,
     build_suite,
@@ -179,15 +181,18 @@ def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Pa
     assert path == suite_path(home) == home / "gx" / "expectations" / "evergreen-batch.json"
     data = json.loads(path.read_text())
     kinds = {e["type"] for e in data["expectations"]}
-    assert {"expect_table_columns_to_match_set", "expect_column_values_to_be_between"} <= kinds
+    assert {
+        "expect_table_columns_to_match_set",
+        "expect_multicolumn_values_to_be_finite_numbers",
+    } <= kinds
     batch = make_batch(60, seed=7)
     assert validate_batch(batch, "b", make_config(), path).success
-    for item in data["expectations"]:  # the user tightens f1's range by hand
-        if (
-            item["type"] == "expect_column_values_to_be_between"
-            and item["kwargs"]["column"] == "f1"
-        ):
-            item["kwargs"].update(min_value=-0.1, max_value=0.1)
+    data["expectations"].append(  # the user bounds f1's range by hand
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "f1", "min_value": -0.1, "max_value": 0.1},
+        }
+    )
     path.write_text(json.dumps(data, indent=2))
     assert ensure_suite(home, make_config()) == path
     assert json.loads(path.read_text()) == data  # ensure_suite kept the user's file
@@ -229,6 +234,64 @@ def test_a_suite_in_the_old_form_still_validates_and_is_merged_in_place(
     assert [f.message for f in new_form.failures] == [f.message for f in report.failures]
 
 
+def _per_column_checks(column: str, meta: dict | None = None) -> list[dict]:
+    """The three integrity checks per feature that suites held before the finite-numbers one."""
+    finite = {"min_value": -sys.float_info.max, "max_value": sys.float_info.max}
+    return [
+        {
+            "type": "expect_column_values_to_be_in_type_list",
+            "kwargs": {"column": column, "type_list": NUMERIC_TYPES},
+        },
+        {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": column}},
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": column, **finite},
+            "meta": meta or {"bounds_from": "finite values only"},
+        },
+    ]
+
+
+def test_a_suite_with_per_column_checks_keeps_its_verdicts_and_is_merged(tmp_path: Path) -> None:
+    """Suites written before the finite-numbers check hold three checks per feature: they keep
+    working; `ensure_suite` merges the untouched ones into one, with the same failures."""
+    home = tmp_path / "home"
+    path = _suite_for_tests(home)
+    data = json.loads(path.read_text())
+    kinds = [e["type"] for e in data["expectations"]]
+    at = kinds.index("expect_multicolumn_values_to_be_finite_numbers")
+    old = [c for f in ("f0", "f1", "f2") for c in _per_column_checks(f)]
+    old += _per_column_checks("f3", {"bounds_from": "finite values only", "owner": "me"})
+    data["expectations"][at : at + 1] = old
+    path.write_text(json.dumps(data, indent=2))
+    batch = _with(_with(make_batch(60, seed=7), "f0", [1, 2], np.nan), "f3", [4], np.inf)
+    batch = _with(batch, "f1", [5], "abc")
+    before = validate_batch(batch, "b", make_config(), path)
+    assert before.statistics["gx"]["evaluated_expectations"] == len(data["expectations"])
+
+    assert ensure_suite(home, make_config()) == path
+    merged = json.loads(path.read_text())["expectations"]
+    assert merged[at] == {
+        "type": "expect_multicolumn_values_to_be_finite_numbers",
+        "kwargs": {"column_list": ["f0", "f1", "f2"]},
+        "meta": {},
+        "severity": "critical",
+    }
+    assert merged[at + 1 : at + 4] == old[9:]  # f3's checks carry the user's meta: kept
+    after = validate_batch(batch, "b", make_config(), path)
+    assert after.statistics["gx"]["evaluated_expectations"] == len(data["expectations"]) - 8
+
+    def found(report: ValidationReport) -> set[tuple]:
+        return {(f.expectation, f.column, f.unexpected_count, f.message) for f in report.failures}
+
+    assert not before.success and not after.success
+    assert found(after) == found(before)
+    assert {(k, c) for k, c, _, _ in found(after)} == {
+        ("expect_column_values_to_not_be_null", "f0"),
+        ("expect_column_values_to_be_in_type_list", "f1"),
+        ("expect_column_values_to_be_between", "f3"),
+    }
+
+
 def test_malformed_suite_files_give_actionable_errors(tmp_path: Path) -> None:
     path = write_suite(build_suite(make_config()), tmp_path / "suite.json")
     assert len(load_suite(path).expectations) == len(build_suite(make_config()).expectations)
@@ -237,13 +300,18 @@ def test_malformed_suite_files_give_actionable_errors(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"suite.json is not valid JSON \(line \d+"):
         load_suite(path)
     data = json.loads(text)
-    data["expectations"][4]["kwargs"]["colum"] = data["expectations"][4]["kwargs"].pop("column")
+    data["expectations"][2]["kwargs"]["colum"] = data["expectations"][2]["kwargs"].pop("column")
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"expectation #4 \('expect_column_values_to_be_in_type"):
+    with pytest.raises(ValueError, match=r"expectation #2 \('expect_column_values_to_not_be_null"):
         load_suite(path)
-    data["expectations"][4] = {"type": "expect_the_unexpected", "kwargs": {}}
+    data["expectations"][1]["kwargs"]["column_list"] = ["f0"]  # the custom check is checked too
     path.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"#4 .*expect_the_unexpected"):
+    with pytest.raises(ValueError, match=r"#1 .*multicolumn.*at least two columns"):
+        load_suite(path)
+    data["expectations"][1]["kwargs"]["column_list"] = ["f0", "f1"]
+    data["expectations"][2] = {"type": "expect_the_unexpected", "kwargs": {}}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"#2 .*expect_the_unexpected"):
         load_suite(path)
     with pytest.raises(FileNotFoundError, match="bootstrap"):
         validate_batch(make_batch(), "b", make_config(), tmp_path / "missing.json")
@@ -320,8 +388,8 @@ def test_validation_latency_2000_rows_64_features(tmp_path: Path) -> None:
         report = validate_batch(frame, "b", config, suite_file)
         timings.append(time.perf_counter() - started)
         assert (
-            report.success and report.statistics["gx"]["evaluated_expectations"] == 197
-        )  # 1 + 3 × 64 + 4
+            report.success and report.statistics["gx"]["evaluated_expectations"] == 6
+        )  # columns + finite numbers over the 64 features + 4 (label, rows, duplicates)
     print(f"\nGX validate 2000x64: first {timings[0]:.2f}s, warm {min(timings[1:]):.2f}s")
     assert min(timings[1:]) < 30.0
 
@@ -339,6 +407,7 @@ def test_file_backed_context_stores_results_and_builds_data_docs(tmp_path: Path)
     page = Path(url2pathname(urlparse(report.statistics["data_docs"]).path))
     assert page.is_file() and "2026-11-21" in page.parts
     assert "values must never be null" in page.read_text()  # GX rendered each expectation
+    assert "f0, f1, f2, f3 must be finite numbers" in page.read_text()  # the custom one too
     site = home / "gx" / "uncommitted" / "data_docs" / "local_site"
     assert "2026-11-21" in (site / "index.html").read_text()
     assert list((home / "gx" / "checkpoints").glob("evergreen-batch-*.json"))
