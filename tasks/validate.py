@@ -140,6 +140,9 @@ def validate_batches(
         prepared.splits[batch.batch_id] = _split(
             cfg, frame.assign(**{BATCH_COLUMN: batch.batch_id})
         )
+        hint = held_out_hint(cfg, batch.batch_id, prepared.splits[batch.batch_id])
+        if hint:
+            get_run_logger().info(hint)
         profile = profile.updated(frame, cfg.data.features, cfg.data.label)
     if prepared.batch_ids:
         whole = pd.concat(prepared.frames.values(), ignore_index=True)
@@ -153,6 +156,26 @@ def validate_batches(
             current_flow_run_id(),
         )
     return prepared
+
+
+HELD_OUT_HINT_RATIO = 10
+
+
+def held_out_hint(cfg: EvergreenConfig, batch_id: str, split: ThreeWaySplit) -> str | None:
+    """A hint when a large batch holds out far more rows than the memory keeps: held-out rows
+    never train, so most of them are lost to training for one gate decision (README, "Large
+    batches: lower the fractions"). None when the fractions suit the batch."""
+    kept = cfg.memory.held_out_per_batch
+    held = len(split.select) + len(split.gate)
+    if held < HELD_OUT_HINT_RATIO * 2 * kept:
+        return None
+    n_rows = held + len(split.train)
+    suggest = max(kept / n_rows, 0.005)
+    return (
+        f"batch {batch_id}: {held} of {n_rows} rows are held out (never trained on) and the "
+        f"memory keeps {kept} per role; with batches this large, data.select_fraction and "
+        f"data.gate_fraction of about {suggest:.3f} each would train on the rest"
+    )
 
 
 def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:

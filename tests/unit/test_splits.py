@@ -12,9 +12,10 @@ from data_plane.splits import (
     content_hash,
     row_hashes,
     split_holdout,
+    split_three_way,
     update_retention,
 )
-from tests.fixtures_data import make_batch
+from tests.fixtures_data import make_batch, make_config
 
 COLUMNS = ["f0", "f1", "f2", "f3", "label"]
 
@@ -162,3 +163,20 @@ def test_allocation_helpers_against_brute_force(seed: int) -> None:
     assert shares.sum() == min(n, caps.sum()) and np.all(shares <= caps)
     # water-filling: a group below the largest share is below only because it is exhausted
     assert np.all((shares == caps) | (shares >= shares.max() - 1))
+
+
+@pytest.mark.parametrize(("rows", "hinted"), [(600, False), (30_000, True)])
+def test_a_batch_far_larger_than_the_memory_keeps_gets_a_fraction_hint(rows, hinted) -> None:
+    """Held-out rows never train: when a batch holds out ten times what the memory keeps, the
+    log suggests fractions that train on the rest; a usual batch gets no hint."""
+    from evergreen.config import EvergreenConfig
+    from tasks.validate import held_out_hint
+
+    data = make_config().model_dump()
+    cfg = EvergreenConfig(data=data, memory={"held_out_per_batch": 400})
+    frame = make_batch(rows, seed=2)
+    split = split_three_way(frame, COLUMNS, select_fraction=0.1, gate_fraction=0.25, salt="s")
+    hint = held_out_hint(cfg, "b", split)
+    assert (hint is not None) == hinted
+    if hinted:
+        assert "select_fraction" in hint and "0.013" in hint, hint
