@@ -173,8 +173,26 @@ def by_section(section: str) -> Cadence:
     raise KeyError(f"no cadence reads config section {section!r}")
 
 
+LOG_FLUSH_SECONDS = 30.0
+
+
 def run_flow(name: str, **params: Any) -> dict[str, Any]:
     """Run a declared flow in this process (ephemeral Prefect, or the server PREFECT_API_URL
     names) with `params` validated by its parameter model."""
     item = cadence(name)
-    return item.flow()(**item.params_model()(**params).model_dump())
+    try:
+        return item.flow()(**item.params_model()(**params).model_dump())
+    finally:
+        flush_run_logs()
+
+
+def flush_run_logs(timeout: float = LOG_FLUSH_SECONDS) -> None:
+    """Send the run's queued log lines to the Prefect API now and wait for them.
+
+    Prefect ships logs in the background and otherwise drains them at interpreter exit, racing
+    the shutdown of `evergreen run`'s temporary server: on a busy machine a manual run's logs
+    could miss the Prefect UI. Draining here, while the API still runs, keeps them.
+    """
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout, at_exit=False)
