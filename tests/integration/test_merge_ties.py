@@ -47,7 +47,7 @@ def lineage(tmp_path_factory):
 
 
 def _cli_merge(lineage, capsys, *flags: str) -> tuple[int, dict]:
-    code = main(["run", "merge", "--config", lineage["config"], "-q", *flags])
+    code = main(["run", "merge", "--config", lineage["config"], *flags])
     out = capsys.readouterr().out
     return code, json.loads(out) if out.strip().startswith("{") else {}
 

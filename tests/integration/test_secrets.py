@@ -42,7 +42,14 @@ def s3(monkeypatch) -> str:
 
 
 def _cli(root: Path, *args: str) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PREFECT_HOME": str(root / "prefect")}
+    # INFO: the scan below looks for a run's INFO line in the Prefect database, whatever level an
+    # earlier in-process `main(["-q", …])` left in this process's environment
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "PREFECT_HOME": str(root / "prefect"),
+        "PREFECT_LOGGING_LEVEL": "INFO",
+    }
     done = subprocess.run(
         [sys.executable, "-m", "evergreen.cli", *args],
         cwd=root,
