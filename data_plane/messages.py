@@ -297,9 +297,13 @@ def _missing_columns(results: list[dict[str, Any]], frame: pd.DataFrame) -> set[
     for item in results:
         config = item["expectation_config"]
         if not item["success"] and config["type"] == "expect_table_columns_to_match_set":
-            expected = config["kwargs"].get("column_set") or []
-            missing.update(str(c) for c in expected if c not in frame.columns)
+            missing.update(_absent_columns(config["kwargs"], frame))
     return missing
+
+
+def _absent_columns(kwargs: dict[str, Any], frame: pd.DataFrame) -> list[str]:
+    """The columns of a table-level check's `column_set` that the batch lacks."""
+    return [str(c) for c in kwargs.get("column_set") or [] if c not in frame.columns]
 
 
 def _is_consequence(
@@ -330,16 +334,16 @@ def failures_from_result(
         column = kwargs.get("column")
         involved = {column, *kwargs.get("column_list", [])} - {None}
         error = _exception_message(item.get("exception_info"))
+        severity = str(config.get("severity") or "critical")
         if kind == FINITE_NUMBERS and (not error or involved & missing):
             # GX's verdict is per row; the person fixing the data needs it per column. With a
             # column missing GX cannot run it: the present columns are still reported
-            severity = str(config.get("severity") or "critical")
             failures += _finite_failures(kwargs, frame, data_cfg, severity)
             continue
         if _is_consequence(kind, involved, missing, mistyped, error):
             continue
         if kind == "expect_table_columns_to_match_set" and not error:
-            failures += _missing_failures(kind, kwargs, frame, data_cfg, config)
+            failures += _missing_failures(kind, kwargs, frame, data_cfg, severity)
             continue
         res = item.get("result") or {}
         count = res.get("unexpected_count")
@@ -360,7 +364,6 @@ def failures_from_result(
             bad = _non_numeric(frame, column) if column in frame.columns else None
             if bad is not None:
                 samples, count = list(dict.fromkeys(bad.tolist()))[:_SAMPLES], len(bad)
-        severity = str(config.get("severity") or "critical")
         failures.append(Failure(kind, column, count, samples, message, severity))
     return failures
 
@@ -449,11 +452,10 @@ def _missing_failures(
     kwargs: dict[str, Any],
     frame: pd.DataFrame,
     data_cfg: DataConfig,
-    config: dict[str, Any],
+    severity: str,
 ) -> list[Failure]:
     """One failure per configured column the batch lacks (the table-level check names many)."""
-    severity = str(config.get("severity") or "critical")
-    columns = [str(c) for c in kwargs.get("column_set") or [] if c not in frame.columns]
+    columns = _absent_columns(kwargs, frame)
     ctx = {"frame": frame, "cfg": data_cfg, "count": None, "where": ""}
     return [
         Failure(kind, column, None, [], _message(kind, column, kwargs, {}, ctx), severity)

@@ -343,18 +343,23 @@ def _merge_column_checks(path: Path) -> None:
         "meta": {},
         "severity": "critical",
     }
-    gone = set(plain[1:])
-    data["expectations"] = [
-        merged if index == plain[0] else item
-        for index, item in enumerate(items)
-        if index not in gone
-    ]
+    data["expectations"] = _collapse(items, plain, merged)
     log.warning(
         "%s: merged %d expect_column_to_exist checks into one expect_table_columns_to_match_set",
         path,
         len(plain),
     )
     _atomic_write(path, json.dumps(data, indent=2) + "\n")
+
+
+def _collapse(items: list[Any], indices: list[int], merged: dict[str, Any]) -> list[Any]:
+    """`items` with the ones at `indices` replaced by `merged`, in the place of the first."""
+    first, gone = min(indices), set(indices)
+    return [
+        merged if i == first else item
+        for i, item in enumerate(items)
+        if i == first or i not in gone
+    ]
 
 
 def _plain_finite_check(item: dict[str, Any]) -> str | None:
@@ -395,19 +400,14 @@ def _merge_finite_checks(path: Path) -> None:
     whole = {c: i for c, i in kinds.items() if len({items[j]["type"] for j in i}) == len(i) == 3}
     if len(whole) < 2:
         return
-    gone = {index for indices in whole.values() for index in indices}
     merged = {
         "type": "expect_multicolumn_values_to_be_finite_numbers",
         "kwargs": {"column_list": list(whole)},
         "meta": {},
         "severity": "critical",
     }
-    first = min(gone)
-    data["expectations"] = [
-        merged if index == first else item
-        for index, item in enumerate(items)
-        if index == first or index not in gone
-    ]
+    gone = [index for indices in whole.values() for index in indices]
+    data["expectations"] = _collapse(items, gone, merged)
     log.warning(
         "%s: merged the null/type/finite checks of %d features into one "
         "expect_multicolumn_values_to_be_finite_numbers",
