@@ -99,9 +99,9 @@ def _pick(sentences: list[str], n: int, salt: str) -> list[str]:
     return ranked[:n]
 
 
-def text_plan(scale: int = 1) -> list[dict[str, int]]:
+def text_plan(scale: int = 1, topics: list[str] | None = None) -> list[dict[str, int]]:
     """Rows per topic of each batch: two topics first, then one new topic per batch."""
-    a, b, c, d = TEXT_TOPICS
+    a, b, c, d = topics or TEXT_TOPICS
     base = [
         {a: 60, b: 60},  # bootstrap
         {c: 50, a: 10, b: 10},  # daily: a new topic arrives
@@ -111,19 +111,27 @@ def text_plan(scale: int = 1) -> list[dict[str, int]]:
     return [{topic: n * scale for topic, n in batch.items()} for batch in base]
 
 
-def make_text_frames(scale: int = 1) -> list[pd.DataFrame]:
-    """The batches as frames [text, label]; every row unique across the whole timeline."""
-    plan = text_plan(scale)
-    needed = {t: sum(batch.get(t, 0) for batch in plan) for t in TEXT_TOPICS}
+def make_text_frames(
+    scale: int = 1, topics: list[str] | None = None, *, spare: int = 0
+) -> list[pd.DataFrame]:
+    """The batches as frames [text, label]; every row unique across the whole timeline.
+
+    `topics` (four installed packages, default `TEXT_TOPICS`) builds the same plan on other
+    packages, e.g. a validation timeline that is not the demo's; `spare` > 0 appends one more
+    frame with up to that many further sentences per topic, never in any batch (a test set).
+    """
+    topics = list(topics or TEXT_TOPICS)
+    plan = text_plan(scale, topics)
+    needed = {t: sum(batch.get(t, 0) for batch in plan) for t in topics}
     pools: dict[str, list[str]] = {}
-    for topic in TEXT_TOPICS:
+    for topic in topics:
         sentences = package_sentences(topic)
         if len(sentences) < needed[topic]:
             raise ValueError(
                 f"package {topic!r} carries {len(sentences)} usable docstring sentences, "
                 f"{needed[topic]} needed"
             )
-        pools[topic] = _pick(sentences, needed[topic], "evergreen-text")
+        pools[topic] = _pick(sentences, needed[topic] + spare, "evergreen-text")
     frames = []
     for batch in plan:
         rows = []
@@ -132,6 +140,9 @@ def make_text_frames(scale: int = 1) -> list[pd.DataFrame]:
             pools[topic] = pools[topic][n:]
         frame = pd.DataFrame(rows)
         frames.append(frame.sample(frac=1.0, random_state=len(frames)).reset_index(drop=True))
+    if spare:
+        rest = [{"text": s, "label": t} for t in topics for s in pools[t][:spare]]
+        frames.append(pd.DataFrame(rest))
     return frames
 
 
