@@ -47,19 +47,20 @@ bootstrap:                        # plain training of the first champion
   train: {steps: 600, batch_size: 64, lr: 0.001}
 
 monthly:                          # full fine-tune + online EWC
-  train: {steps: 400, epochs: 5, lr: 0.001}   # at least `steps`, at least `epochs` passes over the new rows
+  train: {steps: 400, epochs: 5}  # at least `steps`, at least `epochs` passes over the new rows
+  # lr unset: 0.001, or 3e-5 for model.family hf (a pretrained encoder; same for weekly)
   # any section's train also takes checkpoint_every_seconds (300) and checkpoint_every_steps (0):
   # it saves its state so a killed run resumes where it was (0 = off; docs/SCALING.md)
   # and, on a GPU: grad_accum_steps (1), precision (auto = bf16 on CUDA), compile (false),
   # gradient_checkpointing (false), sync_every (0 = auto) — docs/SCALING.md
-  ewc_lambda: auto                # auto: best of lambda_grid on the select rows; or a number
+  # ewc_lambda: auto              # auto: best of lambda_grid on the select rows; or a number;
+  #                               # unset: auto, or 1000 for model.family hf (same for weekly)
   lambda_grid: [0, 1, 10, 100]    # on the normalised Fisher
   fisher_decay: 0.9               # F = gamma * F_old + F_own
   replay_ratio: 0.5               # rehearsal from the data memory (0 = EWC alone: cannot learn new classes)
 
 weekly:                           # experience replay + EWC
-  train: {steps: 300, epochs: 5, lr: 0.001, processes: 1}   # processes > 1: torchrun DDP (any section's train)
-  ewc_lambda: auto
+  train: {steps: 300, epochs: 5, processes: 1}   # processes > 1: torchrun DDP (any section's train)
   # replay_ratio: 0.75            # share of each step drawn from the data memory (which holds every
   #                               # batch); unset: 0.75, or 0.2 for model.family hf-causal-lm
 

@@ -7,7 +7,7 @@ import yaml
 from pydantic import ValidationError
 
 from evergreen.cli import main
-from evergreen.config import config_from_dict, load_config
+from evergreen.config import HF_EWC_LAMBDA, HF_UPDATE_LR, config_from_dict, load_config
 from evergreen.errors import ExitCode
 from evergreen.template import CONFIG_TEMPLATE
 
@@ -85,3 +85,21 @@ def test_missing_config_file_says_how_to_create_one(tmp_path):
     with pytest.raises(FileNotFoundError, match="evergreen init"):
         load_config(tmp_path / "nope.yaml")
     assert main(["status", "--config", str(tmp_path / "nope.yaml")]) == ExitCode.CONFIG
+
+
+def test_text_classifier_updates_get_the_encoder_lr_and_a_lambda_that_binds(tmp_path, monkeypatch):
+    """model.family hf: weekly/monthly lr 3e-5 and λ 1000 unless set (docs/TEXT.md, "The text
+    demo"); what the file sets is kept, and the tabular defaults do not move."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["init"]) == 0
+    path = tmp_path / "evergreen.yaml"
+    text = ["model.family=hf", "model.hf_path=./enc", "data.text=text", "data.features=[]"]
+    hf = load_config(path, text)
+    for section in (hf.weekly, hf.monthly):
+        assert (section.train.lr, section.ewc_lambda) == (HF_UPDATE_LR, HF_EWC_LAMBDA)
+    kept = load_config(path, [*text, "weekly.train.lr=0.0001", "monthly.ewc_lambda=auto"])
+    assert (kept.weekly.train.lr, kept.monthly.ewc_lambda) == (1e-4, "auto")
+    assert (kept.monthly.train.lr, kept.weekly.ewc_lambda) == (HF_UPDATE_LR, HF_EWC_LAMBDA)
+    tabular = load_config(path)
+    for section in (tabular.weekly, tabular.monthly):
+        assert (section.train.lr, section.ewc_lambda) == (1e-3, "auto")
