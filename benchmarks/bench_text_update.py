@@ -76,7 +76,9 @@ def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
     )
 
 
-def _accuracy(cfg: EvergreenConfig, model, spec, frame: pd.DataFrame) -> float:
+def _accuracy(
+    cfg: EvergreenConfig, model: torch.nn.Module, spec: Any, frame: pd.DataFrame
+) -> float:
     X, y = frame_to_tensors(frame, spec, cfg.data.label)
     return accuracy(model, X, y)
 
@@ -87,7 +89,7 @@ def _merged(state: ModelState) -> ModelState:
         return state
     from continual.lora import merge_adapter
 
-    model = make_trainable(merge_adapter(copy.deepcopy(state.model))).eval()
+    model = make_trainable(merge_adapter(copy.deepcopy(state.model))).eval()  # type: ignore[arg-type]
     return replace(state, model=model)
 
 
@@ -156,7 +158,7 @@ def run(cfg: EvergreenConfig, topics: list[str], spare: int) -> dict[str, Any]:
     }
 
 
-def _decision_figures(decision) -> dict[str, Any]:
+def _decision_figures(decision: Any) -> dict[str, Any]:
     keep = ("champion_mean", "challenger_mean", "ci_low", "n")
     metrics = decision.to_metrics()
     figures: dict[str, Any] = {
@@ -170,14 +172,18 @@ def _round(value: Any) -> Any:
     return round(value, 3) if isinstance(value, float) else value
 
 
-def _topics(cfg: EvergreenConfig, state: ModelState, test: pd.DataFrame, topics: list[str]):
+def _topics(
+    cfg: EvergreenConfig, state: ModelState, test: pd.DataFrame, topics: list[str]
+) -> dict[str, float]:
     model = state.model
     out = {t: round(_accuracy(cfg, model, state.spec, test[test.label == t]), 3) for t in topics}
     out["mean"] = round(sum(out.values()) / len(topics), 3)
     return out
 
 
-def _joint(cfg: EvergreenConfig, champion: ModelState, splits: list[ThreeWaySplit]):
+def _joint(
+    cfg: EvergreenConfig, champion: ModelState, splits: list[ThreeWaySplit]
+) -> torch.nn.Module:
     """The demo's joint reference (`demo.baselines.joint_rows`) after the last batch."""
     from continual.models import build_model
 
@@ -196,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spare", type=int, default=150)
     args = parser.parse_args(argv)
     topics = args.topics.split(",")
-    tasks.train.get_run_logger = _quiet_logger  # type: ignore[attr-defined]
-    tasks.evaluate.get_run_logger = _quiet_logger  # type: ignore[attr-defined]
+    tasks.train.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
+    tasks.evaluate.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as home:
         result = run(config(topics, args.sets, home), topics, args.spare)
