@@ -24,6 +24,7 @@ from prefect.exceptions import MissingContextError
 from continual.distillation import TokenDistiller
 from continual.distributed import DistributedJob
 from continual.ewc import EWC
+from continual.fisher import diagonal_fisher
 from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
 from continual.models import (
@@ -646,8 +647,16 @@ def _lora_params(peft_model) -> dict[str, object]:
 
 
 def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
-    """The online EWC state after a LoRA update: its own Fisher at the folded weights (so a
-    later merge can weight this version by its own data), anchored there."""
+    """The online EWC state after a LoRA update, anchored at the folded weights.
+
+    A LoRA update changes only its target weights (folded: W + (α/r)·B·A) and, for a text
+    classifier, the refitted head. Its own Fisher is estimated on exactly those parameters (so
+    a later merge weighs this version by its own data where it changed something, and by
+    nothing elsewhere), and only there does the accumulator consolidate (γ·F_old + F_own);
+    everywhere else it stays the champion's, so a version stored against its parent stores
+    those entries by reference (`tasks.state.write_state`). The next weekly or monthly update
+    estimates the Fisher of every trainable parameter again (docs/TEXT.md, "EWC state of a
+    LoRA version")."""
     from continual.lora import merge_adapter
 
     if champion.ewc is None:
@@ -660,8 +669,33 @@ def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
         gamma=champion.ewc.gamma,
         kind=champion.ewc.kind,
     )
-    ewc.consolidate(folded, *fisher_rows(champion.spec, X, y))
+    rows = fisher_rows(champion.spec, X, y)
+    if champion.spec.family not in TEXT_FAMILIES:  # small: every parameter, as before
+        ewc.consolidate(folded, *rows)
+        return ewc
+    changed = changed_parameters(champion.model, folded)
+    own: dict[str, torch.Tensor] = {}
+    if changed:
+        for name, p in folded.named_parameters():
+            p.requires_grad_(name in changed)
+        own = diagonal_fisher(folded, *rows, kind=ewc.kind)
+    ewc.consolidate(folded, *rows, own=own, untouched="keep")
     return ewc
+
+
+def changed_parameters(before: torch.nn.Module, after: torch.nn.Module) -> set[str]:
+    """Trainable parameters of `after` whose values differ from `before`'s (bit for bit)."""
+    old = dict(before.named_parameters())
+    return {
+        name
+        for name, p in after.named_parameters()
+        if p.requires_grad
+        and (
+            name not in old
+            or old[name].shape != p.shape
+            or not torch.equal(old[name].detach().to(p.device, p.dtype), p.detach())
+        )
+    }
 
 
 def _selection_decision(
