@@ -8,6 +8,11 @@ State, per model version:
 - `fisher`: the online accumulator F ← γ·F + F_own (raw, as estimated), which the penalty uses.
 - `anchor`: θ*, the weights the accumulator was last consolidated at.
 
+On disk (`save`/`load`) the anchor may be left out when it is the weights saved beside it
+(`anchor_in_model`), and, for a version stored against a parent version, accumulator entries
+equal to the parent's (or to γ·F_parent + F_own) are taken from the parent's state
+(`ParentFisher`, format evergreen.ewc/3); `tasks.state` resolves both.
+
 Normalisation: the penalty uses F̂ = F / mean(F), the mean taken over every entry of every
 tensor (`fisher_scale`; saved in the metadata, raw tensors on disk). λ then means "the stiffness
 of a parameter of average importance", whatever the dataset, the loss scale, the Fisher kind or
@@ -536,13 +541,6 @@ def read_fisher(path: str | Path, parent: ParentFisherSource | None = None) -> d
         return _fisher_of(path, meta, names, tensors, own, parent)
     except (KeyError, ValueError, TypeError) as exc:
         raise EWCStateError(f"{path}: tensors do not match the stored names: {exc}") from exc
-
-
-def references_parent(path: str | Path) -> bool:
-    """Whether the state at `path` takes Fisher entries from its parent version's (cheap: reads
-    the header only)."""
-    with safe_open(str(path), framework="pt") as handle:
-        return (handle.metadata() or {}).get("format") == FORMAT_WITH_PARENT
 
 
 def _read_state_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:

@@ -124,7 +124,9 @@ def _own_fisher(state: ModelState, memory: DataMemory) -> dict[str, Tensor]:
     on the replay buffer's training rows (never on held-out rows), of the family's kind and on
     the family's rows (`fisher_kind`, `fisher_rows`), on a trainable copy: a loaded version's
     parameters may be frozen (a folded LoRA version's are), and the Fisher covers only what
-    training may change (`make_trainable`), as a stored own Fisher does."""
+    training may change (`make_trainable`), as a stored own Fisher does. A daily LoRA
+    version's own Fisher covers only the parameters it changed; `merge_models` reads the others
+    as zero importance (`continual.merging.zero_filled`)."""
     own: dict[str, Tensor] | None = state.ewc.own_fisher if state.ewc is not None else None
     if own is not None:  # may cover only what the version changed (`merge_models`)
         return own

@@ -16,6 +16,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -32,6 +33,9 @@ from continual.lineage import (
 )
 from continual.models import ModelSpec
 from evergreen.config import EvergreenConfig
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 EWC_FILE = "ewc.safetensors"
 LEARNED_FILE = "learned.json"
@@ -172,7 +176,7 @@ def weights_as_loaded(model: nn.Module) -> dict[str, torch.Tensor]:
         return {n: p.detach() for n, p in model.named_parameters()}
     from continual.lora import merge_adapter  # peft: only for peft models
 
-    return parameters_of(merge_adapter(copy.deepcopy(model)))
+    return parameters_of(merge_adapter(cast("PeftModel", copy.deepcopy(model))))
 
 
 def _fisher_stored_against(

@@ -655,8 +655,9 @@ def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
     nothing elsewhere), and only there does the accumulator consolidate (γ·F_old + F_own);
     everywhere else it stays the champion's, so a version stored against its parent stores
     those entries by reference (`tasks.state.write_state`). The next weekly or monthly update
-    estimates the Fisher of every trainable parameter again (docs/TEXT.md, "EWC state of a
-    LoRA version")."""
+    estimates the Fisher of every trainable parameter again (docs/TEXT.md, "The EWC state of a
+    LoRA version"). Tabular families (small Fisher, never stored against a parent) consolidate
+    every parameter, as before."""
     from continual.lora import merge_adapter
 
     if champion.ewc is None:

@@ -54,7 +54,7 @@ def _daily(state: ModelState, seed: int) -> ModelState:
     model = state.clone_model()
     with torch.no_grad():
         model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
-    peft_model = attach_lora(model, LoraSettings(r=4))
+    peft_model = attach_lora(model, LoraSettings(r=8))
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
             if "lora_B" in name:
@@ -247,3 +247,43 @@ def test_the_merge_flow_step_merges_a_lora_version_with_a_partial_own_fisher(bas
     changed = next(n for n in v2.ewc.own_fisher if ".query." in n)
     assert not torch.equal(weights[changed], first[changed])
     assert set(distances) == {"merge.distance.v1", "merge.distance.v2"}
+
+
+def test_minilm_daily_lora_ewc_state_is_its_own_fisher(tmp_path):
+    """docs/TEXT.md's figures: a daily LoRA version on a fine-tuned MiniLM champion, its EWC
+    state as earlier releases stored it (accumulator, own Fisher and anchor of every trainable
+    parameter) vs now, and the version's whole size; loaded back exactly."""
+    from tests.unit.test_parent_reference import MINILM, _size
+
+    spec = _spec(MINILM, n_features=32)
+    local = Local()
+    model = make_trainable(_finetuned(spec))
+    generator = torch.Generator().manual_seed(0)
+    fisher = {
+        n: torch.rand(p.shape, generator=generator)
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
+    anchor = {n: p.detach().clone() for n, p in model.named_parameters()}
+    champion_ewc = EWC(fisher, anchor, lam=10.0, gamma=GAMMA, own_fisher=fisher, kind="sampled")
+    v1 = write_state(ModelState(model=model, spec=spec, ewc=champion_ewc), tmp_path / "v1")
+    source = local.add("1", v1)
+    daily = _daily(read_state(v1, parents=local), seed=2)
+    assert daily.ewc is not None and daily.ewc.own_fisher is not None
+    v2 = write_state(daily, tmp_path / "v2", parent=source, parents=local)
+    before = tmp_path / "before.safetensors"  # the same state in the earlier layout
+    full_own = {n: daily.ewc.own_fisher.get(n, f) for n, f in daily.ewc.fisher.items()}
+    EWC(daily.ewc.fisher, daily.ewc.anchor, lam=10.0, own_fisher=full_own).save(before)
+    sizes = {
+        "ewc before": before.stat().st_size,
+        "ewc now": (v2 / EWC_FILE).stat().st_size,
+        "version now": _size(v2),
+        "version before": _size(v2) - (v2 / EWC_FILE).stat().st_size + before.stat().st_size,
+        "parent ewc": (v1 / EWC_FILE).stat().st_size,
+        "parent": _size(v1),
+    }
+    print("MiniLM daily LoRA sizes (bytes):", sizes, "own Fisher on", len(daily.ewc.own_fisher))
+    assert sizes["ewc before"] > 120e6 and sizes["ewc now"] < 10e6, sizes
+    loaded = read_state(v2, parents=local)
+    assert loaded.ewc is not None
+    _assert_same(loaded.ewc, daily.ewc)
