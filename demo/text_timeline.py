@@ -124,7 +124,7 @@ def make_text_frames(scale: int = 1) -> list[pd.DataFrame]:
                 f"{needed[topic]} needed"
             )
         pools[topic] = _pick(sentences, needed[topic], "evergreen-text")
-    frames = []
+    frames: list[pd.DataFrame] = []
     for batch in plan:
         rows = []
         for topic, n in batch.items():
