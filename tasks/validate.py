@@ -10,11 +10,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from data_plane.gx_suite import ensure_suite
 from data_plane.landing import data_columns
 from data_plane.messages import ValidationReport, clip_middle
 from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, content_hash, split_three_way
-from data_plane.validation import ensure_suite, save_report, validate_batch
+from data_plane.validation import save_report, validate_batch
 from evergreen.config import EvergreenConfig
 from tasks.common import current_flow_run_id
 from tasks.events import emit
