@@ -45,7 +45,7 @@ from continual.base_model import (
 PARENT_FILE = "parent.json"
 FORMAT = "evergreen.parent/1"
 MAX_PARENT_LINKS = 3  # links before a version is stored against the base again
-# the checkpoint inside a logged evergreen model (model_registry.registry.CHECKPOINT_SUBPATH)
+# the checkpoint inside a logged evergreen model (model_registry.versions.CHECKPOINT_SUBPATH)
 CHECKPOINT_SUBPATH = "artifacts/checkpoint"
 
 
