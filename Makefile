@@ -63,7 +63,7 @@ lint: $(DEV_STAMP) typecheck
 	$(BIN)/ruff format --check .
 
 typecheck: $(DEV_STAMP)
-	$(BIN)/mypy continual data_plane model_registry
+	$(BIN)/mypy
 
 format: $(DEV_STAMP)
 	$(BIN)/ruff check --fix .

@@ -94,9 +94,10 @@ def measure(mode: str, landing: Path, home: Path) -> dict[str, Any]:
     """Time one `mode` on the batch in this process; seconds, rows, verdict and peak RSS."""
     import pandas as pd
 
+    from data_plane.gx_suite import ensure_suite
     from data_plane.integrity import scan_integrity
     from data_plane.landing import LocalLandingZone, read_batch
-    from data_plane.validation import ensure_suite, validate_batch
+    from data_plane.validation import validate_batch
 
     cfg, zone = _config(landing), LocalLandingZone(landing)
     suite = ensure_suite(home, cfg)

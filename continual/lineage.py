@@ -45,7 +45,7 @@ from continual.base_model import (
 PARENT_FILE = "parent.json"
 FORMAT = "evergreen.parent/1"
 MAX_PARENT_LINKS = 3  # links before a version is stored against the base again
-# the checkpoint inside a logged evergreen model (model_registry.registry.CHECKPOINT_SUBPATH)
+# the checkpoint inside a logged evergreen model (model_registry.versions.CHECKPOINT_SUBPATH)
 CHECKPOINT_SUBPATH = "artifacts/checkpoint"
 
 
@@ -126,7 +126,7 @@ def directory_manifest(directory: Path) -> dict[str, str]:
     """relative posix path → sha256 of every file under `directory` (what the registry records
     as a version's `evergreen.sha256.*` tags)."""
     return {
-        path.relative_to(directory).as_posix(): _file_sha256(path)
+        path.relative_to(directory).as_posix(): file_sha256(path)
         for path in sorted(p for p in directory.rglob("*") if p.is_file())
     }
 
@@ -260,7 +260,7 @@ def reference_to(source: ParentSource) -> ParentReference:
     )
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

@@ -133,6 +133,38 @@ def _check_fishers(states: Sequence[StateDict], fishers: Sequence[dict[str, Tens
                 raise ValueError(f"Fisher {k} {name!r} must be finite and non-negative")
 
 
+def zero_filled(
+    states: Sequence[StateDict], fishers: Sequence[dict[str, Tensor]]
+) -> list[dict[str, Tensor]]:
+    """The Fishers over the union of their keys, an entry a model's Fisher lacks being zero:
+    no importance. What a missing entry means for a version's *own* Fisher: a daily LoRA
+    version estimates it only on the parameters it changed (its adapter's target weights and
+    its head); elsewhere its weights are its parent's, which its own data did not move, so it
+    claims nothing there and the other models decide (all claiming nothing: the plain mean,
+    as for an all-zero Fisher).
+
+    Raises:
+        ValueError: a Fisher names a parameter the state dicts lack (named).
+    """
+    names = list(dict.fromkeys(name for fisher in fishers for name in fisher))
+    stray = [n for n in names if n not in states[0]]
+    if stray:
+        raise ValueError(f"Fishers cover {stray[:5]}, which are not in the state dicts")
+    return [
+        {
+            name: fisher[name]
+            if name in fisher
+            else torch.zeros_like(states[0][name], dtype=_float_type(states[0][name]))
+            for name in names
+        }
+        for fisher in fishers
+    ]
+
+
+def _float_type(tensor: Tensor) -> torch.dtype:
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
 def _fisher_weighted(
     thetas: Sequence[Tensor], fishers: Sequence[Tensor], lambdas: Sequence[float], eps: float
 ) -> Tensor:

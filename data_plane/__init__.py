@@ -6,7 +6,9 @@ Modules (imported on demand; Great Expectations loads only when a suite is built
   `read_batch`, `BatchReadError`), and write them (demo, tests).
 - `arrival`: which batches have fully arrived (`_SUCCESS`, `_manifest.json`, quiescence) and are
   pending (`pending_batches`, `batch_arrivals`).
-- `validation`: the expectation suite file and per-batch `ValidationReport`s.
+- `validation`: per-batch validation (integrity blocks, change informs) into `ValidationReport`s,
+  and the report files; `gx_suite`: the integrity suite file (built from the config, upgraded);
+  `gx_run`: running it through a GX Checkpoint, with Data Docs.
 - `splits`: deterministic hold-out split, content hash, bounded stratified retention set.
 - `drift`: per-feature KS + PSI drift report.
 """

@@ -99,6 +99,11 @@ def population_stability_index(
     ref, cur = _finite(reference), _finite(current)
     if ref.size == 0 or cur.size == 0:
         raise ValueError("PSI needs at least one finite value in both samples")
+    return _psi(ref, cur, bins)
+
+
+def _psi(ref: np.ndarray, cur: np.ndarray, bins: int) -> float:
+    """`population_stability_index` of two non-empty arrays of finite floats."""
     interior = np.quantile(ref, np.linspace(0.0, 1.0, bins + 1)[1:-1])
     # Bins (e[i-1], e[i]]; the outer edges fence off values beyond the reference's range, so a
     # batch that moves entirely outside it (e.g. a constant reference) is seen as a shift.
@@ -137,16 +142,49 @@ def drift_report(
     if missing:
         raise KeyError(f"drift: features {missing} are missing from the reference or current data")
     per_test_alpha = alpha / max(len(features), 1)
-    results = []
-    for name in features:
-        ref, cur = _finite(reference[name]), _finite(current[name])
-        if ref.size == 0 or cur.size == 0:
-            results.append(FeatureDrift(name, float("nan"), float("nan"), float("nan"), False))
-            continue
-        with warnings.catch_warnings():  # "exact calculation unsuccessful": asymp is fine here
+    clean = _finite_matrices(reference, current, features)
+    if clean is not None:  # one KS call for every column; the columns need no cleaning
+        with warnings.catch_warnings():  # "exact calculation unsuccessful": asymp is fine
             warnings.simplefilter("ignore", RuntimeWarning)
-            ks = stats.ks_2samp(ref, cur)
-        psi = population_stability_index(ref, cur, bins=bins)
-        drifted = bool(ks.pvalue < per_test_alpha and psi >= psi_threshold)
-        results.append(FeatureDrift(name, float(ks.statistic), float(ks.pvalue), psi, drifted))
+            ks = stats.ks_2samp(clean[0], clean[1], axis=0)
+    results = []
+    for index, name in enumerate(features):
+        if clean is not None:
+            ref, cur = clean[0][:, index], clean[1][:, index]
+            statistic, pvalue = float(ks.statistic[index]), float(ks.pvalue[index])
+        else:
+            ref, cur = _finite(reference[name]), _finite(current[name])
+            if ref.size == 0 or cur.size == 0:
+                results.append(FeatureDrift(name, float("nan"), float("nan"), float("nan"), False))
+                continue
+            statistic, pvalue = _ks(ref, cur)
+        psi = _psi(ref, cur, bins)
+        drifted = bool(pvalue < per_test_alpha and psi >= psi_threshold)
+        results.append(FeatureDrift(name, statistic, pvalue, psi, drifted))
     return DriftReport(results, len(reference), len(current))
+
+
+def _ks(ref: np.ndarray, cur: np.ndarray) -> tuple[float, float]:
+    with warnings.catch_warnings():  # "exact calculation unsuccessful": asymp is fine here
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ks = stats.ks_2samp(ref, cur)
+    return float(ks.statistic), float(ks.pvalue)
+
+
+def _finite_matrices(
+    reference: pd.DataFrame, current: pd.DataFrame, features: list[str]
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Both frames' features as float matrices when every value is a finite number (a
+    validated batch and the accepted data always are), else None (then each feature is cleaned
+    and tested on its own). `ks_2samp(axis=0)` on them computes each column as one call per
+    feature would, without scipy's per-call argument handling (≈ 2 ms a call, most of the
+    report's time with 64 features), and the columns need no `_finite`."""
+    if not features or len(reference) == 0 or len(current) == 0:
+        return None
+    frames = (reference[features], current[features])
+    if not all(pd.api.types.is_numeric_dtype(t) for f in frames for t in f.dtypes):
+        return None
+    ref, cur = (f.to_numpy(dtype=float, na_value=np.nan) for f in frames)
+    if not (np.isfinite(ref).all() and np.isfinite(cur).all()):
+        return None
+    return ref, cur

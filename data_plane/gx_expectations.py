@@ -9,8 +9,9 @@ once: a row fails if any listed column holds a null, a value that is not a numbe
 so the report still names the column, the count and sample values.
 
 GX finds an expectation class by its registered name, so this module must be imported before a
-suite naming it is parsed or validated: `data_plane.validation` imports it wherever it touches GX
-(the flows, the `evergreen` CLI and the S3-shared context all go through it). A plain GX process
+suite naming it is parsed or validated: `data_plane.gx_suite` and `data_plane.gx_run` import it
+wherever they touch GX (the flows, the `evergreen` CLI and the S3-shared context all go through
+them). A plain GX process
 opening `<home>/gx/` needs `import data_plane.gx_expectations` first.
 """
 

@@ -10,7 +10,7 @@ Lines in chunks) and reaches the same verdict as the generated suite — same fa
 expectations, columns and counts — so a batch too large for one worker can be judged before
 anything loads it whole.
 
-Scope: the suite generated from the config (`validation.build_suite`), for numeric features; a
+Scope: the suite generated from the config (`gx_suite.build_suite`), for numeric features; a
 hand-edited suite, text columns and the change checks (which need the accepted-data profile)
 stay with `validate_batch`.
 """

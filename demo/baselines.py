@@ -40,7 +40,7 @@ class HeldOut:
 
 
 def accuracy_row(
-    cfg: EvergreenConfig, model: torch.nn.Module, held_out: HeldOut, until: str, spec
+    cfg: EvergreenConfig, model: torch.nn.Module, held_out: HeldOut, until: str, spec: ModelSpec
 ) -> dict[str, float]:
     """Accuracy on the gate rows of every batch up to `until`."""
     row = {}

@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from continual.metrics import history_forgetting, retention_accuracy
+from continual.models import ModelSpec
 from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
 from data_plane.splits import ThreeWaySplit, split_three_way
 from demo.baselines import HeldOut, accuracy_row, joint_rows, naive_rows
@@ -36,6 +37,7 @@ from evergreen.report import TimelineRow, timeline_table, write_report
 from tasks.common import frame_to_tensors
 from tasks.merge import lineage_versions
 from tasks.promote import load_champion
+from tasks.state import ModelState
 from tasks.train import text_spec
 
 
@@ -101,26 +103,27 @@ def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
     )
 
 
-def _input_spec(cfg: EvergreenConfig):
+def _input_spec(cfg: EvergreenConfig) -> ModelSpec:
     """What `frame_to_tensors` needs to read a batch: a text model's spec (its tokenizer and
-    length), or the tabular columns straight from config."""
-    return text_spec(cfg) if cfg.data.text else _Spec(cfg)
+    length), or the tabular columns and classes straight from config."""
+    if cfg.data.text:
+        return text_spec(cfg)
+    return ModelSpec(
+        family=cfg.model.family,
+        n_features=len(cfg.data.features),
+        n_classes=len(cfg.data.classes),
+        feature_columns=list(cfg.data.features),
+        classes=list(cfg.data.classes),
+    )
 
 
-class _Spec:
-    """The spec fields `frame_to_tensors` reads for tabular data, straight from config."""
-
-    def __init__(self, cfg: EvergreenConfig) -> None:
-        self.family = cfg.model.family
-        self.feature_columns = list(cfg.data.features)
-        self.classes = list(cfg.data.classes)
-
-
-def plan_runs(batches: list[DemoBatch], *, extras: bool = True) -> list[tuple[str, str, dict]]:
+def plan_runs(
+    batches: list[DemoBatch], *, extras: bool = True
+) -> list[tuple[str, str, dict[str, Any]]]:
     """(date, flow, params) in calendar order: each batch by its cadence; with `extras`, the
     stream monitor over the week's arrivals before each weekly update, consolidation mid-way,
     a Fisher merge at the end."""
-    runs: list[tuple[str, str, dict]] = []
+    runs: list[tuple[str, str, dict[str, Any]]] = []
     for i, batch in enumerate(batches):
         if batch.cadence == "bootstrap":
             runs.append((batch.date, by_section("bootstrap").name, {"batch_ids": [batch.batch_id]}))
@@ -196,7 +199,7 @@ def _add_references(
     return joint, naive
 
 
-def _bootstrap_state(cfg: EvergreenConfig):
+def _bootstrap_state(cfg: EvergreenConfig) -> ModelState:
     """The first champion (the naive baseline's starting point, like the flows')."""
     from model_registry.registry import Registry
     from tasks.version_cache import load_cached
@@ -231,7 +234,13 @@ def _verdict(timeline: list[TimelineRow]) -> str:
     )
 
 
-def _run_calendar(cfg, config_path: Path, plan, held_out: HeldOut, console: Console):
+def _run_calendar(
+    cfg: EvergreenConfig,
+    config_path: Path,
+    plan: list[tuple[str, str, dict[str, Any]]],
+    held_out: HeldOut,
+    console: Console,
+) -> tuple[list[TimelineRow], list[tuple[str, dict[str, float]]]]:
     timeline: list[TimelineRow] = []
     matrix_rows: list[tuple[str, dict[str, float]]] = []
     for date, flow_name, extra in plan:
@@ -241,6 +250,8 @@ def _run_calendar(cfg, config_path: Path, plan, held_out: HeldOut, console: Cons
         console.print(f"[bold cyan]{date}[/bold cyan] {flow_name} {extra or ''}")
         result = run_flow(flow_name, **params)
         champion = load_champion.fn(cfg)
+        if champion is None:  # the demo bootstraps first; a failed bootstrap raised already
+            raise RuntimeError(f"no champion after {flow_name} on {date}")
         until = max([b for b in result.get("batch_ids") or [date]] + [date])
         row = accuracy_row(cfg, champion.model, held_out, until, champion.spec)
         matrix_rows.append((f"{date} {flow_name}", row))
@@ -268,10 +279,10 @@ def _champion_and_previous(cfg: EvergreenConfig) -> list[str]:
 
 
 def _write(
-    cfg,
+    cfg: EvergreenConfig,
     scenario: Scenario,
-    timeline,
-    matrix_rows,
+    timeline: list[TimelineRow],
+    matrix_rows: list[tuple[str, dict[str, float]]],
     held_out: HeldOut,
     final: FinalComparison,
     seconds: float,

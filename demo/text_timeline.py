@@ -132,7 +132,7 @@ def make_text_frames(
                 f"{needed[topic]} needed"
             )
         pools[topic] = _pick(sentences, needed[topic] + spare, "evergreen-text")
-    frames = []
+    frames: list[pd.DataFrame] = []
     for batch in plan:
         rows = []
         for topic, n in batch.items():

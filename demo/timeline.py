@@ -265,7 +265,9 @@ def _batch_rows(
     classes = [c for c in DEMO_CLASSES if c != 9 or week >= CLASS_9_WEEK]
     severity = drift_severity(week)
     pool.population.grow_to(week, rng)
-    pixels, labels, sources = [], [], []
+    pixels: list[np.ndarray] = []
+    labels: list[int] = []
+    sources: list[int] = []
     while len(pixels) < plan.rows:
         label = int(rng.choice(classes))
         index, fresh = pool.draw(label, rng)

@@ -9,7 +9,7 @@ is in `prefect.yaml` itself (`evergreen.deployments.DRIFT_COOLDOWN_SECONDS`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 FAILED_RUN = "evergreen: flow run failed"
@@ -73,8 +73,11 @@ def ensure_automations(block_slug: str) -> list[str]:
     from prefect.automations import Automation, AutomationCore
     from prefect.blocks.core import Block
 
-    block = Block.load(block_slug)
+    # sync-compatible: called from sync code it returns the block, not a coroutine
+    block = cast(Block, Block.load(block_slug))
     block_id = block._block_document_id
+    if block_id is None:  # a loaded block always has its document id
+        raise ValueError(f"block {block_slug!r} has no document id")
     existing = {automation.name for automation in _read_all()}
     created = []
     for spec in automation_specs(block_id):

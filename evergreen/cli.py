@@ -18,7 +18,7 @@ import sys
 import traceback
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from rich.console import Console
@@ -77,7 +77,7 @@ def _package_version() -> str:
 
 def _output_flags(parser: argparse.ArgumentParser, *, top: bool) -> None:
     """--quiet/--verbose/--debug, accepted before or after the command name."""
-    default = {} if top else {"default": argparse.SUPPRESS}
+    default: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
     group = parser.add_mutually_exclusive_group()
     group.add_argument(
         "-q", "--quiet", action="store_true", help="only results and errors", **default

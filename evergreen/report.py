@@ -148,8 +148,7 @@ def timeline_table(rows: Sequence[TimelineRow]) -> rich.table.Table:
     table = Table(title="evergreen timeline", show_lines=False)
     for name in _COLUMNS[:-1]:  # the note (full reasons) is in report.md
         numeric = "acc" in name or name.startswith(("joint", "naive")) or name == "forgetting"
-        justify = "right" if numeric else "left"
-        table.add_column(name, justify=justify, no_wrap=True)
+        table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
     for row in rows:
         cells = [escape(cell) for cell in _row_cells(row)[:-1]]
         if len(row.batch_ids) > 1:

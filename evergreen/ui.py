@@ -41,8 +41,8 @@ def mlflow_command(cfg: EvergreenConfig, port: int) -> UiCommand:
     model_page = f"#/models/{cfg.registry.name}"
     if uri.startswith(("http://", "https://")):
         return UiCommand("MLflow UI", f"{uri.rstrip('/')}/{model_page}", "(server already running)")
-    argv = (_tool("mlflow"), "ui", "--backend-store-uri", uri, "--host", "127.0.0.1")
-    argv += ("--port", str(port))
+    argv: tuple[str, ...] = (_tool("mlflow"), "ui", "--backend-store-uri", uri)
+    argv += ("--host", "127.0.0.1", "--port", str(port))
     return UiCommand("MLflow UI", f"http://127.0.0.1:{port}/{model_page}", shlex.join(argv), argv)
 
 
@@ -55,7 +55,7 @@ def prefect_command(port: int) -> UiCommand:
         return UiCommand("Prefect UI", f"{base}/runs", "(server already running)")
     argv = (_tool("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port))
     # `--port` alone moves the server, not the API URL its UI calls (still :4200): say both
-    env = (("PREFECT_HOME", str(PREFECT_HOME.value())),)
+    env: tuple[tuple[str, str], ...] = (("PREFECT_HOME", str(PREFECT_HOME.value())),)
     env += (("PREFECT_UI_API_URL", f"http://127.0.0.1:{port}/api"),)
     shell = " ".join(f"{key}={shlex.quote(value)}" for key, value in env) + " " + shlex.join(argv)
     return UiCommand("Prefect UI", f"http://127.0.0.1:{port}/runs", shell, argv, env)

@@ -5,6 +5,8 @@ Run: `evergreen run bootstrap` (manual deployment `bootstrap`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, selection
@@ -35,7 +37,7 @@ def bootstrap(
     max_batches: int | None = MAX_BATCHES,
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
-) -> dict:
+) -> dict[str, Any]:
     params = FlowParams(**locals())
     cfg = begin(params)
     current = load_champion(cfg)

@@ -5,6 +5,8 @@ Run: `evergreen run consolidate` (or the `consolidate` deployment, `0 5 * * 0`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.common import begin, require_champion
@@ -28,7 +30,7 @@ CADENCE = "consolidate"
 def consolidate(
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
-) -> dict:
+) -> dict[str, Any]:
     params = ConfigParams(**locals())
     cfg = begin(params)
     # 1. ingest: the recent champions

@@ -5,6 +5,8 @@ Run: `evergreen run daily-lora` (or the `daily-lora` deployment, `0 4 * * *`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
@@ -35,7 +37,7 @@ def daily_lora(
     max_batches: int | None = MAX_BATCHES,
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
-) -> dict:
+) -> dict[str, Any]:
     params = FlowParams(**locals())
     cfg = begin(params)
     # 1. ingest

@@ -8,7 +8,7 @@ the versions' nearest common registered ancestor (`tasks.merge.common_ancestor`)
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from prefect import flow
 
@@ -48,7 +48,7 @@ def merge(
     seed: int = SEED,
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
-) -> dict:
+) -> dict[str, Any]:
     params = MergeParams(**locals())
     cfg = begin(params)
     # 1. ingest: the versions to merge, the champion and the data memory's gate rows

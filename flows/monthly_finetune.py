@@ -5,6 +5,8 @@ Run: `evergreen run monthly-finetune` (or the `monthly-finetune` deployment, `0 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
@@ -34,7 +36,7 @@ def monthly_finetune(
     max_batches: int | None = MAX_BATCHES,
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
-) -> dict:
+) -> dict[str, Any]:
     params = FlowParams(**locals())
     cfg = begin(params)
     # 1. ingest

@@ -5,6 +5,8 @@ Run: `evergreen rollback [--to N] [--reason TEXT]` or the `rollback` deployment 
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.common import begin
@@ -21,7 +23,7 @@ def rollback(
     reason: str = REASON,
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
-) -> dict:
+) -> dict[str, Any]:
     params = RollbackParams(**locals())
     cfg = begin(params)
     # the one step: compare-and-set the alias back, recorded in the promotion history

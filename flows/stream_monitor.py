@@ -6,6 +6,8 @@ Run: `evergreen run stream-monitor` (deployment `stream-monitor`, every 15 minut
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
@@ -45,7 +47,7 @@ def stream_monitor(
     promote_ema: bool = PROMOTE_EMA,
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
-) -> dict:
+) -> dict[str, Any]:
     params = StreamParams(**locals())
     cfg = begin(params)
     # 1. ingest

@@ -6,6 +6,8 @@ also starts the deployment (prefect.yaml `triggers`), with the event in the `tri
 
 from __future__ import annotations
 
+from typing import Any
+
 from prefect import flow
 
 from flows.common import all_quarantined, begin, nothing_to_do, require_champion, selection
@@ -45,7 +47,7 @@ def weekly_replay(
     config_path: str | None = CONFIG_PATH,
     overrides: list[str] = OVERRIDES,
     trigger: str | None = TRIGGER,
-) -> dict:
+) -> dict[str, Any]:
     params = TriggeredParams(**locals())
     cfg = begin(params)
     # 1. ingest

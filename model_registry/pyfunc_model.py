@@ -37,6 +37,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -421,12 +422,24 @@ def log_run_data(
     reports: dict[str, Path] | None,
     workdir: Path,
 ) -> None:
-    """Lineage tags, metrics, params and report files on the active run."""
-    mlflow.set_tags(tags)
-    if params:
-        mlflow.log_params({k: str(v) for k, v in params.items()})
-    if metrics:
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items()})
+    """Lineage tags, metrics, params and report files on the active run.
+
+    Tags, params and metrics go in one `log_batch` (the fluent `set_tags`, `log_params` and
+    `log_metrics` are a store round trip and commit each, and each reads the run first); no
+    model is logged yet, so the metrics are the run's alone, as the fluent calls would log them.
+    """
+    from mlflow.entities import Metric, Param, RunTag
+
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_run_data needs an active run (see logging_run)")
+    stamp = int(time.time() * 1000)
+    mlflow.MlflowClient().log_batch(
+        run.info.run_id,
+        metrics=[Metric(k, float(v), stamp, 0) for k, v in (metrics or {}).items()],
+        params=[Param(k, str(v)) for k, v in (params or {}).items()],
+        tags=[RunTag(k, str(v)) for k, v in tags.items()],
+    )
     for name, path in (reports or {}).items():
         target = Path("reports") / name
         if Path(path).is_dir():

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 
 from model_registry.ledger import PromotionEvent, now_iso
 from model_registry.locking import promotion_lock
-from model_registry.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from model_registry.registry import Registry
+from model_registry.versions import CHALLENGER, CHAMPION, RegistryError
 
 MANUAL = "manual"
 OUTSIDE = "outside evergreen"

@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.table import Table
 
 from model_registry.ledger import Ledger
-from model_registry.registry import Registry, VersionInfo
+from model_registry.registry import Registry
+from model_registry.versions import VersionInfo
 
 # Version tags worth a column (prefix "evergreen." is implied); the rest stays in the JSON.
 VERSION_COLUMNS = ("cadence", "method", "parent_version", "batch_ids", "gate_decision", "decision")

@@ -19,7 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from continual.causal_lm import beats_uniform
 from continual.classification import ClassReport, class_report
 from continual.gating import GateDecision, GatePolicy, decide
-from continual.models import CAUSAL_LM
+from continual.models import CAUSAL_LM, ModelSpec
 from continual.training import predict_logits, row_scores
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
@@ -102,7 +102,7 @@ def _scored(state: ModelState, new: pd.DataFrame, retention: pd.DataFrame, label
     return Scored(_predicted(state, new, label), _predicted(state, retention, label))
 
 
-def _truth(spec, frame: pd.DataFrame, label: str) -> np.ndarray | None:
+def _truth(spec: ModelSpec, frame: pd.DataFrame, label: str) -> np.ndarray | None:
     return None if frame.empty else frame_to_tensors(frame, spec, label)[1].numpy()
 
 
@@ -183,6 +183,7 @@ def evaluate_against_champion(
     scores, reports = _paired_scores(cfg, champion, challenger, new, retention)
     challenger_new, challenger_retention = scores["challenger"]
     champion_new, champion_retention = scores.get("champion", (None, None))
+    assert challenger_new is not None  # the gate has new rows (checked above)
     judged_new = challenger_new
     if champion is None and challenger.spec.family == CAUSAL_LM and challenger_new is not None:
         judged_new = beats_uniform(challenger_new, challenger.spec.n_classes)

@@ -20,6 +20,7 @@ from continual.merging import (
     fisher_merge,
     linear_interpolate,
     parameter_distance,
+    zero_filled,
 )
 from continual.models import ModelSpec, build_model
 from continual.standardization import (
@@ -123,9 +124,11 @@ def _own_fisher(state: ModelState, memory: DataMemory) -> dict[str, Tensor]:
     on the replay buffer's training rows (never on held-out rows), of the family's kind and on
     the family's rows (`fisher_kind`, `fisher_rows`), on a trainable copy: a loaded version's
     parameters may be frozen (a folded LoRA version's are), and the Fisher covers only what
-    training may change (`make_trainable`), as a stored own Fisher does."""
+    training may change (`make_trainable`), as a stored own Fisher does. A daily LoRA
+    version's own Fisher covers only the parameters it changed; `merge_models` reads the others
+    as zero importance (`continual.merging.zero_filled`)."""
     own: dict[str, Tensor] | None = state.ewc.own_fisher if state.ewc is not None else None
-    if own:
+    if own is not None:  # may cover only what the version changed (`merge_models`)
         return own
     if memory.buffer is None or len(memory.buffer) == 0:
         raise ValueError(f"v{state.version} has no own Fisher and the data memory holds no rows")
@@ -229,7 +232,12 @@ def merge_models(
         raise ValueError(f"merge method {method!r}: expected one of {MERGE_METHODS}")
     if method in TASK_METHODS:
         return _task_merge(states, champion, method, ancestor, density, seed)
-    fishers = [_own_fisher(s, memory) for s in states] if method == "fisher" else None
+    fishers = None
+    if method == "fisher":
+        # a daily LoRA version's own Fisher covers only what it changed: zero elsewhere
+        fishers = zero_filled(
+            [s.model.state_dict() for s in states], [_own_fisher(s, memory) for s in states]
+        )
     # Versions that widened different features are first re-expressed in one standardisation.
     dicts, aligned, exact = align_for_merge([s.model.state_dict() for s in states], fishers)
     _warn_if_approximate(exact)

@@ -22,18 +22,14 @@ from evergreen.config import EvergreenConfig
 from model_registry.fault_hooks import hang_here
 from model_registry.ledger import records_experiment
 from model_registry.reconcile import ABANDONED, DECISION_TAG, clear_abandoned, reconcile_champion
-from model_registry.registry import (
-    IDEMPOTENCY_TAG,
-    ArtifactIntegrityError,
-    Registry,
-    VersionInfo,
-)
+from model_registry.registry import IDEMPOTENCY_TAG, Registry
+from model_registry.versions import ArtifactIntegrityError, VersionInfo
 from tasks import attempts, ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit
 from tasks.evaluate import Evaluation
 from tasks.events import emit
 from tasks.limits import promotion_slot
-from tasks.outcome import FlowOutcome
+from tasks.outcome import Decision, FlowOutcome
 from tasks.resume import discard_states
 from tasks.staging import owned
 from tasks.state import ModelState, staging_dir, write_state
@@ -169,7 +165,9 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
     return info
 
 
-def verify_round_trip(cfg, challenger: ModelState, checkpoint: Path, rows) -> None:
+def verify_round_trip(
+    cfg: EvergreenConfig, challenger: ModelState, checkpoint: Path, rows: pd.DataFrame | None
+) -> None:
     """The checkpoint that will be served must predict exactly what the gate evaluated.
 
     Raises:
@@ -199,7 +197,7 @@ def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionI
     try:
         if reg.decision.promote:
             promoted = _promote(registry, reg, version, reasons)
-        outcome = "promoted" if promoted else "rejected"
+        outcome: Decision = "promoted" if promoted else "rejected"
         registry.set_version_tags(version.version, {"evergreen.decision": outcome})
     finally:
         if not promoted:  # rejected, stale, tampered or crashed: no longer under evaluation
@@ -217,7 +215,9 @@ def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionI
     )
 
 
-def _promote(registry: Registry, reg: Registration, version: VersionInfo, reasons: list) -> bool:
+def _promote(
+    registry: Registry, reg: Registration, version: VersionInfo, reasons: list[str]
+) -> bool:
     """Promote `version` (CAS against the champion it was evaluated with); reasons get why not.
 
     A version that already is the champion was promoted by an earlier attempt of this flow run

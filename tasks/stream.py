@@ -29,11 +29,11 @@ from tasks.state import ModelState
 
 @dataclass
 class StreamReport:
+    ema: ModelState  # the EMA teacher after the stream: the challenger if `promote_ema`
     samples: int = 0
     drift_at: list[dict[str, Any]] = field(default_factory=list)
     threshold: float = 0.0
     mean_loss: float = 0.0
-    ema: ModelState | None = None
 
 
 def monitor_state_file(cfg: EvergreenConfig) -> Path:
@@ -101,7 +101,7 @@ def monitor_stream(
     student = champion.clone_model()
     teacher = EMATeacher(student, decay=s.ema_decay)
     optimizer = torch.optim.SGD(student.parameters(), lr=s.lr)
-    report = StreamReport()
+    drift_at: list[dict[str, Any]] = []
     losses: list[float] = []
     for batch_id, frame in zip(batch_ids, frames, strict=True):
         # files are often sorted by class or time, which looks like drift: shuffle, seeded
@@ -113,13 +113,17 @@ def monitor_stream(
                 losses.append(float(loss))
                 if monitor.update(loss):
                     alarm = {"batch_id": batch_id, "sample": len(losses)}
-                    report.drift_at.append({**alarm, "threshold": monitor.threshold})
+                    drift_at.append({**alarm, "threshold": monitor.threshold})
             _online_step(student, optimizer, xb, yb)
             teacher.update(student)
-    report.samples, report.mean_loss = len(losses), float(sum(losses) / max(len(losses), 1))
-    report.threshold = monitor.threshold
     save_monitor(cfg, champion, monitor)
-    report.ema = replace(champion, model=teacher.module.eval(), version=None)
+    report = StreamReport(
+        ema=replace(champion, model=teacher.module.eval(), version=None),
+        samples=len(losses),
+        drift_at=drift_at,
+        threshold=monitor.threshold,
+        mean_loss=float(sum(losses) / max(len(losses), 1)),
+    )
     _announce(cfg, report, batch_ids, champion.version)
     return report
 

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from prefect.exceptions import MissingContextError
 from continual.distillation import TokenDistiller
 from continual.distributed import DistributedJob
 from continual.ewc import EWC
+from continual.fisher import diagonal_fisher
 from continual.fisher_kinds import FisherKind
 from continual.gating import GateDecision, decide
 from continual.models import (
@@ -56,6 +58,9 @@ from tasks.resume import ResumeKey, checkpointing_for
 from tasks.state import ModelState, TrainingFacts, make_trainable, parameters_of
 from tasks.validate import PreparedData
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
 
 def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
     """Optimiser settings; `steps` is at least `config.epochs` passes over `n_rows`."""
@@ -75,9 +80,9 @@ def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
 
 
 def _fit(
-    model,
-    X,
-    y,
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
     settings: TrainSettings,
     label: str,
     *,
@@ -85,7 +90,7 @@ def _fit(
     processes: int = 1,
     fisher_kind: FisherKind | None = None,
     resume: ResumeKey | None = None,
-    **methods,
+    **methods: Any,
 ) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
     """Run the training loop holding the pipeline's training slot, with a progress bar; with
     more than one process, under torchrun (`tasks.distributed`), which also returns the trained
@@ -152,7 +157,7 @@ def training_facts(
     *,
     rows: int,
     seconds: float | None = None,
-    chosen: dict | None = None,
+    chosen: dict[str, Any] | None = None,
 ) -> TrainingFacts:
     """The effective configuration of a training (its config section, the gate policy, what
     was derived or chosen at run time) with the kept model's loss curve and timing."""
@@ -376,7 +381,7 @@ def _log_info(message: str, *args: object) -> None:
         logging.getLogger(__name__).info(message, *args)
 
 
-def _learned(memory: DataMemory) -> dict:
+def _learned(memory: DataMemory) -> dict[str, Any]:
     return {
         "learned": frozenset(memory.batches),
         "memory_run": memory.ref.run_id if memory.ref else None,
@@ -405,7 +410,13 @@ def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemo
     return ModelState(model=model, spec=spec, ewc=ewc, training=facts, **_learned(memory))
 
 
-def _anchored_ewc(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory, lam, gamma):
+# one λ of the calibration grid: (λ, select score, model, its EWC state, training, own Fisher)
+_Calibrated = tuple[float, float, torch.nn.Module, EWC, TrainResult, dict[str, torch.Tensor] | None]
+
+
+def _anchored_ewc(
+    cfg: EvergreenConfig, champion: ModelState, memory: DataMemory, lam: float, gamma: float
+) -> EWC:
     """Online EWC anchored at the current champion; its Fisher from the champion's state or, for
     a champion without one, from training rows in the replay buffer (never held-out rows)."""
     if champion.ewc is not None:
@@ -456,7 +467,9 @@ class Selection:
     def score(self, model: torch.nn.Module) -> float:
         """Mean of the new and old accuracies: plasticity and stability count alike."""
         parts = [
-            float(row_scores(model, X, y).mean()) for X, y in (self.new, self.old) if X is not None
+            float(row_scores(model, *rows).mean())
+            for rows in (self.new, self.old)
+            if rows is not None
         ]
         return float(np.mean(parts)) if parts else float("nan")
 
@@ -464,7 +477,7 @@ class Selection:
 def selection_rows(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory) -> Selection:
     new, old = split_by_learned(memory, champion.learned, "select")
 
-    def tensors(frame: pd.DataFrame):
+    def tensors(frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None if frame.empty else frame_to_tensors(frame, champion.spec, cfg.data.label)
 
     return Selection(tensors(new), tensors(old))
@@ -494,7 +507,7 @@ def _ewc_challenger(
     # a head that never saw the new classes, undoing the probe: the new topic was never learned.
     anchor = dataclasses.replace(base, model=start)
     distiller = champion_distiller(section, champion)
-    best: tuple[float, float, torch.nn.Module, EWC | None, TrainResult, dict | None] | None = None
+    best: _Calibrated | None = None
     scores: dict[str, float] = {}
     seconds = 0.0
     for lam in grid:
@@ -633,7 +646,7 @@ def train_lora_gated(
     return state, verdict["decision"]
 
 
-def _lora_params(peft_model) -> dict[str, object]:
+def _lora_params(peft_model: torch.nn.Module) -> dict[str, object]:
     """The adapter as peft resolved it (target modules named in full, not the config's None)."""
     config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
     if config is None:
@@ -645,14 +658,25 @@ def _lora_params(peft_model) -> dict[str, object]:
     }
 
 
-def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
-    """The online EWC state after a LoRA update: its own Fisher at the folded weights (so a
-    later merge can weight this version by its own data), anchored there."""
+def _adapted_ewc(
+    champion: ModelState, peft_model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor
+) -> EWC | None:
+    """The online EWC state after a LoRA update, anchored at the folded weights.
+
+    A LoRA update changes only its target weights (folded: W + (α/r)·B·A) and, for a text
+    classifier, the refitted head. Its own Fisher is estimated on exactly those parameters (so
+    a later merge weighs this version by its own data where it changed something, and by
+    nothing elsewhere), and only there does the accumulator consolidate (γ·F_old + F_own);
+    everywhere else it stays the champion's, so a version stored against its parent stores
+    those entries by reference (`tasks.state.write_state`). The next weekly or monthly update
+    estimates the Fisher of every trainable parameter again (docs/TEXT.md, "The EWC state of a
+    LoRA version"). Tabular families (small Fisher, never stored against a parent) consolidate
+    every parameter, as before."""
     from continual.lora import merge_adapter
 
     if champion.ewc is None:
         return None
-    folded = make_trainable(merge_adapter(copy.deepcopy(peft_model)))
+    folded = make_trainable(merge_adapter(cast("PeftModel", copy.deepcopy(peft_model))))
     ewc = EWC(
         champion.ewc.fisher,
         parameters_of(folded),
@@ -660,12 +684,37 @@ def _adapted_ewc(champion: ModelState, peft_model, X, y) -> EWC | None:
         gamma=champion.ewc.gamma,
         kind=champion.ewc.kind,
     )
-    ewc.consolidate(folded, *fisher_rows(champion.spec, X, y))
+    rows = fisher_rows(champion.spec, X, y)
+    if champion.spec.family not in TEXT_FAMILIES:  # small: every parameter, as before
+        ewc.consolidate(folded, *rows)
+        return ewc
+    changed = changed_parameters(champion.model, folded)
+    own: dict[str, torch.Tensor] = {}
+    if changed:
+        for name, p in folded.named_parameters():
+            p.requires_grad_(name in changed)
+        own = diagonal_fisher(folded, *rows, kind=ewc.kind)
+    ewc.consolidate(folded, *rows, own=own, untouched="keep")
     return ewc
 
 
+def changed_parameters(before: torch.nn.Module, after: torch.nn.Module) -> set[str]:
+    """Trainable parameters of `after` whose values differ from `before`'s (bit for bit)."""
+    old = dict(before.named_parameters())
+    return {
+        name
+        for name, p in after.named_parameters()
+        if p.requires_grad
+        and (
+            name not in old
+            or old[name].shape != p.shape
+            or not torch.equal(old[name].detach().to(p.device, p.dtype), p.detach())
+        )
+    }
+
+
 def _selection_decision(
-    cfg: EvergreenConfig, champion: ModelState, selection: Selection, candidate
+    cfg: EvergreenConfig, champion: ModelState, selection: Selection, candidate: torch.nn.Module
 ) -> GateDecision:
     """The gate's rule on the select rows of every batch, pooled: is the adapted model shown
     not worse than the champion on held-out data it was not trained on? (Pooling gives the

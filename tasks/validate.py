@@ -10,11 +10,12 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
+from data_plane.gx_suite import ensure_suite
 from data_plane.landing import data_columns
-from data_plane.messages import clip_middle
+from data_plane.messages import ValidationReport, clip_middle
 from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, content_hash, split_three_way
-from data_plane.validation import ValidationReport, ensure_suite, save_report, validate_batch
+from data_plane.validation import save_report, validate_batch
 from evergreen.config import EvergreenConfig
 from tasks.common import current_flow_run_id
 from tasks.events import emit
@@ -101,6 +102,7 @@ def validate_batches(
     prepared = PreparedData([])
     for batch in raw:
         if batch.frame is None:
+            assert batch.read_error is not None  # RawBatch: a frame, or why there is none
             report = ValidationReport.from_read_error(batch.batch_id, batch.read_error)
         else:
             report = validate_batch(
@@ -134,6 +136,7 @@ def validate_batches(
             if key in drift:
                 name = f"drift.{key}"
                 prepared.drift[name] = max(prepared.drift.get(name, 0.0), float(drift[key]))
+        assert batch.frame is not None  # an unreadable batch never validates
         frame = batch.frame[columns].copy()
         prepared.batch_ids.append(batch.batch_id)
         prepared.frames[batch.batch_id] = frame

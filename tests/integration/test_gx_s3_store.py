@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from data_plane.gx_suite import ensure_suite, load_suite, write_suite
 from data_plane.landing import make_s3_client
-from data_plane.validation import ensure_suite, load_suite, validate_batch, write_suite
+from data_plane.validation import validate_batch
 from tests.fixtures_data import make_batch, make_config
 from tests.integration.test_s3_landing import moto_endpoint  # noqa: F401 - the fixture
 
@@ -37,7 +38,8 @@ PUBLIC_DOCS = json.dumps({
 SECOND_POD = """
 import json, sys
 from pathlib import Path
-from data_plane.validation import ensure_suite, load_suite, validate_batch
+from data_plane.gx_suite import ensure_suite, load_suite
+from data_plane.validation import validate_batch
 from tests.fixtures_data import make_batch, make_config
 
 home, store = Path(sys.argv[1]), sys.argv[2]

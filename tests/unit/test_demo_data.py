@@ -178,8 +178,9 @@ def test_demo_config_validates_with_the_shipped_model_and_training_defaults(tmp_
 
 @pytest.mark.slow
 def test_great_expectations_passes_the_csv_and_jsonl_batches_and_fails_the_corrupt_one(landing):
+    from data_plane.gx_suite import ensure_suite
     from data_plane.landing import open_landing, read_batch
-    from data_plane.validation import ensure_suite, validate_batch
+    from data_plane.validation import validate_batch
 
     root, batches = landing
     cfg = config_from_dict(demo_config_dict(str(root), str(root / "home")))

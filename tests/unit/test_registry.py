@@ -29,14 +29,9 @@ from evergreen.config import config_from_dict
 from model_registry.ledger import Ledger, PromotionEvent, ensure_experiment, rollback_target
 from model_registry.locking import promotion_lock
 from model_registry.pyfunc_model import EvergreenPyfunc, file_sha256
-from model_registry.registry import (
-    CHECKPOINT_SUBPATH,
-    ArtifactIntegrityError,
-    Registry,
-    RegistryError,
-    StaleChampionError,
-)
+from model_registry.registry import Registry, StaleChampionError
 from model_registry.status import render_status, status_snapshot
+from model_registry.versions import CHECKPOINT_SUBPATH, ArtifactIntegrityError, RegistryError
 from tests.checkpoints import tiny_checkpoint
 
 FEATURES = ["f0", "f1", "f2", "f3"]

@@ -14,9 +14,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from data_plane.gx_suite import ensure_suite
 from data_plane.landing import open_landing, read_batch
 from data_plane.text_validation import text_change, text_change_failures, text_failures
-from data_plane.validation import ensure_suite, read_and_validate, validate_batch
+from data_plane.validation import read_and_validate, validate_batch
 from demo.text_timeline import make_text_frames, package_sentences
 from evergreen.config import DataConfig
 

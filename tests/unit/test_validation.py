@@ -18,20 +18,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_plane.landing import LandingZone, open_landing, write_frame
-from data_plane.validation import (
+from data_plane.gx_suite import (
     NUMERIC_TYPES,
-    Failure,
-    ValidationReport,
     build_suite,
     ensure_suite,
     load_suite,
-    read_and_validate,
-    save_report,
     suite_path,
-    validate_batch,
     write_suite,
 )
+from data_plane.landing import LandingZone, open_landing, write_frame
+from data_plane.messages import Failure, ValidationReport
+from data_plane.validation import read_and_validate, save_report, validate_batch
 from tests.fixtures_data import make_batch, make_config, snapshot
 
 
@@ -469,7 +466,7 @@ def test_a_definition_another_flow_added_meanwhile_is_read_not_re_added(error_cl
 
     raised = getattr(exceptions, error_class)
 
-    from data_plane.validation import _get_or_add
+    from data_plane.gx_run import _get_or_add
 
     class RacedStore:
         def __init__(self):
@@ -502,7 +499,7 @@ def test_a_suite_another_flow_added_meanwhile_is_read_from_the_real_store(tmp_pa
     `ExpectationSuiteError` (seen in a 20-round load run as a failed monthly run)."""
     import great_expectations as gx
 
-    from data_plane.validation import _get_or_add
+    from data_plane.gx_run import _get_or_add
 
     context = gx.get_context(mode="file", project_root_dir=str(tmp_path))
     name = "evergreen-batch-raced"
