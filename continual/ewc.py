@@ -379,7 +379,7 @@ class EWC:
             elif fresh is None:
                 fisher[name] = old.clone() if untouched == "keep" else self.gamma * old
             else:
-                fisher[name] = torch.add(fresh, old.to(fresh.device, fresh.dtype), alpha=self.gamma)
+                fisher[name] = _plus_own(fresh, old, self.gamma)
         self._anchor = {n: params[n].detach().clone() for n in fisher}
         self._set_fisher(fisher, own)
 
@@ -560,7 +560,8 @@ def _read_state_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
 
 
 def _plus_own(own: Tensor, parent: Tensor, gamma: float) -> Tensor:
-    """γ·F_parent + F_own, computed exactly as `EWC.consolidate` does."""
+    """γ·F_parent + F_own: the one expression `EWC.consolidate` accumulates with and `load`
+    recomputes a `parent_plus_own` entry with (they must agree bit for bit)."""
     return torch.add(own, parent.to(own.device, own.dtype), alpha=gamma)
 
 

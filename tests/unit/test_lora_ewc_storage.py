@@ -17,12 +17,11 @@ from safetensors import safe_open
 from continual.checkpoint import CheckpointError, reference_model
 from continual.ewc import EWC, FORMAT_WITH_PARENT, EWCStateError, ParentFisher
 from continual.lineage import PARENT_FILE
-from continual.lora import LoraSettings, attach_lora
 from continual.merging import fisher_merge, zero_filled
 from tasks.state import EWC_FILE, ModelState, make_trainable, read_state, write_state
 from tasks.train import _adapted_ewc, changed_parameters
 from tests.tiny_bert import WORDS, tiny_bert
-from tests.unit.test_parent_reference import Local, _finetuned, _spec
+from tests.unit.test_parent_reference import Local, _daily_lora, _finetuned, _spec
 
 GAMMA = 0.9
 
@@ -50,15 +49,8 @@ def _champion_ewc(model: torch.nn.Module) -> EWC:
 
 def _daily(state: ModelState, seed: int) -> ModelState:
     """A daily LoRA update as train_lora_gated leaves it: refitted head, trained adapter."""
-    torch.manual_seed(seed)
     model = state.clone_model()
-    with torch.no_grad():
-        model.classifier.weight.add_(torch.randn_like(model.classifier.weight))
-    peft_model = attach_lora(model, LoraSettings(r=8))
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0.0, 0.05)
+    peft_model = _daily_lora(model, seed)
     X, y = _rows(model, seed=seed)
     ewc = _adapted_ewc(state, peft_model, X, y)
     return ModelState(model=peft_model.eval(), spec=state.spec, ewc=ewc)
