@@ -111,6 +111,22 @@ _COLUMNS = (
     "forgetting",
     "note",
 )
+_MIN_WIDTHS = {"date": 10, "batches": 10, "decision": 8}
+# Headers as narrow as the numbers under them (the caption spells them out), so that a
+# 120-column terminal shows every column whole: rich cuts a wider header to "joint…".
+_TERMINAL_HEADERS = {
+    "champion": "cham-\npion",
+    "new-data acc.": "new\ndata",
+    "joint new": "joint\nnew",
+    "retention acc.": "old\ndata",
+    "joint retention": "joint\nold",
+    "naive retention": "naive\nold",
+    "forgetting": "forg-\netting",
+}
+_TERMINAL_CAPTION = (
+    "new data: accuracy on the batches' gate rows; old data: on every earlier batch's "
+    "(retention); joint: a model trained on every row so far; naive: plain fine-tuning"
+)
 
 
 def _row_cells(row: TimelineRow) -> list[str]:
@@ -145,14 +161,19 @@ def timeline_table(rows: Sequence[TimelineRow]) -> rich.table.Table:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="evergreen timeline", show_lines=False)
+    table = Table(title="evergreen timeline", caption=_TERMINAL_CAPTION, show_lines=False)
     for name in _COLUMNS[:-1]:  # the note (full reasons) is in report.md
         numeric = "acc" in name or name.startswith(("joint", "naive")) or name == "forgetting"
-        table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
+        table.add_column(
+            _TERMINAL_HEADERS.get(name, name),
+            justify="right" if numeric else "left",
+            no_wrap=True,
+            min_width=_MIN_WIDTHS.get(name),
+        )
     for row in rows:
         cells = [escape(cell) for cell in _row_cells(row)[:-1]]
         if len(row.batch_ids) > 1:
-            cells[2] = f"{row.batch_ids[0]} … {row.batch_ids[-1]} ({len(row.batch_ids)})"
+            cells[2] = f"{row.batch_ids[0]} +{len(row.batch_ids) - 1}"
         style = _DECISION_STYLES.get(row.decision, "")
         cells[3] = f"[{style}]{row.decision}[/]" if style else row.decision
         table.add_row(*cells)
