@@ -242,10 +242,10 @@ def bootstrap_train(cfg):
 
 
 def _fresh_model(cfg, frame: pd.DataFrame) -> torch.nn.Module:
-    """The model the product's bootstrap builds (`tasks.train.new_spec`: sizes from the config,
+    """The model the product's bootstrap builds (`tasks.train_bootstrap.new_spec`: sizes from the config,
     standardisation from `frame`), seeded like it."""
     from continual.models import build_model
-    from tasks.train import new_spec
+    from tasks.train_bootstrap import new_spec
 
     torch.manual_seed(bootstrap_train(cfg).seed)
     return build_model(new_spec(cfg, frame))

@@ -1,6 +1,6 @@
 """The text demo's four cadences in one process, on a validation timeline that is not the demo's.
 
-Runs the product's own training tasks (`tasks.train`: bootstrap, daily LoRA, weekly replay + EWC,
+Runs the product's own training tasks (`tasks.train_*`: bootstrap, daily LoRA, weekly replay + EWC,
 monthly fine-tune + EWC) and its promotion gate (`tasks.evaluate`) on the text demo's config,
 without Prefect, MLflow or the landing zone, so a setting can be tried in a minute or two
 instead of a five-minute demo. The timeline is `demo.text_timeline`'s plan on other installed
@@ -31,6 +31,9 @@ import torch
 
 import tasks.evaluate
 import tasks.train
+import tasks.train_bootstrap
+import tasks.train_ewc
+import tasks.train_lora
 from continual.training import accuracy, train
 from data_plane.splits import ThreeWaySplit, split_three_way
 from demo.text_demo import TEXT_CADENCES, text_demo_config_dict
@@ -108,16 +111,16 @@ def run(cfg: EvergreenConfig, topics: list[str], spare: int) -> dict[str, Any]:
         memory = memory.remember(cfg, batch_id, split, frame)
         step: dict[str, Any] = {"cadence": cadence}
         if champion is None:
-            champion = tasks.train.train_first_model.fn(cfg, data, memory)
+            champion = tasks.train_bootstrap.train_first_model.fn(cfg, data, memory)
             steps.append({**step, "seconds": round(time.perf_counter() - started, 1)})
             continue
         if cadence == "daily":
-            challenger, _check = tasks.train.train_lora_gated.fn(cfg, champion, data, memory)
+            challenger, _check = tasks.train_lora.train_lora_gated.fn(cfg, champion, data, memory)
         else:
             trainer = (
-                tasks.train.train_replay_ewc
+                tasks.train_ewc.train_replay_ewc
                 if cadence == "weekly"
-                else tasks.train.train_finetune_ewc
+                else tasks.train_ewc.train_finetune_ewc
             )
             challenger, metrics = trainer.fn(cfg, champion, data, memory)
             step["lambda"] = metrics.get("ewc.lambda")
@@ -203,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     topics = args.topics.split(",")
     tasks.train.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
+    tasks.train_ewc.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     tasks.evaluate.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as home:

@@ -38,7 +38,7 @@ from tasks.common import frame_to_tensors
 from tasks.merge import lineage_versions
 from tasks.promote import load_champion
 from tasks.state import ModelState
-from tasks.train import text_spec
+from tasks.train_bootstrap import text_spec
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from tasks.promote import (
     register_challenger,
     registration_for,
 )
-from tasks.train import train_first_model
+from tasks.train_bootstrap import train_first_model
 from tasks.validate import validate_batches
 
 CADENCE = "bootstrap"

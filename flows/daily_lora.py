@@ -23,7 +23,7 @@ from tasks.promote import (
     register_challenger,
     registration_for,
 )
-from tasks.train import train_lora_gated
+from tasks.train_lora import train_lora_gated
 from tasks.validate import validate_batches
 
 CADENCE = "daily-lora"

@@ -22,7 +22,7 @@ from tasks.promote import (
     register_challenger,
     registration_for,
 )
-from tasks.train import train_finetune_ewc
+from tasks.train_ewc import train_finetune_ewc
 from tasks.validate import validate_batches
 
 CADENCE = "monthly-finetune"

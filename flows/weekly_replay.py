@@ -32,7 +32,7 @@ from tasks.promote import (
     register_challenger,
     registration_for,
 )
-from tasks.train import train_replay_ewc
+from tasks.train_ewc import train_replay_ewc
 from tasks.validate import validate_batches
 
 CADENCE = "weekly-replay"

@@ -19,7 +19,7 @@ from continual.ewc import EWC, FORMAT_WITH_PARENT, EWCStateError, ParentFisher
 from continual.lineage import PARENT_FILE
 from continual.merging import fisher_merge, zero_filled
 from tasks.state import EWC_FILE, ModelState, make_trainable, read_state, write_state
-from tasks.train import _adapted_ewc, changed_parameters
+from tasks.train_lora import _adapted_ewc, changed_parameters
 from tests.tiny_bert import WORDS, tiny_bert
 from tests.unit.test_parent_reference import Local, _daily_lora, _finetuned, _spec
 

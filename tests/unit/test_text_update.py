@@ -86,7 +86,7 @@ def _head(model) -> torch.Tensor:
 
 
 def test_ewc_anchored_where_the_update_starts_keeps_the_probed_head(setup):
-    """The weekly/monthly penalty anchors at the probed start (`tasks.train._ewc_challenger`).
+    """The weekly/monthly penalty anchors at the probed start (`tasks.train_ewc._ewc_challenger`).
     Anchored at the champion's old head instead, the head's large Fisher pulls it back towards a
     head that never saw the new class. Measured (8 steps, λ=100): anchored at the champion the
     head ends 0.22 of the probe's move away from the old head; anchored at the start, 1.00."""

@@ -1,0 +1,192 @@
+"""Daily: a LoRA adapter on the batch, kept only if the gate's rule passes on the select rows;
+a kept adapter's version carries the champion's EWC state re-anchored at the folded weights,
+consolidated only where the adapter changed something."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, cast
+
+import torch
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from continual.ewc import EWC
+from continual.fisher import diagonal_fisher
+from continual.gating import GateDecision, decide
+from continual.models import TEXT_FAMILIES
+from continual.training import TrainResult, row_scores
+from evergreen.config import EvergreenConfig
+from tasks.evaluate import gate_policy
+from tasks.memory import DataMemory
+from tasks.state import ModelState, make_trainable, parameters_of
+from tasks.train import (
+    Selection,
+    champion_distiller,
+    fisher_rows,
+    fit_model,
+    follow_data_scale,
+    learned_fields,
+    learning_rows,
+    resume_key,
+    selection_rows,
+    settings_from,
+    start_update,
+    training_facts,
+)
+from tasks.validate import PreparedData
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+
+@task(cache_policy=NO_CACHE, timeout_seconds=3600)
+def train_lora_gated(
+    cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
+) -> tuple[ModelState | None, GateDecision]:
+    """Daily: a LoRA adapter on the batch, kept only if the gate's rule passes on select rows.
+
+    The adapter starts at zero (it predicts like the champion, up to a text model's refitted
+    head), so "before vs after" is "champion vs adapted" and the keep/discard check is `decide()` itself — non-inferiority on the
+    select rows of every batch — never a raw difference, never on the gate's rows. Returns
+    (state or None, the check's decision).
+    """
+    from continual.lora import LoraSettings, attach_lora, gated_update  # peft: only when used
+
+    d = cfg.daily
+    lora = LoraSettings(
+        r=d.lora_r, alpha=d.lora_alpha, dropout=d.lora_dropout, target_modules=d.target_modules
+    )
+    X, y = learning_rows(cfg, champion, data, memory)
+    selection = selection_rows(cfg, champion, memory)
+    buffer = memory.buffer if d.replay_ratio > 0 else None
+    # A text model's head is fitted first (it is not part of the adapter; see start_update).
+    base = follow_data_scale(champion, X, memory)
+    peft_model = attach_lora(start_update(base, X, y, buffer), lora)
+    verdict: dict[str, GateDecision] = {}
+    fit = settings_from(d.train, len(X))
+    trained: list[TrainResult] = []
+    distiller = champion_distiller(d, champion)
+
+    def fit_adapter(m: torch.nn.Module) -> TrainResult:
+        result, _ = fit_model(
+            m,
+            X,
+            y,
+            fit,
+            "lora",
+            cfg=cfg,
+            processes=d.train.processes,
+            resume=resume_key("daily", champion, data, memory),
+            replay=buffer,
+            replay_ratio=d.replay_ratio,
+            distiller=distiller,
+        )
+        trained.append(result)
+        return result
+
+    def keep(candidate: torch.nn.Module) -> bool:
+        verdict["decision"] = _selection_decision(cfg, champion, selection, candidate)
+        return verdict["decision"].promote
+
+    result = gated_update(peft_model, fit_adapter, keep)
+    if not result.accepted:
+        return None, verdict["decision"]
+    # The version keeps the adapter separate (base weights + adapter/); loading merges it.
+    state = ModelState(
+        model=peft_model,
+        spec=base.spec,
+        ewc=_adapted_ewc(base, peft_model, X, y),
+        references=dict(champion.references),
+        training=training_facts(
+            cfg, "daily", fit, trained[-1], rows=len(X), chosen={"lora": _lora_params(peft_model)}
+        ),
+        **learned_fields(memory),
+    )
+    return state, verdict["decision"]
+
+
+def _lora_params(peft_model: torch.nn.Module) -> dict[str, object]:
+    """The adapter as peft resolved it (target modules named in full, not the config's None)."""
+    config = next(iter(getattr(peft_model, "peft_config", {}).values()), None)
+    if config is None:
+        return {}
+    return {
+        "r": config.r,
+        "alpha": config.lora_alpha,
+        "target_modules": sorted(config.target_modules or []),
+    }
+
+
+def _adapted_ewc(
+    champion: ModelState, peft_model: torch.nn.Module, X: torch.Tensor, y: torch.Tensor
+) -> EWC | None:
+    """The online EWC state after a LoRA update, anchored at the folded weights.
+
+    A LoRA update changes only its target weights (folded: W + (α/r)·B·A) and, for a text
+    classifier, the refitted head. Its own Fisher is estimated on exactly those parameters (so
+    a later merge weighs this version by its own data where it changed something, and by
+    nothing elsewhere), and only there does the accumulator consolidate (γ·F_old + F_own);
+    everywhere else it stays the champion's, so a version stored against its parent stores
+    those entries by reference (`tasks.state.write_state`). The next weekly or monthly update
+    estimates the Fisher of every trainable parameter again (docs/TEXT.md, "The EWC state of a
+    LoRA version"). Tabular families (small Fisher, never stored against a parent) consolidate
+    every parameter, as before."""
+    from continual.lora import merge_adapter
+
+    if champion.ewc is None:
+        return None
+    folded = make_trainable(merge_adapter(cast("PeftModel", copy.deepcopy(peft_model))))
+    ewc = EWC(
+        champion.ewc.fisher,
+        parameters_of(folded),
+        lam=champion.ewc.lam,
+        gamma=champion.ewc.gamma,
+        kind=champion.ewc.kind,
+    )
+    rows = fisher_rows(champion.spec, X, y)
+    if champion.spec.family not in TEXT_FAMILIES:  # small: every parameter, as before
+        ewc.consolidate(folded, *rows)
+        return ewc
+    changed = changed_parameters(champion.model, folded)
+    own: dict[str, torch.Tensor] = {}
+    if changed:
+        for name, p in folded.named_parameters():
+            p.requires_grad_(name in changed)
+        own = diagonal_fisher(folded, *rows, kind=ewc.kind)
+    ewc.consolidate(folded, *rows, own=own, untouched="keep")
+    return ewc
+
+
+def changed_parameters(before: torch.nn.Module, after: torch.nn.Module) -> set[str]:
+    """Trainable parameters of `after` whose values differ from `before`'s (bit for bit)."""
+    old = dict(before.named_parameters())
+    return {
+        name
+        for name, p in after.named_parameters()
+        if p.requires_grad
+        and (
+            name not in old
+            or old[name].shape != p.shape
+            or not torch.equal(old[name].detach().to(p.device, p.dtype), p.detach())
+        )
+    }
+
+
+def _selection_decision(
+    cfg: EvergreenConfig, champion: ModelState, selection: Selection, candidate: torch.nn.Module
+) -> GateDecision:
+    """The gate's rule on the select rows of every batch, pooled: is the adapted model shown
+    not worse than the champion on held-out data it was not trained on? (Pooling gives the
+    check enough rows to decide on small daily batches; the promotion gate then checks new
+    and retention rows separately, on its own rows.)"""
+    parts = [part for part in (selection.new, selection.old) if part is not None]
+    if not parts:
+        raise ValueError("no select rows to judge the update on: raise data.select_fraction")
+    X = torch.cat([X for X, _ in parts])
+    y = torch.cat([y for _, y in parts])
+    return decide(
+        challenger_new_correct=row_scores(candidate, X, y),
+        champion_new_correct=row_scores(champion.model, X, y),
+        policy=gate_policy(cfg),
+    )
