@@ -34,6 +34,7 @@ import tasks.train
 import tasks.train_bootstrap
 import tasks.train_ewc
 import tasks.train_lora
+import tasks.train_start
 from continual.training import accuracy, train
 from data_plane.splits import ThreeWaySplit, split_three_way
 from demo.text_demo import TEXT_CADENCES, text_demo_config_dict
@@ -207,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     topics = args.topics.split(",")
     tasks.train.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     tasks.train_ewc.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
+    tasks.train_start.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     tasks.evaluate.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as home:

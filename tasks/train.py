@@ -1,11 +1,10 @@
 """What every training task shares: the optimiser settings, the training loop run under the
-pipeline's slot (`fit_model`), the recorded training facts, the Fisher's rows and kind, and what an
-update of a champion starts from (its re-standardised base, its start model, its learning rows,
-its select rows, its teacher).
+pipeline's slot (`fit_model`), the recorded training facts, and the Fisher's rows and kind.
 
 The tasks themselves live by method: `tasks.train_bootstrap` (the first champion),
 `tasks.train_ewc` (weekly and monthly: online EWC + replay, λ calibrated) and `tasks.train_lora`
-(daily: the gated LoRA adapter); the algorithms live in `continual`.
+(daily: the gated LoRA adapter); what an update of a champion starts from is
+`tasks.train_start`; the algorithms live in `continual`.
 
 Every challenger learns the run's accepted training rows, replays the data memory (rows of every
 accepted batch, rejected updates' included), and records what it learned (`learned`, the memory
@@ -15,44 +14,30 @@ only; the promotion gate's rows are never looked at here.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
-import pandas as pd
 import torch
 from prefect import get_run_logger
 from prefect.exceptions import MissingContextError
 
-from continual.distillation import TokenDistiller
 from continual.distributed import DistributedJob
-from continual.ewc import EWC
 from continual.fisher_kinds import FisherKind
-from continual.models import CAUSAL_LM, SPEC_ATTRIBUTE, TEXT_FAMILIES, ModelSpec
-from continual.probe import has_probe_head, probe_head_
-from continual.replay import ReservoirBuffer as ReplayBuffer
-from continual.standardization import can_follow, rescale_fisher, widen_
-from continual.training import TrainResult, TrainSettings, row_scores, train
+from continual.models import CAUSAL_LM, TEXT_FAMILIES, ModelSpec
+from continual.training import TrainResult, TrainSettings, train
 from evergreen.config import (
-    DailyConfig,
     EvergreenConfig,
-    MonthlyConfig,
     TrainConfig,
-    WeeklyConfig,
 )
 from model_registry.run_record import flatten_params
-from tasks.common import frame_to_tensors
 from tasks.distributed import run_distributed
-from tasks.evaluate import split_by_learned
 from tasks.limits import training_slot
 from tasks.memory import DataMemory
 from tasks.progress import step_progress
 from tasks.resume import ResumeKey, checkpointing_for
-from tasks.state import ModelState, TrainingFacts, parameters_of
+from tasks.state import ModelState, TrainingFacts
 from tasks.validate import PreparedData
 
 
@@ -179,21 +164,6 @@ def training_facts(
     )
 
 
-def champion_distiller(
-    section: DailyConfig | WeeklyConfig | MonthlyConfig, champion: ModelState
-) -> TokenDistiller | None:
-    """The frozen champion as the teacher of a causal LM's update when the cadence's section
-    sets `distill_weight` > 0 (config refuses it for other families), else None."""
-    if section.distill_weight <= 0 or champion.spec.family != CAUSAL_LM:
-        return None
-    return TokenDistiller(
-        champion.model,
-        weight=section.distill_weight,
-        temperature=section.distill_temperature,
-        pad_token_id=int(champion.model.pad_token_id),  # type: ignore[arg-type]  # an HFCausalLM
-    )
-
-
 TEXT_FISHER_ROWS = 64  # rows a text model's Fisher is estimated on
 
 
@@ -220,76 +190,6 @@ def fisher_rows(
     return X[keep], y[keep]
 
 
-def start_update(
-    champion: ModelState,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    buffer: ReplayBuffer | None = None,
-) -> torch.nn.Module:
-    """The model an update starts from: a trainable copy of the champion whose classification
-    head, for models that expose one (text encoders), is first fitted on frozen features of the
-    learning rows plus the replayed rows (`continual.probe`, LP-FT). Without it a class the
-    champion never saw enters fine-tuning with a huge loss and its first gradients rewrite the
-    encoder: retention 0.905 → 0.452 on the text timeline."""
-    model = champion.clone_model()
-    if not has_probe_head(model):
-        return model
-    if buffer is not None and len(buffer) > 0:
-        bX, by, _ = buffer.tensors()
-        X, y = torch.cat([X, bX.to(X.dtype)]), torch.cat([y, by.to(y.dtype)])
-    probe = probe_head_(model, X, y)
-    log_info(
-        "head probe on %d rows: loss %.3f → %.3f in %.1fs",
-        len(X),
-        probe.first_loss,
-        probe.last_loss,
-        probe.seconds,
-    )
-    return model
-
-
-def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory) -> ModelState:
-    """The champion re-standardised for the data it now meets, as the base an update starts from
-    and is anchored at: features whose spread in the learning rows plus the data memory (every
-    accepted batch's training rows) exceeds twice the model's std get the wider std
-    (`continual.standardization`), the EWC Fisher follows the new coordinates. The champion
-    itself is untouched; the gate and the LoRA check compare with it, not with this base."""
-    if not can_follow(champion.model):
-        return champion
-    rows = X
-    if memory.buffer is not None and len(memory.buffer) > 0:
-        rows = torch.cat([X, memory.buffer.tensors()[0].to(X.dtype)])
-    model = copy.deepcopy(champion.model)
-    widening = widen_(model, rows)
-    if not widening.features:
-        return champion
-    columns = champion.spec.feature_columns or [str(i) for i in range(champion.spec.n_features)]
-    examples = ", ".join(
-        f"{columns[j]} {widening.old_std[j]:.3g}→{widening.new_std[j]:.3g}"
-        for j in widening.features[:3]
-    )
-    log_info(
-        "standardisation widened for %d of %d features (%s): later data spreads further",
-        len(widening.features),
-        len(columns),
-        examples,
-    )
-    ewc = champion.ewc
-    if ewc is not None:
-        own = ewc.own_fisher
-        ewc = EWC(
-            rescale_fisher(ewc.fisher, widening),
-            parameters_of(model),
-            lam=ewc.lam,
-            gamma=ewc.gamma,
-            own_fisher=None if own is None else rescale_fisher(own, widening),
-            kind=ewc.kind,
-        )
-    spec = dataclasses.replace(champion.spec, input_std=widening.new_std.tolist())
-    setattr(model, SPEC_ATTRIBUTE, spec)  # what a torchrun rank rebuilds it from
-    return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
-
-
 def log_info(message: str, *args: object) -> None:
     """Log to the Prefect run when there is one (tasks), else to this module's logger."""
     try:
@@ -304,50 +204,3 @@ def learned_fields(memory: DataMemory) -> dict[str, Any]:
         "learned": frozenset(memory.batches),
         "memory_run": memory.ref.run_id if memory.ref else None,
     }
-
-
-def learning_rows(
-    cfg: EvergreenConfig, champion: ModelState, data: PreparedData, memory: DataMemory
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a challenger learns as "new": this run's train rows plus the train rows (from the
-    replay buffer) of every earlier batch the champion has not learned — a rejected update's
-    data is carried into the next challenger instead of being left to chance in the replay mix."""
-    X, y = frame_to_tensors(data.train, champion.spec, cfg.data.label)
-    carried = set(memory.batches) - set(champion.learned) - set(data.batch_ids)
-    if memory.buffer is None or not carried:
-        return X, y
-    bX, by, batch_ids = memory.buffer.tensors()
-    keep = torch.tensor([b in carried for b in batch_ids], dtype=torch.bool)
-    if not bool(keep.any()):
-        return X, y
-    get_run_logger().info(
-        "carrying %d train rows of %d unlearned earlier batch(es)", int(keep.sum()), len(carried)
-    )
-    return torch.cat([X, bX[keep].to(X.dtype)]), torch.cat([y, by[keep]])
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """Select rows of the batches the champion learned (old) and has not learned (new)."""
-
-    new: tuple[torch.Tensor, torch.Tensor] | None
-    old: tuple[torch.Tensor, torch.Tensor] | None
-
-    def score(self, model: torch.nn.Module) -> float:
-        """Mean of the new and old accuracies: plasticity and stability count alike."""
-        parts = [
-            float(row_scores(model, *rows).mean())
-            for rows in (self.new, self.old)
-            if rows is not None
-        ]
-        return float(np.mean(parts)) if parts else float("nan")
-
-
-def selection_rows(cfg: EvergreenConfig, champion: ModelState, memory: DataMemory) -> Selection:
-    """The data memory's select rows, split by whether the champion learned their batch."""
-    new, old = split_by_learned(memory, champion.learned, "select")
-
-    def tensors(frame: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None if frame.empty else frame_to_tensors(frame, champion.spec, cfg.data.label)
-
-    return Selection(tensors(new), tensors(old))

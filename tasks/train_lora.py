@@ -16,28 +16,18 @@ from continual.fisher import diagonal_fisher
 from continual.gating import GateDecision, decide
 from continual.models import TEXT_FAMILIES
 from continual.training import TrainResult, row_scores
-from evergreen.config import EvergreenConfig
+from evergreen.config import DailyConfig, EvergreenConfig
 from tasks.evaluate import gate_policy
 from tasks.memory import DataMemory
 from tasks.state import ModelState, make_trainable, parameters_of
-from tasks.train import (
-    Selection,
-    champion_distiller,
-    fisher_rows,
-    fit_model,
-    follow_data_scale,
-    learned_fields,
-    learning_rows,
-    resume_key,
-    selection_rows,
-    settings_from,
-    start_update,
-    training_facts,
-)
+from tasks.train import fisher_rows, fit_model, learned_fields, resume_key, training_facts
+from tasks.train_start import Selection, UpdateStart, prepare_update
 from tasks.validate import PreparedData
 
 if TYPE_CHECKING:
     from peft import PeftModel
+
+    from continual.lora import LoraSettings
 
 
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
@@ -47,63 +37,86 @@ def train_lora_gated(
     """Daily: a LoRA adapter on the batch, kept only if the gate's rule passes on select rows.
 
     The adapter starts at zero (it predicts like the champion, up to a text model's refitted
-    head), so "before vs after" is "champion vs adapted" and the keep/discard check is `decide()` itself — non-inferiority on the
-    select rows of every batch — never a raw difference, never on the gate's rows. Returns
-    (state or None, the check's decision).
+    head), so "before vs after" is "champion vs adapted" and the keep/discard check is
+    `decide()` itself — non-inferiority on the select rows of every batch — never a raw
+    difference, never on the gate's rows. Returns (state or None, the check's decision).
     """
-    from continual.lora import LoraSettings, attach_lora, gated_update  # peft: only when used
+    from continual.lora import attach_lora, gated_update  # peft: only when used
 
     d = cfg.daily
-    lora = LoraSettings(
-        r=d.lora_r, alpha=d.lora_alpha, dropout=d.lora_dropout, target_modules=d.target_modules
-    )
-    X, y = learning_rows(cfg, champion, data, memory)
-    selection = selection_rows(cfg, champion, memory)
-    buffer = memory.buffer if d.replay_ratio > 0 else None
+    lora = _lora_settings(d)
     # A text model's head is fitted first (it is not part of the adapter; see start_update).
-    base = follow_data_scale(champion, X, memory)
-    peft_model = attach_lora(start_update(base, X, y, buffer), lora)
+    update = prepare_update(cfg, champion, data, memory, d)
+    peft_model = attach_lora(update.start, lora)
     verdict: dict[str, GateDecision] = {}
-    fit = settings_from(d.train, len(X))
     trained: list[TrainResult] = []
-    distiller = champion_distiller(d, champion)
 
     def fit_adapter(m: torch.nn.Module) -> TrainResult:
         result, _ = fit_model(
             m,
-            X,
-            y,
-            fit,
+            update.X,
+            update.y,
+            update.settings,
             "lora",
             cfg=cfg,
             processes=d.train.processes,
             resume=resume_key("daily", champion, data, memory),
-            replay=buffer,
+            replay=update.buffer,
             replay_ratio=d.replay_ratio,
-            distiller=distiller,
+            distiller=update.distiller,
         )
         trained.append(result)
         return result
 
     def keep(candidate: torch.nn.Module) -> bool:
-        verdict["decision"] = _selection_decision(cfg, champion, selection, candidate)
+        verdict["decision"] = _selection_decision(cfg, champion, update.selection, candidate)
         return verdict["decision"].promote
 
-    result = gated_update(peft_model, fit_adapter, keep)
-    if not result.accepted:
+    if not gated_update(peft_model, fit_adapter, keep).accepted:
         return None, verdict["decision"]
-    # The version keeps the adapter separate (base weights + adapter/); loading merges it.
-    state = ModelState(
+    state = _lora_version(cfg, champion, memory, update, peft_model, trained[-1])
+    return state, verdict["decision"]
+
+
+def _lora_settings(daily: DailyConfig) -> LoraSettings:
+    """The adapter's shape, from the `daily` section."""
+    from continual.lora import LoraSettings  # peft: only when used
+
+    return LoraSettings(
+        r=daily.lora_r,
+        alpha=daily.lora_alpha,
+        dropout=daily.lora_dropout,
+        target_modules=daily.target_modules,
+    )
+
+
+def _lora_version(
+    cfg: EvergreenConfig,
+    champion: ModelState,
+    memory: DataMemory,
+    update: UpdateStart,
+    peft_model: torch.nn.Module,
+    result: TrainResult,
+) -> ModelState:
+    """A kept adapter as a version. The version keeps the adapter separate (base weights +
+    adapter/); loading merges it. Its EWC state is the champion's, re-anchored at the folded
+    weights (`_adapted_ewc`)."""
+    X, y = update.X, update.y
+    return ModelState(
         model=peft_model,
-        spec=base.spec,
-        ewc=_adapted_ewc(base, peft_model, X, y),
+        spec=update.base.spec,
+        ewc=_adapted_ewc(update.base, peft_model, X, y),
         references=dict(champion.references),
         training=training_facts(
-            cfg, "daily", fit, trained[-1], rows=len(X), chosen={"lora": _lora_params(peft_model)}
+            cfg,
+            "daily",
+            update.settings,
+            result,
+            rows=len(X),
+            chosen={"lora": _lora_params(peft_model)},
         ),
         **learned_fields(memory),
     )
-    return state, verdict["decision"]
 
 
 def _lora_params(peft_model: torch.nn.Module) -> dict[str, object]:

@@ -96,7 +96,7 @@ def test_02_to_04_update_cadences_decide_on_text(pipeline, step, cadence, batch)
 
 def test_05_some_update_was_promoted(pipeline):
     history = pipeline["registry"].history()
-    # Before the head fit (tasks.train.start_update) every update collapsed onto the newest
+    # Before the head fit (tasks.train_start.start_update) every update collapsed onto the newest
     # topic (retention 0.905 → 0.452) and was rejected.
     assert len(history) >= 2, "no update on new topics passed the gate"
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tasks.train import Selection
+from tasks.train_start import Selection
 
 
 def _rows(n: int, label: int) -> tuple[torch.Tensor, torch.Tensor]:

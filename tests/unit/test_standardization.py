@@ -1,4 +1,4 @@
-"""Standardisation that follows the data (`continual.standardization`, `tasks.train`).
+"""Standardisation that follows the data (`continual.standardization`, `tasks.train_start`).
 
 A feature that barely varied in the first batch must not be read at its first-batch scale
 forever, and versions standardised differently must still merge exactly.
@@ -20,7 +20,7 @@ from continual.standardization import (
 )
 from tasks.memory import DataMemory
 from tasks.state import ModelState, parameters_of
-from tasks.train import follow_data_scale
+from tasks.train_start import follow_data_scale
 
 
 def _mlp(std: list[float], mean: list[float] | None = None, seed: int = 0):

@@ -3,7 +3,7 @@
 The champion (packaged MiniLM) knows two topics; the update brings a third, mixed with replayed
 rows of the first two, a few steps at the text learning rate — the weekly cadence in miniature.
 Starting from the champion as it is, the new class's large first gradients rewrite the encoder
-and the old topics are answered with the new one; `tasks.train.start_update` fits the head on
+and the old topics are answered with the new one; `tasks.train_start.start_update` fits the head on
 frozen features first (LP-FT), so the fine-tune starts at a small loss and the old topics stay.
 """
 
@@ -21,7 +21,7 @@ from continual.replay import ReservoirBuffer
 from continual.training import TrainSettings, accuracy, train
 from demo.text_timeline import package_sentences
 from tasks.state import ModelState, parameters_of
-from tasks.train import start_update
+from tasks.train_start import start_update
 
 TOPICS = ["pandas", "torch", "mlflow"]
 
