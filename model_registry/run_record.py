@@ -104,28 +104,30 @@ def log_datasets(
     """Every non-empty dataset as an input of the run (one `log_inputs` call with `client` and
     `run_id`, else `log_input` into the active run); context → mlflow dataset."""
     logged: dict[str, Any] = {}
-    for record in records:
-        if record.frame.empty:
-            continue
-        with warnings.catch_warnings():  # MLflow's source-resolution and integer-schema hints
-            warnings.simplefilter("ignore")
+    # MLflow's source-resolution and integer-schema hints: the schema is inferred lazily, when
+    # the dataset is turned into an entity or logged, so the filter spans the logging too
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for record in records:
+            if record.frame.empty:
+                continue
             logged[record.context] = from_pandas(
                 record.frame.reset_index(drop=True),
                 source=record.source,
                 name=record.name,
                 targets=record.targets,
             )
-    if client is None or not run_id:
-        for context, dataset in logged.items():
-            mlflow.log_input(dataset, context=context)
-    elif logged:
-        client.log_inputs(
-            run_id,
-            datasets=[
-                DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, c)])
-                for c, dataset in logged.items()
-            ],
-        )
+        if client is None or not run_id:
+            for context, dataset in logged.items():
+                mlflow.log_input(dataset, context=context)
+        elif logged:
+            client.log_inputs(
+                run_id,
+                datasets=[
+                    DatasetInput(dataset._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, c)])
+                    for c, dataset in logged.items()
+                ],
+            )
     return logged
 
 
