@@ -9,7 +9,8 @@ Both train on the batches' *train* rows (the flows' own row-hash split) and are 
 *gate* rows, like the champion, with the optimiser settings of the cadence they stand for
 (`tasks.train.settings_from`: steps, or epochs over the rows for the text demo's small batches).
 For a text model, "from scratch" means the pretrained encoder with a new head: the same start as
-the bootstrap flow.
+the bootstrap flow. On the first batch joint training *is* the bootstrap flow (same rows, recipe
+and start), so the demo takes the bootstrap champion's row there instead of training it twice.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pandas as pd
 import torch
 
 from continual.models import TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
 from continual.training import accuracy, train
-from evergreen.config import EvergreenConfig
+from evergreen.config import EvergreenConfig, load_config
 from tasks.common import frame_to_tensors
 from tasks.state import ModelState
 from tasks.train import settings_from
@@ -63,20 +65,64 @@ def naive_rows(
 
 
 def joint_rows(
-    cfg: EvergreenConfig, champion: ModelState, held_out: HeldOut, batches: Iterable[str]
+    cfg: EvergreenConfig,
+    spec: ModelSpec,
+    held_out: HeldOut,
+    batches: Iterable[str],
+    *,
+    skip: Iterable[str] = (),
 ) -> dict[str, dict[str, float]]:
-    """batch → accuracy row of a model trained from scratch on every train row up to it."""
-    rows, seen = {}, []
+    """batch → accuracy row of a model trained from scratch on every train row up to it.
+
+    `spec` is the first champion's (a tabular model is re-standardised on each batch's rows);
+    batches in `skip` still add their rows to the later models but get no model of their own
+    (the caller has one: the bootstrap champion is joint training on the first batch).
+    """
+    rows, seen, skipped = {}, [], set(skip)
     for batch_id in batches:
         seen.append(held_out.train[batch_id])
+        if batch_id in skipped:
+            continue
         frame = pd.concat(seen, ignore_index=True)
-        spec = joint_spec(cfg, champion.spec, frame)
+        own = joint_spec(cfg, spec, frame)
         torch.manual_seed(cfg.bootstrap.train.seed)
-        model = build_model(spec)
-        X, y = frame_to_tensors(frame, spec, cfg.data.label)
+        model = build_model(own)
+        X, y = frame_to_tensors(frame, own, cfg.data.label)
         train(model, X, y, settings_from(cfg.bootstrap.train, len(X)))
-        rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, spec)
+        rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, own)
     return rows
+
+
+# In a worker process: the references are measurement, not product, and need no flow's result
+# but the first champion, so they train beside the flows instead of after them. The demo runs
+# each process at one thread (`evergreen.cli.DEMO_DEFAULTS`), so one worker uses the second core.
+
+
+def joint_job(
+    config_path: str, spec: ModelSpec, held_out: HeldOut, batches: list[str], skip: list[str]
+) -> dict[str, dict[str, float]]:
+    """`joint_rows` in a worker process (arguments that pickle: a config path, no model)."""
+    return joint_rows(load_config(config_path), spec, held_out, batches, skip=skip)
+
+
+def naive_job(
+    config_path: str,
+    spec: ModelSpec,
+    weights: dict[str, np.ndarray],
+    held_out: HeldOut,
+    batches: list[str],
+) -> dict[str, dict[str, float]]:
+    """`naive_rows` in a worker process, from the first champion's spec and weights (numpy
+    arrays: the worker rebuilds the model, nothing is unpickled into a module)."""
+    model = build_model(spec)
+    model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
+    champion = ModelState(model=model, spec=spec)
+    return naive_rows(load_config(config_path), champion, held_out, batches)
+
+
+def model_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The state dict as numpy arrays (copies), to hand a model to `naive_job`."""
+    return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
 
 
 def joint_spec(cfg: EvergreenConfig, spec: ModelSpec, frame: pd.DataFrame) -> ModelSpec:
