@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
@@ -209,9 +209,9 @@ class BackgroundReferences:
         self.order = list(held_out.gate)
         # the bootstrap flow's batches are known from the plan; its champion is checked below
         self.reuse = bool(self.order) and bootstrap == self.order[:1]
-        self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
-        self.joint: list[Future[dict[str, dict[str, float]]]] = []
-        self.naive: Future[dict[str, dict[str, float]]] | None = None
+        self.pool = get_context("spawn").Pool(1)  # spawn: no fork of Prefect's threads
+        self.joint: list[AsyncResult[dict[str, dict[str, float]]]] = []
+        self.naive: AsyncResult[dict[str, dict[str, float]]] | None = None
         self.first_row: dict[str, dict[str, float]] = {}
 
     def __enter__(self) -> BackgroundReferences:
@@ -219,11 +219,16 @@ class BackgroundReferences:
             spec = new_spec(self.cfg, self.held_out.train[self.order[0]])  # as the bootstrap's
             skip = self.order[:1] if self.reuse else []
             args = (self.config_path, spec, self.held_out, self.order, skip)
-            self.joint.append(self.pool.submit(joint_job, *args))
+            self.joint.append(self.pool.apply_async(joint_job, args))
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Wait for the worker on success; stop it at once when the demo failed."""
+        if kind is None:
+            self.pool.close()
+        else:
+            self.pool.terminate()
+        self.pool.join()
 
     def after_flow(self, flow_name: str, result: dict[str, Any], champion: ModelState) -> None:
         """After the bootstrap flow: take its champion as the first joint model, queue naive."""
@@ -236,21 +241,21 @@ class BackgroundReferences:
             )
         elif self.reuse:  # the bootstrap learned other rows after all: train that model too
             spec = new_spec(self.cfg, self.held_out.train[first])
-            joint = self.pool.submit(joint_job, self.config_path, spec, self.held_out, [first], [])
-            self.joint.append(joint)
+            none: list[str] = []
+            job = (self.config_path, spec, self.held_out, [first], none)
+            self.joint.append(self.pool.apply_async(joint_job, job))
         weights = model_weights(champion.model)
-        self.naive = self.pool.submit(
-            naive_job, self.config_path, champion.spec, weights, self.held_out, self.order[1:]
-        )
+        job_naive = (self.config_path, champion.spec, weights, self.held_out, self.order[1:])
+        self.naive = self.pool.apply_async(naive_job, job_naive)
 
     def results(self) -> References:
         """(joint, naive): batch → accuracy row after learning it (waits for the worker)."""
         if self.naive is None:
             raise RuntimeError("the demo ran no bootstrap flow: no references to compare with")
         joint = dict(self.first_row)
-        for future in self.joint:
-            joint.update(future.result())
-        return dict(sorted(joint.items())), self.naive.result()
+        for part in self.joint:
+            joint.update(part.get())
+        return {b: joint[b] for b in self.order if b in joint}, self.naive.get()
 
 
 def _add_references(
