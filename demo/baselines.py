@@ -18,13 +18,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 
-import numpy as np
 import pandas as pd
 import torch
 
 from continual.models import TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
 from continual.training import accuracy, train
-from evergreen.config import EvergreenConfig, load_config
+from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.state import ModelState
 from tasks.train import settings_from
@@ -91,38 +90,6 @@ def joint_rows(
         train(model, X, y, settings_from(cfg.bootstrap.train, len(X)))
         rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, own)
     return rows
-
-
-# In a worker process: the references are measurement, not product, and need no flow's result
-# but the first champion, so they train beside the flows instead of after them. The demo runs
-# each process at one thread (`evergreen.cli.DEMO_DEFAULTS`), so one worker uses the second core.
-
-
-def joint_job(
-    config_path: str, spec: ModelSpec, held_out: HeldOut, batches: list[str], skip: list[str]
-) -> dict[str, dict[str, float]]:
-    """`joint_rows` in a worker process (arguments that pickle: a config path, no model)."""
-    return joint_rows(load_config(config_path), spec, held_out, batches, skip=skip)
-
-
-def naive_job(
-    config_path: str,
-    spec: ModelSpec,
-    weights: dict[str, np.ndarray],
-    held_out: HeldOut,
-    batches: list[str],
-) -> dict[str, dict[str, float]]:
-    """`naive_rows` in a worker process, from the first champion's spec and weights (numpy
-    arrays: the worker rebuilds the model, nothing is unpickled into a module)."""
-    model = build_model(spec)
-    model.load_state_dict({name: torch.from_numpy(array) for name, array in weights.items()})
-    champion = ModelState(model=model, spec=spec)
-    return naive_rows(load_config(config_path), champion, held_out, batches)
-
-
-def model_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:
-    """The state dict as numpy arrays (copies), to hand a model to `naive_job`."""
-    return {name: t.detach().cpu().numpy().copy() for name, t in model.state_dict().items()}
 
 
 def joint_spec(cfg: EvergreenConfig, spec: ModelSpec, frame: pd.DataFrame) -> ModelSpec:

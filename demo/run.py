@@ -11,11 +11,11 @@ both on the same training rows.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing import get_context
-from multiprocessing.pool import AsyncResult
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +25,15 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from continual.checkpoint import save_checkpoint
 from continual.metrics import history_forgetting, retention_accuracy
 from continual.models import ModelSpec
 from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
 from data_plane.splits import ThreeWaySplit, split_three_way
-from demo.baselines import HeldOut, accuracy_row, joint_job, model_weights, naive_job
+from demo import references
+from demo.baselines import HeldOut, accuracy_row, joint_rows
 from demo.comparison import FinalComparison, comparison_markdown, comparison_table, final_comparison
+from demo.references import write_inputs
 from demo.text_demo import build_text_demo_landing, text_demo_config_dict
 from demo.timeline import DemoBatch, build_demo_landing, demo_config_dict
 from evergreen.cadences import by_section, run_flow
@@ -192,70 +195,85 @@ References = tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]
 
 
 class BackgroundReferences:
-    """The joint and naive references, trained in one worker process while the flows run.
+    """The joint and naive references, trained in worker processes while the flows run
+    (`demo.references`: files in, JSON out, no pickle).
 
     They were the largest part of the text demo after the flows (≈ 150 of ≈ 400 s) and wait on
     nothing but the data and the first champion, while the demo's own process trains at one
     thread (`evergreen.cli.DEMO_DEFAULTS`) and leaves the second core idle. Joint training starts
-    at once; the naive fine-tune is queued when the bootstrap flow has registered the first
-    champion (its weights are handed over as arrays). The first batch's joint model is the
-    bootstrap champion itself (`demo.baselines`) when the bootstrap learned that batch alone.
+    at once; the naive fine-tune starts once the bootstrap champion is saved and the joint worker
+    is done (one worker at a time: the second core, not a third process on two). The first
+    batch's joint model is the bootstrap champion itself (`demo.baselines`) when the bootstrap
+    learned that batch alone.
     """
 
     def __init__(
         self, cfg: EvergreenConfig, config_path: Path, held_out: HeldOut, bootstrap: list[str]
     ) -> None:
-        self.cfg, self.config_path, self.held_out = cfg, str(config_path), held_out
+        self.cfg, self.held_out = cfg, held_out
         self.order = list(held_out.gate)
         # the bootstrap flow's batches are known from the plan; its champion is checked below
         self.reuse = bool(self.order) and bootstrap == self.order[:1]
-        self.pool = get_context("spawn").Pool(1)  # spawn: no fork of Prefect's threads
-        self.joint: list[AsyncResult[dict[str, dict[str, float]]]] = []
-        self.naive: AsyncResult[dict[str, dict[str, float]]] | None = None
+        self.directory = cfg.home_path / "references"
+        shutil.rmtree(self.directory, ignore_errors=True)
+        write_inputs(
+            self.directory, str(config_path), held_out, self.order[:1] if self.reuse else []
+        )
+        self.joint: subprocess.Popen[bytes] | None = None
+        self.naive: subprocess.Popen[bytes] | None = None
+        self.naive_ready = False
         self.first_row: dict[str, dict[str, float]] = {}
 
     def __enter__(self) -> BackgroundReferences:
         if self.order:
-            spec = new_spec(self.cfg, self.held_out.train[self.order[0]])  # as the bootstrap's
-            skip = self.order[:1] if self.reuse else []
-            args = (self.config_path, spec, self.held_out, self.order, skip)
-            self.joint.append(self.pool.apply_async(joint_job, args))
+            self.joint = references.start(self.directory, "joint")
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        """Wait for the worker on success; stop it at once when the demo failed."""
-        if kind is None:
-            self.pool.close()
-        else:
-            self.pool.terminate()
-        self.pool.join()
+        """Stop the workers when the demo failed (on success they are done already)."""
+        for process in (self.joint, self.naive):
+            if process is not None and process.poll() is None:
+                process.kill()
+                process.wait()
 
     def after_flow(self, flow_name: str, result: dict[str, Any], champion: ModelState) -> None:
-        """After the bootstrap flow: take its champion as the first joint model, queue naive."""
-        if flow_name != by_section("bootstrap").name or self.naive is not None or not self.order:
+        """After the bootstrap flow: take its champion as the first joint model and save it for
+        the naive worker; after any flow: start that worker once the joint one is done."""
+        if flow_name == by_section("bootstrap").name and not self.naive_ready and self.order:
+            first = self.order[0]
+            if list(result.get("batch_ids") or []) == [first]:
+                self.first_row[first] = accuracy_row(
+                    self.cfg, champion.model, self.held_out, first, champion.spec
+                )
+            else:  # e.g. --keep: the bootstrap skipped, the first version is an earlier run's
+                champion = _bootstrap_state(self.cfg)
+            save_checkpoint(self.directory / "naive-start", champion.model, champion.spec)
+            self.naive_ready = True
+        self._start_naive(wait=False)
+
+    def _start_naive(self, *, wait: bool) -> None:
+        if self.naive is not None or not self.naive_ready or self.joint is None:
             return
-        first = self.order[0]
-        if self.reuse and list(result.get("batch_ids") or []) == [first]:
-            self.first_row[first] = accuracy_row(
-                self.cfg, champion.model, self.held_out, first, champion.spec
-            )
-        elif self.reuse:  # the bootstrap learned other rows after all: train that model too
-            spec = new_spec(self.cfg, self.held_out.train[first])
-            none: list[str] = []
-            job = (self.config_path, spec, self.held_out, [first], none)
-            self.joint.append(self.pool.apply_async(joint_job, job))
-        weights = model_weights(champion.model)
-        job_naive = (self.config_path, champion.spec, weights, self.held_out, self.order[1:])
-        self.naive = self.pool.apply_async(naive_job, job_naive)
+        if wait:
+            self.joint.wait()
+        if self.joint.poll() is not None:
+            self.naive = references.start(self.directory, "naive")
+
+    def first_row_spec(self) -> ModelSpec:
+        return new_spec(self.cfg, self.held_out.train[self.order[0]])
 
     def results(self) -> References:
-        """(joint, naive): batch → accuracy row after learning it (waits for the worker)."""
-        if self.naive is None:
+        """(joint, naive): batch → accuracy row after learning it (waits for the workers)."""
+        if self.joint is None or not self.naive_ready:
             raise RuntimeError("the demo ran no bootstrap flow: no references to compare with")
-        joint = dict(self.first_row)
-        for part in self.joint:
-            joint.update(part.get())
-        return {b: joint[b] for b in self.order if b in joint}, self.naive.get()
+        joint = {**self.first_row, **references.result(self.directory, "joint", self.joint)}
+        if self.reuse and self.order[0] not in joint:  # no fresh bootstrap to take it from
+            spec = self.first_row_spec()
+            joint.update(joint_rows(self.cfg, spec, self.held_out, self.order[:1]))
+        self._start_naive(wait=True)
+        assert self.naive is not None
+        naive = references.result(self.directory, "naive", self.naive)
+        return {b: joint[b] for b in self.order if b in joint}, naive
 
 
 def _add_references(
@@ -274,6 +292,16 @@ def _add_references(
         if batch in naive:
             row.baseline_retention_accuracy = retention_accuracy(naive[batch], batch)
     return joint, naive
+
+
+def _bootstrap_state(cfg: EvergreenConfig) -> ModelState:
+    """The first registered version (the naive reference's start when no fresh bootstrap ran)."""
+    from model_registry.registry import Registry
+    from tasks.version_cache import load_cached
+
+    registry = Registry.from_config(cfg)
+    first = registry.history(limit=1000)[-1].version
+    return load_cached(cfg, registry, first)
 
 
 LEARNING_FLOWS = frozenset({"bootstrap", "daily-lora", "weekly-replay", "monthly-finetune"})
