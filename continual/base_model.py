@@ -18,15 +18,17 @@ importing torch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import os
-import tempfile
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Self
+
+from continual.files import atomic_write_text
 
 BASE_FILE = "base.json"
 FORMAT = "evergreen.base/1"
@@ -286,16 +288,5 @@ def _load_disk_cache() -> dict[str, str]:
 
 def _save_disk_cache(cache: dict[str, str]) -> None:
     """Write the cache atomically; a failure (read-only home) only costs a re-hash later."""
-    path = cache_file()
-    with _CACHE_LOCK:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        except OSError:
-            return
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(cache, handle)
-            os.replace(tmp, path)
-        except OSError:
-            Path(tmp).unlink(missing_ok=True)
+    with _CACHE_LOCK, contextlib.suppress(OSError):
+        atomic_write_text(cache_file(), json.dumps(cache))

@@ -51,6 +51,7 @@ from continual.base_model import (
     reference_for,
     verify_base,
 )
+from continual.files import atomic_write_bytes
 from continual.lineage import (
     MAX_PARENT_LINKS,
     PARENT_FILE,
@@ -94,20 +95,6 @@ def _base_state_dict(peft_model: PeftModel) -> dict[str, Tensor]:
     import copy
 
     return _plain_state_dict(copy.deepcopy(peft_model).unload())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename: a reader sees the old file or the new."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _atomic_save_tensors(path: Path, tensors: dict[str, Tensor], family: str) -> None:

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from continual.ewc import EWC
+from continual.files import atomic_write_text
 from continual.fisher_kinds import FisherKind
 from continual.models import ModelSpec, build_model, spec_of
 from continual.replay import ReservoirBuffer
@@ -105,15 +106,8 @@ def _plain(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON to a temporary name and move it into place: readers see all of it or none."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Readers (the other ranks, the launcher) see all of it or none."""
+    atomic_write_text(path, json.dumps(data))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

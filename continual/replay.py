@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from bisect import insort
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
+
+from continual.files import atomic_write_bytes
 
 Policy = Literal["reservoir", "class_balanced"]
 POLICIES: tuple[str, ...] = ("reservoir", "class_balanced")
@@ -326,8 +327,8 @@ class ReservoirBuffer:
             "rng_state": self._rng.bit_generator.state,
             "tensors_sha256": hashlib.sha256(payload).hexdigest(),
         }
-        _atomic_write(directory / TENSORS_FILE, payload)
-        _atomic_write(directory / META_FILE, json.dumps(meta, indent=2).encode())
+        atomic_write_bytes(directory / TENSORS_FILE, payload)
+        atomic_write_bytes(directory / META_FILE, json.dumps(meta, indent=2).encode())
 
     @classmethod
     def load(cls, directory: str | Path) -> ReservoirBuffer:
@@ -379,18 +380,6 @@ class ReservoirBuffer:
 def _most_over_quota(slots: dict[int, list[int]], quotas: dict[int, int]) -> int:
     """The class furthest above its quota (smallest label on ties)."""
     return max(sorted(slots), key=lambda c: len(slots[c]) - quotas[c])
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _read_meta(path: Path) -> dict[str, Any]:

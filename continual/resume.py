@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 from torch import Tensor, nn
 
-from continual.checkpoint import atomic_write_bytes
+from continual.files import atomic_write_bytes
 
 if TYPE_CHECKING:
     from continual.batching import BatchStream
@@ -149,7 +148,7 @@ def save_state(checkpointing: Checkpointing, state: TrainState) -> bool:
     }
     plain = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}
     try:
-        _atomic_write(checkpointing.path, save(plain, metadata=meta))
+        atomic_write_bytes(checkpointing.path, save(plain, metadata=meta), sync_folder=True)
     except OSError as error:
         log.warning("training state not saved at step %d: %s", state.step, error)
         return False
@@ -334,14 +333,3 @@ class LoopState:
         self.result.resumed_at = state.step
         if checkpointing.on_resumed is not None:
             checkpointing.on_resumed(state.step, total)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temporary file in the same folder, fsync, rename, fsync the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -18,11 +18,11 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from continual.files import atomic_write_text
 from data_plane.gx_store import shared_store
 from data_plane.landing import data_columns
 
@@ -115,23 +115,11 @@ def _legacy_suite_path(home: Path, name: str = SUITE_NAME) -> Path:
     return Path(home) / "expectations" / f"{name}.json"
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_suite(suite: gx.ExpectationSuite, path: Path) -> Path:
     """Write `suite` as indented GX JSON (atomic); returns `path`."""
     data = suite.to_json_dict()
     data.pop("id", None)
-    atomic_write(Path(path), json.dumps(data, indent=2) + "\n")
+    atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
     return Path(path)
 
 
@@ -262,7 +250,7 @@ def _merge_column_checks(path: Path) -> None:
         path,
         len(plain),
     )
-    atomic_write(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _collapse(items: list[Any], indices: list[int], merged: dict[str, Any]) -> list[Any]:
@@ -327,7 +315,7 @@ def _merge_finite_checks(path: Path) -> None:
         path,
         len(whole),
     )
-    atomic_write(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def _drop_inferred_bounds(path: Path) -> None:
@@ -340,4 +328,4 @@ def _drop_inferred_bounds(path: Path) -> None:
             changed += 1
     if changed:
         log.warning("%s: replaced %d first-batch bounds by finite-only checks", path, changed)
-        atomic_write(path, json.dumps(data, indent=2) + "\n")
+        atomic_write_text(path, json.dumps(data, indent=2) + "\n")

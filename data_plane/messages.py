@@ -91,6 +91,41 @@ class ValidationReport:
         return render_summary(self)
 
 
+RANGE_CHANGE = "beyond the range accepted so far"
+CHANGE_LINE_COLUMNS = 6
+
+
+def change_lines(
+    report: ValidationReport, report_file: str = "the batch's validation report"
+) -> list[str]:
+    """The batch's change warnings as log lines: one per warning, except that range changes
+    (often dozens of columns when writers or sensors shift) share one line naming the columns
+    that moved most. The report keeps every warning in full; a log that prints one line per
+    column hides the one warning that matters among forty that do not."""
+    ranges = [w for w in report.warnings if RANGE_CHANGE in w.message]
+    lines = [w.message for w in report.warnings if RANGE_CHANGE not in w.message]
+    if len(ranges) == 1:
+        lines.insert(0, ranges[0].message)
+    elif ranges:
+        lines.insert(0, _range_line(ranges, report.n_rows, report_file))
+    return lines
+
+
+def _range_line(ranges: list[Failure], n_rows: int, report_file: str) -> str:
+    ranked = sorted(ranges, key=lambda w: -(w.unexpected_count or 0))
+    shown = ", ".join(
+        f"{w.column} ({(w.unexpected_count or 0) / max(n_rows, 1):.1%})"
+        for w in ranked[:CHANGE_LINE_COLUMNS]
+    )
+    hidden = len(ranges) - CHANGE_LINE_COLUMNS
+    more = f", … {hidden} more" if hidden > 0 else ""
+    return (
+        f"{len(ranges)} columns have values {RANGE_CHANGE} (share of rows): {shown}{more} — "
+        "change, learned from unless data.change.block lists 'range'; every column and value "
+        f"is in {report_file}"
+    )
+
+
 def clip_middle(text: str, limit: int) -> str:
     """`text` cut to at most `limit` characters by dropping its middle: a message's end is often
     what to do about it (the command to run, the report's path), so a head-only cut loses it."""
@@ -246,7 +281,7 @@ def _message(
         if source.startswith("accepted data"):
             share = f" ({count / max(len(frame), 1):.1%})" if count is not None else ""
             return (
-                f"{col} has {count} values{share} beyond the range accepted so far "
+                f"{col} has {count} values{share} {RANGE_CHANGE} "
                 f"[{low:.6g}, {high:.6g}] (e.g. {_counts(result)}){where} — change, learned from "
                 "unless data.change.block lists 'range'"
             )

@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
+from continual.files import atomic_write_text
 from data_plane import messages, text_validation
 from data_plane.drift import drift_report
 from data_plane.gx_run import run_suite
 from data_plane.gx_store import shared_store
-from data_plane.gx_suite import atomic_write
 from data_plane.landing import COLUMNS_IN_FILES_ATTR, LandingZone, data_columns, read_batch
 from data_plane.messages import Failure, ValidationReport
 from data_plane.profile import DataProfile, GrossChangeRule, class_mix_change, gross_change
@@ -276,6 +276,6 @@ def save_report(report: ValidationReport, directory: Path) -> tuple[Path, Path]:
     """Write `<directory>/<batch_id>.json` and `.md` atomically; returns both paths."""
     stem = report.batch_id.replace("/", "_").replace(os.sep, "_")
     json_path, md_path = Path(directory) / f"{stem}.json", Path(directory) / f"{stem}.md"
-    atomic_write(json_path, report.to_json() + "\n")
-    atomic_write(md_path, report.summary())
+    atomic_write_text(json_path, report.to_json() + "\n")
+    atomic_write_text(md_path, report.summary())
     return json_path, md_path

@@ -15,8 +15,6 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from continual.files import atomic_write_bytes
 from continual.metrics import MatrixSummary, summarize_matrix
 
 if TYPE_CHECKING:
@@ -111,6 +110,22 @@ _COLUMNS = (
     "forgetting",
     "note",
 )
+_MIN_WIDTHS = {"date": 10, "batches": 10, "decision": 8}
+# Headers as narrow as the numbers under them (the caption spells them out), so that a
+# 120-column terminal shows every column whole: rich cuts a wider header to "joint…".
+_TERMINAL_HEADERS = {
+    "champion": "cham-\npion",
+    "new-data acc.": "new\ndata",
+    "joint new": "joint\nnew",
+    "retention acc.": "old\ndata",
+    "joint retention": "joint\nold",
+    "naive retention": "naive\nold",
+    "forgetting": "forg-\netting",
+}
+_TERMINAL_CAPTION = (
+    "new data: accuracy on the batches' gate rows; old data: on every earlier batch's "
+    "(retention); joint: a model trained on every row so far; naive: plain fine-tuning"
+)
 
 
 def _row_cells(row: TimelineRow) -> list[str]:
@@ -145,14 +160,19 @@ def timeline_table(rows: Sequence[TimelineRow]) -> rich.table.Table:
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title="evergreen timeline", show_lines=False)
+    table = Table(title="evergreen timeline", caption=_TERMINAL_CAPTION, show_lines=False)
     for name in _COLUMNS[:-1]:  # the note (full reasons) is in report.md
         numeric = "acc" in name or name.startswith(("joint", "naive")) or name == "forgetting"
-        table.add_column(name, justify="right" if numeric else "left", no_wrap=True)
+        table.add_column(
+            _TERMINAL_HEADERS.get(name, name),
+            justify="right" if numeric else "left",
+            no_wrap=True,
+            min_width=_MIN_WIDTHS.get(name),
+        )
     for row in rows:
         cells = [escape(cell) for cell in _row_cells(row)[:-1]]
         if len(row.batch_ids) > 1:
-            cells[2] = f"{row.batch_ids[0]} … {row.batch_ids[-1]} ({len(row.batch_ids)})"
+            cells[2] = f"{row.batch_ids[0]} +{len(row.batch_ids) - 1}"
         style = _DECISION_STYLES.get(row.decision, "")
         cells[3] = f"[{style}]{row.decision}[/]" if style else row.decision
         table.add_row(*cells)
@@ -309,19 +329,6 @@ def _png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same folder and a rename."""
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_number(value: Any) -> Any:
     if isinstance(value, float) and math.isnan(value):
         return None
@@ -375,19 +382,19 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = [f"# {title}", _summary_markdown(timeline, champion), "## Timeline"]
     sections += [timeline_markdown(timeline), "## Champion accuracy over time"]
-    _atomic_write(out_dir / CHAMPION_PNG, _png_bytes(champion_figure(timeline)))
+    atomic_write_bytes(out_dir / CHAMPION_PNG, _png_bytes(champion_figure(timeline)))
     sections.append(f"![champion accuracy]({CHAMPION_PNG})")
     summary = None
     if matrix is not None and labels is not None:
         summary = summarize_matrix(matrix)
-        _atomic_write(out_dir / MATRIX_PNG, _png_bytes(matrix_figure(matrix, *labels)))
+        atomic_write_bytes(out_dir / MATRIX_PNG, _png_bytes(matrix_figure(matrix, *labels)))
         sections += ["## Accuracy matrix", f"![accuracy matrix]({MATRIX_PNG})"]
         sections.append(_matrix_markdown(summary, labels[1]))
     else:
         (out_dir / MATRIX_PNG).unlink(missing_ok=True)  # never leave a stale plot of an old run
     if extra_markdown.strip():
         sections.append(extra_markdown.strip())
-    _atomic_write(out_dir / JSON_FILE, _report_json(timeline, matrix, summary))
+    atomic_write_bytes(out_dir / JSON_FILE, _report_json(timeline, matrix, summary))
     report = out_dir / REPORT_FILE
-    _atomic_write(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
+    atomic_write_bytes(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
     return report

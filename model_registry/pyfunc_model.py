@@ -58,6 +58,9 @@ _FLUENT_LOCK = threading.RLock()
 _URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 CODE_MODEL_PREFIX = "code_model_"  # mlflow.models.utils._load_model_code_path's module names
 _COPY_IGNORE = shutil.ignore_patterns("__pycache__", "*.pyc", ".*.tmp")
+# MLflow's hint when a schema has integer columns (our integer labels): noise, as
+# `_lenient_inputs` declares inputs by name and the labels' type is the classes' own.
+INTEGER_SCHEMA_HINT = "Hint: Inferred schema contains integer"
 
 
 class EvergreenPyfunc(PythonModel):
@@ -276,7 +279,7 @@ def example_and_signature(checkpoint: Path) -> tuple[pd.DataFrame, Any]:
     params = dict(GENERATION_DEFAULTS) if causal else None
     asked = {**params, "max_new_tokens": 2} if params else None
     with warnings.catch_warnings():  # integer labels: MLflow's "missing values" hint is noise
-        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer")
+        warnings.filterwarnings("ignore", message=INTEGER_SCHEMA_HINT)
         signature = infer_signature(example, pyfunc.predict(None, example, asked), params)
     return example, _lenient_inputs(signature)
 
@@ -340,15 +343,33 @@ def log_pyfunc(checkpoint: Path, workdir: Path, example: pd.DataFrame, signature
 
     code = workdir / "code"
     shutil.copytree(Path(continual.__file__).parent, code / "continual", ignore=_COPY_IGNORE)
-    return mlflow.pyfunc.log_model(
-        name=MODEL_NAME,
-        python_model=str(Path(__file__).resolve()),
-        artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
-        code_paths=[str(code / "continual")],
-        signature=signature,
-        input_example=example,
-        pip_requirements=pip_requirements(checkpoint),
-    )
+    with warnings.catch_warnings():  # its serving check re-infers the integer labels' schema
+        warnings.filterwarnings("ignore", message=INTEGER_SCHEMA_HINT)
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(Path(__file__).resolve()),
+            artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+            code_paths=[str(code / "continual")],
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements(checkpoint),
+        )
+
+
+@contextlib.contextmanager
+def without_mlflow_prints() -> Iterator[None]:
+    """Silence MLflow's console prints for the block ("Registered model 'x' already exists.
+    Creating a new version of this model...", "Created version '7'"): `register_model` prints
+    them to stderr on every registration, bypassing logging levels, and the flow logs the
+    version it registered itself. Failures still raise."""
+    from mlflow.utils import logging_utils
+
+    was_enabled = logging_utils.MLFLOW_LOGGING_STREAM.enabled
+    logging_utils.MLFLOW_LOGGING_STREAM.enabled = False
+    try:
+        yield
+    finally:
+        logging_utils.MLFLOW_LOGGING_STREAM.enabled = was_enabled
 
 
 @contextlib.contextmanager

@@ -152,7 +152,8 @@ class Registry(RegistryReader):
                     log_record(record, active_run, info.model_id, self.client)
                 version_tags = {**tags, **{SHA_PREFIX + k: v for k, v in manifest.items()}}
                 hang_here("registry.run-logged")  # test hook: a run with no version yet
-                mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
+                with pyfunc_model.without_mlflow_prints():
+                    mv = mlflow.register_model(info.model_uri, self.model_name, tags=version_tags)
         return self.get_version(str(mv.version))
 
     def record_event(self, event: PromotionEvent) -> None:

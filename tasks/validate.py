@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_plane.gx_suite import ensure_suite
 from data_plane.landing import data_columns
-from data_plane.messages import ValidationReport, clip_middle
+from data_plane.messages import ValidationReport, change_lines, clip_middle
 from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, content_hash, split_three_way
 from data_plane.validation import save_report, validate_batch
@@ -130,7 +130,7 @@ def validate_batches(
             announce_quarantine(cadence, cfg, report, docs)
             prepared.quarantined[batch.batch_id] = quarantine_reason(report, files[1])
             continue
-        _inform(cfg, cadence, report)
+        _inform(cfg, cadence, report, files[1])
         drift = report.statistics.get("drift") or {}
         for key in ("max_psi", "n_drifted"):
             if key in drift:
@@ -191,11 +191,13 @@ def _split(cfg: EvergreenConfig, frame: pd.DataFrame) -> ThreeWaySplit:
     )
 
 
-def _inform(cfg: EvergreenConfig, cadence: str, report: ValidationReport) -> None:
+def _inform(
+    cfg: EvergreenConfig, cadence: str, report: ValidationReport, report_file: Path | str
+) -> None:
     """Log what changed; a batch-wide drift also tells Prefect, which may start an update."""
     logger = get_run_logger()
-    for warning in report.warnings:
-        logger.warning("batch %s changed: %s", report.batch_id, warning.message)
+    for line in change_lines(report, str(report_file)):
+        logger.warning("batch %s changed: %s", report.batch_id, line)
     drift = report.statistics.get("drift") or {}
     n_features = drift.get("n_features") or 0
     if n_features and drift["n_drifted"] / n_features >= cfg.data.change.drift_event_share:

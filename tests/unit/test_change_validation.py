@@ -9,6 +9,7 @@ units switched ×16, text in a numeric column, unknown labels and NaN must still
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from scipy import ndimage
 from sklearn.datasets import load_digits
 
 from data_plane.gx_suite import ensure_suite
-from data_plane.messages import clip_middle
+from data_plane.messages import CHANGE_LINE_COLUMNS, change_lines, clip_middle
 from data_plane.profile import DataProfile, GrossChangeRule, gross_change
 from data_plane.validation import validate_batch
 from evergreen.config import DataConfig
@@ -83,6 +84,27 @@ def test_values_beyond_the_first_batch_are_accepted_and_reported(tmp_path, first
     assert all(w.severity == "warning" for w in beyond)
     assert "beyond the range accepted so far" in beyond[0].message
     assert "Changes (informational" in report.summary()
+
+
+def test_range_changes_of_many_columns_log_as_one_line(tmp_path, first_batch):
+    """Forty columns moving is one change to read in a flow's log, not forty lines; every
+    column stays in the report, and other changes keep their own lines."""
+    brighter = _digits(slice(400, 700), REAL_SHIFTS["brighter (gain ×1.6, no clipping)"])
+    report = _validate(tmp_path, brighter, _accepted(first_batch))
+    beyond = [w for w in report.warnings if "beyond the range accepted so far" in w.message]
+    assert len(beyond) > CHANGE_LINE_COLUMNS
+    lines = change_lines(report, "reports/later.md")
+    assert len(lines) == len(report.warnings) - len(beyond) + 1
+    head = lines[0]
+    assert head.startswith(f"{len(beyond)} columns have values beyond the range accepted so far")
+    most = max(beyond, key=lambda w: w.unexpected_count or 0)
+    assert f"{most.column} ({(most.unexpected_count or 0) / report.n_rows:.1%})" in head
+    assert f"… {len(beyond) - CHANGE_LINE_COLUMNS} more" in head
+    assert "data.change.block" in head and head.endswith("reports/later.md")
+    summary = report.summary()
+    assert all(f"| {w.column} |" in summary for w in beyond)
+    one = replace(report, warnings=beyond[:1])
+    assert change_lines(one) == [beyond[0].message]
 
 
 def test_the_new_users_64_columns_in_0_1(tmp_path):

@@ -148,7 +148,7 @@ def test_an_unreadable_state_is_discarded_and_the_run_starts_over(tmp_path, dama
 def test_a_failed_save_keeps_the_previous_state_whole_and_training_goes_on(
     tmp_path: Path, monkeypatch
 ) -> None:
-    import continual.resume as resume
+    import continual.files as files
 
     state = tmp_path / "state.safetensors"
     _run(state, stop_after=12)  # saved at step 10
@@ -157,7 +157,7 @@ def test_a_failed_save_keeps_the_previous_state_whole_and_training_goes_on(
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(resume.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)
     _, result = _run(state, stop_after=25)  # resumes at 10; the save at 20 fails
     assert result is None and state.read_bytes() == saved
     assert [p.name for p in tmp_path.iterdir()] == ["state.safetensors"]  # no temporary file
