@@ -1,4 +1,4 @@
-"""The demo's references in a worker process beside the flows: `python -m demo.references DIR KIND`.
+"""The demo's references in a worker process beside the flows: `python -m demo.references DIR`.
 
 The joint and naive references (`demo.baselines`) need nothing from the flows but the data and the
 first champion, while the demo's own process trains at one thread (`evergreen.cli.DEMO_DEFAULTS`)
@@ -6,17 +6,20 @@ and leaves the second core idle: they were ≈ 150 of the text demo's ≈ 400 s,
 Here they run in a child process while the flows run. Nothing crosses the process boundary as a
 pickle (docs/RELIABILITY.md): the parent writes the held-out rows as Parquet, the job as JSON and
 the first champion as a checkpoint (`continual.checkpoint`); the child writes its accuracy rows as
-JSON.
+JSON. The worker trains joint first (it needs no flow), then waits for the first champion
+(`naive-start/READY`, written by the parent after the bootstrap flow) and trains naive.
 
 Layout of DIR: `job.json` ({"config", "order", "skip"}), `rows/<batch>.{train,gate}.parquet`,
-`naive-start/` (a checkpoint), and the results `joint.json` / `naive.json`.
+`naive-start/` (a checkpoint, then READY), and the results `joint.json` / `naive.json`.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,23 +41,35 @@ def write_inputs(directory: Path, config_path: str, held_out: HeldOut, skip: lis
     (directory / "job.json").write_text(json.dumps(job))
 
 
-def start(directory: Path, kind: str) -> subprocess.Popen[bytes]:
-    """Start a worker (`joint` or `naive`) on `directory`; it inherits the environment (one
-    thread, the demo's quiet defaults)."""
-    return subprocess.Popen([sys.executable, "-m", "demo.references", str(directory), kind])
+READY = "READY"
 
 
-def result(directory: Path, kind: str, process: subprocess.Popen[bytes]) -> Rows:
-    """Wait for the worker; its accuracy rows.
+def start(directory: Path) -> subprocess.Popen[bytes]:
+    """Start the worker on `directory`; it inherits the environment (one thread, the demo's
+    quiet defaults)."""
+    return subprocess.Popen([sys.executable, "-m", "demo.references", str(directory)])
+
+
+def results(directory: Path, process: subprocess.Popen[bytes]) -> tuple[Rows, Rows]:
+    """Wait for the worker; the (joint, naive) accuracy rows.
 
     Raises:
         RuntimeError: the worker failed (its traceback went to stderr).
     """
     code = process.wait()
     if code != 0:
-        raise RuntimeError(f"the demo's {kind} reference failed (exit code {code}); see above")
-    rows: Rows = json.loads((directory / f"{kind}.json").read_text())
-    return rows
+        raise RuntimeError(f"the demo's reference worker failed (exit code {code}); see above")
+    joint: Rows = json.loads((directory / "joint.json").read_text())
+    naive: Rows = json.loads((directory / "naive.json").read_text())
+    return joint, naive
+
+
+def _wait_for_start(directory: Path, parent: int) -> None:
+    """Until the parent has saved the first champion; exit if the parent is gone."""
+    while not (directory / "naive-start" / READY).exists():
+        if os.getppid() != parent:
+            raise SystemExit("the demo stopped before its bootstrap champion was saved")
+        time.sleep(0.2)
 
 
 def _read(directory: Path) -> tuple[dict[str, Any], HeldOut]:
@@ -86,13 +101,16 @@ def run(directory: Path, kind: str) -> Rows:
 
 
 def main(argv: list[str]) -> int:
-    directory, kind = Path(argv[0]), argv[1]
-    if kind not in ("joint", "naive"):
-        raise SystemExit(f"usage: python -m demo.references DIR joint|naive (got {kind!r})")
-    rows = run(directory, kind)
-    partial = directory / f"{kind}.json.partial"
-    partial.write_text(json.dumps(rows))
-    partial.replace(directory / f"{kind}.json")
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m demo.references DIR")
+    directory, parent = Path(argv[0]), os.getppid()
+    for kind in ("joint", "naive"):
+        if kind == "naive":
+            _wait_for_start(directory, parent)
+        rows = run(directory, kind)
+        partial = directory / f"{kind}.json.partial"
+        partial.write_text(json.dumps(rows))
+        partial.replace(directory / f"{kind}.json")
     return 0
 
 

@@ -195,16 +195,15 @@ References = tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]
 
 
 class BackgroundReferences:
-    """The joint and naive references, trained in worker processes while the flows run
+    """The joint and naive references, trained in a worker process while the flows run
     (`demo.references`: files in, JSON out, no pickle).
 
     They were the largest part of the text demo after the flows (≈ 150 of ≈ 400 s) and wait on
     nothing but the data and the first champion, while the demo's own process trains at one
-    thread (`evergreen.cli.DEMO_DEFAULTS`) and leaves the second core idle. Joint training starts
-    at once; the naive fine-tune starts once the bootstrap champion is saved and the joint worker
-    is done (one worker at a time: the second core, not a third process on two). The first
-    batch's joint model is the bootstrap champion itself (`demo.baselines`) when the bootstrap
-    learned that batch alone.
+    thread (`evergreen.cli.DEMO_DEFAULTS`) and leaves the second core idle. The worker trains
+    joint at once, then naive once the bootstrap champion is saved. The first batch's joint model
+    is the bootstrap champion itself (`demo.baselines`) when the bootstrap learned that batch
+    alone.
     """
 
     def __init__(
@@ -216,63 +215,49 @@ class BackgroundReferences:
         self.reuse = bool(self.order) and bootstrap == self.order[:1]
         self.directory = cfg.home_path / "references"
         shutil.rmtree(self.directory, ignore_errors=True)
-        write_inputs(
-            self.directory, str(config_path), held_out, self.order[:1] if self.reuse else []
-        )
-        self.joint: subprocess.Popen[bytes] | None = None
-        self.naive: subprocess.Popen[bytes] | None = None
+        skip = self.order[:1] if self.reuse else []
+        write_inputs(self.directory, str(config_path), held_out, skip)
+        self.worker: subprocess.Popen[bytes] | None = None
         self.naive_ready = False
         self.first_row: dict[str, dict[str, float]] = {}
 
     def __enter__(self) -> BackgroundReferences:
         if self.order:
-            self.joint = references.start(self.directory, "joint")
+            self.worker = references.start(self.directory)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
-        """Stop the workers when the demo failed (on success they are done already)."""
-        for process in (self.joint, self.naive):
-            if process is not None and process.poll() is None:
-                process.kill()
-                process.wait()
+        """Stop the worker if it still runs (the demo failed; on success it is done)."""
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.kill()
+            self.worker.wait()
 
     def after_flow(self, flow_name: str, result: dict[str, Any], champion: ModelState) -> None:
-        """After the bootstrap flow: take its champion as the first joint model and save it for
-        the naive worker; after any flow: start that worker once the joint one is done."""
-        if flow_name == by_section("bootstrap").name and not self.naive_ready and self.order:
-            first = self.order[0]
-            if list(result.get("batch_ids") or []) == [first]:
-                self.first_row[first] = accuracy_row(
-                    self.cfg, champion.model, self.held_out, first, champion.spec
-                )
-            else:  # e.g. --keep: the bootstrap skipped, the first version is an earlier run's
-                champion = _bootstrap_state(self.cfg)
-            save_checkpoint(self.directory / "naive-start", champion.model, champion.spec)
-            self.naive_ready = True
-        self._start_naive(wait=False)
-
-    def _start_naive(self, *, wait: bool) -> None:
-        if self.naive is not None or not self.naive_ready or self.joint is None:
+        """After the bootstrap flow: take its champion as the first joint model and save it as
+        the naive reference's start."""
+        if flow_name != by_section("bootstrap").name or self.naive_ready or not self.order:
             return
-        if wait:
-            self.joint.wait()
-        if self.joint.poll() is not None:
-            self.naive = references.start(self.directory, "naive")
-
-    def first_row_spec(self) -> ModelSpec:
-        return new_spec(self.cfg, self.held_out.train[self.order[0]])
+        first = self.order[0]
+        if list(result.get("batch_ids") or []) == [first]:
+            self.first_row[first] = accuracy_row(
+                self.cfg, champion.model, self.held_out, first, champion.spec
+            )
+        else:  # e.g. --keep: the bootstrap skipped, the first version is an earlier run's
+            champion = _bootstrap_state(self.cfg)
+        start = self.directory / "naive-start"
+        save_checkpoint(start, champion.model, champion.spec)
+        (start / references.READY).touch()
+        self.naive_ready = True
 
     def results(self) -> References:
-        """(joint, naive): batch → accuracy row after learning it (waits for the workers)."""
-        if self.joint is None or not self.naive_ready:
+        """(joint, naive): batch → accuracy row after learning it (waits for the worker)."""
+        if self.worker is None or not self.naive_ready:
             raise RuntimeError("the demo ran no bootstrap flow: no references to compare with")
-        joint = {**self.first_row, **references.result(self.directory, "joint", self.joint)}
+        joint, naive = references.results(self.directory, self.worker)
+        joint = {**self.first_row, **joint}
         if self.reuse and self.order[0] not in joint:  # no fresh bootstrap to take it from
-            spec = self.first_row_spec()
+            spec = new_spec(self.cfg, self.held_out.train[self.order[0]])
             joint.update(joint_rows(self.cfg, spec, self.held_out, self.order[:1]))
-        self._start_naive(wait=True)
-        assert self.naive is not None
-        naive = references.result(self.directory, "naive", self.naive)
         return {b: joint[b] for b in self.order if b in joint}, naive
 
 
