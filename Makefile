@@ -48,15 +48,21 @@ demo: $(BASE_STAMP)
 demo-text: $(TEXT_STAMP)
 	$(BIN)/evergreen demo --text
 
+# pytest-xdist: TEST_WORKERS processes each (`make test TEST_WORKERS=0` runs in one process).
+# Whole files go to one worker (loadfile): most files start their servers in a module-scoped
+# fixture, which other workers would otherwise start again.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) $(if $(filter 0,$(TEST_WORKERS)),,--dist loadfile)
+
 test: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q -m "not integration"
-	$(BIN)/python -m pytest -q -m integration --durations=25
+	$(BIN)/python -m pytest -q $(XDIST) -m "not integration"
+	$(BIN)/python -m pytest -q $(XDIST) -m integration --durations=25
 
 test-unit: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not integration"
 
 test-integration: $(DEV_STAMP)
-	$(BIN)/python -m pytest -q -m integration --durations=25
+	$(BIN)/python -m pytest -q $(XDIST) -m integration --durations=25
 
 lint: $(DEV_STAMP) typecheck
 	$(BIN)/ruff check .
@@ -72,7 +78,7 @@ format: $(DEV_STAMP)
 bench: $(BASE_STAMP)
 	$(BIN)/python -m benchmarks.run
 
-bench-growth: $(STAMP)
+bench-growth: $(BASE_STAMP)
 	nice -n 10 $(BIN)/python -m benchmarks.bench_growth --cycles $(or $(CYCLES),100)
 
 # docs/img/*.png: the MLflow and Prefect UIs on the demo home (run `make demo` first); needs

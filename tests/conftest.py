@@ -30,3 +30,17 @@ for _key in ("MLFLOW_TRACKING_URI", "EVERGREEN_HOME", "EVERGREEN_CONFIG", "PREFE
 # Prefect stops its ephemeral test server at interpreter exit and logs it to a stream pytest has
 # already closed; that log line is the only casualty, so do not print a traceback for it.
 logging.raiseExceptions = False
+
+# Files that take minutes run first: pytest-xdist hands whole files to its workers in collection
+# order (`--dist loadfile`, see the Makefile), and a long file handed out last keeps one worker
+# busy while the other has nothing left to do.
+_LONG_FILES = (
+    "test_faults",
+    "test_load.py",
+    "test_prefect_deployments.py",
+    "test_text_pipeline.py",
+)
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    items.sort(key=lambda item: not item.path.name.startswith(_LONG_FILES))  # stable otherwise

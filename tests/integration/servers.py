@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +20,49 @@ import httpx
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
+# Server ports come from below the kernel's ephemeral range (32768+ here, where bind(0), moto's
+# port=0 and every outgoing connection's source port land) and away from Prefect's ephemeral
+# server (8000-8999), so no client socket can take a port between free_port() and the server's
+# bind. Each port is reserved with an flock held until this process exits: parallel pytest-xdist
+# workers, and concurrent runs by the same user, never hand out the same port.
+PORT_RANGE = range(20000, 32000)
+PORT_LOCKS = Path(tempfile.gettempdir()) / f"evergreen-test-ports-{os.getuid()}"
+_reserved: dict[int, int] = {}  # port -> fd of its lock file, open for the process's lifetime
+_random = random.SystemRandom()  # not the global generator, which tests seed alike in each worker
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _reserve(port: int) -> bool:
+    """Take the port's lock file for this process (released by the kernel when it exits)."""
+    fd = os.open(PORT_LOCKS / str(port), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return False
+    _reserved[port] = fd
+    return True
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on that no other test process will be given."""
+    PORT_LOCKS.mkdir(mode=0o700, exist_ok=True)
+    for _ in range(200):
+        port = _random.choice(PORT_RANGE)
+        if port in _reserved or not _reserve(port):
+            continue
+        if _bindable(port):
+            return port
+        # held by something outside the test suite: keep the reservation, so it is not retried
+    raise RuntimeError(f"no free port in {PORT_RANGE} after 200 tries")
 
 
 def wait_http(url: str, timeout: float, process: subprocess.Popen, log: Path) -> None:
