@@ -9,7 +9,8 @@ Both train on the batches' *train* rows (the flows' own row-hash split) and are 
 *gate* rows, like the champion, with the optimiser settings of the cadence they stand for
 (`tasks.train.settings_from`: steps, or epochs over the rows for the text demo's small batches).
 For a text model, "from scratch" means the pretrained encoder with a new head: the same start as
-the bootstrap flow.
+the bootstrap flow. On the first batch joint training *is* the bootstrap flow (same rows, recipe
+and start), so the demo takes the bootstrap champion's row there instead of training it twice.
 """
 
 from __future__ import annotations
@@ -63,19 +64,31 @@ def naive_rows(
 
 
 def joint_rows(
-    cfg: EvergreenConfig, champion: ModelState, held_out: HeldOut, batches: Iterable[str]
+    cfg: EvergreenConfig,
+    spec: ModelSpec,
+    held_out: HeldOut,
+    batches: Iterable[str],
+    *,
+    skip: Iterable[str] = (),
 ) -> dict[str, dict[str, float]]:
-    """batch → accuracy row of a model trained from scratch on every train row up to it."""
-    rows, seen = {}, []
+    """batch → accuracy row of a model trained from scratch on every train row up to it.
+
+    `spec` is the first champion's (a tabular model is re-standardised on each batch's rows);
+    batches in `skip` still add their rows to the later models but get no model of their own
+    (the caller has one: the bootstrap champion is joint training on the first batch).
+    """
+    rows, seen, skipped = {}, [], set(skip)
     for batch_id in batches:
         seen.append(held_out.train[batch_id])
+        if batch_id in skipped:
+            continue
         frame = pd.concat(seen, ignore_index=True)
-        spec = joint_spec(cfg, champion.spec, frame)
+        own = joint_spec(cfg, spec, frame)
         torch.manual_seed(cfg.bootstrap.train.seed)
-        model = build_model(spec)
-        X, y = frame_to_tensors(frame, spec, cfg.data.label)
+        model = build_model(own)
+        X, y = frame_to_tensors(frame, own, cfg.data.label)
         train(model, X, y, settings_from(cfg.bootstrap.train, len(X)))
-        rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, spec)
+        rows[batch_id] = accuracy_row(cfg, model, held_out, batch_id, own)
     return rows
 
 

@@ -11,6 +11,8 @@ both on the same training rows.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,12 +25,15 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from continual.checkpoint import save_checkpoint
 from continual.metrics import history_forgetting, retention_accuracy
 from continual.models import ModelSpec
 from data_plane.landing import BatchReadError, data_columns, open_landing, read_batch
 from data_plane.splits import ThreeWaySplit, split_three_way
-from demo.baselines import HeldOut, accuracy_row, joint_rows, naive_rows
+from demo import references
+from demo.baselines import HeldOut, accuracy_row, joint_rows
 from demo.comparison import FinalComparison, comparison_markdown, comparison_table, final_comparison
+from demo.references import write_inputs
 from demo.text_demo import build_text_demo_landing, text_demo_config_dict
 from demo.timeline import DemoBatch, build_demo_landing, demo_config_dict
 from evergreen.cadences import by_section, run_flow
@@ -38,7 +43,7 @@ from tasks.common import frame_to_tensors
 from tasks.merge import lineage_versions
 from tasks.promote import load_champion
 from tasks.state import ModelState
-from tasks.train_bootstrap import text_spec
+from tasks.train_bootstrap import new_spec, text_spec
 
 
 @dataclass(frozen=True)
@@ -162,9 +167,13 @@ def run_demo(home: Path, *, console: Console | None = None, text: bool = False) 
     console.print(_batches_table(batches, scenario.landing_title))
     held_out = load_held_out(cfg, batches)
     plan = plan_runs(batches, extras=scenario.extras)
-    timeline, matrix_rows = _run_calendar(cfg, config_path, plan, held_out, console)
-    console.print("[bold]references[/bold]: joint training and naive fine-tuning, same rows…")
-    references = _add_references(cfg, timeline, held_out)
+    first = _bootstrap_batches(plan)
+    with BackgroundReferences(cfg, config_path, held_out, first) as background:
+        timeline, matrix_rows = _run_calendar(
+            cfg, config_path, plan, held_out, console, background.after_flow
+        )
+        console.print("[bold]references[/bold]: joint training and naive fine-tuning, same rows…")
+        references = _add_references(timeline, *background.results())
     seconds = time.perf_counter() - started
     final = final_comparison(matrix_rows[-1][1], *references)
     console.print(timeline_table(timeline))
@@ -176,18 +185,89 @@ def run_demo(home: Path, *, console: Console | None = None, text: bool = False) 
     return 0
 
 
+def _bootstrap_batches(plan: list[tuple[str, str, dict[str, Any]]]) -> list[str]:
+    """The batches the calendar's first bootstrap run learns (none: no bootstrap run)."""
+    name = by_section("bootstrap").name
+    return next((list(params.get("batch_ids") or []) for _, f, params in plan if f == name), [])
+
+
 References = tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]
 
 
+class BackgroundReferences:
+    """The joint and naive references, trained in a worker process while the flows run
+    (`demo.references`: files in, JSON out, no pickle).
+
+    They were the largest part of the text demo after the flows (≈ 150 of ≈ 400 s) and wait on
+    nothing but the data and the first champion, while the demo's own process trains at one
+    thread (`evergreen.cli.DEMO_DEFAULTS`) and leaves the second core idle. The worker trains
+    joint at once, then naive once the bootstrap champion is saved. The first batch's joint model
+    is the bootstrap champion itself (`demo.baselines`) when the bootstrap learned that batch
+    alone.
+    """
+
+    def __init__(
+        self, cfg: EvergreenConfig, config_path: Path, held_out: HeldOut, bootstrap: list[str]
+    ) -> None:
+        self.cfg, self.held_out = cfg, held_out
+        self.order = list(held_out.gate)
+        # the bootstrap flow's batches are known from the plan; its champion is checked below
+        self.reuse = bool(self.order) and bootstrap == self.order[:1]
+        self.directory = cfg.home_path / "references"
+        shutil.rmtree(self.directory, ignore_errors=True)
+        skip = self.order[:1] if self.reuse else []
+        write_inputs(self.directory, str(config_path), held_out, skip)
+        self.worker: subprocess.Popen[bytes] | None = None
+        self.naive_ready = False
+        self.first_row: dict[str, dict[str, float]] = {}
+
+    def __enter__(self) -> BackgroundReferences:
+        if self.order:
+            self.worker = references.start(self.directory)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *rest: object) -> None:
+        """Stop the worker if it still runs (the demo failed; on success it is done)."""
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.kill()
+            self.worker.wait()
+
+    def after_flow(self, flow_name: str, result: dict[str, Any], champion: ModelState) -> None:
+        """After the bootstrap flow: take its champion as the first joint model and save it as
+        the naive reference's start."""
+        if flow_name != by_section("bootstrap").name or self.naive_ready or not self.order:
+            return
+        first = self.order[0]
+        if list(result.get("batch_ids") or []) == [first]:
+            self.first_row[first] = accuracy_row(
+                self.cfg, champion.model, self.held_out, first, champion.spec
+            )
+        else:  # e.g. --keep: the bootstrap skipped, the first version is an earlier run's
+            champion = _bootstrap_state(self.cfg)
+        start = self.directory / "naive-start"
+        save_checkpoint(start, champion.model, champion.spec)
+        (start / references.READY).touch()
+        self.naive_ready = True
+
+    def results(self) -> References:
+        """(joint, naive): batch → accuracy row after learning it (waits for the worker)."""
+        if self.worker is None or not self.naive_ready:
+            raise RuntimeError("the demo ran no bootstrap flow: no references to compare with")
+        joint, naive = references.results(self.directory, self.worker)
+        joint = {**self.first_row, **joint}
+        if self.reuse and self.order[0] not in joint:  # no fresh bootstrap to take it from
+            spec = new_spec(self.cfg, self.held_out.train[self.order[0]])
+            joint.update(joint_rows(self.cfg, spec, self.held_out, self.order[:1]))
+        return {b: joint[b] for b in self.order if b in joint}, naive
+
+
 def _add_references(
-    cfg: EvergreenConfig, timeline: list[TimelineRow], held_out: HeldOut
+    timeline: list[TimelineRow],
+    joint: dict[str, dict[str, float]],
+    naive: dict[str, dict[str, float]],
 ) -> References:
     """Joint and naive accuracy on the new batch and on retention, beside each champion row;
     returns both references' accuracy rows (batch → row after learning it)."""
-    order = list(held_out.gate)
-    first = _bootstrap_state(cfg)
-    naive = naive_rows(cfg, first, held_out, order[1:])
-    joint = joint_rows(cfg, first, held_out, order)
     for row in timeline:
         batch = row.batch_ids[-1] if row.batch_ids else None
         if batch is None or batch not in joint:
@@ -200,7 +280,7 @@ def _add_references(
 
 
 def _bootstrap_state(cfg: EvergreenConfig) -> ModelState:
-    """The first champion (the naive baseline's starting point, like the flows')."""
+    """The first registered version (the naive reference's start when no fresh bootstrap ran)."""
     from model_registry.registry import Registry
     from tasks.version_cache import load_cached
 
@@ -240,6 +320,7 @@ def _run_calendar(
     plan: list[tuple[str, str, dict[str, Any]]],
     held_out: HeldOut,
     console: Console,
+    after_flow: Callable[[str, dict[str, Any], ModelState], None] | None = None,
 ) -> tuple[list[TimelineRow], list[tuple[str, dict[str, float]]]]:
     timeline: list[TimelineRow] = []
     matrix_rows: list[tuple[str, dict[str, float]]] = []
@@ -252,6 +333,8 @@ def _run_calendar(
         champion = load_champion.fn(cfg)
         if champion is None:  # the demo bootstraps first; a failed bootstrap raised already
             raise RuntimeError(f"no champion after {flow_name} on {date}")
+        if after_flow is not None:
+            after_flow(flow_name, result, champion)
         until = max([b for b in result.get("batch_ids") or [date]] + [date])
         row = accuracy_row(cfg, champion.model, held_out, until, champion.spec)
         matrix_rows.append((f"{date} {flow_name}", row))

@@ -123,3 +123,44 @@ def test_final_comparison_does_not_average_over_missing_batches():
     assert "| b1 | 0.900 | 0.800 | — |" in comparison_markdown(final)
     empty = final_comparison({}, {}, {})
     assert math.isnan(empty.gap_to_joint()) and "pts" not in comparison_markdown(empty)
+
+
+def test_joint_rows_skip_a_batch_s_model_but_not_its_rows(tmp_path):
+    """The demo takes the first batch's joint model from the bootstrap flow: skipping it must
+    leave every later joint model as it was (trained on all rows so far, from scratch)."""
+    import numpy as np
+
+    from demo.baselines import HeldOut, joint_rows
+
+    cfg = config_from_dict(
+        {
+            "home": str(tmp_path),
+            "data": {"landing": str(tmp_path), "features": ["x", "z"], "classes": [0, 1]},
+            "bootstrap": {"train": {"steps": 20, "batch_size": 8}},
+        }
+    )
+    rng = np.random.default_rng(0)
+
+    def frame(n: int, shift: float) -> pd.DataFrame:
+        x = rng.normal(shift, 1.0, size=(n, 2))
+        return pd.DataFrame({"x": x[:, 0], "z": x[:, 1], "label": (x[:, 0] > shift).astype(int)})
+
+    held_out = HeldOut(
+        train={"a": frame(40, 0.0), "b": frame(40, 3.0)},
+        gate={"a": frame(20, 0.0), "b": frame(20, 3.0)},
+    )
+    spec = ModelSpec(
+        family="mlp", n_features=2, n_classes=2, feature_columns=["x", "z"], classes=[0, 1]
+    )
+    every = joint_rows(cfg, spec, held_out, ["a", "b"])
+    skipped = joint_rows(cfg, spec, held_out, ["a", "b"], skip=["a"])
+    assert set(every) == {"a", "b"} and set(skipped) == {"b"}
+    assert skipped["b"] == every["b"]  # batch a's rows are still in batch b's model
+
+
+def test_the_bootstrap_batches_come_from_the_plan():
+    from demo.run import _bootstrap_batches, plan_runs
+
+    batches = as_demo_batches(_batches())
+    assert _bootstrap_batches(plan_runs(batches, extras=False)) == ["2026-10-01"]
+    assert _bootstrap_batches([]) == []
