@@ -161,12 +161,6 @@ def register_challenger(cfg: EvergreenConfig, reg: Registration, staging: Path) 
         idempotency_key=key,
     )
     registry.set_challenger(info.version)
-    get_run_logger().info(
-        "registered %s version %s (alias challenger, MLflow run %s)",
-        registry.model_name,
-        info.version,
-        info.run_id,
-    )
     hang_here("promote.challenger-set")  # test hook: registered, not yet promoted or rejected
     return info
 
