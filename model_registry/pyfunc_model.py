@@ -360,8 +360,8 @@ def log_pyfunc(checkpoint: Path, workdir: Path, example: pd.DataFrame, signature
 def without_mlflow_prints() -> Iterator[None]:
     """Silence MLflow's console prints for the block ("Registered model 'x' already exists.
     Creating a new version of this model...", "Created version '7'"): `register_model` prints
-    them to stderr on every registration, bypassing logging levels, and the flow logs the
-    version it registered itself. Failures still raise."""
+    them to stderr on every registration, bypassing logging levels; the version is in the
+    flow's result, the ledger and the MLflow UI. Failures still raise."""
     from mlflow.utils import logging_utils
 
     was_enabled = logging_utils.MLFLOW_LOGGING_STREAM.enabled
