@@ -25,6 +25,7 @@ from typing import Any
 
 import pandas as pd
 
+from continual.files import atomic_write_text
 from demo.baselines import HeldOut
 
 Rows = dict[str, dict[str, float]]
@@ -107,10 +108,7 @@ def main(argv: list[str]) -> int:
     for kind in ("joint", "naive"):
         if kind == "naive":
             _wait_for_start(directory, parent)
-        rows = run(directory, kind)
-        partial = directory / f"{kind}.json.partial"
-        partial.write_text(json.dumps(rows))
-        partial.replace(directory / f"{kind}.json")
+        atomic_write_text(directory / f"{kind}.json", json.dumps(run(directory, kind)))
     return 0
 
 
