@@ -42,10 +42,12 @@ from tasks.validate import PreparedData
 
 
 def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
-    """Optimiser settings; `steps` is at least `config.epochs` passes over `n_rows`."""
+    """Optimiser settings; `steps` is at least `config.epochs` passes over `n_rows`, and the
+    warm-up is `config.warmup_fraction` of them."""
     epochs = math.ceil(config.epochs * n_rows / config.batch_size) if config.epochs else 0
+    steps = max(config.steps, epochs)
     return TrainSettings(
-        steps=max(config.steps, epochs),
+        steps=steps,
         batch_size=config.batch_size,
         lr=config.lr,
         weight_decay=config.weight_decay,
@@ -55,6 +57,9 @@ def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
         compile=config.compile,
         gradient_checkpointing=config.gradient_checkpointing,
         sync_every=config.sync_every,
+        lr_schedule=config.lr_schedule,
+        warmup_steps=min(round(config.warmup_fraction * steps), steps - 1),
+        min_lr_ratio=config.min_lr_ratio,
     )
 
 
