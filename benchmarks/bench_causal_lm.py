@@ -20,16 +20,24 @@ log-perplexity matrices.
 
 - naive: `weekly-replay` with `weekly.replay_ratio: 0` and `weekly.ewc_lambda: 0` (and no
   distillation, the default): plain fine-tuning on the new domain through the flow;
-- replay: `weekly-replay` with the family's default replay mixing (80 % new / 20 % old text),
+- replay: `weekly-replay` with the family's default replay mixing (50 % new / 50 % old text),
   `ewc_lambda: 0` — replay mixing alone;
-- replay-ewc: `weekly-replay` as it ships for this family: replay 20 % and online EWC with λ
+- replay-20: the same at 80 % new / 20 % old, the family's default before its learning-rate
+  schedule (what the schedule alone does);
+- replay-ewc: `weekly-replay` as it ships for this family: replay 50 % and online EWC with λ
   chosen from `lambda_grid` [0, 1, 10, 100] on the select rows (one challenger per λ);
 - distill: `weekly-replay` with `weekly.distill_weight: 1.0` (T = 2, the default) on top of
   replay mixing, `ewc_lambda: 0` — the knob a user would turn;
 - daily-lora: `daily-lora` with its defaults (LoRA r 8 on q_proj/v_proj, replay 20 %);
 - joint: plain PyTorch (`continual.training.train`): the same base trained from scratch on
   every domain's product training rows (each batch minus its select and gate rows) with the
-  total step budget (bootstrap + one update per later domain); final row only.
+  total step budget (bootstrap + one update per later domain) and the bootstrap section's
+  learning-rate schedule over the whole run; final row only. joint-constant-lr: the same at a
+  constant rate (the reference before the family had a schedule).
+
+Every run uses the family's schedule (`hf-causal-lm`: warm-up 5 %, cosine to 0.1 × lr).
+`--packages P1 P2 … [--per-domain N]` runs another domain sequence (prints only): the recipe
+was chosen on one (`benchmarks.causal_lm_recipe`), never on the reported one.
 
 Threads: on 2 cores shared with other jobs, torch's default of one OpenMP thread per core made
 a training step 10–50× slower (threads spinning against each other); one thread is the
