@@ -62,7 +62,11 @@ class FlowOutcome:
     fingerprints: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What the flow returns (and `evergreen run` prints): the fingerprints are ledger
+        bookkeeping, not part of the result."""
+        result = asdict(self)
+        del result["fingerprints"]
+        return result
 
 
 def _fingerprint(value: str | None) -> dict[str, str]:
