@@ -306,6 +306,7 @@ def train(
     amp = autocast_dtype(settings.precision, device)
     model.to(device)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     generator = torch.Generator().manual_seed(settings.seed)
     result = TrainResult(device=str(device))
     started = time.perf_counter()
@@ -335,8 +336,9 @@ def train(
             save = checkpointing is not None and checkpointing.due(step, settings.steps)
             # Read back (and check: raises before this step is applied) on the sync cadence.
             done = watch.drain() if save or step % sync_every == 0 or step == settings.steps else []
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(settings, step)
+            scale = lr_at(settings, step) / settings.lr  # each group keeps its own base rate
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * scale
             optimizer.step()
             if ewc is not None and ewc.mode == "proximal":
                 ewc.proximal_step_(core, optimizer.param_groups[0]["lr"])
