@@ -178,20 +178,29 @@ LOG_FLUSH_SECONDS = 30.0
 
 def run_flow(name: str, **params: Any) -> dict[str, Any]:
     """Run a declared flow in this process (ephemeral Prefect, or the server PREFECT_API_URL
-    names) with `params` validated by its parameter model."""
+    names) with `params` validated by its parameter model.
+
+    Prefect's background services (log and event shipping) keep running between runs; a
+    process that exits after its run (`evergreen run`) calls `flush_run_logs` before it does.
+    """
     item = cadence(name)
-    try:
-        return item.flow()(**item.params_model()(**params).model_dump())
-    finally:
-        flush_run_logs()
+    return item.flow()(**item.params_model()(**params).model_dump())
 
 
 def flush_run_logs(timeout: float = LOG_FLUSH_SECONDS) -> None:
-    """Send the run's queued log lines to the Prefect API now and wait for them.
+    """Send the queued log lines (and events) to the Prefect API now and wait for them.
 
     Prefect ships logs in the background and otherwise drains them at interpreter exit, racing
     the shutdown of `evergreen run`'s temporary server: on a busy machine a manual run's logs
-    could miss the Prefect UI. Draining here, while the API still runs, keeps them.
+    could miss the Prefect UI. Draining while the API still runs keeps them.
+
+    Call it once, when the process is done with Prefect — not after every run of a long-lived
+    process. Draining stops Prefect's services: every one of them, since `drain_all` of any
+    service class walks the registry all service classes share (the events worker too). The next
+    run starts them again, and each start appends a shutdown call to Prefect's global event loop
+    that holds a copy of the context it started in — a task run's, with the task's parameters
+    and staged results (data frames, the data memory) — until the process exits: ≈ 4 MB a
+    daily-lora run when `run_flow` drained after every run (docs/SCALING.md, "Growth").
     """
     from prefect.logging.handlers import APILogWorker
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from rich.console import Console
 
-from evergreen.cadences import CADENCES, cadence, run_flow
+from evergreen.cadences import CADENCES, cadence, flush_run_logs, run_flow
 from evergreen.config import EvergreenConfig, load_config
 from evergreen.errors import ConfigError, ExitCode, UsageError, classify
 from evergreen.home import find_config, write_pointer
@@ -274,9 +274,18 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print_json(json.dumps(skipped_outcome(item.name)))
             return 0
     _console_without_tracebacks(args)
-    result = run_flow(item.name, **params)
+    result = _run_once(item.name, **params)
     console.print_json(json.dumps(result, default=str))
     return 0 if result.get("decision") != "failed" else 1
+
+
+def _run_once(name: str, **params: Any) -> dict[str, Any]:
+    """`run_flow`, then the run's log lines sent while the API still runs (this process exits
+    after it; a long-lived process must not drain after every run, see `flush_run_logs`)."""
+    try:
+        return run_flow(name, **params)
+    finally:
+        flush_run_logs()
 
 
 class _NoTraceback(logging.Formatter):
@@ -384,7 +393,7 @@ def _reconcile(registry: Registry) -> None:
 def cmd_rollback(args: argparse.Namespace) -> int:
     _config(args)
     _console_without_tracebacks(args)
-    result = run_flow(
+    result = _run_once(
         "rollback",
         config_path=args.config,
         overrides=args.overrides,
