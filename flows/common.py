@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 from prefect import get_run_logger
 
+from data_plane.readers import use_system_arrow_pool
 from evergreen.config import EvergreenConfig, config_from_dict, load_config
 from evergreen.pending import NOTHING_PENDING
 from flows.params import ConfigParams, FlowParams
@@ -30,7 +31,9 @@ class NoChampionError(RuntimeError):
 def begin(params: ConfigParams) -> EvergreenConfig:
     """Load the run's config, make sure the concurrency limits exist on this Prefect API, remove
     staging folders killed runs left behind, record any champion move made outside evergreen,
-    and record as `failed` the attempts that ended without a ledger entry (`tasks.attempts`)."""
+    and record as `failed` the attempts that ended without a ledger entry (`tasks.attempts`).
+    Arrow allocates through the C library's malloc from here on (`use_system_arrow_pool`)."""
+    use_system_arrow_pool()
     cfg = run_config(params)
     cfg.home_path.mkdir(parents=True, exist_ok=True)
     removed = sweep_stale(cfg.home_path / "staging")
