@@ -30,9 +30,10 @@ def use_system_arrow_pool() -> None:
     pyarrow's default pool on this platform is its bundled mimalloc, which keeps memory it has
     freed: in one long-lived process running daily-lora again and again, its reserved region
     grew ≈ 2.8 MB a run while the pool held ≈ 0.1 MB of live buffers (docs/SCALING.md,
-    "Growth"). With the system pool the same loop grows ≈ 0.6 MB a run.
+    "Growth"). This sets pyarrow's Python-level default; Arrow's C++ default is fixed when
+    pyarrow loads, which is why `evergreen/__init__.py` sets the environment variable first.
     """
-    if not os.environ.get(ARROW_POOL_ENV):
+    if os.environ.get(ARROW_POOL_ENV, "system") == "system":
         pa.set_memory_pool(pa.system_memory_pool())
 
 

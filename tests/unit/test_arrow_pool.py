@@ -3,6 +3,10 @@ run it had freed; flows allocate Arrow buffers with the C library's malloc inste
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pandas as pd
 import pyarrow as pa
 import pytest
@@ -32,3 +36,10 @@ def test_an_explicit_pool_choice_is_kept(monkeypatch, restore_pool):
     pa.set_memory_pool(pa.mimalloc_memory_pool())
     use_system_arrow_pool()
     assert pa.default_memory_pool().backend_name == "mimalloc"
+
+
+def test_importing_the_flows_chooses_the_system_pool_before_pyarrow_loads():
+    env = {k: v for k, v in os.environ.items() if k != ARROW_POOL_ENV}
+    code = "import flows, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.stdout.strip() == "system", done.stderr
