@@ -183,7 +183,7 @@ def start_update(
         bX, by, batch_ids = buffer.tensors()
         known = learned_classes(champion, by, batch_ids)
         X, y = torch.cat([X, bX.to(X.dtype)]), torch.cat([y, by.to(y.dtype)])
-    if set(torch.unique(y).tolist()) <= set(known):
+    if set(y.unique().tolist()) <= set(known):
         known = []  # no new class: the whole head follows the rows, as before
     probe = probe_head_(model, X, y, keep_classes=known)
     log_info(
