@@ -18,7 +18,6 @@ It applies to models that expose `features(X)` and a Linear `classifier` reading
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,7 +72,6 @@ def probe_head_(
     steps: int = PROBE_STEPS,
     lr: float = PROBE_LR,
     weight_decay: float = 1e-4,
-    keep_classes: Sequence[int] = (),
 ) -> ProbeResult:
     """Fit `model.classifier` in place on the frozen features of (X, y); nothing else changes.
 
@@ -85,14 +83,9 @@ def probe_head_(
         steps: full-batch AdamW steps on the head.
         lr: the head's learning rate (a linear model on fixed features takes a large one).
         weight_decay: AdamW weight decay of the head.
-        keep_classes: classes whose head rows (weight row and bias entry) stay as they are; the
-            other rows are fitted against them. An update keeps the rows of the classes its
-            champion already learned, so the probe adds the new classes without redrawing the
-            boundaries between the old ones.
 
     Raises:
-        ValueError: the model has no probe head, X is empty / does not match y, or a kept
-            class is not a row of the head.
+        ValueError: the model has no probe head, or X is empty / does not match y.
     """
     if not has_probe_head(model):
         raise ValueError("probe_head_: the model exposes no features() + Linear classifier")
@@ -105,9 +98,6 @@ def probe_head_(
     weight = head.weight.detach().clone().float().requires_grad_(True)
     bias = None if head.bias is None else head.bias.detach().clone().float().requires_grad_(True)
     params = [p for p in (weight, bias) if p is not None]
-    kept = sorted({int(c) for c in keep_classes})
-    if kept and not 0 <= kept[0] <= kept[-1] < weight.shape[0]:
-        raise ValueError(f"probe_head_: keep_classes {kept} outside the head's {weight.shape[0]}")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     losses: list[float] = []
     for _ in range(steps):
@@ -115,11 +105,6 @@ def probe_head_(
         loss = F.cross_entropy(F.linear(features, weight, bias), target)
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
-        if kept:  # undo the step (and the weight decay) on the kept rows
-            with torch.no_grad():
-                weight[kept] = head.weight[kept].float()
-                if bias is not None and head.bias is not None:
-                    bias[kept] = head.bias[kept].float()
         losses.append(float(loss.detach()))
     with torch.no_grad():
         head.weight.copy_(weight.to(head.weight.dtype))

@@ -167,41 +167,22 @@ def start_update(
     head, for models that expose one (text encoders), is first fitted on frozen features of the
     learning rows plus the replayed rows (`continual.probe`, LP-FT). Without it a class the
     champion never saw enters fine-tuning with a huge loss and its first gradients rewrite the
-    encoder: retention 0.905 → 0.452 on the text timeline.
-
-    The head rows of the classes the champion learned (`learned_classes`) stay as they are: the
-    probe fits the new classes' rows against them, so it adds classes without redrawing the
-    boundaries between the old ones (refitting every row cost a daily update its retention on a
-    champion that already separated its topics well: docs/TEXT.md, "The text demo"). When no
-    class of the rows is new, every row is refitted as before (the encoder moved since the
-    head was last fitted, and there is no new class for old rows to be confused with)."""
+    encoder: retention 0.905 → 0.452 on the text timeline."""
     model = champion.clone_model()
     if not has_probe_head(model):
         return model
-    known: list[int] = []
     if buffer is not None and len(buffer) > 0:
-        bX, by, batch_ids = buffer.tensors()
-        known = learned_classes(champion, by, batch_ids)
+        bX, by, _ = buffer.tensors()
         X, y = torch.cat([X, bX.to(X.dtype)]), torch.cat([y, by.to(y.dtype)])
-    if set(y.unique().tolist()) <= set(known):
-        known = []  # no new class: the whole head follows the rows, as before
-    probe = probe_head_(model, X, y, keep_classes=known)
+    probe = probe_head_(model, X, y)
     log_info(
-        "head probe on %d rows (%d learned classes kept): loss %.3f → %.3f in %.1fs",
+        "head probe on %d rows: loss %.3f → %.3f in %.1fs",
         len(X),
-        len(known),
         probe.first_loss,
         probe.last_loss,
         probe.seconds,
     )
     return model
-
-
-def learned_classes(champion: ModelState, y: torch.Tensor, batch_ids: list[str]) -> list[int]:
-    """The classes of the replayed rows (`y`, one batch id per row) whose batch the champion
-    learned: the classes its head has been trained on."""
-    learned = champion.learned
-    return sorted({int(c) for c, b in zip(y.tolist(), batch_ids, strict=True) if b in learned})
 
 
 def champion_distiller(
