@@ -20,16 +20,24 @@ log-perplexity matrices.
 
 - naive: `weekly-replay` with `weekly.replay_ratio: 0` and `weekly.ewc_lambda: 0` (and no
   distillation, the default): plain fine-tuning on the new domain through the flow;
-- replay: `weekly-replay` with the family's default replay mixing (80 % new / 20 % old text),
+- replay: `weekly-replay` with the family's default replay mixing (50 % new / 50 % old text),
   `ewc_lambda: 0` — replay mixing alone;
-- replay-ewc: `weekly-replay` as it ships for this family: replay 20 % and online EWC with λ
+- replay-20: the same at 80 % new / 20 % old, the family's default before its learning-rate
+  schedule (what the schedule alone does);
+- replay-ewc: `weekly-replay` as it ships for this family: replay 50 % and online EWC with λ
   chosen from `lambda_grid` [0, 1, 10, 100] on the select rows (one challenger per λ);
 - distill: `weekly-replay` with `weekly.distill_weight: 1.0` (T = 2, the default) on top of
   replay mixing, `ewc_lambda: 0` — the knob a user would turn;
 - daily-lora: `daily-lora` with its defaults (LoRA r 8 on q_proj/v_proj, replay 20 %);
 - joint: plain PyTorch (`continual.training.train`): the same base trained from scratch on
   every domain's product training rows (each batch minus its select and gate rows) with the
-  total step budget (bootstrap + one update per later domain); final row only.
+  total step budget (bootstrap + one update per later domain) and the bootstrap section's
+  learning-rate schedule over the whole run; final row only. joint-constant-lr: the same at a
+  constant rate (the reference before the family had a schedule).
+
+Every run uses the family's schedule (`hf-causal-lm`: warm-up 5 %, cosine to 0.1 × lr).
+`--packages P1 P2 … [--per-domain N]` runs another domain sequence (prints only): the recipe
+was chosen on one (`benchmarks.causal_lm_recipe`), never on the reported one.
 
 Threads: on 2 cores shared with other jobs, torch's default of one OpenMP thread per core made
 a training step 10–50× slower (threads spinning against each other); one thread is the
@@ -48,7 +56,7 @@ import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,7 +83,7 @@ from benchmarks.lm_domains import (
     scores,
     target_checks,
 )
-from evergreen.config import CAUSAL_LM_REPLAY_RATIO
+from evergreen.config import CAUSAL_LM_DAILY_REPLAY_RATIO, CAUSAL_LM_REPLAY_RATIO
 
 if TYPE_CHECKING:
     from evergreen.config import EvergreenConfig
@@ -84,6 +92,8 @@ RESULTS = Path(__file__).resolve().parent / "results" / "causal_lm.json"
 METHODS: dict[str, tuple[str, tuple[str, ...]]] = {  # name: (cadence, extra --set overrides)
     "naive": ("weekly-replay", ("weekly.replay_ratio=0", "weekly.ewc_lambda=0")),
     "replay": ("weekly-replay", ("weekly.ewc_lambda=0",)),
+    # the family's replay mix before this recipe (80/20), with the learning-rate schedule
+    "replay-20": ("weekly-replay", ("weekly.ewc_lambda=0", "weekly.replay_ratio=0.2")),
     "replay-ewc": ("weekly-replay", ()),  # the family's weekly as shipped: λ from the grid
     "distill": ("weekly-replay", ("weekly.ewc_lambda=0", "weekly.distill_weight=1.0")),
     "daily-lora": ("daily-lora", ()),
@@ -125,7 +135,7 @@ def overrides(root: Path, name: str, model_dir: Path, budget: Budget) -> list[st
         # the family's default replay mix, set explicitly: the file `evergreen init` writes
         # pins the classifiers' 0.75 for both sections, which the family default does not override
         f"weekly.replay_ratio={CAUSAL_LM_REPLAY_RATIO}",
-        f"daily.replay_ratio={CAUSAL_LM_REPLAY_RATIO}",
+        f"daily.replay_ratio={CAUSAL_LM_DAILY_REPLAY_RATIO}",
         *(
             f"{section}.train={{steps: {n}, epochs: 0, batch_size: {budget.batch_size}, "
             f"lr: {budget.lr}}}"
@@ -260,17 +270,30 @@ def run_joint(
     counts: list[np.ndarray],
     model_dir: Path,
     budget: Budget,
+    schedule_from_config: bool = True,
 ) -> dict[str, Any]:
-    """The base trained from scratch on every domain's training rows, total step budget."""
+    """The base trained from scratch on every domain's training rows, total step budget, with
+    the family's bootstrap learning-rate schedule (warm-up and decay over the whole run), or
+    with a constant learning rate (`schedule_from_config` False: the recipe before it had one)."""
     from continual.causal_lm import HFCausalLM, token_log_likelihood
     from continual.training import TrainSettings, train
+    from evergreen.config import TrainConfig
 
     started = time.perf_counter()
     model = HFCausalLM(model_dir, max_length=budget.size.max_length)
     texts = [t for d in domains for t in product_training_rows(cfg, d.train)]
     X = model.tokenize(texts)
     total = budget.bootstrap_steps + (len(domains) - 1) * budget.update_steps
-    settings = TrainSettings(steps=total, batch_size=budget.batch_size, lr=budget.lr, seed=0)
+    schedule = cfg.bootstrap.train if schedule_from_config else TrainConfig(steps=total)
+    settings = TrainSettings(
+        steps=total,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+        seed=0,
+        lr_schedule=schedule.lr_schedule,
+        warmup_steps=round(schedule.warmup_fraction * total),
+        min_lr_ratio=schedule.min_lr_ratio,
+    )
     result = train(model, X, torch.zeros(len(X), dtype=torch.long), settings, device="cpu")
     L = np.full((len(domains), len(domains)), np.nan)
     for j, (domain, n) in enumerate(zip(domains, counts, strict=True)):
@@ -320,6 +343,7 @@ def _run(budget: Budget, quick: bool, keep: bool) -> dict[str, Any]:
         workdir / "naive" / "evergreen.yaml", overrides(workdir, "x", model_dir, budget)
     )
     runs["joint"] = run_joint(cfg, domains, counts, model_dir, budget)
+    runs["joint-constant-lr"] = run_joint(cfg, domains, counts, model_dir, budget, False)
     if keep:
         print(f"homes kept under {workdir}", file=sys.stderr)
     else:
@@ -480,8 +504,19 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 domains, small: prints only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the homes (printed)")
+    parser.add_argument(
+        "--packages", nargs="+", help="the domain sequence's packages (default: the reported one)"
+    )
+    parser.add_argument("--per-domain", type=int, help="sentences per domain (default 700)")
     args = parser.parse_args()
     budget = QUICK if args.quick else FULL
+    if args.packages or args.per_domain:  # a validation sequence: prints only, as --quick
+        budget = replace(
+            budget,
+            packages=tuple(args.packages or budget.packages),
+            per_domain=args.per_domain or budget.per_domain,
+        )
+        args.quick = True
     print(markdown(run(budget, args.quick, args.threads, args.keep)))
 
 

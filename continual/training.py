@@ -37,11 +37,19 @@ or automatic (`TrainSettings`, the `train` section of the config; docs/SCALING.m
   check runs and `on_step` hears of those steps. With N > 1 a non-finite loss or exploding
   gradient is still reported at the step it happened, but up to N − 1 later steps may already
   have been applied to the (discarded) copy being trained.
+
+Learning-rate schedule (`lr_schedule`, `warmup_steps`, `min_lr_ratio`): "constant" (the default)
+keeps `lr` after an optional linear warm-up; "cosine" warms up linearly over `warmup_steps`, then
+decays along a half cosine to `min_lr_ratio` × `lr` at the last step. The rate is a function of
+the step alone (`lr_at`), so a resumed run continues on the same curve without a scheduler state.
+Each run (bootstrap or update) is one warm-up and one decay: an update of a decayed model
+re-warms to its own `lr` and decays again, the continual pre-training recipe (docs/CAUSAL_LM.md).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -65,6 +73,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Precision = Literal["auto", "bf16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
+LRSchedule = Literal["constant", "cosine"]
+LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 GPU_SYNC_EVERY = 16  # steps between read-backs of losses / gradient norms on an accelerator
 
 
@@ -98,6 +108,10 @@ class TrainSettings:
         sync_every: read losses and gradient norms back to the host every this many steps
             (0: auto, 1 on CPU and 16 on an accelerator); the divergence abort may then come
             up to N − 1 steps after the bad step.
+        lr_schedule: "constant" (`lr` after the warm-up) or "cosine" (warm-up, then a half
+            cosine from `lr` down to `min_lr_ratio` × `lr` at the last step); see `lr_at`.
+        warmup_steps: steps of linear warm-up from lr / warmup_steps to `lr` (0: none).
+        min_lr_ratio: the cosine's floor as a share of `lr` (unused by "constant").
     """
 
     steps: int = 300
@@ -112,6 +126,9 @@ class TrainSettings:
     compile: bool = False
     gradient_checkpointing: bool = False
     sync_every: int = 0
+    lr_schedule: LRSchedule = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -135,6 +152,27 @@ class TrainSettings:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.sync_every < 0:
             raise ValueError(f"sync_every must be >= 0 (0: auto), got {self.sync_every}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if not 0 <= self.warmup_steps < self.steps or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"need 0 <= warmup_steps < steps ({self.steps}) and 0 <= min_lr_ratio <= 1, got "
+                f"{self.warmup_steps}, {self.min_lr_ratio}"
+            )
+
+
+def lr_at(settings: TrainSettings, step: int) -> float:
+    """The learning rate of optimiser step `step` (1-based) of a run with `settings`: linear
+    warm-up over `warmup_steps` (step k of it at k / warmup_steps × lr), then `lr` ("constant")
+    or a half cosine from `lr` after the warm-up to `min_lr_ratio` × `lr` at the last step."""
+    warmup = settings.warmup_steps
+    if step <= warmup:
+        return settings.lr * step / warmup
+    if settings.lr_schedule == "constant":
+        return settings.lr
+    progress = (step - warmup) / max(1, settings.steps - warmup)
+    floor = settings.min_lr_ratio
+    return settings.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @dataclass
@@ -268,6 +306,7 @@ def train(
     amp = autocast_dtype(settings.precision, device)
     model.to(device)
     optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
     generator = torch.Generator().manual_seed(settings.seed)
     result = TrainResult(device=str(device))
     started = time.perf_counter()
@@ -297,6 +336,9 @@ def train(
             save = checkpointing is not None and checkpointing.due(step, settings.steps)
             # Read back (and check: raises before this step is applied) on the sync cadence.
             done = watch.drain() if save or step % sync_every == 0 or step == settings.steps else []
+            scale = lr_at(settings, step) / settings.lr  # each group keeps its own base rate
+            for group, base_lr in zip(optimizer.param_groups, base_lrs, strict=True):
+                group["lr"] = base_lr * scale
             optimizer.step()
             if ewc is not None and ewc.mode == "proximal":
                 ewc.proximal_step_(core, optimizer.param_groups[0]["lr"])

@@ -53,6 +53,8 @@ monthly:                          # full fine-tune + online EWC
   # it saves its state so a killed run resumes where it was (0 = off; docs/SCALING.md)
   # and, on a GPU: grad_accum_steps (1), precision (auto = bf16 on CUDA), compile (false),
   # gradient_checkpointing (false), sync_every (0 = auto) — docs/SCALING.md
+  # lr_schedule (constant; cosine for model.family hf-causal-lm), warmup_fraction (0; 0.05
+  # for hf-causal-lm), min_lr_ratio (0.1, the cosine's floor) — docs/CAUSAL_LM.md
   # ewc_lambda: auto              # auto: best of lambda_grid on the select rows; or a number;
   #                               # unset: auto, or 1000 for model.family hf (same for weekly)
   lambda_grid: [0, 1, 10, 100]    # on the normalised Fisher
@@ -62,7 +64,7 @@ monthly:                          # full fine-tune + online EWC
 weekly:                           # experience replay + EWC
   train: {steps: 300, epochs: 5, processes: 1}   # processes > 1: torchrun DDP (any section's train)
   # replay_ratio: 0.75            # share of each step drawn from the data memory (which holds every
-  #                               # batch); unset: 0.75, or 0.2 for model.family hf-causal-lm
+  #                               # batch); unset: 0.75, or 0.5 for model.family hf-causal-lm
 
 daily:                            # online LoRA, kept only if it passes the gate's rule on select rows
   train: {steps: 150, lr: 0.003}

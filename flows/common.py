@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from prefect import get_run_logger
@@ -18,6 +18,9 @@ from tasks.outcome import FlowOutcome
 from tasks.promote import reconcile_registry
 from tasks.staging import sweep_stale
 from tasks.state import ModelState
+
+if TYPE_CHECKING:
+    from tasks.validate import PreparedData
 
 
 class NoChampionError(RuntimeError):
@@ -108,14 +111,15 @@ def nothing_to_do(cadence: str) -> FlowOutcome:
     return FlowOutcome(cadence=cadence, decision="skipped", reasons=[NOTHING_PENDING])
 
 
-def all_quarantined(cfg: EvergreenConfig, cadence: str, quarantined: dict[str, str]) -> FlowOutcome:
+def all_quarantined(cfg: EvergreenConfig, cadence: str, data: PreparedData) -> FlowOutcome:
     """Every batch failed validation: the champion stays; say so loudly and actionably."""
     return FlowOutcome(
         cadence=cadence,
         decision="quarantined",
-        quarantined=quarantined,
+        quarantined=dict(data.quarantined),
+        fingerprints=dict(data.fingerprints),
         reasons=[
-            f"batches {sorted(quarantined)} failed validation and were quarantined (files "
+            f"batches {sorted(data.quarantined)} failed validation and were quarantined (files "
             f"untouched); see {cfg.home_path / 'reports' / 'validation' / cadence}/<batch_id>.md, "
             "fix the data and land it under a new batch_id (or rerun with force=true)"
         ],

@@ -46,9 +46,9 @@ def monthly_finetune(
     raw = read_batches(cfg, batch_ids)
     memory = load_memory(cfg)
     # 2. validate, and remember what was accepted (kept even if the challenger is rejected)
-    data = validate_batches(cfg, CADENCE, raw, memory)
+    data = validate_batches(cfg, CADENCE, raw, memory, recheck=params.force)
     if data.empty:
-        return conclude(cfg, all_quarantined(cfg, CADENCE, data.quarantined))
+        return conclude(cfg, all_quarantined(cfg, CADENCE, data))
     champion = require_champion(load_champion(cfg), CADENCE)
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:

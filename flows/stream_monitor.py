@@ -57,9 +57,9 @@ def stream_monitor(
     raw = read_batches(cfg, batch_ids)
     memory = load_memory(cfg)
     # 2. validate
-    data = validate_batches(cfg, CADENCE, raw, memory)
+    data = validate_batches(cfg, CADENCE, raw, memory, recheck=params.force)
     if data.empty:
-        return conclude(cfg, all_quarantined(cfg, CADENCE, data.quarantined))
+        return conclude(cfg, all_quarantined(cfg, CADENCE, data))
     champion = require_champion(load_champion(cfg), CADENCE)
     # 3. stream the samples through the champion, the detector and the EMA teacher
     frames = [data.frames[b] for b in data.batch_ids]
@@ -79,6 +79,7 @@ def stream_monitor(
             metrics=metrics,
             reasons=[f"drift at {report.drift_at[:3]}" if report.drift_at else "no drift"],
             quarantined=data.quarantined,
+            fingerprints=data.fingerprints,
         )
         return conclude(cfg, monitored, forced=params.force)
     memory = commit_memory(cfg, memory, data.accepted())

@@ -374,6 +374,24 @@ class Ledger:
         runs = self.log.search(where, limit=1)
         return _entry(runs[0]) if runs else None
 
+    def quarantine_by_another(
+        self, cadence: str, batch_id: str, fingerprint: str, *, limit: int = 20
+    ) -> LedgerEntry | None:
+        """The newest quarantine of `batch_id` by a cadence other than `cadence` whose verdict
+        rested on the same `fingerprint` (content, suite, data config); None if there is none.
+
+        One filtered search, newest first: a batch holds a handful of quarantine records at most.
+        """
+        where = (
+            f"tags.`evergreen.batch_id` = {quote(batch_id)}"
+            " and tags.`evergreen.outcome` = 'quarantined'"
+        )
+        for run in self.log.search(where, limit):
+            entry = _entry(run)
+            if entry.cadence != cadence and entry.details.get("fingerprint") == fingerprint:
+                return entry
+        return None
+
     def is_processed(self, cadence: str, batch_id: str) -> bool:
         """True when the batch's latest entry is promoted, rejected or quarantined."""
         latest = self.latest(cadence, batch_id)

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 from evergreen.cadences import batch_consumers
 from evergreen.config import EvergreenConfig
-from model_registry.ledger import Ledger, Outcome
+from model_registry.ledger import Ledger, LedgerEntry, Outcome
 from tasks import attempts
 
 
@@ -57,6 +57,14 @@ def record_consumed(cfg: EvergreenConfig, batch_ids: Iterable[str], version: str
     batches = list(batch_ids)
     for cadence in batch_consumers():
         record(cfg, cadence, batches, "promoted", details={"by": "bootstrap", "version": version})
+
+
+def quarantined_elsewhere(
+    cfg: EvergreenConfig, cadence: str, batch_id: str, fingerprint: str
+) -> LedgerEntry | None:
+    """Another cadence's quarantine of this batch on the same content, suite and data config:
+    the verdict this cadence would reach (`Ledger.quarantine_by_another`)."""
+    return Ledger.from_config(cfg).quarantine_by_another(cadence, batch_id, fingerprint)
 
 
 def processed(cfg: EvergreenConfig, cadence: str) -> set[str]:

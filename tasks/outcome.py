@@ -47,6 +47,8 @@ class FlowOutcome:
         reasons: full sentences, the gate's first.
         metrics: flat numbers (gate statistics, drift, calibration).
         quarantined: batches that failed validation in this run → why.
+        fingerprints: quarantined batch → what its verdict depended on
+            (`tasks.validate.verdict_fingerprint`), so other cadences need not announce it again.
     """
 
     cadence: str
@@ -57,9 +59,18 @@ class FlowOutcome:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """What the flow returns (and `evergreen run` prints): the fingerprints are ledger
+        bookkeeping, not part of the result."""
+        result = asdict(self)
+        del result["fingerprints"]
+        return result
+
+
+def _fingerprint(value: str | None) -> dict[str, str]:
+    return {"fingerprint": value} if value else {}
 
 
 @task(cache_policy=NO_CACHE)
@@ -86,7 +97,10 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
             outcome.cadence,
             [batch_id],
             "quarantined",
-            details={"reason": clip_middle(reason, REASON_LIMIT)},
+            details={
+                "reason": clip_middle(reason, REASON_LIMIT),
+                **_fingerprint(outcome.fingerprints.get(batch_id)),
+            },
         )
     if outcome.decision in ("promoted", "rejected"):
         emit(

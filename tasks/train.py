@@ -42,10 +42,12 @@ from tasks.validate import PreparedData
 
 
 def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
-    """Optimiser settings; `steps` is at least `config.epochs` passes over `n_rows`."""
+    """Optimiser settings; `steps` is at least `config.epochs` passes over `n_rows`, and the
+    warm-up is `config.warmup_fraction` of them."""
     epochs = math.ceil(config.epochs * n_rows / config.batch_size) if config.epochs else 0
+    steps = max(config.steps, epochs)
     return TrainSettings(
-        steps=max(config.steps, epochs),
+        steps=steps,
         batch_size=config.batch_size,
         lr=config.lr,
         weight_decay=config.weight_decay,
@@ -55,6 +57,9 @@ def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
         compile=config.compile,
         gradient_checkpointing=config.gradient_checkpointing,
         sync_every=config.sync_every,
+        lr_schedule=config.lr_schedule,
+        warmup_steps=min(round(config.warmup_fraction * steps), steps - 1),
+        min_lr_ratio=config.min_lr_ratio,
     )
 
 
@@ -79,24 +84,11 @@ def fit_model(
     fisher = None
     with training_slot(cfg.registry.name, cfg.home_path / "locks"):
         if processes > 1:
-            logger = get_run_logger()
-            # the config refuses distillation under torchrun: the ranks carry no teacher
-            if methods.pop("distiller", None) is not None:
-                raise ValueError("distillation does not run under train.processes > 1")
-            job = DistributedJob(model, X, y, settings, fisher_kind=fisher_kind, **methods)
-            outcome = run_distributed(job, processes, logger.info)
-            assert outcome.result is not None
-            result, fisher = outcome.result, outcome.fisher
+            result, fisher = _fit_distributed(
+                model, X, y, settings, processes, fisher_kind, methods
+            )
         else:
-            checkpointing = None
-            if resume is not None:
-                checkpointing = checkpointing_for(
-                    cfg, resume, label, model, X, y, settings, on_resumed=_announce_resume(label)
-                )
-            with step_progress(label, settings.steps) as on_step:
-                result = train(
-                    model, X, y, settings, on_step=on_step, checkpointing=checkpointing, **methods
-                )
+            result = _fit_here(model, X, y, settings, label, cfg, resume, methods)
     get_run_logger().info(
         "%s: %d steps%s in %.1fs, loss %.3f → %.3f on %s",
         label,
@@ -108,6 +100,45 @@ def fit_model(
         result.device if processes == 1 else f"{processes} processes",
     )
     return result, fisher
+
+
+def _fit_distributed(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    settings: TrainSettings,
+    processes: int,
+    fisher_kind: FisherKind | None,
+    methods: dict[str, Any],
+) -> tuple[TrainResult, dict[str, torch.Tensor] | None]:
+    """The loop under torchrun, its ranks' logs in the flow run's log."""
+    # the config refuses distillation under torchrun: the ranks carry no teacher
+    if methods.pop("distiller", None) is not None:
+        raise ValueError("distillation does not run under train.processes > 1")
+    job = DistributedJob(model, X, y, settings, fisher_kind=fisher_kind, **methods)
+    outcome = run_distributed(job, processes, get_run_logger().info)
+    assert outcome.result is not None
+    return outcome.result, outcome.fisher
+
+
+def _fit_here(
+    model: torch.nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    settings: TrainSettings,
+    label: str,
+    cfg: EvergreenConfig,
+    resume: ResumeKey | None,
+    methods: dict[str, Any],
+) -> TrainResult:
+    """The loop in this process, checkpointed (and resumed) when it has a `resume` key."""
+    checkpointing = None
+    if resume is not None:
+        checkpointing = checkpointing_for(
+            cfg, resume, label, model, X, y, settings, on_resumed=_announce_resume(label)
+        )
+    with step_progress(label, settings.steps) as on_step:
+        return train(model, X, y, settings, on_step=on_step, checkpointing=checkpointing, **methods)
 
 
 def _announce_resume(label: str) -> Callable[[int, int], None]:

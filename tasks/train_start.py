@@ -14,10 +14,10 @@ from prefect import get_run_logger
 
 from continual.distillation import TokenDistiller
 from continual.ewc import EWC
-from continual.models import CAUSAL_LM, SPEC_ATTRIBUTE
+from continual.models import CAUSAL_LM, SPEC_ATTRIBUTE, ModelSpec
 from continual.probe import has_probe_head, probe_head_
 from continual.replay import ReservoirBuffer as ReplayBuffer
-from continual.standardization import can_follow, rescale_fisher, widen_
+from continual.standardization import Widening, can_follow, rescale_fisher, widen_
 from continual.training import TrainSettings, row_scores
 from evergreen.config import DailyConfig, EvergreenConfig, MonthlyConfig, WeeklyConfig
 from tasks.common import frame_to_tensors
@@ -130,7 +130,15 @@ def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory)
     widening = widen_(model, rows)
     if not widening.features:
         return champion
-    columns = champion.spec.feature_columns or [str(i) for i in range(champion.spec.n_features)]
+    _log_widening(champion.spec, widening)
+    ewc = None if champion.ewc is None else _rescaled_ewc(champion.ewc, model, widening)
+    spec = dataclasses.replace(champion.spec, input_std=widening.new_std.tolist())
+    setattr(model, SPEC_ATTRIBUTE, spec)  # what a torchrun rank rebuilds it from
+    return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
+
+
+def _log_widening(spec: ModelSpec, widening: Widening) -> None:
+    columns = spec.feature_columns or [str(i) for i in range(spec.n_features)]
     examples = ", ".join(
         f"{columns[j]} {widening.old_std[j]:.3g}→{widening.new_std[j]:.3g}"
         for j in widening.features[:3]
@@ -141,20 +149,19 @@ def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory)
         len(columns),
         examples,
     )
-    ewc = champion.ewc
-    if ewc is not None:
-        own = ewc.own_fisher
-        ewc = EWC(
-            rescale_fisher(ewc.fisher, widening),
-            parameters_of(model),
-            lam=ewc.lam,
-            gamma=ewc.gamma,
-            own_fisher=None if own is None else rescale_fisher(own, widening),
-            kind=ewc.kind,
-        )
-    spec = dataclasses.replace(champion.spec, input_std=widening.new_std.tolist())
-    setattr(model, SPEC_ATTRIBUTE, spec)  # what a torchrun rank rebuilds it from
-    return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
+
+
+def _rescaled_ewc(ewc: EWC, model: torch.nn.Module, widening: Widening) -> EWC:
+    """The champion's EWC state in the widened model's coordinates (anchored at its weights)."""
+    own = ewc.own_fisher
+    return EWC(
+        rescale_fisher(ewc.fisher, widening),
+        parameters_of(model),
+        lam=ewc.lam,
+        gamma=ewc.gamma,
+        own_fisher=None if own is None else rescale_fisher(own, widening),
+        kind=ewc.kind,
+    )
 
 
 def start_update(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,10 +17,11 @@ from data_plane.messages import ValidationReport, change_lines, clip_middle
 from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, content_hash, split_three_way
 from data_plane.validation import save_report, validate_batch
-from evergreen.config import EvergreenConfig
+from evergreen.config import DataConfig, EvergreenConfig
 from tasks.common import current_flow_run_id
 from tasks.events import emit
 from tasks.ingest import RawBatch
+from tasks.ledger import quarantined_elsewhere
 from tasks.memory import BATCH_COLUMN, DataMemory, Remembered
 
 QUARANTINE_REASON_LIMIT = 1200
@@ -42,6 +44,7 @@ class PreparedData:
     data_hash: str = ""
     reports: dict[str, Path] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)  # batch id → why
+    fingerprints: dict[str, str] = field(default_factory=dict)  # quarantined → verdict_fingerprint
     drift: dict[str, float] = field(default_factory=dict)
     data_docs: dict[str, str] = field(default_factory=dict)  # batch id → its Data Docs page
 
@@ -82,6 +85,41 @@ def announce_quarantine(
     get_run_logger().error("batch %s quarantined: %s", report.batch_id, report.headline())
 
 
+def verdict_fingerprint(batch: RawBatch, suite_file: Path, data_cfg: DataConfig) -> str:
+    """What a quarantine rests on: the batch's content (or why it could not be read), the
+    integrity suite and the data config. Equal fingerprints give the same integrity verdict, so a
+    batch one cadence quarantined is not validated and announced again by the next cadence; a
+    batch fixed in place, an edited suite or a changed `data` section give a new fingerprint."""
+    digest = hashlib.sha256(suite_file.read_bytes())
+    digest.update(data_cfg.model_dump_json().encode("utf-8"))
+    if batch.frame is not None:
+        digest.update("\x1f".join(map(str, batch.frame.columns)).encode("utf-8"))
+        digest.update(pd.util.hash_pandas_object(batch.frame, index=False).to_numpy().tobytes())
+    else:
+        digest.update(str(batch.read_error).encode("utf-8"))
+    return digest.hexdigest()[:32]
+
+
+def _known_quarantine(
+    cfg: EvergreenConfig, cadence: str, batch: RawBatch, fingerprint: str
+) -> str | None:
+    """The reason another cadence quarantined this very batch (same fingerprint), logged once
+    more as a warning here; None when it must be validated."""
+    earlier = quarantined_elsewhere(cfg, cadence, batch.batch_id, fingerprint)
+    if earlier is None:
+        return None
+    reason = earlier.details.get("reason", "")
+    get_run_logger().warning(
+        "batch %s stays quarantined: %s quarantined it at %s and its files, the suite and the "
+        "data config are unchanged (not announced again; rerun with force=true to re-validate): %s",
+        batch.batch_id,
+        earlier.cadence,
+        earlier.at,
+        reason,
+    )
+    return reason or f"quarantined by {earlier.cadence} at {earlier.at}"
+
+
 def _reference_rows(memory: DataMemory) -> pd.DataFrame | None:
     """A sample of the accepted data (held-out rows of every role) for KS/PSI drift."""
     parts = [f for f in memory.held_out.values() if f is not None and not f.empty]
@@ -90,10 +128,19 @@ def _reference_rows(memory: DataMemory) -> pd.DataFrame | None:
 
 @task(cache_policy=NO_CACHE, timeout_seconds=900)
 def validate_batches(
-    cfg: EvergreenConfig, cadence: str, raw: list[RawBatch], memory: DataMemory
+    cfg: EvergreenConfig,
+    cadence: str,
+    raw: list[RawBatch],
+    memory: DataMemory,
+    *,
+    recheck: bool = False,
 ) -> PreparedData:
     """Validate each batch against the suite and the accepted data so far; quarantine what is
-    corrupt, report what changed, split the rest into train / select / gate rows."""
+    corrupt, report what changed, split the rest into train / select / gate rows.
+
+    A batch another cadence already quarantined with the same fingerprint stays quarantined
+    without a second validation or alert (the person on call hears of a bad batch once), unless
+    `recheck` (a forced run) asks for a fresh verdict."""
     suite_file = ensure_suite(cfg.home_path, cfg.data)
     report_dir = cfg.home_path / "reports" / "validation" / cadence
     columns = data_columns(cfg.data)
@@ -101,6 +148,12 @@ def validate_batches(
     profile: DataProfile = memory.profile
     prepared = PreparedData([])
     for batch in raw:
+        fingerprint = verdict_fingerprint(batch, suite_file, cfg.data)
+        known = None if recheck else _known_quarantine(cfg, cadence, batch, fingerprint)
+        if known is not None:
+            prepared.quarantined[batch.batch_id] = known
+            prepared.fingerprints[batch.batch_id] = fingerprint
+            continue
         if batch.frame is None:
             assert batch.read_error is not None  # RawBatch: a frame, or why there is none
             report = ValidationReport.from_read_error(batch.batch_id, batch.read_error)
@@ -129,6 +182,7 @@ def validate_batches(
         if not report.success:
             announce_quarantine(cadence, cfg, report, docs)
             prepared.quarantined[batch.batch_id] = quarantine_reason(report, files[1])
+            prepared.fingerprints[batch.batch_id] = fingerprint
             continue
         _inform(cfg, cadence, report, files[1])
         drift = report.statistics.get("drift") or {}

@@ -85,9 +85,9 @@ def _champion(pipeline) -> str | None:
     return champion.version if champion else None
 
 
-def test_config_has_no_classes_and_replays_20_percent(pipeline):
+def test_config_has_no_classes_and_replays_half(pipeline):
     cfg = pipeline["cfg"]
-    assert cfg.data.text_only and cfg.weekly.replay_ratio == pytest.approx(0.2)
+    assert cfg.data.text_only and cfg.weekly.replay_ratio == pytest.approx(0.5)
 
 
 def test_01_bootstrap_learns_the_text(pipeline):

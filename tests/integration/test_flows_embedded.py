@@ -165,6 +165,22 @@ def test_04_corrupt_batch_is_quarantined_and_nothing_changes(pipeline):
     assert "pixel_5" in report.read_text()
 
 
+def test_04b_a_quarantined_batch_is_announced_once_across_cadences(pipeline):
+    reports = pipeline["cfg"].home_path / "reports" / "validation" / "weekly-replay"
+    result = _run(pipeline, "weekly-replay", batch_ids=["2026-01-03"])
+    assert result["decision"] == "quarantined"
+    assert "pixel_5" in result["quarantined"]["2026-01-03"]
+    assert not (reports / "2026-01-03.md").exists()  # not validated (nor announced) again
+    ledger = pipeline["ledger"]
+    weekly = ledger.processed("weekly-replay")["2026-01-03"]
+    daily = ledger.processed("daily-lora")["2026-01-03"]
+    assert weekly.outcome == "quarantined"
+    assert weekly.details["fingerprint"] == daily.details["fingerprint"]
+    forced = _run(pipeline, "weekly-replay", batch_ids=["2026-01-03"], force=True)
+    assert forced["decision"] == "quarantined"
+    assert "pixel_5" in (reports / "2026-01-03.md").read_text()  # a forced run re-validates
+
+
 @pytest.mark.parametrize(
     ("flow", "batch"), [("weekly-replay", "2026-01-05"), ("monthly-finetune", "2026-01-08")]
 )

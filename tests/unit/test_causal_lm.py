@@ -68,14 +68,32 @@ def _config(**data) -> dict:
     }
 
 
-def test_causal_lm_config_needs_no_classes_and_replays_20_percent():
+def test_causal_lm_config_needs_no_classes_and_replays_half_weekly():
     cfg = EvergreenConfig.model_validate(_config())
-    assert cfg.data.text_only and cfg.weekly.replay_ratio == pytest.approx(0.2)
+    assert cfg.data.text_only and cfg.weekly.replay_ratio == pytest.approx(0.5)
+    assert cfg.daily.replay_ratio == pytest.approx(0.2)
     chosen = _config()
-    chosen["weekly"] = {"replay_ratio": 0.5}
-    assert EvergreenConfig.model_validate(chosen).weekly.replay_ratio == 0.5
+    chosen["weekly"] = {"replay_ratio": 0.3}
+    assert EvergreenConfig.model_validate(chosen).weekly.replay_ratio == 0.3
     again = EvergreenConfig.model_validate(cfg.model_dump())  # a dumped config loads again
     assert again.data.text_only
+
+
+def test_causal_lm_training_warms_up_and_decays_the_lr_unless_set():
+    cfg = EvergreenConfig.model_validate(_config())
+    for section in (cfg.bootstrap.train, cfg.weekly.train, cfg.monthly.train, cfg.daily.train):
+        assert (section.lr_schedule, section.warmup_fraction) == ("cosine", 0.05)
+    chosen = _config()
+    chosen["weekly"] = {"train": {"steps": 10, "lr_schedule": "constant", "warmup_fraction": 0}}
+    weekly = EvergreenConfig.model_validate(chosen).weekly.train
+    assert (weekly.lr_schedule, weekly.warmup_fraction) == ("constant", 0)
+    tabular = EvergreenConfig.model_validate(
+        {"data": {"landing": "/tmp/x", "features": ["a"], "classes": [0, 1]}}
+    )
+    assert (tabular.weekly.train.lr_schedule, tabular.weekly.train.warmup_fraction) == (
+        "constant",
+        0.0,
+    )
 
 
 @pytest.mark.parametrize(

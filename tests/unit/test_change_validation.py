@@ -21,9 +21,11 @@ from sklearn.datasets import load_digits
 from data_plane.gx_suite import ensure_suite
 from data_plane.messages import CHANGE_LINE_COLUMNS, change_lines, clip_middle
 from data_plane.profile import DataProfile, GrossChangeRule, gross_change
+from data_plane.readers import BatchReadError
 from data_plane.validation import validate_batch
 from evergreen.config import DataConfig
-from tasks.validate import QUARANTINE_REASON_LIMIT, quarantine_reason
+from tasks.ingest import RawBatch
+from tasks.validate import QUARANTINE_REASON_LIMIT, quarantine_reason, verdict_fingerprint
 
 PIXELS = [f"pixel_{i}" for i in range(64)]
 
@@ -226,3 +228,21 @@ def test_gross_rule_both_sides_on_digits(first_batch):
     for name, (frame, broken) in cases.items():
         verdict = gross_change(frame, profile, PIXELS, GrossChangeRule())
         assert verdict.broken is broken, (name, len(verdict.displaced))
+
+
+def test_the_verdict_fingerprint_changes_with_the_content_the_suite_and_the_config(tmp_path):
+    cfg = _config()
+    suite = ensure_suite(tmp_path, cfg)
+    frame = _digits(slice(0, 50)).astype({"pixel_3": object})
+    frame.loc[4, "pixel_3"] = "#VALUE!"
+    key = verdict_fingerprint(RawBatch("b", frame), suite, cfg)
+    assert verdict_fingerprint(RawBatch("b", frame.copy()), suite, cfg) == key
+    fixed = frame.copy()
+    fixed.loc[4, "pixel_3"] = 0.0
+    assert verdict_fingerprint(RawBatch("b", fixed), suite, cfg) != key  # fixed in place
+    assert verdict_fingerprint(RawBatch("b", frame), suite, _config(min_rows=5)) != key
+    suite.write_text(suite.read_text().replace('"critical"', '"warning"', 1))
+    assert verdict_fingerprint(RawBatch("b", frame), suite, cfg) != key  # the suite was edited
+    unreadable = RawBatch("b", None, BatchReadError("b", "part-0.csv", "not UTF-8"))
+    other = RawBatch("b", None, BatchReadError("b", "part-0.csv", "truncated"))
+    assert verdict_fingerprint(unreadable, suite, cfg) != verdict_fingerprint(other, suite, cfg)

@@ -39,7 +39,7 @@ def test_init_template_leaves_replay_to_the_model_family(tmp_path, monkeypatch):
             "data.classes=[]",
         ],
     )
-    assert (causal.weekly.replay_ratio, causal.daily.replay_ratio) == (0.2, 0.2)
+    assert (causal.weekly.replay_ratio, causal.daily.replay_ratio) == (0.5, 0.2)
 
 
 def test_overrides_are_parsed_as_yaml(tmp_path):

@@ -50,6 +50,18 @@ def test_which_outcomes_count_as_processed(ledger, outcome, done):
     assert ledger.is_processed("weekly", "b1") is done
 
 
+def test_a_quarantine_is_found_by_another_cadence_only_on_the_same_fingerprint(ledger):
+    ledger.record("daily", "b1", "quarantined", details={"reason": "NaN", "fingerprint": "f1"})
+    ledger.record("daily", "b2", "quarantined", details={"reason": "NaN", "fingerprint": "f2"})
+    found = ledger.quarantine_by_another("weekly", "b1", "f1")
+    assert found is not None and (found.cadence, found.details["reason"]) == ("daily", "NaN")
+    assert ledger.quarantine_by_another("weekly", "b1", "f2") is None  # fixed in place
+    assert ledger.quarantine_by_another("daily", "b1", "f1") is None  # its own entry: it decides
+    assert ledger.quarantine_by_another("weekly", "b3", "f1") is None
+    ledger.record("monthly", "b4", "promoted", details={"fingerprint": "f4"})
+    assert ledger.quarantine_by_another("weekly", "b4", "f4") is None  # only quarantines count
+
+
 def test_entries_are_newest_first_filtered_and_limited(ledger):
     for i in range(6):  # written faster than MLflow's millisecond timestamps can order them
         ledger.record("daily" if i % 2 else "monthly", f"b{i}", "rejected")

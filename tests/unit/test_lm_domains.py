@@ -130,11 +130,13 @@ def test_each_method_config_sets_its_knob_and_the_same_budget(tmp_path: Path) ->
     for method in ("naive", "replay", "distill"):  # one mechanism each
         assert cfgs[method].weekly.ewc_lambda == 0
     assert cfgs["replay-ewc"].weekly.ewc_lambda == "auto"
-    assert cfgs["replay-ewc"].weekly.replay_ratio == pytest.approx(0.2)
-    assert cfgs["replay"].weekly.replay_ratio == pytest.approx(0.2)
+    assert cfgs["replay-ewc"].weekly.replay_ratio == pytest.approx(0.5)
+    assert cfgs["replay"].weekly.replay_ratio == pytest.approx(0.5)
+    assert cfgs["replay-20"].weekly.replay_ratio == pytest.approx(0.2)
+    assert cfgs["replay-20"].weekly.ewc_lambda == 0
     assert cfgs["replay"].weekly.distill_weight == 0
     assert cfgs["distill"].weekly.distill_weight > 0
-    assert cfgs["distill"].weekly.replay_ratio == pytest.approx(0.2)
+    assert cfgs["distill"].weekly.replay_ratio == pytest.approx(0.5)
     assert cfgs["daily-lora"].daily.replay_ratio == pytest.approx(0.2)
     for cfg in cfgs.values():
         assert cfg.model.family == "hf-causal-lm" and cfg.data.text_only

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -318,3 +320,43 @@ def test_an_exploding_gradient_aborts_training_instead_of_being_clipped() -> Non
         train(_model(), blown_up, y[:200], TrainSettings(steps=5))
     healthy = train(_model(), X[:200], y[:200], TrainSettings(steps=5))
     assert healthy.steps == 5 and np.isfinite(healthy.losses).all()
+
+
+def test_lr_at_warms_up_then_decays_along_a_cosine_to_the_floor():
+    from continual.training import lr_at
+
+    constant = TrainSettings(steps=10, lr=1.0)
+    assert [lr_at(constant, k) for k in (1, 5, 10)] == [1.0, 1.0, 1.0]  # the default: unchanged
+    warm = TrainSettings(steps=10, lr=1.0, warmup_steps=4)
+    assert [lr_at(warm, k) for k in (1, 2, 4, 5, 10)] == [0.25, 0.5, 1.0, 1.0, 1.0]
+    cosine = TrainSettings(steps=12, lr=2.0, lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1)
+    rates = [lr_at(cosine, k) for k in range(1, 13)]
+    assert rates[:2] == [1.0, 2.0]
+    assert all(a > b for a, b in itertools.pairwise(rates[1:]))  # decays after warm-up
+    assert rates[-1] == pytest.approx(0.2)  # the floor at the last step
+    assert lr_at(cosine, 7) == pytest.approx(0.2 + 1.8 * 0.5)  # half-way: the mid-point
+    for bad in ({"lr_schedule": "linear"}, {"warmup_steps": 10}, {"min_lr_ratio": 1.5}):
+        with pytest.raises(ValueError):
+            TrainSettings(steps=10, **bad)
+
+
+def test_train_applies_the_schedule_to_the_optimiser():
+    from continual.training import lr_at
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    X, y = torch.randn(32, 3), torch.randint(0, 2, (32,))
+    settings = TrainSettings(steps=6, batch_size=8, lr=0.1, lr_schedule="cosine", warmup_steps=2)
+    seen: list[float] = []
+    original = torch.optim.AdamW.step
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.param_groups[0]["lr"])
+        return original(self, *args, **kwargs)
+
+    torch.optim.AdamW.step = spy  # type: ignore[method-assign]
+    try:
+        train(model, X, y, settings, device="cpu")
+    finally:
+        torch.optim.AdamW.step = original  # type: ignore[method-assign]
+    assert seen == pytest.approx([lr_at(settings, k) for k in range(1, 7)])
