@@ -460,7 +460,10 @@ def decide(
     promote = all(check.passed for check in checks)
     if not promote and checks[0].passed:
         exchange = _exchange_check(new_test, retention_test, forgetting, policy)
-        promote, reasons = exchange.passed, reasons + exchange.reasons
+        promote = exchange.passed
+        # the rule that decided comes first: a promotion by exchange would otherwise read as
+        # "retention … rejected" wherever the reasons are cut short (tables, tags)
+        reasons = exchange.reasons + reasons if promote else reasons + exchange.reasons
     nfr = None
     if is_binary(*flips):
         nfr = float(np.mean(flips[0].astype(bool) & ~flips[1].astype(bool)))

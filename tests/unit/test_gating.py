@@ -497,7 +497,7 @@ def test_a_proven_large_gain_may_buy_a_bounded_retention_loss():
     traded = decide(
         **args, challenger_retention_correct=small_loss, champion_retention_correct=champion_old
     )
-    assert traded.promote and "promoted by exchange" in traded.reasons[-1]
+    assert traded.promote and "promoted by exchange" in traded.reasons[0]  # the deciding rule
     big_loss = champion_old.copy()
     big_loss[:9] = 0  # ≈ 6.6 pts > retention_tolerance
     refused = decide(
