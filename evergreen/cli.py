@@ -419,7 +419,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     home = Path(args.home or (".evergreen/demo-text" if args.text else ".evergreen/demo")).resolve()
     if home.exists() and not args.keep:
         shutil.rmtree(home)
-    code = run_demo(home, console=console, text=args.text)
+    try:
+        code = run_demo(home, console=console, text=args.text)
+    finally:
+        flush_run_logs()  # once, after all of the demo's flow runs (see `flush_run_logs`)
     # `evergreen status` typed here next finds the demo without --config (evergreen.home).
     pointer = write_pointer(home / "evergreen.yaml")
     if not args.quiet:
