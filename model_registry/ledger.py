@@ -33,7 +33,7 @@ import json
 import threading
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -375,22 +375,29 @@ class Ledger:
         return _entry(runs[0]) if runs else None
 
     def quarantine_by_another(
-        self, cadence: str, batch_id: str, fingerprint: str, *, limit: int = 20
+        self,
+        cadence: str,
+        batch_id: str,
+        fingerprint: str | Callable[[], str],
+        *,
+        limit: int = 20,
     ) -> LedgerEntry | None:
         """The newest quarantine of `batch_id` by a cadence other than `cadence` whose verdict
         rested on the same `fingerprint` (content, suite, data config); None if there is none.
 
         One filtered search, newest first: a batch holds a handful of quarantine records at most.
+        A callable `fingerprint` is computed only when another cadence quarantined the batch (a
+        clean batch, the usual case, is not hashed for the look-up).
         """
         where = (
             f"tags.`evergreen.batch_id` = {quote(batch_id)}"
             " and tags.`evergreen.outcome` = 'quarantined'"
         )
-        for run in self.log.search(where, limit):
-            entry = _entry(run)
-            if entry.cadence != cadence and entry.details.get("fingerprint") == fingerprint:
-                return entry
-        return None
+        others = [e for e in map(_entry, self.log.search(where, limit)) if e.cadence != cadence]
+        if not others:
+            return None
+        wanted = fingerprint() if callable(fingerprint) else fingerprint
+        return next((e for e in others if e.details.get("fingerprint") == wanted), None)
 
     def is_processed(self, cadence: str, batch_id: str) -> bool:
         """True when the batch's latest entry is promoted, rejected or quarantined."""

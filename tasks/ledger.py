@@ -10,7 +10,7 @@ run's outcome removes its attempt marker (`tasks.attempts`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from evergreen.cadences import batch_consumers
 from evergreen.config import EvergreenConfig
@@ -60,7 +60,7 @@ def record_consumed(cfg: EvergreenConfig, batch_ids: Iterable[str], version: str
 
 
 def quarantined_elsewhere(
-    cfg: EvergreenConfig, cadence: str, batch_id: str, fingerprint: str
+    cfg: EvergreenConfig, cadence: str, batch_id: str, fingerprint: Callable[[], str]
 ) -> LedgerEntry | None:
     """Another cadence's quarantine of this batch on the same content, suite and data config:
     the verdict this cadence would reach (`Ledger.quarantine_by_another`)."""

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache, partial
 from pathlib import Path
 
 import pandas as pd
@@ -101,7 +103,7 @@ def verdict_fingerprint(batch: RawBatch, suite_file: Path, data_cfg: DataConfig)
 
 
 def _known_quarantine(
-    cfg: EvergreenConfig, cadence: str, batch: RawBatch, fingerprint: str
+    cfg: EvergreenConfig, cadence: str, batch: RawBatch, fingerprint: Callable[[], str]
 ) -> str | None:
     """The reason another cadence quarantined this very batch (same fingerprint), logged once
     more as a warning here; None when it must be validated."""
@@ -148,11 +150,12 @@ def validate_batches(
     profile: DataProfile = memory.profile
     prepared = PreparedData([])
     for batch in raw:
-        fingerprint = verdict_fingerprint(batch, suite_file, cfg.data)
+        # hashed only for a batch some cadence quarantined or quarantines now
+        fingerprint = cache(partial(verdict_fingerprint, batch, suite_file, cfg.data))
         known = None if recheck else _known_quarantine(cfg, cadence, batch, fingerprint)
         if known is not None:
             prepared.quarantined[batch.batch_id] = known
-            prepared.fingerprints[batch.batch_id] = fingerprint
+            prepared.fingerprints[batch.batch_id] = fingerprint()
             continue
         if batch.frame is None:
             assert batch.read_error is not None  # RawBatch: a frame, or why there is none
@@ -182,7 +185,7 @@ def validate_batches(
         if not report.success:
             announce_quarantine(cadence, cfg, report, docs)
             prepared.quarantined[batch.batch_id] = quarantine_reason(report, files[1])
-            prepared.fingerprints[batch.batch_id] = fingerprint
+            prepared.fingerprints[batch.batch_id] = fingerprint()
             continue
         _inform(cfg, cadence, report, files[1])
         drift = report.statistics.get("drift") or {}

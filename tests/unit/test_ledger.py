@@ -62,6 +62,21 @@ def test_a_quarantine_is_found_by_another_cadence_only_on_the_same_fingerprint(l
     assert ledger.quarantine_by_another("weekly", "b4", "f4") is None  # only quarantines count
 
 
+def test_a_clean_batch_is_not_fingerprinted_for_the_look_up(ledger):
+    calls = []
+
+    def fingerprint() -> str:
+        calls.append(1)
+        return "f1"
+
+    ledger.record("daily", "b1", "promoted")
+    assert ledger.quarantine_by_another("weekly", "b1", fingerprint) is None
+    assert calls == []  # nobody quarantined b1: nothing to compare with
+    ledger.record("daily", "b2", "quarantined", details={"reason": "NaN", "fingerprint": "f1"})
+    assert ledger.quarantine_by_another("weekly", "b2", fingerprint) is not None
+    assert calls == [1]
+
+
 def test_entries_are_newest_first_filtered_and_limited(ledger):
     for i in range(6):  # written faster than MLflow's millisecond timestamps can order them
         ledger.record("daily" if i % 2 else "monthly", f"b{i}", "rejected")
