@@ -88,7 +88,15 @@ def fit_model(
                 model, X, y, settings, processes, fisher_kind, methods
             )
         else:
-            result = _fit_here(model, X, y, settings, label, cfg, resume, methods)
+            checkpointing = None
+            if resume is not None:
+                checkpointing = checkpointing_for(
+                    cfg, resume, label, model, X, y, settings, on_resumed=_announce_resume(label)
+                )
+            with step_progress(label, settings.steps) as on_step:
+                result = train(
+                    model, X, y, settings, on_step=on_step, checkpointing=checkpointing, **methods
+                )
     get_run_logger().info(
         "%s: %d steps%s in %.1fs, loss %.3f → %.3f on %s",
         label,
@@ -119,26 +127,6 @@ def _fit_distributed(
     outcome = run_distributed(job, processes, get_run_logger().info)
     assert outcome.result is not None
     return outcome.result, outcome.fisher
-
-
-def _fit_here(
-    model: torch.nn.Module,
-    X: torch.Tensor,
-    y: torch.Tensor,
-    settings: TrainSettings,
-    label: str,
-    cfg: EvergreenConfig,
-    resume: ResumeKey | None,
-    methods: dict[str, Any],
-) -> TrainResult:
-    """The loop in this process, checkpointed (and resumed) when it has a `resume` key."""
-    checkpointing = None
-    if resume is not None:
-        checkpointing = checkpointing_for(
-            cfg, resume, label, model, X, y, settings, on_resumed=_announce_resume(label)
-        )
-    with step_progress(label, settings.steps) as on_step:
-        return train(model, X, y, settings, on_step=on_step, checkpointing=checkpointing, **methods)
 
 
 def _announce_resume(label: str) -> Callable[[int, int], None]:
