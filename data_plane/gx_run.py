@@ -7,7 +7,8 @@ file-backed project (`<home>/gx/`) each run stores its validation result and add
 page to the Data Docs site, whose history is kept to the newest `data.data_docs_keep` results.
 With `data.gx_store` (S3) the project is pulled before a run and pushed after
 (`data_plane.gx_store` says why a sync). Flows of several cadences may add the same item to one
-file-backed context at once: `_get_or_add` then reads the one the other flow stored.
+file-backed context at once: threads of one process and processes of one host take turns
+(`gx_suite.gx_lock`); `_get_or_add` still reads an item another host stored meanwhile.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from data_plane.gx_store import S3GxStore
-from data_plane.gx_suite import GX_FOLDER, GX_LOCK, load_suite, parse_suite
+from data_plane.gx_suite import GX_FOLDER, gx_lock, load_suite, parse_suite
 
 # BASIC, not SUMMARY: SUMMARY adds two metrics per column check (the unexpected rows' index list
 # and query), a fifth of the validation's time; the messages find a failure's rows in the frame
@@ -184,7 +185,7 @@ def run_suite(
 
     if not Path(suite_file).exists():
         load_suite(suite_file)  # raises the actionable FileNotFoundError
-    with GX_LOCK:
+    with gx_lock(project):
         if store is not None and project is not None:
             store.pull(Path(project) / GX_FOLDER)
         checkpoint = _checkpoint_for(suite_file, list(extra or []), project, keep_results)

@@ -14,17 +14,20 @@ is a JSON file the user owns, written once per home, while a run happens for eve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from continual.files import atomic_write_text
 from data_plane.gx_store import shared_store
 from data_plane.landing import data_columns
+from model_registry.locking import promotion_lock
 
 if TYPE_CHECKING:
     import great_expectations as gx
@@ -38,10 +41,31 @@ NUMERIC_TYPES = ["int", "float"] + [f"int{b}" for b in (8, 16, 32, 64)]
 NUMERIC_TYPES += [f"uint{b}" for b in (8, 16, 32, 64)] + ["float16", "float32", "float64"]
 TEXT_TYPES = ["str"]
 # one GX operation at a time in this process: GX's context is not thread-safe, and with
-# data.gx_store the pulls and pushes of `<home>/gx/` must not interleave (`gx_run` takes it too)
+# data.gx_store the pulls and pushes of `<home>/gx/` must not interleave (`gx_lock` takes it)
 GX_LOCK = threading.Lock()
 SUITE_NAME = "evergreen-batch"
 GX_FOLDER = "gx"  # the file-backed Data Context under home
+GX_LOCK_SECONDS = 600.0  # a validation of a large batch plus an S3 sync, with room to spare
+
+
+@contextlib.contextmanager
+def gx_lock(home: Path | None) -> Iterator[None]:
+    """One GX operation at a time on the project `<home>/gx/`, across threads and processes.
+
+    GX's file stores write a checkpoint, validation definition or result in place (not via a
+    rename): a Prefect worker running several cadences' flow runs as separate processes on one
+    home saw a half-written checkpoint ("… was found, but it is not a Checkpoint") and failed
+    the run. So besides `GX_LOCK` (this process) an exclusive `flock` on `<home>/gx/evergreen.lock`
+    serialises the processes of one host; the kernel drops it when its holder dies. `home`
+    None (an ephemeral context, nothing on disk) takes the thread lock only.
+    """
+    with GX_LOCK:
+        if home is None:
+            yield
+            return
+        folder = Path(home) / GX_FOLDER
+        with promotion_lock("evergreen", folder, GX_LOCK_SECONDS, "Great Expectations project"):
+            yield
 
 
 def build_suite(data_cfg: DataConfig, *, name: str = SUITE_NAME) -> gx.ExpectationSuite:
@@ -190,7 +214,7 @@ def ensure_suite(home: Path, data_cfg: DataConfig) -> Path:
     store = shared_store(data_cfg.gx_store)
     if store is None:
         return _ensure_suite_file(home, data_cfg)
-    with GX_LOCK:  # with data.gx_store the suite in S3 is the one every worker uses
+    with gx_lock(home):  # with data.gx_store the suite in S3 is the one every worker uses
         store.pull(Path(home) / GX_FOLDER)
         path = _ensure_suite_file(home, data_cfg)
         store.push(Path(home) / GX_FOLDER)

@@ -522,3 +522,29 @@ def test_a_suite_another_flow_added_meanwhile_is_read_from_the_real_store(tmp_pa
 
     got = _get_or_add(MissedOnce(context.suites), gx.ExpectationSuite(name=name))
     assert got.name == name
+
+
+def test_validation_waits_for_another_process_on_the_same_gx_project(tmp_path: Path) -> None:
+    """A Prefect worker runs each cadence's flow run as its own process on one home; GX's file
+    stores write items in place, so a process reading a checkpoint another one was writing
+    failed ("… was found, but it is not a Checkpoint", seen in the load test). Validations of
+    one GX project therefore take turns across processes: this one waits for the holder."""
+    import subprocess
+
+    home, cfg = tmp_path / "home", make_config()
+    suite_file = ensure_suite(home, cfg)
+    hold = 3.0
+    holder = subprocess.Popen(  # another flow run's process, inside its GX operation
+        [sys.executable, "-c", "import sys, time\nfrom data_plane.gx_suite import gx_lock\n"
+         f"with gx_lock({str(home)!r}):\n    print('held', flush=True)\n    time.sleep({hold})"],
+        stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        report = validate_batch(make_batch(60, seed=3), "b1", cfg, suite_file, gx_project=home)
+        waited = time.monotonic() - started
+    finally:
+        holder.wait(timeout=60)
+    assert report.success
+    assert waited >= hold - 1.0, f"validated after {waited:.1f} s, inside the other's lock"
