@@ -31,8 +31,19 @@ from evergreen.home import find_config, write_pointer
 if TYPE_CHECKING:
     from model_registry.registry import Registry
 
-console = Console()
-err_console = Console(stderr=True)
+PIPED_WIDTH = 200  # rich's 80 columns cut the status tables' headers when piped or redirected
+
+
+def _console(stderr: bool = False) -> Console:
+    """A rich console; when the output is not a terminal (`| less`, `> file`, CI logs) and
+    $COLUMNS is unset, `PIPED_WIDTH` columns instead of rich's 80."""
+    stream = sys.stderr if stderr else sys.stdout
+    piped = not stream.isatty() and not os.environ.get("COLUMNS")
+    return Console(stderr=stderr, width=PIPED_WIDTH if piped else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 QUIET_DEFAULTS = {

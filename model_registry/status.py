@@ -20,6 +20,7 @@ from model_registry.versions import VersionInfo
 
 # Version tags worth a column (prefix "evergreen." is implied); the rest stays in the JSON.
 VERSION_COLUMNS = ("cadence", "method", "parent_version", "batch_ids", "gate_decision", "decision")
+_SHORT_HEADERS = {"parent_version": "parent", "batch_ids": "batches", "gate_decision": "gate"}
 
 
 def status_snapshot(
@@ -94,11 +95,13 @@ def render_status(snapshot: Mapping[str, Any], console: Console) -> None:
 def _versions_table(versions: Iterable[Mapping[str, Any]]) -> Table:
     table = Table(title="Model versions (newest first)")
     for column in ("version", "created", "aliases", *VERSION_COLUMNS):
-        table.add_column(column)
+        table.add_column(_SHORT_HEADERS.get(column, column), overflow="fold")
     for v in versions:
         lineage = v["lineage"]
         cells = [lineage.get(c, "") for c in VERSION_COLUMNS]
-        table.add_row(f"v{v['version']}", v["created"], ", ".join(v["aliases"]), *cells)
+        cells[VERSION_COLUMNS.index("batch_ids")] = lineage.get("batch_ids", "").replace(",", ", ")
+        created = v["created"][:16].replace("T", " ")
+        table.add_row(f"v{v['version']}", created, ", ".join(v["aliases"]), *cells)
     return table
 
 
@@ -106,14 +109,15 @@ def render_history(events: Iterable[Any], console: Console) -> None:
     """Print promotion events (PromotionEvent objects or their dicts), newest first."""
     table = Table(title="Promotion history (newest first)")
     for column in ("at", "action", "version", "replaced", "actor", "reason"):
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", min_width=20 if column == "reason" else None)
     for event in events:
         is_record = dataclasses.is_dataclass(event) and not isinstance(event, type)
         e = dataclasses.asdict(event) if is_record else dict(event)
         previous = f"v{e['previous']}" if e.get("previous") else "—"
         version = f"v{e['version']}" if e.get("version") else "—"  # "—": alias removed by hand
         action = f"[red]{e['action']}[/]" if e["reason"].startswith("UNGATED") else e["action"]
-        table.add_row(e["at"][:19], action, version, previous, e["actor"], e["reason"])
+        at = e["at"][:16].replace("T", " ")
+        table.add_row(at, action, version, previous, e["actor"], e["reason"])
     console.print(table)
 
 

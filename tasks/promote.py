@@ -235,7 +235,8 @@ def _promote(
             result = registry.promote(
                 version.version,
                 expected_champion=expected,
-                reason=f"{reg.cadence}: " + "; ".join(reasons)[:400],
+                reason=f"{reg.cadence}: "
+                + "; ".join(reasons),  # whole: the history keeps 5000 chars
                 actor=f"flow:{reg.cadence}",
                 flow_run_id=current_flow_run_id(),
             )

@@ -308,3 +308,16 @@ def test_history_and_status_show_a_champion_moved_by_hand(project, capsys):
     assert main(["status", "--json", "-q"]) == 0  # recorded once, not again
     assert "recorded:" not in capsys.readouterr().err
     assert [e.action for e in registry.history()].count("manual") == 1
+
+
+def test_piped_output_is_wide_enough_for_the_status_tables(monkeypatch):
+    """`evergreen status | less` used rich's 80 columns, cutting the tables' headers."""
+    import io
+
+    from evergreen import cli
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert cli._console().width == cli.PIPED_WIDTH
+    monkeypatch.setenv("COLUMNS", "90")  # the user's own width wins
+    assert cli._console().width == 90

@@ -3,6 +3,7 @@ evaluation: cleared when the candidate is rejected or its promotion fails."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -29,10 +30,10 @@ def cfg(tmp_path: Path) -> EvergreenConfig:
     )
 
 
-def decision(passed: bool) -> GateDecision:
+def decision(passed: bool, reasons: tuple[str, ...] | None = None) -> GateDecision:
     return GateDecision(
         promote=passed,
-        reasons=("gate passed" if passed else "new data: worse beyond the tolerance",),
+        reasons=reasons or ("gate passed" if passed else "new data: worse beyond the tolerance",),
         new_data=None,
         retention=None,
         challenger_new_accuracy=0.9,
@@ -52,6 +53,20 @@ def registration(tmp_path: Path, seed: int, *, passed: bool, parent=None) -> Reg
         batch_ids=("2026-01-01",),
         data_hash="abc123",
     )
+
+
+def test_the_promotion_history_keeps_every_reason_whole(cfg, tmp_path, monkeypatch):
+    """The history kept the first 400 characters of the gate's reasons, cutting the last one
+    mid-word ("… against the fix"); MLflow tags hold 5000 characters."""
+    monkeypatch.setattr(promote, "current_flow_run_id", lambda: "run-1")
+    reasons = tuple(f"reason {i}: " + "evidence " * 12 for i in range(5))
+    reg = dataclasses.replace(
+        registration(tmp_path, 0, passed=True), decision=decision(True, reasons)
+    )
+    version = register_challenger.fn(cfg, reg, staging(tmp_path, "a"))
+    assert promote_or_reject.fn(cfg, reg, version).decision == "promoted"
+    (event,) = Registry.from_config(cfg).history()
+    assert len(event.reason) > 400 and event.reason == "daily-lora: " + "; ".join(reasons)
 
 
 def staging(tmp_path: Path, name: str) -> Path:

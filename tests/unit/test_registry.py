@@ -363,6 +363,11 @@ def test_versions_aliases_tags_and_status(registry, store):
     render_status(snapshot, console)
     text = console.export_text()
     assert "champion: v1" in text and "2026-11-21" in text and "bootstrap" in text
+    narrow = Console(record=True, width=110)  # a common terminal: every header whole
+    render_status(snapshot, narrow)
+    headers = narrow.export_text().splitlines()
+    for header in ("version", "created", "aliases", "parent", "batches", "gate", "decision"):
+        assert any(f" {header} " in line for line in headers), header
 
 
 def test_from_config_uses_home_and_names(store, monkeypatch):
