@@ -111,8 +111,9 @@ class Budget:
     batch_size: int = 16
     lr: float = 3e-3
     size: ModelSize = field(default_factory=ModelSize)
-    # > 0: each update trains at least this many passes over its new rows (the product's
-    # `epochs` with `replay_aware_epochs`) instead of `update_steps` steps
+    # > 0: each update trains at least this many passes over its new rows at its replay mix
+    # (replay-aware step counts, tried and not shipped: docs/CAUSAL_LM.md) instead of
+    # `update_steps` steps; `replay_aware_sets` turns them into the product's `epochs`
     update_epochs: float = 0.0
     joint_steps: int = 0  # joint training's budget; 0: bootstrap + one update per later domain
 
@@ -128,11 +129,10 @@ def overrides(root: Path, name: str, model_dir: Path, budget: Budget) -> list[st
     """The data and model keys, home, registry and one training budget for every section."""
     steps = {"bootstrap": budget.bootstrap_steps, "weekly": budget.update_steps}
     steps["daily"] = budget.update_steps
-    epochs = dict.fromkeys(steps, "0")
-    if budget.update_epochs:  # the product's step rule decides each update's steps
+    epochs = dict.fromkeys(steps, 0.0)
+    if budget.update_epochs:  # `epochs` decide each update's steps (`replay_aware_sets`)
         steps["weekly"] = steps["daily"] = 1
-        aware = f"{budget.update_epochs}, replay_aware_epochs: true"
-        epochs["weekly"] = epochs["daily"] = aware
+        epochs["weekly"] = epochs["daily"] = budget.update_epochs
     return [
         f"home={root / 'home'}",
         f"registry.name={name}",
@@ -155,6 +155,27 @@ def overrides(root: Path, name: str, model_dir: Path, budget: Budget) -> list[st
             for section, n in steps.items()
         ),
     ]
+
+
+def replay_aware_sets(cfg: EvergreenConfig, budget: Budget) -> list[str]:
+    """`budget.update_epochs` passes over an update's new rows at its section's replay mix, as
+    the product's `epochs`: a batch of B rows at `replay_ratio` r holds
+    k = B − round(r·B) new rows (`evergreen.config.new_rows_per_step`), so the product's
+    ⌈epochs · n / B⌉ steps equal ⌈update_epochs · n / k⌉ when epochs = update_epochs · B / k
+    (n: the update's new rows, carried ones included; up to float rounding). Assumes every
+    update replays: the buffer holds the bootstrap's rows from the first update on. Empty
+    without `update_epochs`."""
+    from evergreen.config import new_rows_per_step
+
+    if not budget.update_epochs:
+        return []
+    sets = []
+    for name in ("weekly", "daily"):
+        section = getattr(cfg, name)
+        B = section.train.batch_size
+        k = new_rows_per_step(B, section.replay_ratio)
+        sets.append(f"{name}.train.epochs={budget.update_epochs * B / k}")
+    return sets
 
 
 def registry_name(method: str) -> str:
@@ -228,6 +249,9 @@ def run_method(
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli_main()(["init", "--path", config]) == 0  # type: ignore[no-untyped-call]
     cfg = load_config(config, sets)
+    if budget.update_epochs:
+        sets += replay_aware_sets(cfg, budget)
+        cfg = load_config(config, sets)
     n = len(domains)
     champion, challenger = np.full((n, n), np.nan), np.full((n, n), np.nan)
     steps: list[dict[str, Any]] = []

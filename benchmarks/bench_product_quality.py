@@ -17,8 +17,7 @@ frame of every task seen so far → accuracy matrix R (average accuracy, forgett
 Plain-PyTorch bounds on exactly the product's training rows (each batch minus the select and
 gate rows the product splits off by row hash, `data_plane.splits`) with the model the config
 builds (`continual.models`, `continual.training.train`), seeded and stepped like the product
-(a step count is max(`steps`, `epochs` passes over the new rows, at the section's replay mix
-with `replay_aware_epochs`), read from the written config):
+(a step count is max(`steps`, `epochs` passes over the rows), read from the written config):
 - joint: retrained from scratch at each step on every training row seen so far, with the
   product's step budget so far (bootstrap steps + one update's steps per later task) — the bound;
 - naive: the bootstrap model fine-tuned on each new batch only (the cadence's steps and lr, no
@@ -265,14 +264,9 @@ def _settings(train_cfg, n_rows: int, steps: int | None = None):
     )
 
 
-def _steps(train_cfg, n_rows: int, replay_ratio: float = 0.0) -> int:
-    """`tasks.train.step_count`: with `replay_aware_epochs`, `epochs` are passes over the new
-    rows at the replay mix, whose batches hold B − round(r·B) new rows."""
+def _steps(train_cfg, n_rows: int) -> int:
     epochs = getattr(train_cfg, "epochs", 0) or 0  # `epochs` is newer than `steps`
-    if not getattr(train_cfg, "replay_aware_epochs", False):
-        replay_ratio = 0.0
-    new_rows = train_cfg.batch_size - round(replay_ratio * train_cfg.batch_size)
-    return max(train_cfg.steps, math.ceil(epochs * n_rows / new_rows))
+    return max(train_cfg.steps, math.ceil(epochs * n_rows / train_cfg.batch_size))
 
 
 def run_baselines(cfg, sequence: TaskSequence, cadence: str) -> dict[str, np.ndarray]:
@@ -283,16 +277,14 @@ def run_baselines(cfg, sequence: TaskSequence, cadence: str) -> dict[str, np.nda
 
     rows = training_rows(cfg, sequence)
     landed = [task.train for task in sequence.tasks]
-    section = getattr(cfg, CADENCES[cadence][0])
-    first, update = bootstrap_train(cfg), section.train
+    first, update = bootstrap_train(cfg), getattr(cfg, CADENCES[cadence][0]).train
     tests = [_tensors(cfg, task.test) for task in sequence.tasks]
     joint, joint_all, naive = (AccuracyMatrix(len(rows)) for _ in range(3))
     naive_model = None
     budget = 0
     for i, frame in enumerate(rows):
         step_cfg = first if i == 0 else update
-        replayed = section.replay_ratio if i > 0 else 0.0  # the bootstrap replays nothing
-        budget += _steps(step_cfg, len(frame), replayed)  # the product's steps so far
+        budget += _steps(step_cfg, len(frame))  # the product's steps so far
         for matrix, source in ((joint, rows), (joint_all, landed)):
             seen = pd.concat(source[: i + 1], ignore_index=True)
             model = _fresh_model(cfg, seen)

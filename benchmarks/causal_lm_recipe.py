@@ -51,7 +51,7 @@ class Recipe:
     warmup: float = 0.0  # share of each run's steps
     floor: float = 0.1  # cosine floor (share of the run's lr)
     replay: float = 0.2
-    update_steps: int = 150  # of each update; at replay 0.5 `replay_aware_epochs` doubles them
+    update_steps: int = 150  # of each update; replay-aware passes at replay 0.5 double them
     joint_steps: int = 0  # joint training's budget; 0: the sequence's (300 + 150 per update)
 
 
@@ -123,9 +123,10 @@ RECIPES = {
     "cosine": Recipe("cosine", schedule="cosine", warmup=0.05),
     "cosine-upd1e-3": Recipe("cosine-upd1e-3", schedule="cosine", warmup=0.05, update_lr=1e-3),
     "cosine-r0.5": Recipe("cosine-r0.5", schedule="cosine", warmup=0.05, replay=0.5),
-    # `train.replay_aware_epochs` (`tasks.train.step_count`): the naive update's passes over
-    # the new rows take twice its 150 steps at replay 0.5; joint at the old budget, then at the
-    # same total (300 + 3 × 300)
+    # replay-aware step counts (tried, not shipped: docs/CAUSAL_LM.md): the naive update's
+    # passes over the new rows take twice its 150 steps when half of each batch is replayed
+    # (16 − round(0.5 · 16) = 8 new rows a step); joint at the old budget, then at the same
+    # total (300 + 3 × 300)
     "replay-aware": Recipe(
         "replay-aware", schedule="cosine", warmup=0.05, replay=0.5, update_steps=300
     ),
@@ -181,7 +182,7 @@ def main() -> None:
         # joint training depends only on the bootstrap's settings, naive on the updates'
         J = cached(replace(r, name="", update_lr=0.0, replay=0.0, update_steps=150), joint)
         S = cached(replace(r, name="", joint_steps=0), sequence)
-        # naive: no replay, so the `epochs` rule gives it the budget of 150 steps
+        # naive: no replay, so the same passes are its budget of 150 steps
         N = cached(replace(r, name="", replay=0.0, update_steps=150, joint_steps=0), sequence)
         print(
             f"| {r.name} | {J['old_ppl']:.1f} | {J['new_ppl']:.1f} | {S['old_ppl']:.1f} | "

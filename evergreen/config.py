@@ -324,16 +324,7 @@ class TrainConfig(_Strict):
         description="Also at least this many passes over the new training rows (0: steps only); "
         "large batches then get enough steps without hand-tuning `steps`. A pass is "
         "⌈rows / batch_size⌉ steps, replayed rows included: at `replay_ratio` r each new row is "
-        "seen only ≈ (1 − r) × `epochs` times, unless `replay_aware_epochs` is set.",
-    )
-    replay_aware_epochs: bool = Field(
-        False,
-        description="Count `epochs` at the section's replay mix: a batch of B rows with "
-        "`replay_ratio` r holds B − round(r·B) new rows, so an update takes at least "
-        "⌈epochs · new rows / (B − round(r·B))⌉ steps (≈ 1/(1 − r) × as many) and each new "
-        "row is seen `epochs` times. Off by default: on the validation data it overfitted "
-        "(causal LM held-out perplexity +30 % at twice the steps) or cost 1.6× the CPU for no "
-        "gain (text classifier); docs/CAUSAL_LM.md, docs/TEXT.md.",
+        'seen only ≈ (1 − r) × `epochs` times (docs/CONTRACTS.md, "Step counts").',
     )
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)

@@ -30,7 +30,6 @@ from continual.training import TrainResult, TrainSettings, train
 from evergreen.config import (
     EvergreenConfig,
     TrainConfig,
-    new_rows_per_step,
 )
 from model_registry.run_record import flatten_params
 from tasks.distributed import run_distributed
@@ -42,11 +41,11 @@ from tasks.state import ModelState, TrainingFacts
 from tasks.validate import PreparedData
 
 
-def settings_from(config: TrainConfig, n_rows: int, replay_ratio: float = 0.0) -> TrainSettings:
-    """Optimiser settings for learning `n_rows` new rows with `replay_ratio` of every batch
-    replayed (0: no replay); `steps` is `step_count`'s, and the warm-up is
-    `config.warmup_fraction` of them."""
-    steps = step_count(config, n_rows, replay_ratio)
+def settings_from(config: TrainConfig, n_rows: int) -> TrainSettings:
+    """Optimiser settings; `steps` is at least `config.epochs` passes over `n_rows`, and the
+    warm-up is `config.warmup_fraction` of them."""
+    epochs = math.ceil(config.epochs * n_rows / config.batch_size) if config.epochs else 0
+    steps = max(config.steps, epochs)
     return TrainSettings(
         steps=steps,
         batch_size=config.batch_size,
@@ -62,19 +61,6 @@ def settings_from(config: TrainConfig, n_rows: int, replay_ratio: float = 0.0) -
         warmup_steps=min(round(config.warmup_fraction * steps), steps - 1),
         min_lr_ratio=config.min_lr_ratio,
     )
-
-
-def step_count(config: TrainConfig, n_rows: int, replay_ratio: float = 0.0) -> int:
-    """At least `config.steps`, and at least `config.epochs` passes over the `n_rows` new rows.
-    A pass is ⌈n_rows / batch_size⌉ steps, replayed rows included; with
-    `config.replay_aware_epochs` it is counted at the loop's replay mix instead, whose batches
-    hold only `new_rows_per_step` new rows, so each new row is seen `epochs` times rather than
-    ≈ (1 − r) × `epochs` (docs/CONTRACTS.md, "Step counts")."""
-    if not config.epochs:
-        return config.steps
-    share = replay_ratio if config.replay_aware_epochs else 0.0
-    per_step = new_rows_per_step(config.batch_size, share)
-    return max(config.steps, math.ceil(config.epochs * n_rows / per_step))
 
 
 def fit_model(

@@ -59,22 +59,13 @@ def prepare_update(
     return UpdateStart(
         X=X,
         y=y,
-        settings=settings_from(section.train, len(X), replayed_share(section, buffer)),
+        settings=settings_from(section.train, len(X)),
         buffer=buffer,
         selection=selection,
         base=base,
         start=start,
         distiller=champion_distiller(section, champion),
     )
-
-
-def replayed_share(
-    section: DailyConfig | WeeklyConfig | MonthlyConfig, buffer: ReplayBuffer | None
-) -> float:
-    """The share of each batch the loop will replay: the section's `replay_ratio` when there is
-    a non-empty buffer to draw from (`continual.training` mixes only then), else 0. The step
-    count's `epochs` are passes over the new rows at this mix (`tasks.train.step_count`)."""
-    return section.replay_ratio if buffer is not None and len(buffer) > 0 else 0.0
 
 
 def learning_rows(

@@ -29,7 +29,7 @@ from continual.training import (
     autocast_dtype,
     train,
 )
-from evergreen.config import TrainConfig, WeeklyConfig
+from evergreen.config import TrainConfig
 from tests.digits_tensors import digits_tensors as _digits
 from tests.tiny_llama import sentences, tiny_llama
 
@@ -351,32 +351,3 @@ def test_the_config_knobs_reach_the_loop_and_each_rank() -> None:
     assert settings.compile and settings.gradient_checkpointing
     rank = rank_settings(settings, rank=1, world_size=4)  # 2 rows per rank: 2 micro-batches
     assert (rank.batch_size, rank.grad_accum_steps) == (2, 2)
-
-
-def test_replay_aware_epochs_count_passes_over_the_new_rows_at_the_replay_mix() -> None:
-    """With `replay_aware_epochs`, `epochs` passes over the new rows whatever share of each
-    batch is replayed: a batch of 16 at replay 0.5 holds 8 new rows, so 2 passes over 80 rows
-    take 20 steps, not 10. Off (the default), a pass is 80 / 16 steps, replayed rows included."""
-    from tasks.train import settings_from
-    from tasks.train_start import replayed_share
-
-    plain = TrainConfig.model_validate({"steps": 1, "epochs": 2, "batch_size": 16})
-    assert settings_from(plain, 80, replay_ratio=0.5).steps == 10  # the default: as before
-    config = plain.model_copy(update={"replay_aware_epochs": True})
-    assert settings_from(config, n_rows=80).steps == 10  # no replay: the same
-    assert settings_from(config, 80, replay_ratio=0.5).steps == 20
-    assert settings_from(config, 80, replay_ratio=0.75).steps == 40
-    assert settings_from(config, 80, replay_ratio=0.2).steps == 13  # 13 new rows per batch
-    floor = config.model_copy(update={"steps": 50})
-    assert settings_from(floor, 80, replay_ratio=0.5).steps == 50  # `steps` stays the floor
-    steps_only = config.model_copy(update={"steps": 7, "epochs": 0.0})
-    assert settings_from(steps_only, 80, replay_ratio=0.5).steps == 7  # epochs 0: steps only
-    with pytest.raises(ValueError, match="leaves no new row"):
-        settings_from(config.model_copy(update={"batch_size": 2}), 80, 0.75)
-
-    weekly = WeeklyConfig()  # replay 0.75
-    buffer = ReservoirBuffer(100, 2)
-    assert replayed_share(weekly, None) == 0.0
-    assert replayed_share(weekly, buffer) == 0.0  # empty: the loop replays nothing
-    buffer.add(torch.zeros(4, 2), torch.zeros(4, dtype=torch.long), "b1")
-    assert replayed_share(weekly, buffer) == 0.75
