@@ -25,10 +25,16 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
-from data_plane.landing import LandingZone, ObjectInfo, _is_data_file, unsafe_name
+from data_plane.landing import (
+    SUPPORTED_SUFFIXES,
+    LandingZone,
+    ObjectInfo,
+    _is_data_file,
+    unsafe_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +70,10 @@ def batch_arrivals(
     *,
     quiescence_seconds: float = 0.0,
     now: float | None = None,
+    listing: dict[str, list[ObjectInfo]] | None = None,
 ) -> list[Arrival]:
-    """The arrival state of every batch not in `processed`, from one listing of the zone.
+    """The arrival state of every batch not in `processed`, from one listing of the zone
+    (`listing`: one the caller just took, else a new one).
 
     Batches that have not arrived yet are logged with the reason (INFO; WARNING for a manifest
     that does not match the files).
@@ -73,7 +81,7 @@ def batch_arrivals(
     done = set(processed)
     now = time.time() if now is None else now
     arrivals = []
-    for batch_id, objects in zone.scan().items():
+    for batch_id, objects in (zone.scan() if listing is None else listing).items():
         if batch_id in done:
             continue
         arrival = arrival_of(zone, batch_id, objects, now=now, quiescence=quiescence_seconds)
@@ -82,6 +90,19 @@ def batch_arrivals(
             log.log(level, "batch %s not taken yet: %s", batch_id, arrival.reason)
         arrivals.append(arrival)
     return arrivals
+
+
+def listing_signature(objects: Iterable[ObjectInfo]) -> str:
+    """The data files of one batch as a listing saw them (name, size, modification time),
+    hashed. A batch quarantined under one signature and listed under another was changed in
+    place since: `evergreen.pending` takes it again, so fixing an export in place is enough.
+    Markers, manifests and hidden files do not count (touching `_SUCCESS` changes no data)."""
+    digest = hashlib.sha256()
+    for item in sorted(objects, key=lambda o: o.name):
+        if item.name.startswith((".", "_")) or not item.name.lower().endswith(SUPPORTED_SUFFIXES):
+            continue
+        digest.update(f"{item.name}\x1f{item.size}\x1f{item.modified!r}\x1e".encode())
+    return digest.hexdigest()[:16]
 
 
 def arrival_of(

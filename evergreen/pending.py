@@ -36,8 +36,9 @@ class BatchSelection:
 
 
 def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection) -> list[str]:
-    """Batches `cadence` still has to process, in batch_id order (the ledger says which), among
-    those that have fully arrived (`data_plane.arrival`: marker, manifest or quiescence).
+    """Batches `cadence` still has to process, in batch_id order (the ledger says which, and a
+    quarantined batch whose files changed since is taken again), among those that have fully
+    arrived (`data_plane.arrival`: marker, manifest or quiescence).
     A batch without a marker that is still inside its quiescence window is waited for once
     (at most `data.arrival_quiescence_seconds`), so a run started right after a plain copy takes
     it instead of skipping it; one that keeps changing stays pending.
@@ -45,14 +46,16 @@ def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection
     Raises:
         ValueError: a requested batch id is not in the landing zone or has not fully arrived.
     """
-    from data_plane.arrival import batch_arrivals
+    from data_plane.arrival import batch_arrivals, listing_signature
     from data_plane.landing import open_landing
     from tasks import ledger
 
     zone = open_landing(cfg.data.landing)
-    done = set() if selection.force else ledger.processed(cfg, cadence)
+    listing = zone.scan()
+    signatures = {b: listing_signature(objects) for b, objects in listing.items()}
+    done = set() if selection.force else ledger.processed(cfg, cadence, signatures)
     window = cfg.data.arrival_quiescence_seconds
-    arrivals = batch_arrivals(zone, done, quiescence_seconds=window)
+    arrivals = batch_arrivals(zone, done, quiescence_seconds=window, listing=listing)
     settling = [a.settles_in for a in arrivals if a.settles_in is not None]
     if settling:  # just landed without a marker: wait (at most one window) rather than skip it
         wait = max(settling) + 0.5

@@ -124,7 +124,8 @@ def all_quarantined(cfg: EvergreenConfig, cadence: str, data: PreparedData) -> F
         reasons=[
             f"batches {sorted(data.quarantined)} failed validation and were quarantined (files "
             f"untouched); see {cfg.home_path / 'reports' / 'validation' / cadence}/<batch_id>.md, "
-            "fix the data and land it under a new batch_id (or rerun with force=true)"
+            "fix the files in place (the next run validates them again) or land them under a new "
+            "batch_id"
         ],
     )
 

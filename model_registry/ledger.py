@@ -30,10 +30,11 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -45,6 +46,8 @@ from mlflow.exceptions import MlflowException
 
 if TYPE_CHECKING:
     from evergreen.config import EvergreenConfig
+
+log = logging.getLogger(__name__)
 
 Outcome = Literal["promoted", "rejected", "quarantined", "failed", "skipped"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
@@ -374,30 +377,48 @@ class Ledger:
         runs = self.log.search(where, limit=1)
         return _entry(runs[0]) if runs else None
 
-    def quarantine_by_another(
-        self,
-        cadence: str,
-        batch_id: str,
-        fingerprint: str | Callable[[], str],
-        *,
-        limit: int = 20,
+    def earlier_quarantine(
+        self, batch_id: str, fingerprint: str | Callable[[], str], *, limit: int = 20
     ) -> LedgerEntry | None:
-        """The newest quarantine of `batch_id` by a cadence other than `cadence` whose verdict
-        rested on the same `fingerprint` (content, suite, data config); None if there is none.
+        """The newest quarantine of `batch_id`, by any cadence, whose verdict rested on the same
+        `fingerprint` (content, suite, data config); None if there is none.
 
+        Another cadence's: the verdict this cadence would reach. This cadence's own: a batch
+        taken again because its files were touched (`changed_quarantines`) with the same content.
         One filtered search, newest first: a batch holds a handful of quarantine records at most.
-        A callable `fingerprint` is computed only when another cadence quarantined the batch (a
-        clean batch, the usual case, is not hashed for the look-up).
+        A callable `fingerprint` is computed only when the batch was quarantined (a clean batch,
+        the usual case, is not hashed for the look-up).
         """
         where = (
             f"tags.`evergreen.batch_id` = {quote(batch_id)}"
             " and tags.`evergreen.outcome` = 'quarantined'"
         )
-        others = [e for e in map(_entry, self.log.search(where, limit)) if e.cadence != cadence]
-        if not others:
+        earlier = [_entry(run) for run in self.log.search(where, limit)]
+        if not earlier:
             return None
         wanted = fingerprint() if callable(fingerprint) else fingerprint
-        return next((e for e in others if e.details.get("fingerprint") == wanted), None)
+        return next((e for e in earlier if e.details.get("fingerprint") == wanted), None)
+
+    def changed_quarantines(self, cadence: str, listings: Mapping[str, str]) -> set[str]:
+        """Of the batches in `listings` (batch → its files' listing signature now), those whose
+        newest quarantine on `cadence` recorded a different listing: fixed in place since.
+        Entries without a listing (earlier releases) stay quarantined. One filtered search."""
+        if not listings:
+            return set()
+        where = f"{_cadence_filter(cadence)} and tags.`evergreen.outcome` = 'quarantined'"
+        newest: dict[str, LedgerEntry] = {}
+        for entry in map(_entry, self.log.search(where)):
+            newest.setdefault(entry.batch_id, entry)
+        changed = {
+            batch_id
+            for batch_id, listing in listings.items()
+            if batch_id in newest and newest[batch_id].details.get("listing") not in (None, listing)
+        }
+        for batch_id in sorted(changed):
+            log.warning(  # in-place edits of landed data deserve a look
+                "batch %s changed since %s quarantined it: validating it again", batch_id, cadence
+            )
+        return changed
 
     def is_processed(self, cadence: str, batch_id: str) -> bool:
         """True when the batch's latest entry is promoted, rejected or quarantined."""

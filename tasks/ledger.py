@@ -59,19 +59,27 @@ def record_consumed(cfg: EvergreenConfig, batch_ids: Iterable[str], version: str
         record(cfg, cadence, batches, "promoted", details={"by": "bootstrap", "version": version})
 
 
-def quarantined_elsewhere(
-    cfg: EvergreenConfig, cadence: str, batch_id: str, fingerprint: Callable[[], str]
+def earlier_quarantine(
+    cfg: EvergreenConfig, batch_id: str, fingerprint: Callable[[], str]
 ) -> LedgerEntry | None:
-    """Another cadence's quarantine of this batch on the same content, suite and data config:
-    the verdict this cadence would reach (`Ledger.quarantine_by_another`)."""
-    return Ledger.from_config(cfg).quarantine_by_another(cadence, batch_id, fingerprint)
+    """A quarantine of this batch on the same content, suite and data config: the verdict this
+    cadence would reach (`Ledger.earlier_quarantine`)."""
+    return Ledger.from_config(cfg).earlier_quarantine(batch_id, fingerprint)
 
 
-def processed(cfg: EvergreenConfig, cadence: str) -> set[str]:
-    """Batches `cadence` is done with: the latest entry is anything but `failed`.
+def processed(
+    cfg: EvergreenConfig, cadence: str, listings: Mapping[str, str] | None = None
+) -> set[str]:
+    """Batches `cadence` is done with: the latest entry is anything but `failed`, and for a
+    quarantined batch, its files are as they were when it was quarantined (`listings`: batch →
+    listing signature now; a batch fixed in place is taken again).
 
     Read from the cadence's ledger summary and the records after it (`Ledger.latest_outcomes`),
-    so a flow start does not read the whole history.
+    so a flow start does not read the whole history; the quarantine records are searched only
+    when the cadence holds a quarantined batch.
     """
-    latest = Ledger.from_config(cfg).latest_outcomes(cadence)
-    return {b for b, outcome in latest.items() if outcome != "failed"}
+    ledger = Ledger.from_config(cfg)
+    latest = ledger.latest_outcomes(cadence)
+    done = {b for b, outcome in latest.items() if outcome != "failed"}
+    quarantined = {b: s for b, s in (listings or {}).items() if latest.get(b) == "quarantined"}
+    return done - ledger.changed_quarantines(cadence, quarantined)

@@ -48,7 +48,8 @@ class FlowOutcome:
         metrics: flat numbers (gate statistics, drift, calibration).
         quarantined: batches that failed validation in this run → why.
         fingerprints: quarantined batch → what its verdict depended on
-            (`tasks.validate.verdict_fingerprint`), so other cadences need not announce it again.
+            (`tasks.validate.verdict_keys`: the content fingerprint, so other cadences need not
+            announce it again, and the files' listing, so a batch fixed in place is taken again).
     """
 
     cadence: str
@@ -59,7 +60,7 @@ class FlowOutcome:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)
-    fingerprints: dict[str, str] = field(default_factory=dict)
+    fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """What the flow returns (and `evergreen run` prints): the fingerprints are ledger
@@ -67,10 +68,6 @@ class FlowOutcome:
         result = asdict(self)
         del result["fingerprints"]
         return result
-
-
-def _fingerprint(value: str | None) -> dict[str, str]:
-    return {"fingerprint": value} if value else {}
 
 
 @task(cache_policy=NO_CACHE)
@@ -99,7 +96,7 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
             "quarantined",
             details={
                 "reason": clip_middle(reason, REASON_LIMIT),
-                **_fingerprint(outcome.fingerprints.get(batch_id)),
+                **outcome.fingerprints.get(batch_id, {}),
             },
         )
     if outcome.decision in ("promoted", "rejected"):

@@ -65,7 +65,7 @@ class Registration:
     reports: dict[str, Path] = field(default_factory=dict)
     check_rows: pd.DataFrame | None = None  # rows the reloaded checkpoint must reproduce
     quarantined: dict[str, str] = field(default_factory=dict)
-    fingerprints: dict[str, str] = field(default_factory=dict)  # quarantined batch → verdict key
+    fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)  # `verdict_keys`
     evaluation: Evaluation | None = None  # datasets and per-class reports for the run
     train_rows: pd.DataFrame | None = None  # this run's accepted train rows
     data_docs: dict[str, str] = field(default_factory=dict)  # batch id → Data Docs page

@@ -23,7 +23,7 @@ from evergreen.config import DataConfig, EvergreenConfig
 from tasks.common import current_flow_run_id
 from tasks.events import emit
 from tasks.ingest import RawBatch
-from tasks.ledger import quarantined_elsewhere
+from tasks.ledger import earlier_quarantine
 from tasks.memory import BATCH_COLUMN, DataMemory, Remembered
 
 QUARANTINE_REASON_LIMIT = 1200
@@ -46,7 +46,7 @@ class PreparedData:
     data_hash: str = ""
     reports: dict[str, Path] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)  # batch id → why
-    fingerprints: dict[str, str] = field(default_factory=dict)  # quarantined → verdict_fingerprint
+    fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)  # see `verdict_keys`
     drift: dict[str, float] = field(default_factory=dict)
     data_docs: dict[str, str] = field(default_factory=dict)  # batch id → its Data Docs page
 
@@ -102,18 +102,27 @@ def verdict_fingerprint(batch: RawBatch, suite_file: Path, data_cfg: DataConfig)
     return digest.hexdigest()[:32]
 
 
+def verdict_keys(batch: RawBatch, fingerprint: Callable[[], str]) -> dict[str, str]:
+    """What a quarantine's ledger entry records besides its reason: the verdict's `fingerprint`
+    (content, suite, data config: whether another cadence may reuse the verdict) and the files'
+    `listing` when the batch was read (whether the batch changed in place since)."""
+    return {"fingerprint": fingerprint(), **({"listing": batch.listing} if batch.listing else {})}
+
+
 def _known_quarantine(
     cfg: EvergreenConfig, cadence: str, batch: RawBatch, fingerprint: Callable[[], str]
 ) -> str | None:
-    """The reason another cadence quarantined this very batch (same fingerprint), logged once
-    more as a warning here; None when it must be validated."""
-    earlier = quarantined_elsewhere(cfg, cadence, batch.batch_id, fingerprint)
+    """The reason a cadence (another, or this one before the files were touched) quarantined
+    this very content (same fingerprint), logged once more as a warning here; None when it must
+    be validated."""
+    earlier = earlier_quarantine(cfg, batch.batch_id, fingerprint)
     if earlier is None:
         return None
     reason = earlier.details.get("reason", "")
     get_run_logger().warning(
-        "batch %s stays quarantined: %s quarantined it at %s and its files, the suite and the "
-        "data config are unchanged (not announced again; rerun with force=true to re-validate): %s",
+        "batch %s stays quarantined: %s quarantined it at %s and its content, the suite and the "
+        "data config are unchanged (not announced again; fix the files in place, or rerun with "
+        "batch_ids=[...] and force=true to re-validate): %s",
         batch.batch_id,
         earlier.cadence,
         earlier.at,
@@ -155,7 +164,7 @@ def validate_batches(
         known = None if recheck else _known_quarantine(cfg, cadence, batch, fingerprint)
         if known is not None:
             prepared.quarantined[batch.batch_id] = known
-            prepared.fingerprints[batch.batch_id] = fingerprint()
+            prepared.fingerprints[batch.batch_id] = verdict_keys(batch, fingerprint)
             continue
         if batch.frame is None:
             assert batch.read_error is not None  # RawBatch: a frame, or why there is none
@@ -185,7 +194,7 @@ def validate_batches(
         if not report.success:
             announce_quarantine(cadence, cfg, report, docs)
             prepared.quarantined[batch.batch_id] = quarantine_reason(report, files[1])
-            prepared.fingerprints[batch.batch_id] = fingerprint()
+            prepared.fingerprints[batch.batch_id] = verdict_keys(batch, fingerprint)
             continue
         _inform(cfg, cadence, report, files[1])
         drift = report.statistics.get("drift") or {}

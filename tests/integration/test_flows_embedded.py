@@ -176,6 +176,8 @@ def test_04b_a_quarantined_batch_is_announced_once_across_cadences(pipeline):
     daily = ledger.processed("daily-lora")["2026-01-03"]
     assert weekly.outcome == "quarantined"
     assert weekly.details["fingerprint"] == daily.details["fingerprint"]
+    # the files as read: fixing them in place makes the batch pending again (test_pending)
+    assert weekly.details["listing"] == daily.details["listing"]
     forced = _run(pipeline, "weekly-replay", batch_ids=["2026-01-03"], force=True)
     assert forced["decision"] == "quarantined"
     assert "pixel_5" in (reports / "2026-01-03.md").read_text()  # a forced run re-validates

@@ -106,3 +106,17 @@ def test_the_landing_zone_is_listed_once_per_discovery(zone: LandingZone, monkey
         )
     assert pending_batches(zone, ()) == ["a", "b", "c"]
     assert calls == ["scan"]
+
+
+def test_a_listing_signature_follows_the_data_files_only() -> None:
+    from data_plane.arrival import listing_signature
+    from data_plane.landing import ObjectInfo
+
+    files = [ObjectInfo("part-0.csv", 10, 1.0), ObjectInfo("part-1.csv", 20, 2.0)]
+    same = listing_signature(files)
+    assert listing_signature(list(reversed(files))) == same  # listing order does not matter
+    markers = [ObjectInfo("_SUCCESS", 0, 9.0), ObjectInfo(".part-2.csv.tmp", 5, 9.0)]
+    assert listing_signature(files + markers) == same
+    assert listing_signature([files[0], ObjectInfo("part-1.csv", 21, 2.0)]) != same  # size
+    assert listing_signature([files[0], ObjectInfo("part-1.csv", 20, 3.0)]) != same  # time
+    assert listing_signature(files[:1]) != same  # a file removed

@@ -50,16 +50,31 @@ def test_which_outcomes_count_as_processed(ledger, outcome, done):
     assert ledger.is_processed("weekly", "b1") is done
 
 
-def test_a_quarantine_is_found_by_another_cadence_only_on_the_same_fingerprint(ledger):
+def test_a_quarantine_is_found_only_on_the_same_fingerprint(ledger):
     ledger.record("daily", "b1", "quarantined", details={"reason": "NaN", "fingerprint": "f1"})
     ledger.record("daily", "b2", "quarantined", details={"reason": "NaN", "fingerprint": "f2"})
-    found = ledger.quarantine_by_another("weekly", "b1", "f1")
+    found = ledger.earlier_quarantine("b1", "f1")
     assert found is not None and (found.cadence, found.details["reason"]) == ("daily", "NaN")
-    assert ledger.quarantine_by_another("weekly", "b1", "f2") is None  # fixed in place
-    assert ledger.quarantine_by_another("daily", "b1", "f1") is None  # its own entry: it decides
-    assert ledger.quarantine_by_another("weekly", "b3", "f1") is None
+    assert ledger.earlier_quarantine("b1", "f2") is None  # fixed in place
+    assert ledger.earlier_quarantine("b3", "f1") is None
     ledger.record("monthly", "b4", "promoted", details={"fingerprint": "f4"})
-    assert ledger.quarantine_by_another("weekly", "b4", "f4") is None  # only quarantines count
+    assert ledger.earlier_quarantine("b4", "f4") is None  # only quarantines count
+
+
+def test_a_quarantined_batch_whose_files_changed_is_taken_again(ledger):
+    """Fixing an export in place is enough: the next run of the cadence re-validates it."""
+    ledger.record("daily", "b1", "quarantined", details={"fingerprint": "f1", "listing": "L1"})
+    ledger.record("daily", "b2", "quarantined", details={"fingerprint": "f2", "listing": "L2"})
+    ledger.record("daily", "b3", "quarantined", details={"fingerprint": "f3"})  # older release
+    ledger.record("weekly", "b4", "quarantined", details={"fingerprint": "f4", "listing": "L4"})
+    now = {"b1": "L1", "b2": "L2-fixed", "b3": "L3", "b4": "L4-fixed"}
+    assert ledger.changed_quarantines("daily", now) == {"b2"}  # b4: not daily's quarantine
+    assert ledger.changed_quarantines("weekly", now) == {"b4"}
+    ledger.record(
+        "daily", "b2", "quarantined", details={"fingerprint": "f2", "listing": "L2-fixed"}
+    )
+    assert ledger.changed_quarantines("daily", now) == set()  # re-validated: still broken
+    assert ledger.changed_quarantines("daily", {}) == set()
 
 
 def test_a_clean_batch_is_not_fingerprinted_for_the_look_up(ledger):
@@ -70,10 +85,10 @@ def test_a_clean_batch_is_not_fingerprinted_for_the_look_up(ledger):
         return "f1"
 
     ledger.record("daily", "b1", "promoted")
-    assert ledger.quarantine_by_another("weekly", "b1", fingerprint) is None
+    assert ledger.earlier_quarantine("b1", fingerprint) is None
     assert calls == []  # nobody quarantined b1: nothing to compare with
     ledger.record("daily", "b2", "quarantined", details={"reason": "NaN", "fingerprint": "f1"})
-    assert ledger.quarantine_by_another("weekly", "b2", fingerprint) is not None
+    assert ledger.earlier_quarantine("b2", fingerprint) is not None
     assert calls == [1]
 
 

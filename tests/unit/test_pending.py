@@ -89,3 +89,27 @@ def test_the_no_op_check_does_not_load_torch_or_great_expectations():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_quarantined_batch_fixed_in_place_is_taken_again_by_that_cadence(tmp_path):
+    """3 a.m.: a batch was quarantined, someone fixes the file where it lies; the next scheduled
+    run must re-validate it without a `--force` (which would retake every batch)."""
+    import os
+
+    from data_plane.arrival import listing_signature
+    from data_plane.landing import open_landing
+
+    landing = tmp_path / "landing"
+    write_batch(landing, "2026-03-01", digits_frame(slice(0, 20)))
+    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
+    listed = listing_signature(open_landing(str(landing)).scan()["2026-03-01"])
+    details = {"reason": "NaN", "fingerprint": "f1", "listing": listed}
+    ledger.record(cfg, "weekly-replay", ["2026-03-01"], "quarantined", details=details)
+    assert choose_batches(cfg, "weekly-replay", BatchSelection()) == []
+    (landing / "2026-03-01" / "_SUCCESS").touch()  # a marker rewritten: no data changed
+    assert choose_batches(cfg, "weekly-replay", BatchSelection()) == []
+    (part,) = [p for p in (landing / "2026-03-01").iterdir() if not p.name.startswith("_")]
+    part.write_bytes(part.read_bytes())  # the export rewritten in place
+    os.utime(part, (1e9, 1e9))  # a modification time that surely differs from the listed one
+    assert choose_batches(cfg, "weekly-replay", BatchSelection()) == ["2026-03-01"]
+    assert nothing_pending(cfg, "daily-lora", {}) is False  # other cadences: as before
