@@ -322,7 +322,9 @@ class TrainConfig(_Strict):
         0.0,
         ge=0,
         description="Also at least this many passes over the new training rows (0: steps only); "
-        "large batches then get enough steps without hand-tuning `steps`.",
+        "large batches then get enough steps without hand-tuning `steps`. A pass is "
+        "⌈rows / batch_size⌉ steps, replayed rows included: at `replay_ratio` r each new row is "
+        'seen only ≈ (1 − r) × `epochs` times (docs/CONTRACTS.md, "Step counts").',
     )
     batch_size: int = Field(64, gt=0)
     lr: float = Field(1e-3, gt=0)
@@ -651,6 +653,36 @@ def _check_distillation(cfg: EvergreenConfig) -> None:
             )
 
 
+def new_rows_per_step(batch_size: int, replay_ratio: float) -> int:
+    """New rows in each training step's batch: the loop's replay mixing
+    (`continual.replay.mix_batch`) replaces round(r·B) of its B rows with replayed ones.
+
+    Raises:
+        ValueError: no new row is left in a batch (the update would never learn its rows).
+    """
+    new = batch_size - round(replay_ratio * batch_size)
+    if new < 1:
+        raise ValueError(
+            f"replay_ratio {replay_ratio} of batch_size {batch_size} leaves no new row in a "
+            "batch: lower replay_ratio or raise train.batch_size"
+        )
+    return new
+
+
+def _check_replay_mix(cfg: EvergreenConfig) -> None:
+    """Every replaying section keeps at least one new row per batch (`new_rows_per_step`).
+
+    Raises:
+        ValueError: `<section>.replay_ratio` leaves no new row in `<section>.train.batch_size`.
+    """
+    for name in ("daily", "weekly", "monthly"):
+        section = getattr(cfg, name)
+        try:
+            new_rows_per_step(section.train.batch_size, section.replay_ratio)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
+
+
 class EvergreenConfig(_Strict):
     home: str = Field(
         ".evergreen", description="State: MLflow store, artifacts, reports.", validate_default=True
@@ -680,6 +712,7 @@ class EvergreenConfig(_Strict):
         _check_distillation(self)
         if family == CAUSAL_LM_FAMILY:
             _causal_lm_defaults(self)
+            _check_replay_mix(self)
             return self
         if not self.data.classes or self.data.text_only:
             raise ValueError(
@@ -696,6 +729,7 @@ class EvergreenConfig(_Strict):
             raise ValueError("model.family hf reads text: set data.text (the text column)")
         if family == "hf":
             _text_classifier_defaults(self)
+        _check_replay_mix(self)
         return self
 
     @property

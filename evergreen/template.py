@@ -48,6 +48,8 @@ bootstrap:                        # plain training of the first champion
 
 monthly:                          # full fine-tune + online EWC
   train: {steps: 400, epochs: 5}  # at least `steps`, at least `epochs` passes over the new rows
+  # (a pass: rows / batch_size steps, replayed rows included, so each new row is seen
+  # ≈ (1 - replay_ratio) × epochs times — docs/CONTRACTS.md)
   # lr unset: 0.001, or 3e-5 for model.family hf (a pretrained encoder; same for weekly)
   # any section's train also takes checkpoint_every_seconds (300) and checkpoint_every_steps (0):
   # it saves its state so a killed run resumes where it was (0 = off; docs/SCALING.md)

@@ -45,6 +45,7 @@ BAD = {
     "lora-rank-negative": ("daily.lora_r=-1", "lora_r"),
     "targets-empty": ("daily.target_modules=[]", "target_modules"),
     "replay-ratio-one": ("weekly.replay_ratio=1", "replay_ratio"),
+    "replay-leaves-no-new-row": ("weekly.train.batch_size=2", "weekly: replay_ratio 0.75"),
     "ewc-lambda-negative": ("monthly.ewc_lambda=-3", "ewc_lambda"),
     "ewc-lambda-word": ("monthly.ewc_lambda=high", "ewc_lambda"),
     "lambda-grid-empty": ("weekly.lambda_grid=[]", "lambda_grid"),
