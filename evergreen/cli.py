@@ -134,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="write a commented evergreen.yaml here")
     init.add_argument("--force", action="store_true", help="overwrite an existing file")
     init.add_argument("--path", default="evergreen.yaml")
+    init.add_argument(
+        "--text",
+        action="store_true",
+        help="text classification on the packaged MiniLM (data.text, model.family hf, "
+        "training budgets for a pretrained encoder)",
+    )
     demo = sub.add_parser(
         "demo", help="run the embedded demo on scikit-learn digits (--text: real text, MiniLM)"
     )
@@ -216,14 +222,15 @@ def _one_line_invalid(error: BaseException) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from evergreen.template import CONFIG_TEMPLATE
+    from evergreen.template import CONFIG_TEMPLATE, text_template
 
     path = Path(args.path)
     if path.exists() and not args.force:
         err_console.print(f"[red]{path} exists[/red]; use --force to overwrite")
         return 1
-    path.write_text(CONFIG_TEMPLATE)
-    console.print(f"wrote {path}: set data.landing, data.features, data.label and data.classes")
+    path.write_text(text_template() if args.text else CONFIG_TEMPLATE)
+    columns = "data.text" if args.text else "data.features"
+    console.print(f"wrote {path}: set data.landing, {columns}, data.label and data.classes")
     return 0
 
 

