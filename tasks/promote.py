@@ -235,8 +235,7 @@ def _promote(
             result = registry.promote(
                 version.version,
                 expected_champion=expected,
-                reason=f"{reg.cadence}: "
-                + "; ".join(reasons),  # whole: the history keeps 5000 chars
+                reason=f"{reg.cadence}: " + " ".join(reasons),  # whole sentences (5000 chars)
                 actor=f"flow:{reg.cadence}",
                 flow_run_id=current_flow_run_id(),
             )

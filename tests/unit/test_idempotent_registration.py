@@ -59,14 +59,14 @@ def test_the_promotion_history_keeps_every_reason_whole(cfg, tmp_path, monkeypat
     """The history kept the first 400 characters of the gate's reasons, cutting the last one
     mid-word ("… against the fix"); MLflow tags hold 5000 characters."""
     monkeypatch.setattr(promote, "current_flow_run_id", lambda: "run-1")
-    reasons = tuple(f"reason {i}: " + "evidence " * 12 for i in range(5))
+    reasons = tuple(f"Reason {i}: " + "evidence " * 12 + "holds." for i in range(5))
     reg = dataclasses.replace(
         registration(tmp_path, 0, passed=True), decision=decision(True, reasons)
     )
     version = register_challenger.fn(cfg, reg, staging(tmp_path, "a"))
     assert promote_or_reject.fn(cfg, reg, version).decision == "promoted"
     (event,) = Registry.from_config(cfg).history()
-    assert len(event.reason) > 400 and event.reason == "daily-lora: " + "; ".join(reasons)
+    assert len(event.reason) > 400 and event.reason == "daily-lora: " + " ".join(reasons)
 
 
 def staging(tmp_path: Path, name: str) -> Path:
