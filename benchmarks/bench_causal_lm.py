@@ -83,7 +83,7 @@ from benchmarks.lm_domains import (
     scores,
     target_checks,
 )
-from evergreen.config import CAUSAL_LM_DAILY_REPLAY_RATIO, CAUSAL_LM_REPLAY_RATIO
+from evergreen.config_families import CAUSAL_LM_DAILY_REPLAY_RATIO, CAUSAL_LM_REPLAY_RATIO
 
 if TYPE_CHECKING:
     from evergreen.config import EvergreenConfig
@@ -160,12 +160,12 @@ def overrides(root: Path, name: str, model_dir: Path, budget: Budget) -> list[st
 def replay_aware_sets(cfg: EvergreenConfig, budget: Budget) -> list[str]:
     """`budget.update_epochs` passes over an update's new rows at its section's replay mix, as
     the product's `epochs`: a batch of B rows at `replay_ratio` r holds
-    k = B − round(r·B) new rows (`evergreen.config.new_rows_per_step`), so the product's
+    k = B − round(r·B) new rows (`evergreen.config_families.new_rows_per_step`), so the product's
     ⌈epochs · n / B⌉ steps equal ⌈update_epochs · n / k⌉ when epochs = update_epochs · B / k
     (n: the update's new rows, carried ones included; up to float rounding). Assumes every
     update replays: the buffer holds the bootstrap's rows from the first update on. Empty
     without `update_epochs`."""
-    from evergreen.config import new_rows_per_step
+    from evergreen.config_families import new_rows_per_step
 
     if not budget.update_epochs:
         return []

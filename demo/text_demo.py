@@ -90,9 +90,9 @@ def text_demo_config_dict(landing: str, home: str) -> dict[str, Any]:
     rows per batch keeps the defaults.
     """
     tree = text_config_dict(landing, home)
-    # Weekly and monthly: the `hf` family's own defaults (`evergreen.config`: lr 3e-5, λ fixed
-    # at 1000) instead of the test's lr 1e-4 and λ 100, and 10 passes over the learning rows
-    # instead of 1. Why (docs/TEXT.md, "The text demo"): at lr 1e-4 a few steps moved the
+    # Weekly and monthly: the `hf` family's own defaults (`evergreen.config_families`: lr 3e-5,
+    # λ fixed at 1000) instead of the test's lr 1e-4 and λ 100, and 10 passes over the learning
+    # rows instead of 1. Why (docs/TEXT.md, "The text demo"): at lr 1e-4 a few steps moved the
     # boundaries between the old topics (retention −13 to −15 pts at the gate, both updates
     # rejected), λ ≤ 100 barely held the encoder, and with 75 % (weekly) or 50 % (monthly) of
     # each batch replayed one pass over ~45 new rows is 3 steps that see each new row 0.25-0.5

@@ -98,7 +98,7 @@ gate:                             # non-inferiority on paired per-example correc
 
 # `evergreen init --text`: the same file for a text classifier on the packaged MiniLM. Only these
 # lines differ; every key the tabular file sets explicitly that the `hf` family would default
-# differently (`evergreen.config.HF_TRAIN_DEFAULTS`) is written with the text value.
+# differently (`evergreen.config_families.HF_TRAIN_DEFAULTS`) is written with the text value.
 _TEXT_LINES = {
     "  features: [f0, f1, f2, f3]      # numeric feature columns the model reads\n": (
         "  features: []                    # text data: no numeric features\n"

@@ -7,13 +7,8 @@ import yaml
 from pydantic import ValidationError
 
 from evergreen.cli import main
-from evergreen.config import (
-    HF_EWC_LAMBDA,
-    HF_TRAIN_DEFAULTS,
-    HF_UPDATE_LR,
-    config_from_dict,
-    load_config,
-)
+from evergreen.config import config_from_dict, load_config
+from evergreen.config_families import HF_EWC_LAMBDA, HF_TRAIN_DEFAULTS, HF_UPDATE_LR
 from evergreen.errors import ExitCode
 from evergreen.template import CONFIG_TEMPLATE
 

@@ -107,13 +107,13 @@ def test_ewc_anchored_where_the_update_starts_keeps_the_probed_head(setup):
 
 
 def test_the_hf_lambda_holds_the_encoder_where_the_old_grid_barely_does(setup):
-    """Why the `hf` family's weekly/monthly λ is 1000 (`evergreen.config.HF_EWC_LAMBDA`), not the
+    """Why the `hf` family's weekly/monthly λ is 1000 (`evergreen.config_families.HF_EWC_LAMBDA`), not the
     best of the tabular grid 0-100: at a text update's lr and step count a weight drifts at most
     ~1/(2λF̂) from its anchor, and the encoder's normalised Fisher F̂ is small (median 0.18 on the
     validation timeline's champion; the head takes the mass). Measured on the encoder's
     Fisher-weighted drift Σ F̂ (θ−θ*)² (what EWC bounds) after 8 steps at lr 3e-5, relative to
     λ = 0: λ=100 0.48, λ=1000 0.22 (the unweighted drift: 0.99 and 0.91)."""
-    from evergreen.config import HF_EWC_LAMBDA, HF_UPDATE_LR
+    from evergreen.config_families import HF_EWC_LAMBDA, HF_UPDATE_LR
 
     champion, new, buffer, _ = setup
     start = start_update(champion, *new, buffer)
