@@ -33,7 +33,15 @@ class RawBatch:
 def discover_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection) -> list[str]:
     """Batches this cadence still has to process, in batch_id order (the ledger says which)."""
     chosen = choose_batches(cfg, cadence, selection)
-    get_run_logger().info("%s: %d batch(es) to process: %s", cadence, len(chosen), chosen)
+    logger = get_run_logger()
+    if selection.force and not selection.batch_ids and len(chosen) > 1:
+        logger.warning(  # a forced rerun usually means one batch: say when it means all of them
+            "%s: forced without batch ids: retaking every arrived batch (%d), processed or not;"
+            " name the batches (--batch ID) to retake only those",
+            cadence,
+            len(chosen),
+        )
+    logger.info("%s: %d batch(es) to process: %s", cadence, len(chosen), chosen)
     return chosen
 
 

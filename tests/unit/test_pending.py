@@ -113,3 +113,25 @@ def test_a_quarantined_batch_fixed_in_place_is_taken_again_by_that_cadence(tmp_p
     os.utime(part, (1e9, 1e9))  # a modification time that surely differs from the listed one
     assert choose_batches(cfg, "weekly-replay", BatchSelection()) == ["2026-03-01"]
     assert nothing_pending(cfg, "daily-lora", {}) is False  # other cadences: as before
+
+
+def test_a_forced_run_without_batch_ids_says_it_retakes_every_batch(pipeline, monkeypatch, caplog):
+    """`--force` alone retakes every arrived batch, processed or not: said once, as a warning,
+    because a forced rerun usually means one batch."""
+    import logging
+
+    from tasks import ingest
+
+    monkeypatch.setattr(ingest, "get_run_logger", lambda: logging.getLogger("evergreen.test"))
+    write_batch(pipeline["landing"], "2026-01-03", digits_frame(slice(40, 60)))
+    with caplog.at_level(logging.INFO, logger="evergreen.test"):
+        every = ingest.discover_batches.fn(
+            pipeline["cfg"], "stream-monitor", BatchSelection(force=True)
+        )
+        named = BatchSelection(batch_ids=("2026-01-03",), force=True)
+        assert ingest.discover_batches.fn(pipeline["cfg"], "stream-monitor", named) == [
+            "2026-01-03"
+        ]
+    assert len(every) > 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and f"retaking every arrived batch ({len(every)})" in warnings[0]
