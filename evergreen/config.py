@@ -17,10 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evergreen.config_families import (
     CAUSAL_LM_FAMILY,
     TEXT_ONLY_CLASSES,
-    _causal_lm_defaults,
-    _check_distillation,
-    _check_replay_mix,
-    _text_classifier_defaults,
+    causal_lm_defaults,
+    check_distillation,
+    check_replay_mix,
+    text_classifier_defaults,
 )
 
 DEFAULT_CONFIG_PATH = Path("evergreen.yaml")
@@ -593,10 +593,10 @@ class EvergreenConfig(_Strict):
         family = self.model.family
         if self.data.text and self.data.features:
             raise ValueError("data: set either `features` or `text`, not both")
-        _check_distillation(self)
+        check_distillation(self)
         if family == CAUSAL_LM_FAMILY:
-            _causal_lm_defaults(self)
-            _check_replay_mix(self)
+            causal_lm_defaults(self)
+            check_replay_mix(self)
             return self
         if not self.data.classes or self.data.text_only:
             raise ValueError(
@@ -612,8 +612,8 @@ class EvergreenConfig(_Strict):
         if family == "hf" and not self.data.text:
             raise ValueError("model.family hf reads text: set data.text (the text column)")
         if family == "hf":
-            _text_classifier_defaults(self)
-        _check_replay_mix(self)
+            text_classifier_defaults(self)
+        check_replay_mix(self)
         return self
 
     @property

@@ -28,7 +28,7 @@ CAUSAL_LM_DAILY_REPLAY_RATIO = 0.2
 CAUSAL_LM_LR_SCHEDULE: Literal["constant", "cosine"] = "cosine"
 CAUSAL_LM_WARMUP_FRACTION = 0.05
 # Defaults of a pretrained text classifier (model.family hf), key by key unless set: see
-# `_text_classifier_defaults` for why.
+# `text_classifier_defaults` for why.
 HF_UPDATE_LR = 3e-5
 HF_EWC_LAMBDA = 1000.0
 HF_TRAIN_DEFAULTS: dict[str, dict[str, float]] = {  # passes, not step counts: steps 1 = no floor
@@ -39,7 +39,7 @@ HF_TRAIN_DEFAULTS: dict[str, dict[str, float]] = {  # passes, not step counts: s
 }
 
 
-def _causal_lm_defaults(cfg: EvergreenConfig) -> None:
+def causal_lm_defaults(cfg: EvergreenConfig) -> None:
     """Check and complete a causal-LM config: text and no classes (the placeholder class is
     filled in); weekly and daily replay `CAUSAL_LM_REPLAY_RATIO` and
     `CAUSAL_LM_DAILY_REPLAY_RATIO` old text unless their `replay_ratio` is set; every section's
@@ -72,7 +72,7 @@ def _causal_lm_defaults(cfg: EvergreenConfig) -> None:
             train.warmup_fraction = CAUSAL_LM_WARMUP_FRACTION
 
 
-def _text_classifier_defaults(cfg: EvergreenConfig) -> None:
+def text_classifier_defaults(cfg: EvergreenConfig) -> None:
     """Training of a pretrained text encoder (model.family hf): `HF_TRAIN_DEFAULTS` for every
     training key a section leaves unset, and a fixed λ of `HF_EWC_LAMBDA` for weekly and
     monthly unless set.
@@ -102,7 +102,7 @@ def _text_classifier_defaults(cfg: EvergreenConfig) -> None:
             section.ewc_lambda = HF_EWC_LAMBDA
 
 
-def _check_distillation(cfg: EvergreenConfig) -> None:
+def check_distillation(cfg: EvergreenConfig) -> None:
     """Distillation runs on causal LMs, in one process.
 
     Raises:
@@ -142,7 +142,7 @@ def new_rows_per_step(batch_size: int, replay_ratio: float) -> int:
     return new
 
 
-def _check_replay_mix(cfg: EvergreenConfig) -> None:
+def check_replay_mix(cfg: EvergreenConfig) -> None:
     """Every replaying section keeps at least one new row per batch (`new_rows_per_step`).
 
     Raises:
