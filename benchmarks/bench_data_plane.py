@@ -35,6 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+# the flows' Arrow pool (the system allocator), inherited by every measured subprocess;
+# ARROW_DEFAULT_MEMORY_POOL=mimalloc measures pyarrow's own instead
+import evergreen  # noqa: F401
+
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 FEATURES = [f"f{i:02d}" for i in range(64)]
@@ -183,6 +187,7 @@ def run(*, quick: bool = False, repeats: int | None = None) -> dict[str, Any]:
         "peak_added_mib_at_quarter_rows": slope,
         "platform": f"{platform.python_version()} on {platform.machine()}, {os.cpu_count()} cores",
         "load_average": round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None,
+        "arrow_pool": os.environ.get("ARROW_DEFAULT_MEMORY_POOL", "pyarrow's default"),
     }
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "data_plane_quick" if quick else "data_plane"
@@ -204,7 +209,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['rows']:,} rows × {result['columns']} columns (64 float32 + int64 label, "
         f"{result['row_groups']} row groups, {result['file_mib']} MiB on disk, "
         f"{result['in_memory_mib']} MiB as arrays); median of {result['repeats']} runs, one "
-        f"fresh process each; {result['platform']}, load average {result['load_average']}\n\n"
+        f"fresh process each; {result['platform']}, load average {result['load_average']}, "
+        f"Arrow memory pool {result.get('arrow_pool')}\n\n"
         "| path | seconds | rows/s | × pandas time | peak RSS added (MiB) | verdict |\n"
         "|---|---|---|---|---|---|\n"
     )
