@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from data_plane.landing import data_columns
+from data_plane.landing import COLUMNS_IN_FILES_ATTR, data_columns
 from data_plane.readers import SOURCE_COLUMN, BatchReadError
 
 if TYPE_CHECKING:
@@ -259,7 +259,8 @@ def _message(
     frame, cfg, count, where = ctx["frame"], ctx["cfg"], ctx["count"], ctx["where"]
     col = f"column {column!r}"
     if kind in ("expect_column_to_exist", "expect_table_columns_to_match_set"):
-        present = [str(c) for c in frame.columns if c != SOURCE_COLUMN]
+        in_files = frame.attrs.get(COLUMNS_IN_FILES_ATTR) or frame.columns  # not only those read
+        present = [str(c) for c in in_files if c != SOURCE_COLUMN]
         expected = {*cfg.features, cfg.text, cfg.label}
         unexpected = [c for c in present if c not in expected]
         close = difflib.get_close_matches(str(column), unexpected, n=1, cutoff=0.6)

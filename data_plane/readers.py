@@ -175,9 +175,11 @@ def _iter_parquet(
 
 def _iter_csv(handle: BinaryIO, ref: FileRef, chunk_rows: int) -> Iterator[pd.DataFrame]:
     try:
-        yield from pd.read_csv(
+        for chunk in pd.read_csv(
             handle, chunksize=chunk_rows, encoding="utf-8", encoding_errors="strict"
-        )
+        ):
+            _require_commas(chunk, ref)
+            yield chunk
     except pd.errors.EmptyDataError as exc:
         raise BatchReadError(
             ref.batch_id, ref.name, "the CSV file is empty (no header row)"
@@ -191,6 +193,27 @@ def _iter_csv(handle: BinaryIO, ref: FileRef, chunk_rows: int) -> Iterator[pd.Da
         ) from exc
     except pd.errors.ParserError as exc:
         raise BatchReadError(ref.batch_id, ref.name, f"malformed CSV ({exc})") from exc
+
+
+def _require_commas(chunk: pd.DataFrame, ref: FileRef) -> None:
+    """A CSV written with another separator (a European spreadsheet's ';', a tab) reads as one
+    column whose name holds all the others: say so, instead of "every column is missing".
+
+    Raises:
+        BatchReadError: the header is a single column that splits on ';', a tab or '|'.
+    """
+    if chunk.shape[1] != 1:
+        return
+    header = str(chunk.columns[0])
+    for separator, name in ((";", "';'"), ("\t", "tab"), ("|", "'|'")):
+        if len(header.split(separator)) > 1:
+            raise BatchReadError(
+                ref.batch_id,
+                ref.name,
+                f"the CSV file looks {name}-separated (its header reads as one column, "
+                f"{header[:60]!r}): CSV batches must be comma-separated — re-export it with ','"
+                " separators and '.' decimals, or as Parquet",
+            )
 
 
 def _lines(handle: BinaryIO) -> Iterator[bytes]:

@@ -130,6 +130,10 @@ CORRUPT: dict[str, tuple[Writer, list[str]]] = {
         lambda z, b, f: z.write_bytes(b, "readme.txt", b"see the wiki"),
         ["no .parquet/.csv/.jsonl/.json files"],
     ),
+    "semicolon-separated CSV": (
+        lambda z, b, f: z.write_bytes(b, "eu.csv", f.to_csv(index=False, sep=";").encode()),
+        ["file 'eu.csv'", "looks ';'-separated", "must be comma-separated"],
+    ),
     "header-only CSV": (
         lambda z, b, f: z.write_bytes(b, "a.csv", b"f0,f1,f2,f3,label\n"),
         ["file 'a.csv'", "holds no rows"],
