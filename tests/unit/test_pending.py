@@ -115,6 +115,30 @@ def test_a_quarantined_batch_fixed_in_place_is_taken_again_by_that_cadence(tmp_p
     assert nothing_pending(cfg, "daily-lora", {}) is False  # other cadences: as before
 
 
+def test_the_cli_check_leaves_the_changed_quarantine_warning_to_the_flow(tmp_path, caplog):
+    """The no-op check finds a fixed batch pending, so the flow runs and warns; the check itself
+    stays quiet (the console showed the same line twice)."""
+    import logging
+    import os
+
+    from data_plane.arrival import listing_signature
+    from data_plane.landing import open_landing
+
+    landing = tmp_path / "landing"
+    write_batch(landing, "2026-04-01", digits_frame(slice(0, 20)))
+    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
+    listed = listing_signature(open_landing(str(landing)).scan()["2026-04-01"])
+    details = {"reason": "NaN", "fingerprint": "f1", "listing": listed}
+    ledger.record(cfg, "daily-lora", ["2026-04-01"], "quarantined", details=details)
+    (part,) = [p for p in (landing / "2026-04-01").iterdir() if not p.name.startswith("_")]
+    os.utime(part, (1e9, 1e9))
+    with caplog.at_level(logging.WARNING, logger="model_registry.ledger"):
+        assert nothing_pending(cfg, "daily-lora", {}) is False
+        assert not [r for r in caplog.records if "changed since" in r.getMessage()]
+        assert choose_batches(cfg, "daily-lora", BatchSelection()) == ["2026-04-01"]
+        assert [r for r in caplog.records if "changed since" in r.getMessage()]
+
+
 def test_a_forced_run_without_batch_ids_says_it_retakes_every_batch(pipeline, monkeypatch, caplog):
     """`--force` alone retakes every arrived batch, processed or not: said once, as a warning,
     because a forced rerun usually means one batch."""
