@@ -91,24 +91,30 @@ def test_the_no_op_check_does_not_load_torch_or_great_expectations():
     assert out.stdout.strip() == "[]"
 
 
+def _quarantined(tmp_path, cadence: str, batch_id: str):
+    """A landed batch `cadence` quarantined as its files are now: (config, the data file)."""
+    from data_plane.arrival import listing_signature
+    from data_plane.landing import open_landing
+
+    landing = tmp_path / "landing"
+    write_batch(landing, batch_id, digits_frame(slice(0, 20)))
+    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
+    listed = listing_signature(open_landing(str(landing)).scan()[batch_id])
+    details = {"reason": "NaN", "fingerprint": "f1", "listing": listed}
+    ledger.record(cfg, cadence, [batch_id], "quarantined", details=details)
+    (part,) = [p for p in (landing / batch_id).iterdir() if not p.name.startswith("_")]
+    return cfg, part
+
+
 def test_a_quarantined_batch_fixed_in_place_is_taken_again_by_that_cadence(tmp_path):
     """3 a.m.: a batch was quarantined, someone fixes the file where it lies; the next scheduled
     run must re-validate it without a `--force` (which would retake every batch)."""
     import os
 
-    from data_plane.arrival import listing_signature
-    from data_plane.landing import open_landing
-
-    landing = tmp_path / "landing"
-    write_batch(landing, "2026-03-01", digits_frame(slice(0, 20)))
-    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
-    listed = listing_signature(open_landing(str(landing)).scan()["2026-03-01"])
-    details = {"reason": "NaN", "fingerprint": "f1", "listing": listed}
-    ledger.record(cfg, "weekly-replay", ["2026-03-01"], "quarantined", details=details)
+    cfg, part = _quarantined(tmp_path, "weekly-replay", "2026-03-01")
     assert choose_batches(cfg, "weekly-replay", BatchSelection()) == []
-    (landing / "2026-03-01" / "_SUCCESS").touch()  # a marker rewritten: no data changed
+    (part.parent / "_SUCCESS").touch()  # a marker rewritten: no data changed
     assert choose_batches(cfg, "weekly-replay", BatchSelection()) == []
-    (part,) = [p for p in (landing / "2026-03-01").iterdir() if not p.name.startswith("_")]
     part.write_bytes(part.read_bytes())  # the export rewritten in place
     os.utime(part, (1e9, 1e9))  # a modification time that surely differs from the listed one
     assert choose_batches(cfg, "weekly-replay", BatchSelection()) == ["2026-03-01"]
@@ -121,16 +127,7 @@ def test_the_cli_check_leaves_the_changed_quarantine_warning_to_the_flow(tmp_pat
     import logging
     import os
 
-    from data_plane.arrival import listing_signature
-    from data_plane.landing import open_landing
-
-    landing = tmp_path / "landing"
-    write_batch(landing, "2026-04-01", digits_frame(slice(0, 20)))
-    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
-    listed = listing_signature(open_landing(str(landing)).scan()["2026-04-01"])
-    details = {"reason": "NaN", "fingerprint": "f1", "listing": listed}
-    ledger.record(cfg, "daily-lora", ["2026-04-01"], "quarantined", details=details)
-    (part,) = [p for p in (landing / "2026-04-01").iterdir() if not p.name.startswith("_")]
+    cfg, part = _quarantined(tmp_path, "daily-lora", "2026-04-01")
     os.utime(part, (1e9, 1e9))
     with caplog.at_level(logging.WARNING, logger="model_registry.ledger"):
         assert nothing_pending(cfg, "daily-lora", {}) is False
