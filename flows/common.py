@@ -120,7 +120,7 @@ def all_quarantined(cfg: EvergreenConfig, cadence: str, data: PreparedData) -> F
         cadence=cadence,
         decision="quarantined",
         quarantined=dict(data.quarantined),
-        fingerprints=dict(data.fingerprints),
+        verdict_keys=dict(data.verdict_keys),
         reasons=[
             f"batches {sorted(data.quarantined)} failed validation and were quarantined (files "
             f"untouched); see {cfg.home_path / 'reports' / 'validation' / cadence}/<batch_id>.md, "

@@ -79,7 +79,7 @@ def stream_monitor(
             metrics=metrics,
             reasons=[f"drift at {report.drift_at[:3]}" if report.drift_at else "no drift"],
             quarantined=data.quarantined,
-            fingerprints=data.fingerprints,
+            verdict_keys=data.verdict_keys,
         )
         return conclude(cfg, monitored, forced=params.force)
     memory = commit_memory(cfg, memory, data.accepted())

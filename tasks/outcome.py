@@ -47,7 +47,7 @@ class FlowOutcome:
         reasons: full sentences, the gate's first.
         metrics: flat numbers (gate statistics, drift, calibration).
         quarantined: batches that failed validation in this run → why.
-        fingerprints: quarantined batch → what its verdict depended on
+        verdict_keys: quarantined batch → what its verdict depended on
             (`tasks.validate.verdict_keys`: the content fingerprint, so other cadences need not
             announce it again, and the files' listing, so a batch fixed in place is taken again).
     """
@@ -60,13 +60,13 @@ class FlowOutcome:
     reasons: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)
-    fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)
+    verdict_keys: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """What the flow returns (and `evergreen run` prints): the fingerprints are ledger
+        """What the flow returns (and `evergreen run` prints): the verdict keys are ledger
         bookkeeping, not part of the result."""
         result = asdict(self)
-        del result["fingerprints"]
+        del result["verdict_keys"]
         return result
 
 
@@ -96,7 +96,7 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
             "quarantined",
             details={
                 "reason": clip_middle(reason, REASON_LIMIT),
-                **outcome.fingerprints.get(batch_id, {}),
+                **outcome.verdict_keys.get(batch_id, {}),
             },
         )
     if outcome.decision in ("promoted", "rejected"):

@@ -65,7 +65,7 @@ class Registration:
     reports: dict[str, Path] = field(default_factory=dict)
     check_rows: pd.DataFrame | None = None  # rows the reloaded checkpoint must reproduce
     quarantined: dict[str, str] = field(default_factory=dict)
-    fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)  # `verdict_keys`
+    verdict_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # quarantined batches
     evaluation: Evaluation | None = None  # datasets and per-class reports for the run
     train_rows: pd.DataFrame | None = None  # this run's accepted train rows
     data_docs: dict[str, str] = field(default_factory=dict)  # batch id → Data Docs page
@@ -113,7 +113,7 @@ def registration_for(
         reports=dict(data.reports) if data else {},
         check_rows=evaluation.rows,
         quarantined=dict(data.quarantined) if data else {},
-        fingerprints=dict(data.fingerprints) if data else {},
+        verdict_keys=dict(data.verdict_keys) if data else {},
         evaluation=evaluation,
         train_rows=data.train if data else None,
         data_docs=dict(data.data_docs) if data else {},
@@ -214,7 +214,7 @@ def promote_or_reject(cfg: EvergreenConfig, reg: Registration, version: VersionI
         reasons=reasons,
         metrics={**reg.decision.to_metrics(), **reg.metrics},
         quarantined=dict(reg.quarantined),
-        fingerprints=dict(reg.fingerprints),
+        verdict_keys=dict(reg.verdict_keys),
     )
 
 
@@ -312,7 +312,7 @@ def discarded_update(
         batch_ids=list(data.batch_ids),
         champion=champion.version,
         quarantined=dict(data.quarantined),
-        fingerprints=dict(data.fingerprints),
+        verdict_keys=dict(data.verdict_keys),
         reasons=[
             "the update was discarded on its select rows (adapter restored, no version "
             "registered):",

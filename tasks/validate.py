@@ -46,7 +46,7 @@ class PreparedData:
     data_hash: str = ""
     reports: dict[str, Path] = field(default_factory=dict)
     quarantined: dict[str, str] = field(default_factory=dict)  # batch id → why
-    fingerprints: dict[str, dict[str, str]] = field(default_factory=dict)  # see `verdict_keys`
+    verdict_keys: dict[str, dict[str, str]] = field(default_factory=dict)  # quarantined batches
     drift: dict[str, float] = field(default_factory=dict)
     data_docs: dict[str, str] = field(default_factory=dict)  # batch id → its Data Docs page
 
@@ -110,7 +110,7 @@ def verdict_keys(batch: RawBatch, fingerprint: Callable[[], str]) -> dict[str, s
 
 
 def _known_quarantine(
-    cfg: EvergreenConfig, cadence: str, batch: RawBatch, fingerprint: Callable[[], str]
+    cfg: EvergreenConfig, batch: RawBatch, fingerprint: Callable[[], str]
 ) -> str | None:
     """The reason a cadence (another, or this one before the files were touched) quarantined
     this very content (same fingerprint), logged once more as a warning here; None when it must
@@ -161,10 +161,10 @@ def validate_batches(
     for batch in raw:
         # hashed only for a batch some cadence quarantined or quarantines now
         fingerprint = cache(partial(verdict_fingerprint, batch, suite_file, cfg.data))
-        known = None if recheck else _known_quarantine(cfg, cadence, batch, fingerprint)
+        known = None if recheck else _known_quarantine(cfg, batch, fingerprint)
         if known is not None:
             prepared.quarantined[batch.batch_id] = known
-            prepared.fingerprints[batch.batch_id] = verdict_keys(batch, fingerprint)
+            prepared.verdict_keys[batch.batch_id] = verdict_keys(batch, fingerprint)
             continue
         if batch.frame is None:
             assert batch.read_error is not None  # RawBatch: a frame, or why there is none
@@ -194,7 +194,7 @@ def validate_batches(
         if not report.success:
             announce_quarantine(cadence, cfg, report, docs)
             prepared.quarantined[batch.batch_id] = quarantine_reason(report, files[1])
-            prepared.fingerprints[batch.batch_id] = verdict_keys(batch, fingerprint)
+            prepared.verdict_keys[batch.batch_id] = verdict_keys(batch, fingerprint)
             continue
         _inform(cfg, cadence, report, files[1])
         drift = report.statistics.get("drift") or {}
