@@ -48,14 +48,13 @@ def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection
     Raises:
         ValueError: a requested batch id is not in the landing zone or has not fully arrived.
     """
-    from data_plane.arrival import batch_arrivals, listing_signature
+    from data_plane.arrival import batch_arrivals
     from data_plane.landing import open_landing
     from tasks import ledger
 
     zone = open_landing(cfg.data.landing)
     listing = zone.scan()
-    signatures = {b: listing_signature(objects) for b, objects in listing.items()}
-    done = set() if selection.force else ledger.processed(cfg, cadence, signatures)
+    done = set() if selection.force else ledger.processed(cfg, cadence, listing)
     window = cfg.data.arrival_quiescence_seconds
     arrivals = batch_arrivals(zone, done, quiescence_seconds=window, listing=listing)
     settling = [a.settles_in for a in arrivals if a.settles_in is not None]

@@ -10,8 +10,10 @@ run's outcome removes its attempt marker (`tasks.attempts`).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
+from data_plane.arrival import listing_signature
+from data_plane.landing import ObjectInfo
 from evergreen.cadences import batch_consumers
 from evergreen.config import EvergreenConfig
 from model_registry.ledger import Ledger, LedgerEntry, Outcome
@@ -68,18 +70,24 @@ def earlier_quarantine(
 
 
 def processed(
-    cfg: EvergreenConfig, cadence: str, listings: Mapping[str, str] | None = None
+    cfg: EvergreenConfig,
+    cadence: str,
+    listing: Mapping[str, Sequence[ObjectInfo]] | None = None,
 ) -> set[str]:
     """Batches `cadence` is done with: the latest entry is anything but `failed`, and for a
-    quarantined batch, its files are as they were when it was quarantined (`listings`: batch →
-    listing signature now; a batch fixed in place is taken again).
+    quarantined batch, its files are as they were when it was quarantined (`listing`: the
+    landing zone's files now, `LandingZone.scan`; a batch fixed in place is taken again).
 
     Read from the cadence's ledger summary and the records after it (`Ledger.latest_outcomes`),
-    so a flow start does not read the whole history; the quarantine records are searched only
-    when the cadence holds a quarantined batch.
+    so a flow start does not read the whole history; only the cadence's quarantined batches are
+    signed (`listing_signature`) and their quarantine records searched.
     """
     ledger = Ledger.from_config(cfg)
     latest = ledger.latest_outcomes(cadence)
     done = {b for b, outcome in latest.items() if outcome != "failed"}
-    quarantined = {b: s for b, s in (listings or {}).items() if latest.get(b) == "quarantined"}
+    quarantined = {
+        batch_id: listing_signature(objects)
+        for batch_id, objects in (listing or {}).items()
+        if latest.get(batch_id) == "quarantined"
+    }
     return done - ledger.changed_quarantines(cadence, quarantined)
