@@ -9,10 +9,14 @@ demo. Besides the gate rows (what the demo scores), every topic gets up to `--sp
 sentences that no batch holds: a larger, less noisy test set.
 
     OMP_NUM_THREADS=1 nice -n 10 python -m benchmarks.bench_text_update \
-        [--topics numpy,sympy,sqlalchemy,matplotlib] [--set weekly.train.lr=3e-5 ...]
+        [--topics numpy,sympy,sqlalchemy,matplotlib] [--set weekly.train.lr=3e-5 ...] \
+        [--stop-after daily]
 
-Prints one line per cadence (gate decision, retention and new accuracy on the gate rows) and,
-at the end, the champion's and joint training's accuracy per batch and per topic.
+Prints one line per cadence (gate decision, retention and new accuracy on the gate rows; for the
+daily also its select-row check, which discards an adapter before the gate, and the trained
+adapter's figures whether kept or not) and, at the end, the champion's and joint training's
+accuracy per batch and per topic. `--stop-after daily` ends the timeline after the daily batch:
+one bootstrap and one daily per variant.
 """
 
 from __future__ import annotations
@@ -98,16 +102,27 @@ def _merged(state: ModelState) -> ModelState:
 
 
 def run(
-    cfg: EvergreenConfig, topics: list[str], spare: int, *, joint: bool = True
+    cfg: EvergreenConfig,
+    topics: list[str],
+    spare: int,
+    *,
+    joint: bool = True,
+    stop_after: str | None = None,
 ) -> dict[str, Any]:
-    """Bootstrap → daily → weekly → monthly on the timeline; figures of each step and the end."""
+    """Bootstrap → daily → weekly → monthly on the timeline; figures of each step and the end.
+
+    `stop_after` (a cadence) ends the timeline after that cadence's batch: the end figures
+    (and joint training) are then of the batches so far.
+    """
     frames = make_text_frames(1, topics, spare=spare)
     test = frames.pop()
+    if stop_after is not None:
+        frames = frames[: TEXT_CADENCES.index(stop_after) + 1]
     splits = [_split(cfg, f) for f in frames]
     batch_ids = [f"b{i}" for i in range(len(frames))]
     memory, champion, steps = DataMemory(), None, []
     for cadence, batch_id, frame, split in zip(
-        TEXT_CADENCES, batch_ids, frames, splits, strict=True
+        TEXT_CADENCES[: len(frames)], batch_ids, frames, splits, strict=True
     ):
         started = time.perf_counter()
         data = PreparedData([batch_id], {batch_id: split}, {batch_id: frame}, data_hash=batch_id)
@@ -115,10 +130,25 @@ def run(
         step: dict[str, Any] = {"cadence": cadence}
         if champion is None:
             champion = tasks.train_bootstrap.train_first_model.fn(cfg, data, memory)
-            steps.append({**step, "seconds": round(time.perf_counter() - started, 1)})
+            step["champion_topics"] = _topics(cfg, champion, test, topics)
+            step["seconds"] = round(time.perf_counter() - started, 1)
+            steps.append(step)
+            print(json.dumps(step), flush=True)
             continue
         if cadence == "daily":
-            challenger, _check = tasks.train_lora.train_lora_gated.fn(cfg, champion, data, memory)
+            judged: dict[str, Any] = {}
+            judge = tasks.train_lora._selection_decision
+            tasks.train_lora._selection_decision = _recording(
+                judge, judged, cfg, splits[: len(steps) + 1], test, topics
+            )
+            try:
+                challenger, check = tasks.train_lora.train_lora_gated.fn(
+                    cfg, champion, data, memory
+                )
+            finally:
+                tasks.train_lora._selection_decision = judge
+            step["check"] = {k: _round(v) for k, v in _decision_figures(check).items()}
+            step["adapter"] = judged
         else:
             trainer = (
                 tasks.train_ewc.train_replay_ewc
@@ -169,6 +199,31 @@ def run(
     }
 
 
+def _recording(
+    judge: Any,
+    into: dict[str, Any],
+    cfg: EvergreenConfig,
+    splits: list[ThreeWaySplit],
+    test: pd.DataFrame,
+    topics: list[str],
+) -> Any:
+    """`judge` (the daily's select-row check), also recording the trained adapter's gate-row
+    accuracy per batch and test-row accuracy per topic before the check keeps or discards it."""
+
+    def recorded(
+        cfg_: EvergreenConfig, champion: ModelState, selection: Any, candidate: torch.nn.Module
+    ) -> Any:
+        decision = judge(cfg_, champion, selection, candidate)
+        into["batches"] = {
+            f"b{i}": round(_accuracy(cfg, candidate, champion.spec, s.gate), 3)
+            for i, s in enumerate(splits)
+        }
+        into["topics"] = _topics(cfg, ModelState(candidate, champion.spec), test, topics)
+        return decision
+
+    return recorded
+
+
 def _decision_figures(decision: Any) -> dict[str, Any]:
     keep = ("champion_mean", "challenger_mean", "ci_low", "n")
     metrics = decision.to_metrics()
@@ -214,6 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-joint", action="store_true", help="skip the joint reference (its figures are fixed)"
     )
+    parser.add_argument(
+        "--stop-after",
+        choices=TEXT_CADENCES[:-1],
+        help="end the timeline after this cadence (e.g. daily: one bootstrap and one daily)",
+    )
     args = parser.parse_args(argv)
     topics = args.topics.split(",")
     tasks.train.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
@@ -222,7 +282,13 @@ def main(argv: list[str] | None = None) -> int:
     tasks.evaluate.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as home:
-        result = run(config(topics, args.sets, home), topics, args.spare, joint=not args.no_joint)
+        result = run(
+            config(topics, args.sets, home),
+            topics,
+            args.spare,
+            joint=not args.no_joint,
+            stop_after=args.stop_after,
+        )
     result["seconds"] = round(time.perf_counter() - started, 1)
     result["sets"] = args.sets
     print(json.dumps({k: v for k, v in result.items() if k != "steps"}))
