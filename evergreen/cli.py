@@ -229,8 +229,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if path.exists() and not args.force:
-        err_console.print(f"[red]{path} exists[/red]; use --force to overwrite")
-        return 1
+        raise UsageError(f"{path} exists: use --force to overwrite it")
     path.write_text(text_template() if args.text else CONFIG_TEMPLATE)
     columns = "data.text" if args.text else "data.features"
     console.print(f"wrote {path}: set data.landing, {columns}, data.label and data.classes")

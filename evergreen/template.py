@@ -64,7 +64,7 @@ monthly:                          # full fine-tune + online EWC
   replay_ratio: 0.5               # rehearsal from the data memory (0 = EWC alone: cannot learn new classes)
 
 weekly:                           # experience replay + EWC
-  train: {steps: 300, epochs: 5, processes: 1}   # processes > 1: torchrun DDP (any section's train)
+  train: {steps: 300, epochs: 5}  # + processes: 2 → torchrun DDP (any section; unset: $EVERGREEN_TRAIN_PROCESSES or 1)
   # replay_ratio: 0.75            # share of each step drawn from the data memory (which holds every
   #                               # batch); unset: 0.75, or 0.5 for model.family hf-causal-lm
 
@@ -116,8 +116,8 @@ _TEXT_LINES = {
     "  train: {steps: 400, epochs: 5}  # at least `steps`, at least `epochs` passes over the new rows\n": (
         "  train: {steps: 1, epochs: 10, batch_size: 16}  # lr unset: 3e-5; `epochs` passes\n"
     ),
-    "  train: {steps: 300, epochs: 5, processes: 1}   # processes > 1: torchrun DDP (any section's train)\n": (
-        "  train: {steps: 1, epochs: 10, batch_size: 16, processes: 1}  # lr unset: 3e-5\n"
+    "  train: {steps: 300, epochs: 5}  # + processes: 2 → torchrun DDP (any section; unset: $EVERGREEN_TRAIN_PROCESSES or 1)\n": (
+        "  train: {steps: 1, epochs: 10, batch_size: 16}  # lr unset: 3e-5\n"
     ),
     "  train: {steps: 150, lr: 0.003}\n": (
         "  train: {steps: 1, epochs: 2, batch_size: 16, lr: 0.001}  # the LoRA adapters only\n"
