@@ -363,3 +363,9 @@ def test_demo_wipes_only_what_it_made(tmp_path):
     (default / "reports").mkdir(parents=True)  # a demo home of a release before the marker
     _wipe_demo_home(default, ours=True)
     assert not default.exists()
+
+
+def test_deploy_without_a_prefect_server_is_one_usage_line(project, capsys, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    assert main(["deploy"]) == ExitCode.USAGE
+    assert "deploy needs a Prefect server" in _one_error_line(capsys)
