@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--prefect-port", type=int, default=4200)
     for sub_parser in sub.choices.values():
         _output_flags(sub_parser, top=False)
-        if sub_parser is not init:
+        if sub_parser not in (init, demo):  # the demo writes its own config
             _common(sub_parser)
     return parser
 
