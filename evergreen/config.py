@@ -286,7 +286,9 @@ class ModelConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    tracking_uri: str | None = Field(None, description="null = embedded SQLite under home.")
+    tracking_uri: str | None = Field(
+        None, description="null = $MLFLOW_TRACKING_URI if set, else embedded SQLite under home."
+    )
     name: str = Field(
         "evergreen",
         pattern=SAFE_NAME,
@@ -327,6 +329,13 @@ class TrainConfig(_Strict):
         description="Processes to train with: above 1 the training runs under torchrun (DDP, "
         "gloo on CPU, NCCL on GPUs), each rank on a shard of the rows; the global batch stays "
         "`batch_size`. Unset: $EVERGREEN_TRAIN_PROCESSES, else 1.",
+    )
+    timeout_minutes: float = Field(
+        60.0,
+        gt=0,
+        description="Wall-clock limit of the section's training task (Prefect task timeout): a "
+        "run that reaches it fails, its batches stay pending and the next run starts over. "
+        "Raise it for long (GPU, large-data) runs; λ 'auto' trains every candidate within it.",
     )
     checkpoint_every_steps: int = Field(
         0,

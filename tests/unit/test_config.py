@@ -20,7 +20,19 @@ def test_init_template_is_a_valid_config_and_init_writes_it(tmp_path, monkeypatc
     assert main(["init"]) == 0
     cfg = load_config(tmp_path / "evergreen.yaml")
     assert yaml.safe_load(CONFIG_TEMPLATE)["data"]["features"] == cfg.data.features
-    assert main(["init"]) == 1  # never overwrites silently
+    assert main(["init"]) == ExitCode.USAGE  # never overwrites silently
+
+
+def test_an_init_file_leaves_every_sections_process_count_to_the_gpu_pool(tmp_path, monkeypatch):
+    """The Kubernetes GPU pool sets EVERGREEN_TRAIN_PROCESSES for sections that leave
+    `train.processes` unset: a file written by `init` (either kind) must set it nowhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EVERGREEN_TRAIN_PROCESSES", "2")
+    for argv in (["init"], ["init", "--text", "--path", "text.yaml"]):
+        assert main(argv) == 0
+        cfg = load_config(tmp_path / ("text.yaml" if "--text" in argv else "evergreen.yaml"))
+        sections = (cfg.bootstrap, cfg.daily, cfg.weekly, cfg.monthly)
+        assert [s.train.processes for s in sections] == [2, 2, 2, 2], argv
 
 
 def test_init_template_leaves_replay_to_the_model_family(tmp_path, monkeypatch):
