@@ -70,8 +70,8 @@ weekly:                           # experience replay + EWC
 
 daily:                            # online LoRA, kept only if it passes the gate's rule on select rows
   train: {steps: 150, lr: 0.003}
-  lora_r: 8
-  lora_alpha: 16
+  # lora_r: 32                    # adapter rank; unset: 32, or 8 for model.family hf / hf-causal-lm
+  # lora_alpha: 64                # unset: 2 × lora_r (the update is scaled by alpha / r)
   target_modules: null            # null: q_proj/v_proj where present, else every Linear but the head
   # replay_ratio: 0.75            # unset: 0.75, or 0.2 for model.family hf-causal-lm
 
