@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+nan = math.nan  # runs recorded before CPU time was
 RESULTS = Path(__file__).resolve().parent / "results"
 CHECKPOINTS = (1, 10, 20, 30, 50, 100)
 
@@ -76,13 +78,16 @@ def _landing(root: Path, cycles: int) -> list[str]:
 
 
 def one_run(config: str, batch_id: str) -> dict[str, Any]:
-    """One daily-lora run in this process: its wall time, decision and resident memory."""
+    """One daily-lora run in this process: its wall time, CPU time (this process's threads: a
+    load-robust figure on a shared machine; the ephemeral Prefect server's own process is not
+    in it), decision and resident memory."""
     from evergreen.cadences import run_flow
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     outcome = run_flow("daily-lora", config_path=config, batch_ids=[batch_id])
     return {
         "seconds": time.perf_counter() - started,
+        "cpu_seconds": time.process_time() - cpu_started,
         "decision": outcome["decision"],
         "rss_mb": _rss_mb(),
         "peak_rss_mb": _peak_mb(),
@@ -92,7 +97,7 @@ def one_run(config: str, batch_id: str) -> dict[str, Any]:
 def _run_in_fresh_process(config: str, batch_id: str) -> dict[str, Any]:
     """`one_run` in a new interpreter (what a process worker does); the wall time is the whole
     process's, imports included, and memory is that process's own peak."""
-    started = time.perf_counter()
+    started, children = time.perf_counter(), _children_cpu()
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks.bench_growth", "--one", config, batch_id],
         capture_output=True,
@@ -102,7 +107,13 @@ def _run_in_fresh_process(config: str, batch_id: str) -> dict[str, Any]:
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     figures["flow_seconds"] = figures["seconds"]
     figures["seconds"] = time.perf_counter() - started
+    figures["cpu_seconds"] = _children_cpu() - children  # the whole process, imports included
     return figures
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run(cycles: int = 100, *, process_per_run: bool = False) -> dict[str, Any]:
@@ -169,12 +180,15 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "seconds_median3": statistics.median(r["seconds"] for r in window),
             # the fastest of 5 runs around k: what the run costs when the machine is not busy
             "seconds_min5": min(r["seconds"] for r in runs[max(0, k - 3) : k + 2]),
+            "cpu_seconds_median3": statistics.median(r.get("cpu_seconds", nan) for r in window),
             "rss_mb": runs[k - 1]["rss_mb"],
             "peak_rss_mb": runs[k - 1]["peak_rss_mb"],
             "store_mb": runs[k - 1].get("store_mb", {}),
         }
     first, fastest = out["1"]["seconds_median3"], out["1"]["seconds_min5"]
+    first_cpu = out["1"]["cpu_seconds_median3"]
     for figures in out.values():
+        figures["cpu_ratio_vs_run_1"] = figures["cpu_seconds_median3"] / first_cpu
         figures["ratio_vs_run_1"] = figures["seconds_median3"] / first
         figures["min5_ratio_vs_run_1"] = figures["seconds_min5"] / fastest
     return out
@@ -192,14 +206,15 @@ def markdown(result: dict[str, Any]) -> str:
         f"{_load(result.get('load_average_start'))} at the start, "
         f"{_load(result['load_average'])} at the end, on {os.cpu_count()} cores",
         "",
-        "| run | median s (k±1) | vs run 1 | fastest s (k±2) | vs run 1 | RSS after run MB | "
-        "peak RSS MB | store MB (mlartifacts / gx / cache) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| run | median s (k±1) | vs run 1 | fastest s (k±2) | vs run 1 | median CPU s (k±1) | "
+        "vs run 1 | RSS after run MB | peak RSS MB | store MB (mlartifacts / gx / cache) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, f in result["summary"].items():
         lines.append(
             f"| {k} | {f['seconds_median3']:.1f} | {f['ratio_vs_run_1']:.2f}× | "
             f"{f['seconds_min5']:.1f} | {f['min5_ratio_vs_run_1']:.2f}× | "
+            f"{f.get('cpu_seconds_median3', nan):.1f} | {f.get('cpu_ratio_vs_run_1', nan):.2f}× | "
             f"{f['rss_mb']:.0f} | {f['peak_rss_mb']:.0f} | {_store(f.get('store_mb', {}))} |"
         )
     return "\n".join(lines)

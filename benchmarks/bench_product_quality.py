@@ -3,13 +3,16 @@
 Run: `python -m benchmarks.bench_product_quality` (validation split, weekly-replay, 3 seeds);
 options: `--split test` (the final check: never tune on it), `--families rotate gain`,
 `--seeds 0 1`, `--cadence daily-lora|monthly-finetune`, `--declare-bounds`, `--quick` (1 seed,
-2 tasks, prints only). Writes `benchmarks/results/product_quality.json` (one entry per
-split/cadence, earlier entries kept) and `product_quality.md`.
+2 tasks, prints only), `--set KEY=VALUE` (repeatable: a config override, as the CLI's `--set`,
+for every `evergreen run` and the bounds; a variant of the recipe, recorded in the entry and its
+key). Writes `benchmarks/results/product_quality.json` (one entry per split/cadence[/overrides],
+earlier entries kept) and `product_quality.md`.
 
 Per sequence (`benchmarks/sequences.py`) and seed, exactly as a new user would: a fresh home and
 landing folder, `evergreen init`, then only data keys (+ home, registry.name) set with `--set`, so
-the shipped defaults do the rest. Task 0 is landed and `evergreen run bootstrap` trains the first
-champion; each later task is landed as a new batch and `evergreen run <cadence>` processes it.
+the shipped defaults (or the benchmark's `--set` variant) do the rest. Task 0 is landed and
+`evergreen run bootstrap` trains the first champion; each later task is landed as a new batch and
+`evergreen run <cadence>` processes it.
 After every step `models:/<name>@champion` is loaded with `mlflow.pyfunc` and scored on the test
 frame of every task seen so far → accuracy matrix R (average accuracy, forgetting:
 `continual.metrics`).
@@ -300,15 +303,22 @@ def run_baselines(cfg, sequence: TaskSequence, cadence: str) -> dict[str, np.nda
 
 
 def run_sequence(
-    family: str, seed: int, cadence: str, n_tasks: int, declare_bounds: bool, workdir: Path
+    family: str,
+    seed: int,
+    cadence: str,
+    n_tasks: int,
+    declare_bounds: bool,
+    workdir: Path,
+    overrides: list[str] | None = None,
 ) -> dict:
-    """One sequence through the product and the two baselines."""
+    """One sequence through the product and the two baselines (`overrides`: `--set` values
+    after the benchmark's own, for every `evergreen run` and the config the bounds read)."""
     from evergreen.config import load_config
 
     sequence = build_sequence(family, seed, n_tasks)
     root = Path(tempfile.mkdtemp(prefix=f"pq-{family}-{seed}-", dir=workdir))
     name = f"pq-{family}-s{seed}"
-    sets = overrides_for(root, name, sequence, declare_bounds)
+    sets = overrides_for(root, name, sequence, declare_bounds) + list(overrides or [])
     with contextlib.redirect_stdout(io.StringIO()):
         assert cli_main()(["init", "--path", str(root / "evergreen.yaml")]) == 0
     cfg = load_config(root / "evergreen.yaml", sets)
@@ -417,8 +427,14 @@ def run(
     quick: bool = False,
     declare_bounds: bool = False,
     keep: bool = False,
+    overrides: list[str] | None = None,
 ) -> dict:
-    """Run the benchmark; returns the result (written to RESULTS unless quick)."""
+    """Run the benchmark; returns the result (written to RESULTS unless quick). `overrides`:
+    `KEY=VALUE` config overrides (the CLI's `--set`) — a variant of the shipped recipe."""
+    overrides = list(overrides or [])
+    malformed = [o for o in overrides if "=" not in o]
+    if malformed:
+        raise ValueError(f"overrides must be KEY=VALUE: {malformed}")
     chosen = SPLITS[split]
     families = families or list(chosen.families)
     outside = [f for f in families if f not in chosen.families]
@@ -437,7 +453,9 @@ def run(
     for family in families:
         for seed in seeds:
             print(f"[{time.perf_counter() - started:6.0f}s] {family} seed {seed}…", file=sys.stderr)
-            runs.append(run_sequence(family, seed, cadence, n_tasks, declare_bounds, workdir))
+            runs.append(
+                run_sequence(family, seed, cadence, n_tasks, declare_bounds, workdir, overrides)
+            )
             with (workdir.parent / f"{workdir.name}.runs.jsonl").open("a") as partial:
                 partial.write(json.dumps(runs[-1], default=str) + "\n")  # survives a kill
     if keep:
@@ -450,6 +468,7 @@ def run(
         "split": split,
         "cadence": cadence,
         "declare_bounds": declare_bounds,
+        **({"overrides": overrides} if overrides else {}),  # a variant, not the shipped recipe
         "quick": quick,
         "families": families,
         "seeds": seeds,
@@ -479,13 +498,16 @@ def _code_state() -> dict:
 
 
 def result_key(result: dict) -> str:
-    """split/cadence[/declared-bounds][/families] — a run of some families does not replace one
-    of others (the families are named only when the run left some of the split's out)."""
+    """split/cadence[/declared-bounds][/families][/set:overrides] — a run of some families does
+    not replace one of others (the families are named only when the run left some of the split's
+    out), nor does a variant (`--set`) replace the shipped recipe's entry."""
     key = f"{result['split']}/{result['cadence']}" + (
         "/declared-bounds" if result["declare_bounds"] else ""
     )
     if set(result["families"]) != set(SPLITS[result["split"]].families):
         key += "/" + "+".join(result["families"])
+    if result.get("overrides"):
+        key += "/set:" + ",".join(result["overrides"])
     return key
 
 
@@ -583,6 +605,15 @@ def main() -> None:
         help="declare data.feature_bounds [0, max over the sequence] for every pixel",
     )
     parser.add_argument("--keep", action="store_true", help="keep the homes (printed)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for every `evergreen run` (as the CLI's --set; repeatable); "
+        "recorded in the result's entry and key",
+    )
     args = parser.parse_args()
     result = run(
         args.split,
@@ -592,6 +623,7 @@ def main() -> None:
         args.quick,
         args.declare_bounds,
         args.keep,
+        args.overrides,
     )
     print(markdown(result))
 

@@ -153,6 +153,11 @@ class LandingZone(ABC):
         return f"{type(self).__name__}({self.uri!r})"
 
 
+class LandingZoneNotFound(FileNotFoundError):
+    """`data.landing` names a folder or bucket that does not exist: a configuration fault (the
+    CLI exits with its config code), not a bug and not an unreadable batch."""
+
+
 class LocalLandingZone(LandingZone):
     """A landing zone on the local file system."""
 
@@ -162,7 +167,7 @@ class LocalLandingZone(LandingZone):
 
     def _require_root(self) -> None:
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise LandingZoneNotFound(
                 f"landing zone {self.root} does not exist: create it or fix `data.landing`"
             )
 
@@ -268,7 +273,7 @@ class S3LandingZone(LandingZone):
         try:
             yield from paginator.paginate(Bucket=self.bucket, Prefix=prefix, Delimiter="/")
         except self.client.exceptions.NoSuchBucket as exc:
-            raise FileNotFoundError(
+            raise LandingZoneNotFound(
                 f"landing zone {self.uri}: bucket {self.bucket!r} does not exist"
                 " — create it or fix `data.landing`"
             ) from exc
@@ -308,7 +313,7 @@ class S3LandingZone(LandingZone):
                         modified = obj["LastModified"].timestamp()
                         objects.append(ObjectInfo(name, int(obj["Size"]), modified))
         except self.client.exceptions.NoSuchBucket as exc:
-            raise FileNotFoundError(
+            raise LandingZoneNotFound(
                 f"landing zone {self.uri}: bucket {self.bucket!r} does not exist"
                 " — create it or fix `data.landing`"
             ) from exc

@@ -152,7 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--home",
         default=None,
-        help="where the demo keeps its state (default .evergreen/demo, or .evergreen/demo-text)",
+        help=(
+            "where the demo keeps its state (default .evergreen/demo, or .evergreen/demo-text); "
+            "deleted first unless --keep — an existing folder the demo did not make is refused"
+        ),
     )
     demo.add_argument("--keep", action="store_true", help="do not wipe an earlier demo home")
     run = sub.add_parser("run", help="run one flow now (ephemeral Prefect unless PREFECT_API_URL)")
@@ -183,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--prefect-port", type=int, default=4200)
     for sub_parser in sub.choices.values():
         _output_flags(sub_parser, top=False)
-        if sub_parser is not init:
+        if sub_parser not in (init, demo):  # the demo writes its own config
             _common(sub_parser)
     return parser
 
@@ -226,8 +229,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
     path = Path(args.path)
     if path.exists() and not args.force:
-        err_console.print(f"[red]{path} exists[/red]; use --force to overwrite")
-        return 1
+        raise UsageError(f"{path} exists: use --force to overwrite it")
     path.write_text(text_template() if args.text else CONFIG_TEMPLATE)
     columns = "data.text" if args.text else "data.features"
     console.print(f"wrote {path}: set data.landing, {columns}, data.label and data.classes")
@@ -431,12 +433,37 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_MARKER = ".evergreen-demo"
+
+
+def _wipe_demo_home(home: Path, *, ours: bool) -> None:
+    """Start the demo afresh, deleting only a folder the demo made: its default home, or one
+    holding the demo's marker, or an empty one.
+
+    Raises:
+        UsageError: `--home` names an existing folder the demo did not make (a project's home
+            given by mistake must not be deleted).
+    """
+    if not home.is_dir():
+        raise UsageError(f"--home {home} exists and is not a folder")
+    if ours or (home / DEMO_MARKER).is_file() or not any(home.iterdir()):
+        shutil.rmtree(home)
+        return
+    raise UsageError(
+        f"--home {home} exists and was not made by `evergreen demo` (no {DEMO_MARKER} file): "
+        "the demo starts by deleting its home, so pick a new folder (or delete this one yourself)"
+    )
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from demo.run import run_demo
 
-    home = Path(args.home or (".evergreen/demo-text" if args.text else ".evergreen/demo")).resolve()
+    default = Path(".evergreen/demo-text" if args.text else ".evergreen/demo").resolve()
+    home = Path(args.home).resolve() if args.home else default
     if home.exists() and not args.keep:
-        shutil.rmtree(home)
+        _wipe_demo_home(home, ours=home == default)
+    home.mkdir(parents=True, exist_ok=True)
+    (home / DEMO_MARKER).write_text("written by `evergreen demo`: the demo may wipe this folder\n")
     try:
         code = run_demo(home, console=console, text=args.text)
     finally:

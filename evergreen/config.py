@@ -20,6 +20,7 @@ from evergreen.config_families import (
     causal_lm_defaults,
     check_distillation,
     check_replay_mix,
+    daily_lora_defaults,
     text_classifier_defaults,
 )
 
@@ -286,7 +287,9 @@ class ModelConfig(_Strict):
 
 
 class RegistryConfig(_Strict):
-    tracking_uri: str | None = Field(None, description="null = embedded SQLite under home.")
+    tracking_uri: str | None = Field(
+        None, description="null = $MLFLOW_TRACKING_URI if set, else embedded SQLite under home."
+    )
     name: str = Field(
         "evergreen",
         pattern=SAFE_NAME,
@@ -327,6 +330,13 @@ class TrainConfig(_Strict):
         description="Processes to train with: above 1 the training runs under torchrun (DDP, "
         "gloo on CPU, NCCL on GPUs), each rank on a shard of the rows; the global batch stays "
         "`batch_size`. Unset: $EVERGREEN_TRAIN_PROCESSES, else 1.",
+    )
+    timeout_minutes: float = Field(
+        60.0,
+        gt=0,
+        description="Wall-clock limit of the section's training task (Prefect task timeout): a "
+        "run that reaches it fails, its batches stay pending and the next run starts over. "
+        "Raise it for long (GPU, large-data) runs; λ 'auto' trains every candidate within it.",
     )
     checkpoint_every_steps: int = Field(
         0,
@@ -485,8 +495,17 @@ class WeeklyConfig(_EWCSection):
 
 class DailyConfig(_DistillFields):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=150, lr=3e-3))
-    lora_r: int = Field(8, gt=0)
-    lora_alpha: int = Field(16, gt=0)
+    lora_r: int = Field(
+        32,
+        gt=0,
+        description="Rank of the daily adapter. Unset: 32, or 8 for model.family hf / "
+        "hf-causal-lm (evergreen/config_families.py says why).",
+    )
+    lora_alpha: int = Field(
+        64,
+        gt=0,
+        description="LoRA scale numerator (update scaled by alpha / r). Unset: 2 × lora_r.",
+    )
     lora_dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | None = Field(
         None, min_length=1, description="None: q_proj/v_proj where present."
@@ -594,6 +613,7 @@ class EvergreenConfig(_Strict):
         if self.data.text and self.data.features:
             raise ValueError("data: set either `features` or `text`, not both")
         check_distillation(self)
+        daily_lora_defaults(self)
         if family == CAUSAL_LM_FAMILY:
             causal_lm_defaults(self)
             check_replay_mix(self)

@@ -14,6 +14,7 @@ from rich.console import Console
 from evergreen.automations import ensure_automations
 from evergreen.config import EvergreenConfig
 from evergreen.deployments import CONFIG_VARIABLE, WORK_POOL
+from evergreen.errors import UsageError
 from tasks.limits import ensure_limits
 
 
@@ -56,14 +57,13 @@ def deploy_all(
     """Work pool, concurrency limits, config Variable, automations (with `notify`), then
     `prefect deploy` of every (or the named) deployment."""
     if not PREFECT_API_URL.value():
-        console.print(
-            "[red]deploy needs a Prefect server[/red]: run `prefect server start` and "
-            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (see README, 'Servers and S3')"
+        raise UsageError(
+            "deploy needs a Prefect server: run `prefect server start` and "
+            "`export PREFECT_API_URL=http://127.0.0.1:4200/api` (README, 'From the embedded "
+            "default to servers and S3')"
         )
-        return 2
     if not prefect_file.exists():
-        console.print(f"[red]{prefect_file} not found[/red]")
-        return 2
+        raise UsageError(f"{prefect_file} not found (--prefect-file)")
     if ensure_work_pool():
         console.print(f"created work pool {WORK_POOL} (process)")
     for name in ensure_limits(cfg.registry.name):
@@ -85,9 +85,9 @@ def deploy_all(
     ]
     done = subprocess.run(command, env=env, text=True, capture_output=True, check=False)
     console.print(done.stdout[-4000:])
-    if done.returncode != 0:
+    if done.returncode != 0:  # the command ran and failed: exit 1, prefect's reasons above
         console.print(f"[red]prefect deploy failed[/red]:\n{done.stderr[-4000:]}")
-        return done.returncode
+        return 1
     console.print(
         f"deployments registered; start a worker: prefect worker start --pool {WORK_POOL}  "
         f"(working directory {Path.cwd()}, config {cfg.home_path})"

@@ -197,6 +197,8 @@ def _by_type(error: BaseException) -> Failure | None:
         return Failure(ExitCode.REGISTRY, f"MLflow: {_first_line(error)}")
     if name == "BatchReadError":
         return Failure(ExitCode.DATA, _first_line(error))
+    if name == "LandingZoneNotFound":
+        return Failure(ExitCode.CONFIG, _first_line(error))
     return None
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from evergreen.config import EvergreenConfig
+from evergreen.errors import UsageError
 
 NOTHING_PENDING = "no pending batches"
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection
 def _check_requested(
     cfg: EvergreenConfig, batch_ids: tuple[str, ...], arrivals: dict[str, Any], done: set[str]
 ) -> None:
-    """Raise ValueError naming every requested batch that is absent or has not fully arrived
+    """Raise UsageError naming every requested batch that is absent or has not fully arrived
     (an already-processed one is fine: an unforced rerun of it is a no-op)."""
     problems = [
         f"{b}: {arrivals[b].reason}" if b in arrivals else f"{b}: not in the landing zone"
@@ -85,7 +86,7 @@ def _check_requested(
         if (b in arrivals and not arrivals[b].arrived) or (b not in arrivals and b not in done)
     ]
     if problems:
-        raise ValueError(
+        raise UsageError(
             f"requested batches cannot be read from {cfg.data.landing}: " + "; ".join(problems)
         )
 
@@ -106,12 +107,24 @@ def skipped_outcome(cadence: str) -> dict[str, Any]:
 
 def nothing_pending(cfg: EvergreenConfig, cadence: str, params: dict[str, Any]) -> bool:
     """True when a run of batch-consuming `cadence` with these CLI parameters would take no
-    batch; False whenever the flow must start (forced, explicit batch ids)."""
-    if params.get("force") or params.get("batch_ids"):
+    batch; False whenever the flow must start (forced).
+
+    Raises:
+        UsageError: a requested batch id is not in the landing zone (or has not fully arrived),
+            before a flow run is started for it.
+    """
+    batch_ids = tuple(params.get("batch_ids") or ())
+    if params.get("force") and not batch_ids:
         return False
-    selection = BatchSelection(until=params.get("until"), max_batches=params.get("max_batches"))
+    selection = BatchSelection(
+        batch_ids=batch_ids,
+        until=params.get("until"),
+        max_batches=params.get("max_batches"),
+        force=bool(params.get("force")),
+    )
     with _quiet("model_registry.ledger"):  # "changed since quarantined": the flow runs, says it
-        return not choose_batches(cfg, cadence, selection)
+        chosen = choose_batches(cfg, cadence, selection)
+    return not chosen and not selection.force
 
 
 @contextlib.contextmanager

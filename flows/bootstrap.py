@@ -14,6 +14,7 @@ from flows.params import BATCH_IDS, CONFIG_PATH, FORCE, MAX_BATCHES, OVERRIDES, 
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
 from tasks.ledger import record_consumed
+from tasks.limits import time_limited
 from tasks.memory import commit_memory, load_memory
 from tasks.outcome import FlowOutcome, conclude
 from tasks.promote import (
@@ -57,7 +58,7 @@ def bootstrap(
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train the first model
-        challenger = train_first_model(cfg, data, memory)
+        challenger = time_limited(train_first_model, cfg.bootstrap.train)(cfg, data, memory)
         # 4. evaluate (no champion: the accuracy floor of the gate policy applies)
         evaluation = evaluate_against_champion(cfg, None, challenger, memory)
         # 5. promote or reject

@@ -13,6 +13,7 @@ from flows.common import all_quarantined, begin, nothing_to_do, require_champion
 from flows.params import BATCH_IDS, CONFIG_PATH, FORCE, MAX_BATCHES, OVERRIDES, UNTIL, FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.limits import time_limited
 from tasks.memory import commit_memory, load_memory
 from tasks.outcome import conclude
 from tasks.promote import (
@@ -54,7 +55,9 @@ def daily_lora(
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger (the adapter is restored exactly if the select rows reject it)
-        challenger, check = train_lora_gated(cfg, champion, data, memory)
+        challenger, check = time_limited(train_lora_gated, cfg.daily.train)(
+            cfg, champion, data, memory
+        )
         if challenger is None:
             return conclude(cfg, discarded_update(CADENCE, champion, data, check))
         # 4. evaluate against champion

@@ -13,6 +13,7 @@ from flows.common import all_quarantined, begin, nothing_to_do, require_champion
 from flows.params import BATCH_IDS, CONFIG_PATH, FORCE, MAX_BATCHES, OVERRIDES, UNTIL, FlowParams
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.limits import time_limited
 from tasks.memory import commit_memory, load_memory
 from tasks.outcome import conclude
 from tasks.promote import (
@@ -53,7 +54,9 @@ def monthly_finetune(
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger
-        challenger, metrics = train_finetune_ewc(cfg, champion, data, memory)
+        challenger, metrics = time_limited(train_finetune_ewc, cfg.monthly.train)(
+            cfg, champion, data, memory
+        )
         # 4. evaluate against champion
         evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject

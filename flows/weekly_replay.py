@@ -23,6 +23,7 @@ from flows.params import (
 )
 from tasks.evaluate import evaluate_against_champion
 from tasks.ingest import discover_batches, read_batches
+from tasks.limits import time_limited
 from tasks.memory import commit_memory, load_memory
 from tasks.outcome import conclude
 from tasks.promote import (
@@ -64,7 +65,9 @@ def weekly_replay(
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger
-        challenger, metrics = train_replay_ewc(cfg, champion, data, memory)
+        challenger, metrics = time_limited(train_replay_ewc, cfg.weekly.train)(
+            cfg, champion, data, memory
+        )
         # 4. evaluate against champion
         evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject

@@ -122,14 +122,41 @@ def render_history(events: Iterable[Any], console: Console) -> None:
 
 
 def _ledger_table(entries: Iterable[Mapping[str, Any]]) -> Table:
-    table = Table(title="Batch ledger (newest first; reasons: evergreen status --json)")
+    table = Table(title="Batch ledger (newest first; every reason: evergreen status --json)")
     for column in ("at", "cadence", "batch", "outcome", "version"):
         table.add_column(column, no_wrap=True)
+    table.add_column("why", overflow="fold", min_width=20)
     colours = {"promoted": "green", "rejected": "yellow", "quarantined": "red", "failed": "red"}
     for e in entries:
         colour = colours.get(e["outcome"], "white")
         outcome = f"[{colour}]{e['outcome']}[/]"
         at = e["at"][:16].replace("T", " ")
-        version = e["details"].get("version") or e["details"].get("by", "—")
-        table.add_row(at, e["cadence"], e["batch_id"], outcome, version)
+        version = e["details"].get("version") or e["details"].get("by") or "—"
+        version = "—" if version == "None" else version  # recorded before a version existed
+        table.add_row(at, e["cadence"], e["batch_id"], outcome, version, ledger_why(e))
     return table
+
+
+def ledger_why(entry: Mapping[str, Any]) -> str:
+    """The sentence that decided a batch that was not promoted ("" for a promotion).
+
+    Why: an operator reading `evergreen status` at 3 a.m. needs the cause beside "rejected",
+    not in the JSON: the gate's blocking checks (their sentences end in "rejected.", after a
+    heading such as "the update was discarded on its select rows …:"), the quarantine's first
+    failed expectation, the error, or why a run skipped. Every reason stays in `--json`.
+    """
+    details = entry.get("details") or {}
+    outcome = entry.get("outcome")
+    reasons = [r.strip() for r in str(details.get("reasons", "")).split(" | ") if r.strip()]
+    if outcome == "rejected":
+        heading = reasons[:1] if reasons and reasons[0].endswith(":") else []
+        blocking = [r for r in reasons if r.endswith("rejected.")]
+        return " ".join(heading + blocking) if blocking else " ".join(reasons[:1])
+    if outcome == "skipped":
+        return " ".join(reasons)
+    if outcome == "quarantined":
+        reason = str(details.get("reason", ""))
+        return reason.split(" — ", 1)[-1] if " — " in reason else reason
+    if outcome == "failed":
+        return str(details.get("error", "")).splitlines()[0] if details.get("error") else ""
+    return ""

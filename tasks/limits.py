@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, TypeVar
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -34,7 +35,10 @@ from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 from prefect.settings import PREFECT_API_URL
 
+from evergreen.config import TrainConfig
 from model_registry.locking import promotion_lock
+
+TaskT = TypeVar("TaskT")
 
 DEFAULT_LIMIT = 1
 
@@ -105,3 +109,13 @@ def promotion_slot(pipeline: str, timeout_seconds: float = 300) -> Iterator[None
     name = promotion_limit(pipeline)
     with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield
+
+
+def time_limited(training_task: TaskT, train: TrainConfig) -> TaskT:
+    """`training_task` with the section's own time limit (`train.timeout_minutes`).
+
+    Why: the decorators' limit is one hour for every pipeline; a GPU fine-tune of a large model
+    can need several, and a limit that every run reaches fails every run.
+    """
+    task: Any = training_task
+    return task.with_options(timeout_seconds=train.timeout_minutes * 60)  # type: ignore[no-any-return]

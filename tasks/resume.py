@@ -32,7 +32,8 @@ from evergreen.config import EvergreenConfig
 from model_registry.fault_hooks import hang_here
 
 RESUME_DIR = "resume"
-_CADENCE_KNOBS = ("checkpoint_every_steps", "checkpoint_every_seconds")
+# how often the state is saved and how long a run may take: not what is trained
+_CADENCE_KNOBS = ("checkpoint_every_steps", "checkpoint_every_seconds", "timeout_minutes")
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,8 @@ class ResumeKey:
 
 
 def config_hash(cfg: EvergreenConfig) -> str:
-    """A hash of the effective configuration, without `home` and the checkpoint cadences (they
-    change where and how often the state is saved, not what is trained)."""
+    """A hash of the effective configuration, without `home`, the checkpoint cadences and the
+    time limit (they change where, how often and how long, not what is trained)."""
     tree = cfg.model_dump(mode="json")
     tree.pop("home", None)
     for section in tree.values():

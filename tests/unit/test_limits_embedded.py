@@ -47,3 +47,31 @@ def test_a_killed_trainer_frees_the_training_slot(tmp_path):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def test_a_sections_time_limit_bounds_its_training_task():
+    """`train.timeout_minutes` reaches Prefect: the task fails at the section's limit, not the
+    decorator's hour (and the limit does not change what a resumed run must match)."""
+    from prefect import flow, task
+
+    from evergreen.config import TrainConfig, config_from_dict
+    from tasks.limits import time_limited
+    from tasks.resume import config_hash
+
+    @task
+    def slow_training() -> str:
+        time.sleep(20)
+        return "trained"
+
+    @flow
+    def cadence(minutes: float) -> str:
+        return time_limited(slow_training, TrainConfig(timeout_minutes=minutes))()
+
+    with pytest.raises(TimeoutError, match=r"after 1\.2 second"):  # Prefect's, as a flow meets it
+        cadence(0.02)
+    assert time_limited(slow_training, TrainConfig(timeout_minutes=180)).timeout_seconds == 10800
+    data = {"features": ["a"], "label": "y", "classes": [0, 1]}
+    one_hour = config_from_dict({"data": data})
+    three_hours = one_hour.model_copy(deep=True)
+    three_hours.weekly.train.timeout_minutes = 180
+    assert config_hash(one_hour) == config_hash(three_hours)

@@ -8,6 +8,7 @@ import pytest
 
 from evergreen import cli
 from evergreen.config import load_config
+from evergreen.errors import UsageError
 from evergreen.pending import BatchSelection, choose_batches, nothing_pending, skipped_outcome
 from flows.common import nothing_to_do
 from tasks import ledger
@@ -27,14 +28,20 @@ def test_skipped_outcome_is_what_the_flow_returns():
     assert skipped_outcome("daily-lora") == nothing_to_do("daily-lora").to_dict()
 
 
-def test_fast_path_follows_the_ledger_and_never_skips_forced_or_named_runs(pipeline):
+def test_fast_path_follows_the_ledger_and_never_skips_forced_runs(pipeline):
     cfg = pipeline["cfg"]
     assert not nothing_pending(cfg, "daily-lora", {})  # 2026-01-01 has arrived, not processed
+    assert not nothing_pending(cfg, "daily-lora", {"batch_ids": ["2026-01-01"]})
     ledger.record(cfg, "daily-lora", ["2026-01-01"], "rejected")
     assert nothing_pending(cfg, "daily-lora", {})
     assert not nothing_pending(cfg, "weekly-replay", {})  # the ledger is per cadence
     assert not nothing_pending(cfg, "daily-lora", {"force": True})
-    assert not nothing_pending(cfg, "daily-lora", {"batch_ids": ["2026-01-01"]})
+    forced = {"batch_ids": ["2026-01-01"], "force": True}
+    assert not nothing_pending(cfg, "daily-lora", forced)
+    # named but processed and not forced: the flow would skip it too (a no-op rerun)
+    assert nothing_pending(cfg, "daily-lora", {"batch_ids": ["2026-01-01"]})
+    with pytest.raises(UsageError, match="2026-01-09: not in the landing zone"):
+        nothing_pending(cfg, "daily-lora", {"batch_ids": ["2026-01-09"], "force": True})
     ledger.record(cfg, "daily-lora", ["2026-01-01"], "failed")  # a failed batch is pending again
     assert choose_batches(cfg, "daily-lora", BatchSelection()) == ["2026-01-01"]
 

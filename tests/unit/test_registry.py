@@ -30,7 +30,7 @@ from model_registry.ledger import Ledger, PromotionEvent, ensure_experiment, rol
 from model_registry.locking import promotion_lock
 from model_registry.pyfunc_model import EvergreenPyfunc, file_sha256
 from model_registry.registry import Registry, StaleChampionError
-from model_registry.status import render_status, status_snapshot
+from model_registry.status import ledger_why, render_status, status_snapshot
 from model_registry.versions import CHECKPOINT_SUBPATH, ArtifactIntegrityError, RegistryError
 from tests.checkpoints import tiny_checkpoint
 
@@ -353,7 +353,8 @@ def test_versions_aliases_tags_and_status(registry, store):
     ]
     assert registry.aliases() == {"champion": v1, "challenger": v2}
     ledger = Ledger(store["uri"], experiment=f"ledger-{registry.model_name}")
-    ledger.record("daily", "2026-11-21", "rejected", details={"version": v2})
+    reasons = "retention accuracy fell 9.0 pts — not shown non-inferior: rejected."
+    ledger.record("daily", "2026-11-21", "rejected", details={"version": v2, "reasons": reasons})
     snapshot = status_snapshot(registry, ledger)
     assert json.loads(json.dumps(snapshot)) == snapshot
     assert snapshot["champion"]["version"] == v1
@@ -363,11 +364,39 @@ def test_versions_aliases_tags_and_status(registry, store):
     render_status(snapshot, console)
     text = console.export_text()
     assert "champion: v1" in text and "2026-11-21" in text and "bootstrap" in text
+    assert "retention accuracy fell 9.0 pts" in text  # the ledger says why, not only "rejected"
     narrow = Console(record=True, width=110)  # a common terminal: every header whole
     render_status(snapshot, narrow)
     headers = narrow.export_text().splitlines()
     for header in ("version", "created", "aliases", "parent", "batches", "gate", "decision"):
         assert any(f" {header} " in line for line in headers), header
+
+
+def test_ledger_why_shows_the_deciding_sentence_not_every_reason():
+    gate = (
+        "new-data accuracy rose 6.2 pts (0.875 → 0.938, 95% lower bound −10.8 pts) — not shown "
+        "non-inferior: rejected. | The new-data check is underpowered (n=16); this alone does "
+        "not block. | retention accuracy rose 1.0 pts — non-inferior."
+    )
+    rejected = {"outcome": "rejected", "details": {"reasons": gate}}
+    assert ledger_why(rejected).startswith("new-data accuracy rose 6.2 pts")
+    assert "underpowered" not in ledger_why(rejected)
+    discarded = {
+        "outcome": "rejected",
+        "details": {"reasons": "the update was discarded on its select rows (…): | " + gate},
+    }
+    assert ledger_why(discarded).startswith("the update was discarded on its select rows (…):")
+    assert ledger_why(discarded).endswith("rejected.")
+    quarantined = {
+        "outcome": "quarantined",
+        "details": {"reason": "batch b1: INVALID — column 'f0' has 3 missing values"},
+    }
+    assert ledger_why(quarantined) == "column 'f0' has 3 missing values"
+    failed = {"outcome": "failed", "details": {"error": "OSError: disk full\ntraceback …"}}
+    assert ledger_why(failed) == "OSError: disk full"
+    assert ledger_why({"outcome": "skipped", "details": {"reasons": "no drift"}}) == "no drift"
+    assert ledger_why({"outcome": "promoted", "details": {"reasons": gate}}) == ""
+    assert ledger_why({"outcome": "rejected", "details": {}}) == ""
 
 
 def test_from_config_uses_home_and_names(store, monkeypatch):
