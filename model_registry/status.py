@@ -20,6 +20,7 @@ from model_registry.versions import VersionInfo
 
 # Version tags worth a column (prefix "evergreen." is implied); the rest stays in the JSON.
 VERSION_COLUMNS = ("cadence", "method", "parent_version", "batch_ids", "gate_decision", "decision")
+WHY_MIN_WIDTH = 110  # the ledger's fixed columns take ~80; below this the "why" column is left out
 _SHORT_HEADERS = {"parent_version": "parent", "batch_ids": "batches", "gate_decision": "gate"}
 
 
@@ -89,7 +90,7 @@ def render_status(snapshot: Mapping[str, Any], console: Console) -> None:
     console.print(summary + (f"\naliases: {aliases}" if aliases else ""))
     console.print(_versions_table(snapshot["versions"]))
     render_history(snapshot["history"], console)
-    console.print(_ledger_table(snapshot["ledger"]))
+    console.print(_ledger_table(snapshot["ledger"], why=console.width >= WHY_MIN_WIDTH))
 
 
 def _versions_table(versions: Iterable[Mapping[str, Any]]) -> Table:
@@ -121,11 +122,15 @@ def render_history(events: Iterable[Any], console: Console) -> None:
     console.print(table)
 
 
-def _ledger_table(entries: Iterable[Mapping[str, Any]]) -> Table:
-    table = Table(title="Batch ledger (newest first; every reason: evergreen status --json)")
+def _ledger_table(entries: Iterable[Mapping[str, Any]], *, why: bool = True) -> Table:
+    """The ledger, newest first; `why` adds the deciding sentence (it needs a wide console: the
+    other columns never wrap)."""
+    hint = "every reason:" if why else "why: a wider console, or"
+    table = Table(title=f"Batch ledger (newest first; {hint} evergreen status --json)")
     for column in ("at", "cadence", "batch", "outcome", "version"):
         table.add_column(column, no_wrap=True)
-    table.add_column("why", overflow="fold", min_width=20)
+    if why:
+        table.add_column("why", overflow="fold", min_width=20)
     colours = {"promoted": "green", "rejected": "yellow", "quarantined": "red", "failed": "red"}
     for e in entries:
         colour = colours.get(e["outcome"], "white")
@@ -133,7 +138,10 @@ def _ledger_table(entries: Iterable[Mapping[str, Any]]) -> Table:
         at = e["at"][:16].replace("T", " ")
         version = e["details"].get("version") or e["details"].get("by") or "—"
         version = "—" if version == "None" else version  # recorded before a version existed
-        table.add_row(at, e["cadence"], e["batch_id"], outcome, version, ledger_why(e))
+        cells = [at, e["cadence"], e["batch_id"], outcome, version]
+        if why:
+            cells.append(ledger_why(e))
+        table.add_row(*cells)
     return table
 
 

@@ -368,6 +368,10 @@ def test_versions_aliases_tags_and_status(registry, store):
     narrow = Console(record=True, width=110)  # a common terminal: every header whole
     render_status(snapshot, narrow)
     headers = narrow.export_text().splitlines()
+    assert all(len(line) <= 110 for line in headers)  # the ledger's "why" fits or is left out
+    eighty = Console(record=True, width=80)
+    render_status(snapshot, eighty)
+    assert all(len(line) <= 80 for line in eighty.export_text().splitlines())
     for header in ("version", "created", "aliases", "parent", "batches", "gate", "decision"):
         assert any(f" {header} " in line for line in headers), header
 
