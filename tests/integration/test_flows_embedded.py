@@ -222,6 +222,19 @@ def test_07_consolidate_and_merge_are_gated(pipeline):
     assert any(k.startswith("merge.distance") for k in merged["metrics"])
 
 
+def test_07b_a_rejected_challenger_is_registered_but_never_champion(pipeline):
+    """A rejection on demand, whatever the defaults learn: at 99.9999 % confidence no
+    challenger can show non-inferiority on a few dozen gate rows (test_10 reads its row)."""
+    before = _champion(pipeline)
+    strict = ["gate.confidence=0.999999"]
+    result = _run(pipeline, "weekly-replay", batch_ids=["2026-01-05"], force=True, overrides=strict)
+    assert result["decision"] == "rejected", result
+    assert result["version"] and result["version"] != before
+    assert _champion(pipeline) == before
+    tags = pipeline["registry"].get_version(result["version"]).tags
+    assert tags["evergreen.decision"] == "rejected"
+
+
 def test_08_rollback_restores_previous_champion(pipeline):
     registry, current = pipeline["registry"], _champion(pipeline)
     other = _other_version(pipeline)
