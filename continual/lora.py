@@ -36,8 +36,9 @@ class LoraSettings:
     """LoRA hyper-parameters.
 
     Attributes:
-        r: rank of the update B·A (8-16 for incremental updates; higher adds capacity and
-            forgetting).
+        r: rank of the update B·A (8 on a pretrained transformer's attention projections; the
+            tabular MLPs' narrow layers need more — evergreen ships 32 there, measured in
+            `evergreen.config_families`; higher adds capacity, and forgetting).
         alpha: scaling numerator; the update is scaled by alpha / r.
         dropout: dropout on the LoRA branch input.
         target_modules: Linear layer names (or name suffixes) to adapt; None picks
