@@ -47,7 +47,7 @@ def choose_batches(cfg: EvergreenConfig, cadence: str, selection: BatchSelection
     it instead of skipping it; one that keeps changing stays pending.
 
     Raises:
-        ValueError: a requested batch id is not in the landing zone or has not fully arrived.
+        UsageError: a requested batch id is not in the landing zone or has not fully arrived.
     """
     from data_plane.arrival import batch_arrivals
     from data_plane.landing import open_landing

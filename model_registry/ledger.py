@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 Outcome = Literal["promoted", "rejected", "quarantined", "failed", "skipped"]
 OUTCOMES: tuple[str, ...] = get_args(Outcome)
 DONE_OUTCOMES = frozenset({"promoted", "rejected", "quarantined"})
+# between the sentences of an entry's `reasons` (written by tasks.outcome, read by status)
+REASONS_SEPARATOR = " | "
 SEQ_METRIC = "seq"
 RECORD_TAG = "evergreen.record"
 RECORDS_SUFFIX = "-records"

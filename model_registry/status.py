@@ -14,7 +14,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from model_registry.ledger import Ledger
+from model_registry.ledger import REASONS_SEPARATOR, Ledger
 from model_registry.registry import Registry
 from model_registry.versions import VersionInfo
 
@@ -155,7 +155,9 @@ def ledger_why(entry: Mapping[str, Any]) -> str:
     """
     details = entry.get("details") or {}
     outcome = entry.get("outcome")
-    reasons = [r.strip() for r in str(details.get("reasons", "")).split(" | ") if r.strip()]
+    reasons = [
+        r.strip() for r in str(details.get("reasons", "")).split(REASONS_SEPARATOR) if r.strip()
+    ]
     if outcome == "rejected":
         heading = reasons[:1] if reasons and reasons[0].endswith(":") else []
         blocking = [r for r in reasons if r.endswith("rejected.")]
@@ -163,8 +165,7 @@ def ledger_why(entry: Mapping[str, Any]) -> str:
     if outcome == "skipped":
         return " ".join(reasons)
     if outcome == "quarantined":
-        reason = str(details.get("reason", ""))
-        return reason.split(" — ", 1)[-1] if " — " in reason else reason
+        return str(details.get("reason", "")).split(" — ", 1)[-1]  # after "batch X: INVALID"
     if outcome == "failed":
         return str(details.get("error", "")).splitlines()[0] if details.get("error") else ""
     return ""

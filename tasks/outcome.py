@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from data_plane.messages import clip_middle
 from evergreen.config import EvergreenConfig
-from model_registry.ledger import Outcome
+from model_registry.ledger import REASONS_SEPARATOR, Outcome
 from tasks import ledger
 from tasks.events import emit
 
@@ -76,7 +76,10 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
 
     Returns the outcome as a dict (what the flow returns).
     """
-    details = {"version": str(outcome.version), "reasons": " | ".join(outcome.reasons)[:4000]}
+    details = {
+        "version": str(outcome.version),
+        "reasons": REASONS_SEPARATOR.join(outcome.reasons)[:4000],
+    }
     if outcome.champion is not None:  # the report's champion column: not the challenger's number
         details["champion"] = str(outcome.champion)
     if outcome.decision in LEDGER_OUTCOME and outcome.batch_ids:
