@@ -280,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks.train_ewc.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     tasks.train_start.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     tasks.evaluate.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
+    tasks.train_lora.get_run_logger = _quiet_logger  # type: ignore[attr-defined,assignment]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as home:
         result = run(

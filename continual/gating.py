@@ -252,7 +252,8 @@ def _paired(
     )
 
 
-def _pts(value: float, signed: bool = True) -> str:
+def format_points(value: float, signed: bool = True) -> str:
+    """A difference of fractions as the reasons print it: 0.067 → "+6.7" (points, "−" sign)."""
     text = f"{value * 100:+.1f}" if signed else f"{value * 100:.1f}"
     return text.replace("-", "−")
 
@@ -263,19 +264,23 @@ def _check(
     """Rule 2a/2b and the power note (rule 3) for one paired test."""
     metric = "accuracy" if test.method.startswith("McNemar") else "mean score"
     change = test.diff
-    verb = f"fell {_pts(-change, False)} pts" if change < 0 else f"rose {_pts(change, False)} pts"
+    verb = (
+        f"fell {format_points(-change, False)} pts"
+        if change < 0
+        else f"rose {format_points(change, False)} pts"
+    )
     if change == 0:
         verb = "was unchanged"
     margin, bound = (
-        (0.0, "0") if superior else (-tolerance, f"−{_pts(tolerance, False)}-pt tolerance")
+        (0.0, "0") if superior else (-tolerance, f"−{format_points(tolerance, False)}-pt tolerance")
     )
     passed = test.ci_low > margin
     mde = minimum_detectable_effect(test.se, confidence=policy.confidence)
     kind = "superior" if superior else "non-inferior"
     reason = (
         f"{label} {metric} {verb} ({test.champion_mean:.3f} → {test.challenger_mean:.3f}, "
-        f"{policy.confidence * 100:g}% lower bound {_pts(test.ci_low)} pts "
-        f"{'>' if passed else '≤'} {bound}, n={test.n}, MDE {_pts(mde, False)} pts) — "
+        f"{policy.confidence * 100:g}% lower bound {format_points(test.ci_low)} pts "
+        f"{'>' if passed else '≤'} {bound}, n={test.n}, MDE {format_points(mde, False)} pts) — "
         + (f"{kind}." if passed else f"not shown {kind}: rejected.")
     )
     problems = []
@@ -283,12 +288,12 @@ def _check(
         problems.append(f"n={test.n} < min_examples {policy.min_examples}")
     if mde > tolerance:
         consequence = (
-            f"an improvement of {_pts(tolerance, False)} pts is detected"
+            f"an improvement of {format_points(tolerance, False)} pts is detected"
             if superior
             else "even an unchanged challenger passes it"
         )
         problems.append(
-            f"MDE {_pts(mde, False)} pts > {_pts(tolerance, False)}-pt tolerance, so "
+            f"MDE {format_points(mde, False)} pts > {format_points(tolerance, False)}-pt tolerance, so "
             f"{consequence} less than {MDE_POWER:.0%} of the time"
         )
     if not problems:
@@ -350,10 +355,10 @@ def _forgetting_check(
     passed = forgetting <= budget
     verdict = "within" if passed else "beyond"
     reason = (
-        f"cumulative forgetting {_pts(forgetting)} pts against the fixed references of "
+        f"cumulative forgetting {format_points(forgetting)} pts against the fixed references of "
         f"{len(covered)} earlier batch(es) (n={rows}; largest loss: batch {worst!r} "
         f"{references[worst]:.3f} → {by_batch[worst][0]:.3f}) — {verdict} the "
-        f"{_pts(budget, False)}-pt budget" + ("." if passed else ": rejected.")
+        f"{format_points(budget, False)}-pt budget" + ("." if passed else ": rejected.")
     )
     missing = [b for b in by_batch if b not in references]
     if missing:
@@ -377,10 +382,10 @@ def _exchange_check(
     passed = gain_proven and lost <= cap
     verdict = "promoted by exchange" if passed else "no exchange"
     reason = (
-        f"exchange: new-data gain lower bound {_pts(new_test.ci_low)} pts "
-        f"{'≥' if gain_proven else '<'} {_pts(policy.exchange_gain, False)} pts, retention given "
-        f"up {_pts(lost, False)} pts (point estimate, retention and cumulative) "
-        f"{'≤' if lost <= cap else '>'} {_pts(cap, False)} pts — {verdict}."
+        f"exchange: new-data gain lower bound {format_points(new_test.ci_low)} pts "
+        f"{'≥' if gain_proven else '<'} {format_points(policy.exchange_gain, False)} pts, retention given "
+        f"up {format_points(lost, False)} pts (point estimate, retention and cumulative) "
+        f"{'≤' if lost <= cap else '>'} {format_points(cap, False)} pts — {verdict}."
     )
     return _Check(passed, [reason])
 

@@ -23,6 +23,7 @@ from tasks.promote import (
     promote_or_reject,
     register_challenger,
     registration_for,
+    select_metrics,
 )
 from tasks.train_lora import train_lora_gated
 from tasks.validate import validate_batches
@@ -54,7 +55,7 @@ def daily_lora(
     champion = require_champion(load_champion(cfg), CADENCE)
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
-        # 3. train challenger (the adapter is restored exactly if the select rows reject it)
+        # 3. train challenger (screened on the select rows: a discarded adapter is restored)
         challenger, check = time_limited(train_lora_gated, cfg.daily.train)(
             cfg, champion, data, memory
         )
@@ -63,7 +64,7 @@ def daily_lora(
         # 4. evaluate against champion
         evaluation = evaluate_against_champion(cfg, champion, challenger, memory)
         # 5. promote or reject
-        reg = registration_for(CADENCE, "lora", evaluation, champion, data)
+        reg = registration_for(CADENCE, "lora", evaluation, champion, data, select_metrics(check))
         version = register_challenger(cfg, reg, staging)
         outcome = promote_or_reject(cfg, reg, version)
     return conclude(cfg, outcome, forced=params.force)

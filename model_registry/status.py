@@ -137,7 +137,7 @@ def _ledger_table(entries: Iterable[Mapping[str, Any]], *, why: bool = True) -> 
         outcome = f"[{colour}]{e['outcome']}[/]"
         at = e["at"][:16].replace("T", " ")
         version = e["details"].get("version") or e["details"].get("by") or "—"
-        version = "—" if version == "None" else version  # recorded before a version existed
+        version = "—" if version == "None" else version  # how earlier releases wrote "none"
         cells = [at, e["cadence"], e["batch_id"], outcome, version]
         if why:
             cells.append(ledger_why(e))

@@ -76,10 +76,9 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
 
     Returns the outcome as a dict (what the flow returns).
     """
-    details = {
-        "version": str(outcome.version),
-        "reasons": REASONS_SEPARATOR.join(outcome.reasons)[:4000],
-    }
+    details = {"reasons": REASONS_SEPARATOR.join(outcome.reasons)[:4000]}
+    if outcome.version is not None:  # none registered (quarantine, discarded, failed)
+        details["version"] = str(outcome.version)
     if outcome.champion is not None:  # the report's champion column: not the challenger's number
         details["champion"] = str(outcome.champion)
     if outcome.decision in LEDGER_OUTCOME and outcome.batch_ids:

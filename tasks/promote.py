@@ -318,9 +318,15 @@ def discarded_update(
             "registered):",
             *check.reasons,
         ],
-        metrics={f"select.{k.removeprefix('gate.')}": v for k, v in check.to_metrics().items()},
+        metrics=select_metrics(check),
     )
     return outcome
+
+
+def select_metrics(check: GateDecision) -> dict[str, float]:
+    """A daily's select-row check as run metrics ("select.promote", "select.new.lcb", …), on
+    the registered version's run when the adapter was kept and on the ledger when not."""
+    return {f"select.{k.removeprefix('gate.')}": v for k, v in check.to_metrics().items()}
 
 
 @contextmanager

@@ -92,6 +92,11 @@ def test_02_daily_lora_gates_and_records(pipeline):
     if result.get("version"):  # the run explains itself in the MLflow UI
         params = _assert_run_explains_itself(pipeline, result["version"])
         assert params["daily.lora_r"] == "32" and json.loads(params["lora.target_modules"])
+        run = pipeline["registry"].client.get_run(
+            pipeline["registry"].get_version(result["version"]).run_id
+        )
+        assert run.data.metrics["select.promote"] == 1.0  # the screen that kept the adapter
+        assert run.data.metrics["select.new.n"] > 0
 
 
 def _assert_run_explains_itself(pipeline, version: str) -> dict[str, str]:
