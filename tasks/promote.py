@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from pathlib import Path
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
 from continual.checkpoint import load_checkpoint
@@ -334,7 +336,10 @@ def challenger_workspace(
     cfg: EvergreenConfig, cadence: str, batch_ids: list[str]
 ) -> Iterator[Path]:
     """A staging folder for the challenger, removed afterwards whatever happens, as is the
-    cadence's saved training state (`tasks.resume`: only a killed run leaves it for the next).
+    cadence's saved training state (`tasks.resume`) — except after a run that was killed or
+    stopped at its time limit (`train.timeout_minutes`): the next run on the same inputs resumes
+    that state, so a fit longer than the limit still finishes over a few runs instead of starting
+    over (and timing out) every time.
 
     If training, evaluation or registration raises, the batches are recorded as `failed` in the
     ledger (with the error) before the exception propagates: the flow run fails visibly, nothing
@@ -344,10 +349,12 @@ def challenger_workspace(
     """
     attempts.begin(cfg, cadence, batch_ids)  # a run that cannot record its end is recorded later
     staging = staging_dir(cfg, cadence)
+    timed_out = False
     try:
         with owned(staging):  # a run killed before `finally` leaves it to `sweep_stale`
             yield staging
     except Exception as error:
+        timed_out = isinstance(error, TimeoutError)
         try:
             ledger.record_failed(cfg, cadence, batch_ids, repr(error))
         except Exception:  # e.g. the disk is full: the next run records it from the marker
@@ -356,4 +363,18 @@ def challenger_workspace(
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        discard_states(cfg, cadence)  # the run ended: its training state is never resumed
+        if timed_out:
+            _log_kept_state(cadence)
+        else:
+            discard_states(cfg, cadence)  # the run ended: its training state is never resumed
+
+
+def _log_kept_state(cadence: str) -> None:
+    message = (
+        "%s stopped at its time limit: its training state is kept, and the next run on the same "
+        "batches, champion and config resumes it (raise train.timeout_minutes to finish in one run)"
+    )
+    try:
+        get_run_logger().warning(message, cadence)
+    except MissingContextError:  # called outside a flow run (tests, scripts)
+        logging.getLogger(__name__).warning(message, cadence)

@@ -9,7 +9,7 @@ the rows, the starting weights, the settings. A later run of the same cadence wi
 resumes (it logs "resumed at step k of n"; a fit that had finished is not trained again);
 anything else discards the old state when its training starts. The cadence's folder is removed
 when the run ends — promoted, rejected or failed cleanly (`tasks.promote.challenger_workspace`);
-only a killed run leaves it behind.
+only a killed run and one stopped at its time limit (`train.timeout_minutes`) leave it behind.
 """
 
 from __future__ import annotations

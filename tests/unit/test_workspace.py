@@ -34,3 +34,42 @@ def test_success_leaves_no_ledger_entry_of_its_own(tmp_path):
         assert staging.is_dir()
     assert not staging.exists()
     assert Ledger.from_config(cfg).processed("daily-lora") == {}
+
+
+def _saved_state(cfg, cadence: str):
+    from tasks.resume import resume_root
+
+    state = resume_root(cfg, cadence) / "key" / "fit.safetensors"
+    state.parent.mkdir(parents=True)
+    state.write_bytes(b"training state")
+    return state
+
+
+def test_a_run_stopped_at_its_time_limit_keeps_its_training_state_for_the_next(tmp_path):
+    """A fit longer than `train.timeout_minutes` finishes over several runs instead of starting
+    over (and timing out) every time; the batches stay pending as after any failure."""
+    cfg = config_from_dict(
+        {"home": str(tmp_path), "data": {"features": ["a"], "label": "y", "classes": [0, 1]}}
+    )
+    with (
+        pytest.raises(TimeoutError),
+        challenger_workspace(cfg, "monthly-finetune", ["2026-01-01"]) as staging,
+    ):
+        state = _saved_state(cfg, "monthly-finetune")
+        raise TimeoutError("Task run exceeded timeout of 3600.0 second(s)")
+    assert state.is_file() and not staging.exists()
+    assert not Ledger.from_config(cfg).is_processed("monthly-finetune", "2026-01-01")
+
+
+@pytest.mark.parametrize("error", [RuntimeError("out of memory"), ValueError("diverged")])
+def test_any_other_failure_discards_the_training_state(tmp_path, error):
+    cfg = config_from_dict(
+        {"home": str(tmp_path), "data": {"features": ["a"], "label": "y", "classes": [0, 1]}}
+    )
+    with (
+        pytest.raises(type(error)),
+        challenger_workspace(cfg, "monthly-finetune", ["2026-01-01"]),
+    ):
+        state = _saved_state(cfg, "monthly-finetune")
+        raise error
+    assert not state.exists()
