@@ -202,6 +202,31 @@ def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Pa
     assert "outside [-0.1, 0.1]" in report.failures[0].message
 
 
+def test_an_unedited_suite_follows_the_data_config_an_edited_one_is_kept(tmp_path: Path) -> None:
+    """A user who corrects `data.label` (or adds a class) after a first run is validated
+    against the corrected config, not the suite the wrong one generated; a suite they edited
+    by hand stays theirs."""
+    home = tmp_path / "home"
+    batch = make_batch(60, seed=7).rename(columns={"label": "species"})
+    wrong = make_config(label="target")
+    path = ensure_suite(home, wrong)
+    report = validate_batch(batch, "b", wrong, path)
+    assert "column 'target'" in report.failures[0].message
+    right = make_config(label="species")
+    assert ensure_suite(home, right) == path
+    assert validate_batch(batch, "b", right, path).success
+    assert ensure_suite(home, right) == path and validate_batch(batch, "b", right, path).success
+
+    data = json.loads(path.read_text())  # the user's own edit: min_rows 20 → 50
+    for item in data["expectations"]:
+        if item["type"] == "expect_table_row_count_to_be_between":
+            item["kwargs"]["min_value"] = 50
+    path.write_text(json.dumps(data, indent=2))
+    four = make_config(label="species", classes=[0, 1, 2, 3])
+    ensure_suite(home, four)
+    assert json.loads(path.read_text()) == data  # edited: kept as it is
+
+
 def test_a_suite_in_the_old_form_still_validates_and_is_merged_in_place(
     zone: LandingZone, tmp_path: Path
 ) -> None:
