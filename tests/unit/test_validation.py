@@ -66,7 +66,11 @@ Writer = Callable[[LandingZone, str, pd.DataFrame], None]
 CORRUPT: dict[str, tuple[Writer, list[str]]] = {
     "missing column": (
         lambda z, b, f: write_frame(z, b, f.drop(columns=["f1"])),
-        ["column 'f1' is missing"],
+        ["column 'f1' is missing", "or data.features in the config"],
+    ),
+    "regression target as label": (
+        lambda z, b, f: write_frame(z, b, f.assign(label=np.linspace(25.0, 346.0, len(f)))),
+        ["60 distinct numeric values", "continuous target", "evergreen trains classifiers"],
     ),
     "strings in numeric feature": (
         lambda z, b, f: write_frame(z, b, _with(f, "f2", [5, 9], "abc"), fmt="csv"),
@@ -200,6 +204,16 @@ def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Pa
     report = validate_batch(batch, "b", make_config(), path)
     assert [f.column for f in report.failures] == ["f1"]
     assert "outside [-0.1, 0.1]" in report.failures[0].message
+
+
+def test_a_misnamed_label_column_says_which_config_key_to_set(tmp_path: Path) -> None:
+    """The config's data.label is wrong, not the batch: the message names the key and the one
+    column nothing in the config names."""
+    batch = make_batch(60, seed=7).rename(columns={"label": "species"})
+    report = validate_batch(batch, "b", make_config(), _suite_for_tests(tmp_path / "home"))
+    first = report.failures[0].message
+    assert first.startswith("column 'label' is missing")
+    assert "set data.label to 'species' in the config" in first and "--force" in first
 
 
 def test_an_unedited_suite_follows_the_data_config_an_edited_one_is_kept(tmp_path: Path) -> None:
