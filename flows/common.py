@@ -114,11 +114,21 @@ def nothing_to_do(cadence: str) -> FlowOutcome:
     return FlowOutcome(cadence=cadence, decision="skipped", reasons=[NOTHING_PENDING])
 
 
+def current_champion(cfg: EvergreenConfig) -> str | None:
+    """The version the `champion` alias points to (None before bootstrap), without loading it."""
+    from model_registry.registry import Registry
+    from model_registry.versions import CHAMPION
+
+    return Registry.from_config(cfg).aliases().get(CHAMPION)
+
+
 def all_quarantined(cfg: EvergreenConfig, cadence: str, data: PreparedData) -> FlowOutcome:
-    """Every batch failed validation: the champion stays; say so loudly and actionably."""
+    """Every batch failed validation: the champion stays (and the outcome names it, as every
+    other outcome does); say so loudly and actionably."""
     return FlowOutcome(
         cadence=cadence,
         decision="quarantined",
+        champion=current_champion(cfg),
         quarantined=dict(data.quarantined),
         verdict_keys=dict(data.verdict_keys),
         reasons=[
