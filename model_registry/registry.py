@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 TAG_PREFIX = "evergreen."
 IDEMPOTENCY_TAG = "evergreen.idempotency_key"
+GATE_DECISION_TAG = "evergreen.gate_decision"  # "pass" | "fail", set when a version is registered
 
 
 class StaleChampionError(RegistryError):
@@ -279,12 +280,20 @@ class Registry(RegistryReader):
             )
             if target is None:
                 raise RegistryError(
-                    f"no earlier champion to roll back to from v{current}: every predecessor in"
-                    " the promotion history was itself rolled back; pass a version (--to N)"
+                    f"no earlier champion to roll back to from v{current}: it was the first "
+                    "champion, or every champion before it was itself rolled back from; pass a "
+                    "version (--to N)"
                 )
-            self._model_version(target)
+            decision = self._model_version(target).tags.get(GATE_DECISION_TAG, "none")
             if target == current:
                 return PromotionResult(False, target, current, False, f"v{target} already champion")
+            was_champion = any(e.version == target for e in self._history.events())
+            if decision != "pass" and not was_champion:  # --to a rejected challenger: allowed,
+                # but never silently (as a hand move in the MLflow UI, `reconcile`)
+                reason = (
+                    f"UNGATED: v{target} never passed evergreen's gate (gate decision "
+                    f"{decision!r}); {reason}"
+                )
             self.verify_artifacts(target)
             event = PromotionEvent(
                 now_iso(), "rollback", target, current, actor, reason, flow_run_id
