@@ -353,7 +353,8 @@ def _message(
         return (
             f"{col} has {count} rows with labels not in {source} {classes}: "
             f"{_counts(result)}{where} — new_class_policy={cfg.new_class_policy}: the batch is "
-            "held back; if the class is real, add it to data.classes"
+            "held back; if the class is real, add it to data.classes (a champion's classes are fixed "
+            "when it is first trained: after bootstrap, a new class needs a new model)"
         )
     if kind == "expect_table_row_count_to_be_between":
         return (

@@ -86,7 +86,7 @@ CORRUPT: dict[str, tuple[Writer, list[str]]] = {
     ),
     "unknown label": (
         lambda z, b, f: write_frame(z, b, _with(f, "label", [0, 1, 2, 3], 7)),
-        ["4 rows with labels not in data.classes [0, 1, 2]", "7 ×4"],
+        ["4 rows with labels not in data.classes [0, 1, 2]", "7 ×4", "a new class needs a new"],
     ),
     "empty file": (
         lambda z, b, f: (write_frame(z, b, f), z.write_bytes(b, "b.csv", b"")),
