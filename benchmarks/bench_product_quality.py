@@ -498,14 +498,17 @@ def _code_state() -> dict:
 
 
 def result_key(result: dict) -> str:
-    """split/cadence[/declared-bounds][/families][/set:overrides] — a run of some families does
-    not replace one of others (the families are named only when the run left some of the split's
-    out), nor does a variant (`--set`) replace the shipped recipe's entry."""
+    """split/cadence[/declared-bounds][/families][/seeds:…][/set:overrides] — a run of some
+    families or seeds does not replace one of others (each is named only when the run left some
+    of the split's out), nor does a variant (`--set`) replace the shipped recipe's entry."""
     key = f"{result['split']}/{result['cadence']}" + (
         "/declared-bounds" if result["declare_bounds"] else ""
     )
-    if set(result["families"]) != set(SPLITS[result["split"]].families):
+    split = SPLITS[result["split"]]
+    if set(result["families"]) != set(split.families):
         key += "/" + "+".join(result["families"])
+    if list(result["seeds"]) != list(split.seeds):
+        key += "/seeds:" + ",".join(str(seed) for seed in result["seeds"])
     if result.get("overrides"):
         key += "/set:" + ",".join(result["overrides"])
     return key

@@ -16,7 +16,7 @@ import yaml
 
 from evergreen.cli import main
 from evergreen.errors import ExitCode, classify
-from evergreen.home import find_config, write_pointer
+from evergreen.home import CONFIG_NAME, POINTER, find_config, write_pointer
 from flows.common import NoChampionError
 from model_registry.registry import NoEarlierChampionError, UnknownVersionError
 from model_registry.versions import ArtifactIntegrityError, RegistryError
@@ -49,6 +49,11 @@ def _one_error_line(capsys) -> str:
 
 def test_missing_config(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("EVERGREEN_CONFIG", raising=False)
+    for folder in tmp_path.resolve().parents:  # e.g. a demo run in /tmp leaves its pointer there
+        for found in (folder / CONFIG_NAME, folder / POINTER):
+            if found.is_file():
+                pytest.skip(f"{found} above the test's folder answers for it (find_config)")
     assert main(["status"]) == ExitCode.CONFIG
     assert "evergreen init" in _one_error_line(capsys)
 

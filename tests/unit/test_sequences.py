@@ -137,3 +137,21 @@ def test_bad_arguments_name_the_problem():
     with pytest.raises(ValueError, match="n_tasks"):
         build_sequence("rotate", 0, n_tasks=5)
     assert len(build_sequence("classes-a", 0, n_tasks=2).tasks) == 2
+
+
+def test_a_partial_product_run_gets_its_own_result_entry() -> None:
+    """A run of one seed (or family, or a --set variant) must not replace the full run's entry."""
+    from benchmarks.bench_product_quality import result_key
+
+    full = {
+        "split": "validation",
+        "cadence": "daily-lora",
+        "declare_bounds": False,
+        "families": ["rotate", "gain", "classes-a"],
+        "seeds": [0, 1, 2],
+    }
+    assert result_key(full) == "validation/daily-lora"
+    assert result_key({**full, "seeds": [1, 2]}) == "validation/daily-lora/seeds:1,2"
+    assert result_key({**full, "families": ["gain"], "overrides": ["daily.lora_r=8"]}) == (
+        "validation/daily-lora/gain/set:daily.lora_r=8"
+    )
