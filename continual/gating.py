@@ -299,6 +299,12 @@ def _check(
     if not problems:
         return _Check(passed, [reason], mde, False)
     note = f"The {label} check is underpowered ({'; '.join(problems)}); this alone does not block."
+    if not passed and change >= 0:  # no loss was seen: the rows are too few to show there is none
+        note = (
+            f"The {label} check is underpowered ({'; '.join(problems)}): it failed for want of "
+            "evidence, not on an observed loss; more gate rows decide it (larger batches or a "
+            "larger data.gate_fraction; the rows of batches not yet learned accumulate)."
+        )
     return _Check(passed, [reason, note], mde, True)
 
 

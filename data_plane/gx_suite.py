@@ -6,15 +6,19 @@ is a JSON file the user owns, written once per home, while a run happens for eve
 
 - `build_suite`: the blocking integrity checks from `data.*` (every check critical).
 - `ensure_suite`: the suite file `<home>/gx/expectations/<name>.json` (GX's own suite store),
-  written from the config when missing. A suite written by an earlier release is moved there
-  and upgraded in place (first-batch bounds dropped, per-column checks merged), the user's
-  edits kept. With `data.gx_store` (S3) the shared copy is pulled first and pushed after.
+  written from the config when missing, and rewritten when the `data` config changed and the
+  file is still as evergreen generated it (its `meta` holds the digest of what was generated):
+  a suite nobody edited follows the config, one the user edited is kept. A suite written by
+  an earlier release is moved there and upgraded in place (first-batch bounds dropped,
+  per-column checks merged), the user's edits kept. With `data.gx_store` (S3) the shared copy
+  is pulled first and pushed after.
 - `load_suite` / `parse_suite`: read a (possibly hand-edited) file, naming what is wrong in it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -46,6 +50,9 @@ GX_LOCK = threading.Lock()
 SUITE_NAME = "evergreen-batch"
 GX_FOLDER = "gx"  # the file-backed Data Context under home
 GX_LOCK_SECONDS = 600.0  # a validation of a large batch plus an S3 sync, with room to spare
+# the suite's `meta` key holding the digest of the expectations evergreen generated: equal to
+# the file's own expectations = nobody edited them, so a changed `data` config may rewrite them
+GENERATED_DIGEST = "evergreen_generated_sha256"
 
 
 @contextlib.contextmanager
@@ -221,6 +228,41 @@ def ensure_suite(home: Path, data_cfg: DataConfig) -> Path:
     return path
 
 
+def _expectations_digest(expectations: list[Any]) -> str:
+    return hashlib.sha256(json.dumps(expectations, sort_keys=True).encode()).hexdigest()
+
+
+def _generated(data_cfg: DataConfig) -> dict[str, Any]:
+    """The suite file's content for `data_cfg`, stamped with the digest of its expectations."""
+    data: dict[str, Any] = json.loads(json.dumps(build_suite(data_cfg).to_json_dict()))
+    data.pop("id", None)
+    data["meta"] = {
+        **(data.get("meta") or {}),
+        GENERATED_DIGEST: _expectations_digest(data["expectations"]),
+    }
+    return data
+
+
+def _follow_config(path: Path, data_cfg: DataConfig) -> None:
+    """Rewrite a suite nobody edited (its expectations still match the generated digest) when
+    the `data` config no longer generates the same expectations: a user who corrects
+    `data.label`, `data.features` or `data.classes` after a first run must not be validated
+    against the suite of the old config. A suite without the digest (edited, or written by an
+    earlier release) is left as it is."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        return  # load_suite names what is wrong with it
+    items = data.get("expectations")
+    stamp = (data.get("meta") or {}).get(GENERATED_DIGEST)
+    if not stamp or not isinstance(items, list) or stamp != _expectations_digest(items):
+        return
+    fresh = _generated(data_cfg)
+    if fresh["expectations"] == items:
+        return
+    atomic_write_text(path, json.dumps(fresh, indent=2) + "\n")
+    log.warning("%s: regenerated from the changed data config (the file had not been edited)", path)
+
+
 def _ensure_suite_file(home: Path, data_cfg: DataConfig) -> Path:
     path = suite_path(home)
     legacy = _legacy_suite_path(home)
@@ -229,7 +271,9 @@ def _ensure_suite_file(home: Path, data_cfg: DataConfig) -> Path:
         os.replace(legacy, path)
         log.warning("moved the expectation suite %s into GX's suite store: %s", legacy, path)
     if not path.exists():
-        return write_suite(build_suite(data_cfg), path)
+        atomic_write_text(path, json.dumps(_generated(data_cfg), indent=2) + "\n")
+        return path
+    _follow_config(path, data_cfg)
     _drop_inferred_bounds(path)
     _merge_column_checks(path)
     _merge_finite_checks(path)
@@ -240,7 +284,13 @@ def _ensure_suite_file(home: Path, data_cfg: DataConfig) -> Path:
     expected = data_columns(data_cfg)
     stale = [c for c in expected if c not in covered]
     if stale:
-        log.warning("%s has no expectation on configured columns %s: edit/delete it", path, stale)
+        log.warning(
+            "%s has no expectation on configured columns %s (the file was edited, or written "
+            "for another data config): add them, or delete the file to have it regenerated "
+            "from the config",
+            path,
+            stale,
+        )
     return path
 
 

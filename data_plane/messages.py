@@ -248,6 +248,43 @@ def _type_message(
     )
 
 
+def _config_key(column: str | None, cfg: DataConfig) -> str | None:
+    """The config key that names `column` (so a message can say what to change)."""
+    if column is None:
+        return None
+    if column == cfg.label:
+        return "data.label"
+    if cfg.text and column == cfg.text:
+        return "data.text"
+    return "data.features" if column in cfg.features else None
+
+
+CONTINUOUS_DISTINCT = 20  # more distinct unknown labels than this (and than classes): a measure
+
+
+def _continuous_labels(frame: pd.DataFrame, column: str | None, allowed: list[Any]) -> str:
+    """Why the label column looks like a regression target (numbers with many distinct
+    values, or fractions, none of them a class), or "" when it looks like class labels."""
+    if column is None or column not in frame.columns:
+        return ""
+    numbers = pd.to_numeric(frame[column], errors="coerce").dropna()
+    if numbers.empty or len(numbers) < len(frame[column].dropna()):
+        return ""
+    unknown = numbers[~frame.loc[numbers.index, column].isin(allowed)]
+    distinct = unknown.nunique()
+    fractional = bool((unknown != np.round(unknown)).any())
+    many = distinct > max(CONTINUOUS_DISTINCT, 2 * len(allowed))
+    if len(unknown) < len(numbers) / 2 or not (many or fractional):
+        return ""  # a few stray labels: the unknown-class message
+    samples = ", ".join(f"{v:g}" for v in list(dict.fromkeys(unknown.tolist()))[:_SAMPLES])
+    return (
+        f"{distinct} distinct numeric values (e.g. {samples}), which looks like a continuous "
+        "target, not class labels. evergreen trains classifiers: point data.label at a column "
+        "of class labels and list them in data.classes (bin a numeric target into classes "
+        "before landing it)"
+    )
+
+
 def _message(
     kind: str,
     column: str | None,
@@ -265,6 +302,18 @@ def _message(
         unexpected = [c for c in present if c not in expected]
         close = difflib.get_close_matches(str(column), unexpected, n=1, cutoff=0.6)
         hint = f"; did the producer rename it to {close[0]!r}?" if close else ""
+        key = _config_key(column, cfg)
+        if key == "data.label" and not close and len(unexpected) == 1:
+            close = unexpected  # the one column nothing names is most likely the labels
+        if key and close:
+            hint += (
+                f" — if the files are right, set {key} to {close[0]!r} in the config and rerun "
+                "the batch with --batch ID --force"
+            )
+        elif key:
+            hint += (
+                f" — fix the export, or {key} in the config (then rerun with --batch ID --force)"
+            )
         shown = present[:12] + ([f"… {len(present)} in all"] if len(present) > 12 else [])
         return f"{col} is missing (the batch has {shown}){hint}"
     if kind == "expect_column_values_to_be_in_type_list" and column is not None:
@@ -296,10 +345,16 @@ def _message(
             f"(e.g. {_counts(result)}){where} — {fix}"
         )
     if kind == "expect_column_values_to_be_in_set":
+        classes = list(kwargs.get("value_set") or cfg.classes)
+        continuous = _continuous_labels(frame, column, classes)
+        if continuous:
+            return f"{col} has {count} rows with labels not in data.classes {classes}: {continuous}"
+        source = "data.classes" if classes == list(cfg.classes) else "the suite's value_set"
         return (
-            f"{col} has {count} rows with labels not in data.classes {cfg.classes}: "
+            f"{col} has {count} rows with labels not in {source} {classes}: "
             f"{_counts(result)}{where} — new_class_policy={cfg.new_class_policy}: the batch is "
-            "held back; if the class is real, add it to data.classes"
+            "held back; if the class is real, add it to data.classes (a champion's classes are fixed "
+            "when it is first trained: after bootstrap, a new class needs a new model)"
         )
     if kind == "expect_table_row_count_to_be_between":
         return (

@@ -184,6 +184,10 @@ def _by_type(error: BaseException) -> Failure | None:
         return Failure(ExitCode.NO_CHAMPION, _first_line(error))
     if _is_connection_error(error):
         return Failure(ExitCode.CONNECTION, _connection_message(error))
+    if name == "NoEarlierChampionError":  # `evergreen rollback` that did not roll back
+        return Failure(ExitCode.FLOW_FAILED, f"rollback: {_first_line(error)}")
+    if name == "UnknownVersionError":  # `rollback --to` a version that does not exist
+        return Failure(ExitCode.USAGE, _first_line(error))
     if name in {
         "RegistryError",
         "StaleChampionError",

@@ -114,11 +114,21 @@ def nothing_to_do(cadence: str) -> FlowOutcome:
     return FlowOutcome(cadence=cadence, decision="skipped", reasons=[NOTHING_PENDING])
 
 
+def current_champion(cfg: EvergreenConfig) -> str | None:
+    """The version the `champion` alias points to (None before bootstrap), without loading it."""
+    from model_registry.registry import Registry
+    from model_registry.versions import CHAMPION
+
+    return Registry.from_config(cfg).aliases().get(CHAMPION)
+
+
 def all_quarantined(cfg: EvergreenConfig, cadence: str, data: PreparedData) -> FlowOutcome:
-    """Every batch failed validation: the champion stays; say so loudly and actionably."""
+    """Every batch failed validation: the champion stays (and the outcome names it, as every
+    other outcome does); say so loudly and actionably."""
     return FlowOutcome(
         cadence=cadence,
         decision="quarantined",
+        champion=current_champion(cfg),
         quarantined=dict(data.quarantined),
         verdict_keys=dict(data.verdict_keys),
         reasons=[
@@ -130,7 +140,46 @@ def all_quarantined(cfg: EvergreenConfig, cadence: str, data: PreparedData) -> F
     )
 
 
-def require_champion(champion: ModelState | None, cadence: str) -> ModelState:
+def require_champion(
+    champion: ModelState | None, cadence: str, cfg: EvergreenConfig | None = None
+) -> ModelState:
+    """The champion a cadence updates; with `cfg`, also checked against the config's classes
+    and inputs (`check_matches_champion`) before the run commits anything to the memory."""
     if champion is None:
         raise NoChampionError(f"{cadence} needs a champion: run `evergreen run bootstrap` first")
+    if cfg is not None:
+        check_matches_champion(cfg, champion)
     return champion
+
+
+def check_matches_champion(cfg: EvergreenConfig, champion: ModelState) -> None:
+    """A model's classes and input columns are fixed when its first champion is trained: a
+    config that changed them (a class added to data.classes, a feature renamed) would accept
+    rows the champion cannot learn, put them in the data memory, and fail every later run on
+    them. Order does not matter (the model reads its own spec's order).
+
+    Raises:
+        ConfigError: the config's classes or input columns differ from the champion's.
+    """
+    from data_plane.profile import label_key
+    from evergreen.errors import ConfigError
+
+    spec = champion.spec
+    problems = []
+    mine, its = (sorted({label_key(c) for c in cs}) for cs in (cfg.data.classes, spec.classes))
+    if mine != its:
+        problems.append(f"data.classes {list(cfg.data.classes)} (champion: {list(spec.classes)})")
+    key, columns = (
+        ("data.text", [str(cfg.data.text)])
+        if cfg.data.text
+        else ("data.features", cfg.data.features)
+    )
+    if sorted(columns) != sorted(spec.feature_columns):
+        problems.append(f"{key} {list(columns)} (champion: {list(spec.feature_columns)})")
+    if problems:
+        raise ConfigError(
+            f"the config does not match champion v{champion.version}: {'; '.join(problems)}. A "
+            "model's classes and inputs are fixed when its first champion is trained: put the "
+            "config back, or start a new model (another registry.name, or a new home) with "
+            "`evergreen run bootstrap`"
+        )

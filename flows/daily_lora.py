@@ -52,7 +52,7 @@ def daily_lora(
     data = validate_batches(cfg, CADENCE, raw, memory, recheck=params.force)
     if data.empty:
         return conclude(cfg, all_quarantined(cfg, CADENCE, data))
-    champion = require_champion(load_champion(cfg), CADENCE)
+    champion = require_champion(load_champion(cfg), CADENCE, cfg)
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger (screened on the select rows: a discarded adapter is restored)

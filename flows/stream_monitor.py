@@ -60,7 +60,7 @@ def stream_monitor(
     data = validate_batches(cfg, CADENCE, raw, memory, recheck=params.force)
     if data.empty:
         return conclude(cfg, all_quarantined(cfg, CADENCE, data))
-    champion = require_champion(load_champion(cfg), CADENCE)
+    champion = require_champion(load_champion(cfg), CADENCE, cfg)
     # 3. stream the samples through the champion, the detector and the EMA teacher
     frames = [data.frames[b] for b in data.batch_ids]
     report = monitor_stream(cfg, champion, frames, data.batch_ids, memory)

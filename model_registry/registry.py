@@ -44,6 +44,16 @@ if TYPE_CHECKING:
 
 TAG_PREFIX = "evergreen."
 IDEMPOTENCY_TAG = "evergreen.idempotency_key"
+GATE_DECISION_TAG = "evergreen.gate_decision"  # "pass" | "fail", set when a version is registered
+
+
+class NoEarlierChampionError(RegistryError):
+    """`rollback` without a version from a champion that has no earlier one to restore: the
+    command ran and did not roll back (exit 1, `evergreen.errors`)."""
+
+
+class UnknownVersionError(RegistryError):
+    """`rollback --to N` names a version the registered model does not have (a usage error)."""
 
 
 class StaleChampionError(RegistryError):
@@ -278,13 +288,26 @@ class Registry(RegistryReader):
                 else rollback_target(reversed(self._history.events()), current)
             )
             if target is None:
-                raise RegistryError(
-                    f"no earlier champion to roll back to from v{current}: every predecessor in"
-                    " the promotion history was itself rolled back; pass a version (--to N)"
+                raise NoEarlierChampionError(
+                    f"no earlier champion to roll back to from v{current}: it was the first "
+                    "champion, or every champion before it was itself rolled back from; pass a "
+                    "version (--to N)"
                 )
-            self._model_version(target)
+            try:
+                decision = self._model_version(target).tags.get(GATE_DECISION_TAG, "none")
+            except RegistryError as exc:
+                if to is None:
+                    raise
+                raise UnknownVersionError(f"--to {to}: {exc}") from None
             if target == current:
                 return PromotionResult(False, target, current, False, f"v{target} already champion")
+            was_champion = any(e.version == target for e in self._history.events())
+            if decision != "pass" and not was_champion:  # --to a rejected challenger: allowed,
+                # but never silently (as a hand move in the MLflow UI, `reconcile`)
+                reason = (
+                    f"UNGATED: v{target} never passed evergreen's gate (gate decision "
+                    f"{decision!r}); {reason}"
+                )
             self.verify_artifacts(target)
             event = PromotionEvent(
                 now_iso(), "rollback", target, current, actor, reason, flow_run_id

@@ -114,7 +114,10 @@ def conclude(cfg: EvergreenConfig, outcome: FlowOutcome, *, forced: bool = False
         rows = [{"metric": k, "value": round(v, 5)} for k, v in sorted(outcome.metrics.items())]
         create_table_artifact(key=f"{outcome.cadence}-gate", table=rows)
     get_run_logger().info(
-        "%s: %s (champion v%s)", outcome.cadence, outcome.decision, outcome.champion
+        "%s: %s (%s)",
+        outcome.cadence,
+        outcome.decision,
+        f"champion v{outcome.champion}" if outcome.champion else "no champion yet",
     )
     return outcome.to_dict()
 

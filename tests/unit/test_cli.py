@@ -18,6 +18,7 @@ from evergreen.cli import main
 from evergreen.errors import ExitCode, classify
 from evergreen.home import CONFIG_NAME, POINTER, find_config, write_pointer
 from flows.common import NoChampionError
+from model_registry.registry import NoEarlierChampionError, UnknownVersionError
 from model_registry.versions import ArtifactIntegrityError, RegistryError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,6 +230,27 @@ def test_no_champion_via_the_cli(project, capsys, monkeypatch):
     monkeypatch.setattr("evergreen.cli.run_flow", rollback_flow)
     assert main(["rollback"]) == ExitCode.NO_CHAMPION
     assert "no champion" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "needle"),
+    [
+        (NoEarlierChampionError("no earlier champion to roll back to from v1"), 1, "rollback: "),
+        (UnknownVersionError("--to 99: model 'm' has no version '99'"), 2, "--to 99"),
+    ],
+)
+def test_a_rollback_that_cannot_roll_back_exits_as_the_readme_says(
+    project, capsys, monkeypatch, error, code, needle
+):
+    """From the first champion: the command ran and did not roll back (1); `--to` a version
+    that does not exist: a bad flag (2) — not "the registry refused" (5)."""
+
+    def rollback_flow(name, **params):
+        raise error
+
+    monkeypatch.setattr("evergreen.cli.run_flow", rollback_flow)
+    assert main(["rollback"]) == code
+    assert needle in _one_error_line(capsys)
 
 
 def test_debug_shows_the_traceback(project, capsys, monkeypatch):

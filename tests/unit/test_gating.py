@@ -270,6 +270,17 @@ def test_underpowered_when_the_mde_exceeds_the_tolerance_even_with_enough_exampl
     assert not quiet.underpowered and quiet.to_metrics()["gate.underpowered"] == 0.0
 
 
+def test_an_underpowered_check_that_fails_without_a_loss_says_more_rows_decide_it() -> None:
+    """Eleven gate rows, challenger as good as the champion: rejected, and the note says it is
+    the evidence that is missing (what a user with small batches can change), not accuracy."""
+    same = np.r_[np.ones(10, bool), np.zeros(1, bool)]
+    decision = _decide((same, same), (np.ones(40, bool), np.ones(40, bool)))
+    assert not decision.promote
+    note = _reason(decision, "The new-data check is underpowered (n=11 < min_examples 500")
+    assert "failed for want of evidence, not on an observed loss" in note
+    assert "data.gate_fraction" in note and "does not block" not in note
+
+
 def _batches(accuracies: dict[str, tuple[int, int, int]]):
     """Retention (champion, challenger, groups): per batch (rows, champion-only, both right)."""
     champion, challenger, groups = [], [], []

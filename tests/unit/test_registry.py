@@ -279,6 +279,27 @@ def test_rollback_chain_and_history_survives_restart(registry, store):
     assert [e.version for e in reopened.history(limit=2)] == [v3, v1]
 
 
+def test_rollback_to_a_rejected_version_is_recorded_as_ungated(registry, store):
+    """`rollback --to N` may restore any version, but one the gate rejected is flagged in the
+    reason and the history (as a hand move in the MLflow UI is), never made champion silently;
+    from the first champion the error says there is nothing earlier, not a false story."""
+    v1 = registry.log_version(
+        store["checkpoints"][0], lineage={"parent_version": "none", "gate_decision": "pass"}
+    ).version
+    registry.promote(v1, expected_champion=None, reason="bootstrap")
+    with pytest.raises(RegistryError, match="it was the first champion"):
+        registry.rollback()
+    v2 = registry.log_version(
+        store["checkpoints"][1], lineage={"parent_version": v1, "gate_decision": "fail"}
+    ).version
+    result = registry.rollback(to=v2, reason="typo")
+    assert result.promoted and result.version == v2
+    assert result.reason.startswith(f"rolled back from v{v1}: UNGATED: v{v2} never passed")
+    assert registry.history()[0].reason.startswith("UNGATED:")
+    back = registry.rollback(to=v1, reason="fixed")
+    assert back.promoted and "UNGATED" not in back.reason
+
+
 def _events(script: str) -> list[PromotionEvent]:
     """'P2<1 R1<2' = promote v2 replacing v1, roll back to v1 from v2 ('-' = no champion)."""
     actions = {"P": "promote", "R": "rollback"}

@@ -66,7 +66,11 @@ Writer = Callable[[LandingZone, str, pd.DataFrame], None]
 CORRUPT: dict[str, tuple[Writer, list[str]]] = {
     "missing column": (
         lambda z, b, f: write_frame(z, b, f.drop(columns=["f1"])),
-        ["column 'f1' is missing"],
+        ["column 'f1' is missing", "or data.features in the config"],
+    ),
+    "regression target as label": (
+        lambda z, b, f: write_frame(z, b, f.assign(label=np.linspace(25.0, 346.0, len(f)))),
+        ["60 distinct numeric values", "continuous target", "evergreen trains classifiers"],
     ),
     "strings in numeric feature": (
         lambda z, b, f: write_frame(z, b, _with(f, "f2", [5, 9], "abc"), fmt="csv"),
@@ -82,7 +86,7 @@ CORRUPT: dict[str, tuple[Writer, list[str]]] = {
     ),
     "unknown label": (
         lambda z, b, f: write_frame(z, b, _with(f, "label", [0, 1, 2, 3], 7)),
-        ["4 rows with labels not in data.classes [0, 1, 2]", "7 ×4"],
+        ["4 rows with labels not in data.classes [0, 1, 2]", "7 ×4", "a new class needs a new"],
     ),
     "empty file": (
         lambda z, b, f: (write_frame(z, b, f), z.write_bytes(b, "b.csv", b"")),
@@ -200,6 +204,41 @@ def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Pa
     report = validate_batch(batch, "b", make_config(), path)
     assert [f.column for f in report.failures] == ["f1"]
     assert "outside [-0.1, 0.1]" in report.failures[0].message
+
+
+def test_a_misnamed_label_column_says_which_config_key_to_set(tmp_path: Path) -> None:
+    """The config's data.label is wrong, not the batch: the message names the key and the one
+    column nothing in the config names."""
+    batch = make_batch(60, seed=7).rename(columns={"label": "species"})
+    report = validate_batch(batch, "b", make_config(), _suite_for_tests(tmp_path / "home"))
+    first = report.failures[0].message
+    assert first.startswith("column 'label' is missing")
+    assert "set data.label to 'species' in the config" in first and "--force" in first
+
+
+def test_an_unedited_suite_follows_the_data_config_an_edited_one_is_kept(tmp_path: Path) -> None:
+    """A user who corrects `data.label` (or adds a class) after a first run is validated
+    against the corrected config, not the suite the wrong one generated; a suite they edited
+    by hand stays theirs."""
+    home = tmp_path / "home"
+    batch = make_batch(60, seed=7).rename(columns={"label": "species"})
+    wrong = make_config(label="target")
+    path = ensure_suite(home, wrong)
+    report = validate_batch(batch, "b", wrong, path)
+    assert "column 'target'" in report.failures[0].message
+    right = make_config(label="species")
+    assert ensure_suite(home, right) == path
+    assert validate_batch(batch, "b", right, path).success
+    assert ensure_suite(home, right) == path and validate_batch(batch, "b", right, path).success
+
+    data = json.loads(path.read_text())  # the user's own edit: min_rows 20 → 50
+    for item in data["expectations"]:
+        if item["type"] == "expect_table_row_count_to_be_between":
+            item["kwargs"]["min_value"] = 50
+    path.write_text(json.dumps(data, indent=2))
+    four = make_config(label="species", classes=[0, 1, 2, 3])
+    ensure_suite(home, four)
+    assert json.loads(path.read_text()) == data  # edited: kept as it is
 
 
 def test_a_suite_in_the_old_form_still_validates_and_is_merged_in_place(

@@ -1,0 +1,54 @@
+"""A run whose every batch was quarantined names the champion that stays, like every outcome."""
+
+from __future__ import annotations
+
+from evergreen.config import load_config
+from flows import common
+from model_registry.registry import Registry
+from tasks.validate import PreparedData
+from tests.digits_pipeline import digits_frame, write_batch, write_config
+
+
+def test_all_quarantined_names_the_champion_that_stays(tmp_path, monkeypatch):
+    landing = tmp_path / "landing"
+    write_batch(landing, "2026-01-01", digits_frame(slice(0, 20)))
+    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
+    data = PreparedData(batch_ids=[], quarantined={"2026-01-01": "why"})
+
+    before = common.all_quarantined(cfg, "daily-lora", data)  # an empty registry
+    assert before.decision == "quarantined" and before.champion is None
+
+    monkeypatch.setattr(Registry, "aliases", lambda self: {"champion": "5", "challenger": "6"})
+    after = common.all_quarantined(cfg, "daily-lora", data).to_dict()
+    assert after["champion"] == "5" and after["version"] is None
+    assert after["quarantined"] == {"2026-01-01": "why"}
+
+
+def test_a_config_whose_classes_or_features_left_the_champions_is_a_config_error(tmp_path):
+    """Adding a class (or renaming a feature) after bootstrap used to accept the batch, commit
+    its rows to the data memory and fail that run and every later one with exit 70."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from evergreen.errors import ConfigError, ExitCode, classify
+
+    landing = tmp_path / "landing"
+    write_batch(landing, "2026-01-01", digits_frame(slice(0, 20)))
+    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
+    spec = SimpleNamespace(classes=list(cfg.data.classes), feature_columns=list(cfg.data.features))
+    champion = SimpleNamespace(spec=spec, version="1")
+    same = common.require_champion(champion, "daily-lora", cfg)  # order does not matter either
+    assert same is champion
+    spec.feature_columns = list(reversed(cfg.data.features))
+    common.check_matches_champion(cfg, champion)
+
+    spec.classes = list(cfg.data.classes)[:-1]
+    with pytest.raises(ConfigError, match=r"does not match champion v1: data.classes") as info:
+        common.require_champion(champion, "daily-lora", cfg)
+    assert "evergreen run bootstrap" in str(info.value)
+    assert classify(info.value).code == ExitCode.CONFIG
+    spec.classes = list(cfg.data.classes)
+    spec.feature_columns = ["renamed", *cfg.data.features[1:]]
+    with pytest.raises(ConfigError, match=r"data.features \["):
+        common.check_matches_champion(cfg, champion)
