@@ -36,7 +36,9 @@ def test_a_config_whose_classes_or_features_left_the_champions_is_a_config_error
     landing = tmp_path / "landing"
     write_batch(landing, "2026-01-01", digits_frame(slice(0, 20)))
     cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
-    spec = SimpleNamespace(classes=list(cfg.data.classes), feature_columns=list(cfg.data.features))
+    spec = SimpleNamespace(
+        family="mlp", classes=list(cfg.data.classes), feature_columns=list(cfg.data.features)
+    )
     champion = SimpleNamespace(spec=spec, version="1")
     same = common.require_champion(champion, "daily-lora", cfg)  # order does not matter either
     assert same is champion
@@ -52,3 +54,8 @@ def test_a_config_whose_classes_or_features_left_the_champions_is_a_config_error
     spec.feature_columns = ["renamed", *cfg.data.features[1:]]
     with pytest.raises(ConfigError, match=r"data.features \["):
         common.check_matches_champion(cfg, champion)
+
+    spec.feature_columns = []  # a version saved before column names were recorded: by position
+    common.check_matches_champion(cfg, champion)
+    spec.family, spec.classes = "hf-causal-lm", []  # no classes: the config's is a placeholder
+    common.check_matches_champion(cfg, champion)
