@@ -182,6 +182,11 @@ def _counts(result: dict[str, Any]) -> str:
     return ", ".join(f"{p['value']!r} ×{p['count']}" for p in pairs[:_SAMPLES])
 
 
+def _missing(count: object) -> str:
+    """ "1 missing value (null/NaN)", "3 missing values (null/NaN)"."""
+    return f"{count} missing value{'' if count == 1 else 's'} (null/NaN)"
+
+
 def _hashable(value: Any) -> Any:
     return tuple(value) if isinstance(value, list) else value
 
@@ -319,7 +324,7 @@ def _message(
     if kind == "expect_column_values_to_be_in_type_list" and column is not None:
         return _type_message(frame, column, kwargs, result, cfg)
     if kind == "expect_column_values_to_not_be_null":
-        return f"{col} has {count} missing values (null/NaN){where}; expected none"
+        return f"{col} has {_missing(count)}{where}; expected none"
     if kind == "expect_column_values_to_be_between":
         low, high = kwargs.get("min_value"), kwargs.get("max_value")
         if low == -_FINITE_MAX and high == _FINITE_MAX:
@@ -503,7 +508,7 @@ def _finite_failures(
         nulls = values[values.isna()]
         if len(nulls):
             where = _files(frame, nulls.index.tolist()[:10])
-            message = f"column {column!r} has {len(nulls)} missing values (null/NaN){where}; expected none"
+            message = f"column {column!r} has {_missing(len(nulls))}{where}; expected none"
             found.append(
                 Failure(KIND_NULL, column, len(nulls), nulls.tolist()[:_SAMPLES], message, severity)
             )

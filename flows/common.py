@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import yaml
@@ -133,11 +134,19 @@ def all_quarantined(cfg: EvergreenConfig, cadence: str, data: PreparedData) -> F
         verdict_keys=dict(data.verdict_keys),
         reasons=[
             f"batches {sorted(data.quarantined)} failed validation and were quarantined (files "
-            f"untouched); see {cfg.home_path / 'reports' / 'validation' / cadence}/<batch_id>.md, "
-            "fix the files in place (the next run validates them again) or land them under a new "
-            "batch_id"
+            f"untouched); see {_reports(cfg, cadence, sorted(data.quarantined))}, fix the files "
+            "in place (the next run validates them again) or land them under a new batch_id"
         ],
     )
+
+
+def _reports(cfg: EvergreenConfig, cadence: str, batch_ids: list[str], most: int = 3) -> str:
+    """Where the validation reports of quarantined batches are: each file, or the folder."""
+    folder = cfg.home_path / "reports" / "validation" / cadence
+    if len(batch_ids) > most:
+        return f"{folder}/<batch_id>.md"
+    stems = (b.replace("/", "_").replace(os.sep, "_") for b in batch_ids)  # as save_report
+    return ", ".join(str(folder / f"{stem}.md") for stem in stems)
 
 
 def require_champion(

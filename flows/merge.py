@@ -26,7 +26,7 @@ from flows.params import (
 )
 from tasks.evaluate import evaluate_against_champion
 from tasks.memory import load_memory
-from tasks.merge import find_ancestor, load_versions, merge_models
+from tasks.merge import find_ancestor, load_versions, merge_models, require_versions
 from tasks.outcome import conclude
 from tasks.promote import (
     challenger_workspace,
@@ -54,6 +54,7 @@ def merge(
     # 1. ingest: the versions to merge, the champion and the data memory's gate rows
     champion = require_champion(load_champion(cfg), CADENCE)
     names = [str(v) for v in params.versions]
+    require_versions(cfg, names)
     parents = load_versions(cfg, names)
     ancestor = None
     if params.method in TASK_METHODS:  # their changes are measured from their common ancestor

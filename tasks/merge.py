@@ -33,11 +33,27 @@ from continual.standardization import (
 )
 from continual.task_merging import DEFAULT_DENSITY, TASK_METHODS, TaskMethod, task_merge
 from evergreen.config import EvergreenConfig
-from model_registry.registry import Registry
+from model_registry.registry import Registry, UnknownVersionError
+from model_registry.versions import RegistryError
 from tasks.memory import DataMemory
 from tasks.state import ModelState, make_trainable, parameters_of
 from tasks.train import fisher_kind, fisher_rows
 from tasks.version_cache import load_cached, prune_after_use
+
+
+def require_versions(cfg: EvergreenConfig, versions: list[str]) -> None:
+    """Every version `--versions` names exists: a typo is a usage error (exit 2) said at once,
+    not a registry failure after the download task's retries.
+
+    Raises:
+        UnknownVersionError: a named version is not registered.
+    """
+    registry = Registry.from_config(cfg)
+    for version in versions:
+        try:
+            registry.get_version(version)
+        except RegistryError as exc:
+            raise UnknownVersionError(f"--versions: {exc}") from None
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)

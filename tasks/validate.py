@@ -121,8 +121,9 @@ def _known_quarantine(
     reason = earlier.details.get("reason", "")
     get_run_logger().warning(
         "batch %s stays quarantined: %s quarantined it at %s and its content, the suite and the "
-        "data config are unchanged (not announced again; fix the files in place, or rerun with "
-        "batch_ids=[...] and force=true to re-validate): %s",
+        "data config are unchanged (not announced again; fix the files in place, or re-validate "
+        "with `evergreen run <cadence> --batch ID --force`, in Prefect batch_ids=[ID], "
+        "force=true): %s",
         batch.batch_id,
         earlier.cadence,
         earlier.at,

@@ -387,7 +387,7 @@ def test_text_column_batches(tmp_path: Path) -> None:
     broken = _with(_with(frame, "text", [3], None), "text", [4], 12.5)
     messages = [f.message for f in validate_batch(broken, "b", config, suite_file).failures]
     assert any("column 'text' must hold ['str'] values" in m for m in messages)
-    assert any("column 'text' has 1 missing values" in m for m in messages)
+    assert any("column 'text' has 1 missing value (null/NaN)" in m for m in messages)
 
 
 def test_report_round_trips_and_renders(tmp_path: Path) -> None:

@@ -1,4 +1,5 @@
-"""A run whose every batch was quarantined names the champion that stays, like every outcome."""
+"""What a run says or refuses before it trains: the champion that stays when every batch is
+quarantined, a config that left the champion's classes or inputs, a merge of an unknown version."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def test_all_quarantined_names_the_champion_that_stays(tmp_path, monkeypatch):
     after = common.all_quarantined(cfg, "daily-lora", data).to_dict()
     assert after["champion"] == "5" and after["version"] is None
     assert after["quarantined"] == {"2026-01-01": "why"}
+    report = cfg.home_path / "reports" / "validation" / "daily-lora" / "2026-01-01.md"
+    assert f"see {report}, fix the files" in after["reasons"][0]  # the file, not a placeholder
 
 
 def test_a_config_whose_classes_or_features_left_the_champions_is_a_config_error(tmp_path):
@@ -59,3 +62,19 @@ def test_a_config_whose_classes_or_features_left_the_champions_is_a_config_error
     common.check_matches_champion(cfg, champion)
     spec.family, spec.classes = "hf-causal-lm", []  # no classes: the config's is a placeholder
     common.check_matches_champion(cfg, champion)
+
+
+def test_merge_of_a_version_that_does_not_exist_is_a_usage_error(tmp_path):
+    """`run merge --versions 1 99`: exit 2 at once (it was exit 5 after the download's retries)."""
+    import pytest
+
+    from evergreen.errors import ExitCode, classify
+    from model_registry.registry import UnknownVersionError
+    from tasks.merge import require_versions
+
+    landing = tmp_path / "landing"
+    write_batch(landing, "2026-01-01", digits_frame(slice(0, 20)))
+    cfg = load_config(write_config(tmp_path, landing, tmp_path / "home"))
+    with pytest.raises(UnknownVersionError, match=r"--versions: .*no version '99'") as info:
+        require_versions(cfg, ["99"])
+    assert classify(info.value).code == ExitCode.USAGE
