@@ -1,7 +1,8 @@
 """The commented example `evergreen init` writes (every key is validated by evergreen.config)."""
 
 CONFIG_TEMPLATE = """\
-# evergreen.yaml — one file configures every flow. Validate by running `evergreen status`.
+# evergreen.yaml — one file configures every flow. `evergreen status` checks its keys and values;
+# the first `evergreen run` also checks that data.landing exists.
 # Every key can be overridden per command: --set key=value (value parsed as YAML).
 
 home: .evergreen                  # state: MLflow store, artifacts, reports (env EVERGREEN_HOME overrides)
