@@ -222,7 +222,7 @@ def screened(check: GateDecision) -> GateDecision:
     than the champion on the select rows (difference ≥ 0) and discards it otherwise. The gate's
     error rates do not move: it tests one candidate on rows nothing was chosen on, and a screen
     only decides how often it is asked. Measured in docs/TEXT.md ("The select-row check as a
-    screen") and README ("The gate")."""
+    screen") and README ("Design decisions", Daily LoRA)."""
     test = check.new_data
     if check.promote or not check.underpowered or test is None:
         return check
