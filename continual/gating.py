@@ -16,6 +16,9 @@ Decision rule (`decide`), with diff = challenger − champion on the same exampl
    c. cumulative forgetting (when the retention rows carry batch ids and some batch has a fixed
       reference accuracy ref_b): Σ_b n_b·(ref_b − acc_b) / Σ_b n_b ≤ `forgetting_budget`, with
       acc_b the challenger's accuracy on batch b's retention rows and n_b their number.
+      One-row floor (0/1 correctness only): a limit finer than one row of the set it is
+      measured on, 1 / Σ_b n_b, is one row — on 14 retention rows one row is 7.1 pts, and a
+      2.5-pt budget would reject every update that changes a single old prediction, forever.
    The LCB is the lower end of the two-sided interval at level 1 − 2α: Newcombe's hybrid score
    interval for 0/1 correctness, the paired-bootstrap percentile interval for other scores. A drop
    beyond the tolerance that is not significant is NOT noise: "not shown worse" is not "shown not
@@ -24,7 +27,8 @@ Decision rule (`decide`), with diff = challenger − champion on the same exampl
    and/or 2c is still promoted when its new-data gain is PROVEN large (LCB of the new-data diff
    ≥ `exchange_gain`, 10 pts by default) and what it gives up is bounded: the point estimates
    of its retention loss and of its cumulative forgetting are each ≤ `retention_tolerance`.
-   This is the class-arrival / strong-drift case: a model that learns ten classes where the
+   The same one-row floor applies to both point limits. This is the class-arrival /
+   strong-drift case: a model that learns ten classes where the
    champion knew four cannot keep the four-class specialist's accuracy on them (joint training
    on everything loses it too), and without the exchange such updates are rejected forever —
    the champion stays safe and useless. The reason line says "exchange".
@@ -347,51 +351,76 @@ def _by_batch(
     return accuracy_by_batch(retained, groups)
 
 
+def point_limit(limit: float, rows: int, binary: bool) -> float:
+    """A point-estimate limit on 0/1 correctness, at least one row of the `rows` it is measured
+    on: a finer limit cannot tell a lost row from noise, and rejects every update that changes
+    one old prediction (one row of 14 is 7.1 pts). Other scores (log-likelihoods) keep it."""
+    return max(limit, 1.0 / rows) if binary and rows > 0 else limit
+
+
+_ROUNDING = 1e-9  # a loss of exactly one row must pass a one-row limit despite float rounding
+
+
 def _forgetting_check(
-    by_batch: dict[str, tuple[float, int]], references: Mapping[str, float], budget: float
-) -> tuple[float | None, _Check]:
-    """Rule 2c: (forgetting, or None when no batch has a reference; the check)."""
+    by_batch: dict[str, tuple[float, int]],
+    references: Mapping[str, float],
+    budget: float,
+    binary: bool,
+) -> tuple[float | None, int, _Check]:
+    """Rule 2c: (forgetting, or None when no batch has a reference; its rows; the check)."""
     covered = [b for b in by_batch if b in references]
     if not covered:
-        return None, _Check(True, [_NO_REFERENCE])
+        return None, 0, _Check(True, [_NO_REFERENCE])
     rows = sum(by_batch[b][1] for b in covered)
     losses = {b: references[b] - by_batch[b][0] for b in covered}
     forgetting = sum(by_batch[b][1] * losses[b] for b in covered) / rows
     worst = max(covered, key=losses.__getitem__)
-    passed = forgetting <= budget
+    limit = point_limit(budget, rows, binary)
+    passed = forgetting <= limit + _ROUNDING
     verdict = "within" if passed else "beyond"
+    bound = f"{format_points(budget, False)}-pt budget"
+    if limit > budget:
+        bound += f" (one row of {rows}: {format_points(limit, False)} pts)"
     reason = (
         f"cumulative forgetting {format_points(forgetting)} pts against the fixed references of "
         f"{len(covered)} earlier batch(es) (n={rows}; largest loss: batch {worst!r} "
         f"{references[worst]:.3f} → {by_batch[worst][0]:.3f}) — {verdict} the "
-        f"{format_points(budget, False)}-pt budget" + ("." if passed else ": rejected.")
+        f"{bound}" + ("." if passed else ": rejected.")
     )
     missing = [b for b in by_batch if b not in references]
     if missing:
         reason += f" Batches without a reference, not counted: {', '.join(missing)}."
-    return forgetting, _Check(passed, [reason])
+    return forgetting, rows, _Check(passed, [reason])
 
 
 def _exchange_check(
     new_test: PairedTestResult,
     retention_test: PairedTestResult | None,
-    forgetting: float | None,
+    forgetting: tuple[float | None, int],
     policy: GatePolicy,
+    binary: bool,
 ) -> _Check:
-    """Rule 2d: a proven large new-data gain may buy a bounded retention loss."""
+    """Rule 2d: a proven large new-data gain may buy a bounded retention loss. `forgetting` is
+    (the cumulative loss or None, its rows); each loss has the one-row floor of its own rows."""
     if policy.exchange_gain is None:
         return _Check(False, [])
     cap = policy.retention_tolerance
-    retention_loss = -retention_test.diff if retention_test is not None else 0.0
-    lost = max(retention_loss, forgetting or 0.0)
+    losses = [(0.0, cap)]
+    if retention_test is not None:
+        losses.append((-retention_test.diff, point_limit(cap, retention_test.n, binary)))
+    if forgetting[0] is not None:
+        losses.append((forgetting[0], point_limit(cap, forgetting[1], binary)))
+    lost, limit = max(losses, key=lambda pair: pair[0] - pair[1])  # the nearest to its limit
+    within = all(loss <= bound + _ROUNDING for loss, bound in losses)
     gain_proven = new_test.ci_low >= policy.exchange_gain
-    passed = gain_proven and lost <= cap
+    passed = gain_proven and within
     verdict = "promoted by exchange" if passed else "no exchange"
+    floor = f" (one row: {format_points(limit, False)} pts)" if limit > cap else ""
     reason = (
         f"exchange: new-data gain lower bound {format_points(new_test.ci_low)} pts "
         f"{'≥' if gain_proven else '<'} {format_points(policy.exchange_gain, False)} pts, retention given "
         f"up {format_points(lost, False)} pts (point estimate, retention and cumulative) "
-        f"{'≤' if lost <= cap else '>'} {format_points(cap, False)} pts — {verdict}."
+        f"{'≤' if within else '>'} {format_points(cap, False)} pts{floor} — {verdict}."
     )
     return _Check(passed, [reason])
 
@@ -461,16 +490,19 @@ def decide(
         checks.append(
             _check(retention_test, "retention", policy.retention_tolerance, False, policy)
         )
-    forgetting = None
+    forgetting, forgetting_rows = None, 0
+    binary = retained is not None and is_binary(retained)  # 0/1 correctness: rows are counts
     if by_batch:
-        forgetting, budget_check = _forgetting_check(
-            by_batch, references or {}, policy.forgetting_budget
+        forgetting, forgetting_rows, budget_check = _forgetting_check(
+            by_batch, references or {}, policy.forgetting_budget, binary
         )
         checks.append(budget_check)
     reasons = [reason for check in checks for reason in check.reasons]
     promote = all(check.passed for check in checks)
     if not promote and checks[0].passed:
-        exchange = _exchange_check(new_test, retention_test, forgetting, policy)
+        exchange = _exchange_check(
+            new_test, retention_test, (forgetting, forgetting_rows), policy, binary
+        )
         promote = exchange.passed
         # the rule that decided comes first: a promotion by exchange would otherwise read as
         # "retention … rejected" wherever the reasons are cut short (tables, tags)

@@ -531,3 +531,38 @@ def test_no_exchange_without_a_proven_large_gain():
         champion_retention_correct=champion_old,
     )
     assert not decision.promote and "no exchange" in decision.reasons[-1]
+
+
+def _old_batch(n: int, lost: int) -> dict[str, object]:
+    """Retention of one earlier batch whose reference is 1.0: the champion right on all n rows,
+    the challenger wrong on `lost` of them."""
+    challenger = np.ones(n)
+    challenger[:lost] = 0
+    return {
+        "champion_retention_correct": np.ones(n),
+        "challenger_retention_correct": challenger,
+        "retention_groups": ["b0"] * n,
+        "references": {"b0": 1.0},
+    }
+
+
+def test_a_budget_finer_than_one_row_is_one_row():
+    """14 retention rows (wine): one changed old prediction is 7.1 pts, beyond the 2.5-pt budget
+    and the 5-pt exchange cap, so every update that learned a new class was rejected, forever."""
+    new = {"champion_new_correct": np.arange(13) < 3, "challenger_new_correct": np.ones(13)}
+    one = decide(**new, **_old_batch(14, 1))
+    assert one.promote and one.reasons[0].startswith("exchange:")
+    assert "one row: 7.1 pts" in one.reasons[0]
+    assert any("(one row of 14: 7.1 pts)." in r for r in one.reasons)
+    two = decide(**new, **_old_batch(14, 2))
+    assert not two.promote  # two rows are a loss, not one row's noise
+
+
+def test_the_one_row_floor_leaves_large_sets_and_other_scores_alone():
+    new = {"champion_new_correct": np.ones(400), "challenger_new_correct": np.ones(400)}
+    large = decide(**new, **_old_batch(500, 15))  # 3 pts > the 2.5-pt budget; one row is 0.2
+    assert not large.promote and large.forgetting == pytest.approx(0.03)
+    scores = {"champion_new_correct": np.zeros(14), "challenger_new_correct": np.zeros(14)}
+    nats = _old_batch(14, 1)  # log-likelihoods: 0 and 1 here are not "rows right"
+    nats["challenger_retention_correct"] = np.full(14, 1.0 - 1 / 14)
+    assert not decide(**scores, **nats).promote
