@@ -148,8 +148,17 @@ def _legacy_suite_path(home: Path, name: str = SUITE_NAME) -> Path:
 
 def write_suite(suite: gx.ExpectationSuite, path: Path) -> Path:
     """Write `suite` as indented GX JSON (atomic); returns `path`."""
-    data = suite.to_json_dict()
+    return _write_suite_json(_suite_json(suite), path)
+
+
+def _suite_json(suite: gx.ExpectationSuite) -> dict[str, Any]:
+    """The suite as the file holds it: plain JSON types, without GX's store id."""
+    data: dict[str, Any] = json.loads(json.dumps(suite.to_json_dict()))
     data.pop("id", None)
+    return data
+
+
+def _write_suite_json(data: dict[str, Any], path: Path) -> Path:
     atomic_write_text(Path(path), json.dumps(data, indent=2) + "\n")
     return Path(path)
 
@@ -234,8 +243,7 @@ def _expectations_digest(expectations: list[Any]) -> str:
 
 def _generated(data_cfg: DataConfig) -> dict[str, Any]:
     """The suite file's content for `data_cfg`, stamped with the digest of its expectations."""
-    data: dict[str, Any] = json.loads(json.dumps(build_suite(data_cfg).to_json_dict()))
-    data.pop("id", None)
+    data = _suite_json(build_suite(data_cfg))
     data["meta"] = {
         **(data.get("meta") or {}),
         GENERATED_DIGEST: _expectations_digest(data["expectations"]),
@@ -259,7 +267,7 @@ def _follow_config(path: Path, data_cfg: DataConfig) -> None:
     fresh = _generated(data_cfg)
     if fresh["expectations"] == items:
         return
-    atomic_write_text(path, json.dumps(fresh, indent=2) + "\n")
+    _write_suite_json(fresh, path)
     log.warning("%s: regenerated from the changed data config (the file had not been edited)", path)
 
 
@@ -271,8 +279,7 @@ def _ensure_suite_file(home: Path, data_cfg: DataConfig) -> Path:
         os.replace(legacy, path)
         log.warning("moved the expectation suite %s into GX's suite store: %s", legacy, path)
     if not path.exists():
-        atomic_write_text(path, json.dumps(_generated(data_cfg), indent=2) + "\n")
-        return path
+        return _write_suite_json(_generated(data_cfg), path)
     _follow_config(path, data_cfg)
     _drop_inferred_bounds(path)
     _merge_column_checks(path)

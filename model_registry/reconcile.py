@@ -22,12 +22,11 @@ from dataclasses import dataclass
 
 from model_registry.ledger import PromotionEvent, now_iso
 from model_registry.locking import promotion_lock
-from model_registry.registry import Registry
+from model_registry.registry import GATE_DECISION_TAG, UNGATED, Registry
 from model_registry.versions import CHALLENGER, CHAMPION, RegistryError
 
 MANUAL = "manual"
 OUTSIDE = "outside evergreen"
-UNGATED = "UNGATED"
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,7 @@ def _judge(registry: Registry, current: str | None, recorded: str | None) -> tup
     if current is None:
         return False, f"the champion alias was removed outside evergreen (it was {was})"
     try:
-        decision = registry.get_version(current).tags.get("evergreen.gate_decision", "none")
+        decision = registry.get_version(current).tags.get(GATE_DECISION_TAG, "none")
     except RegistryError:
         decision = "none"
     moved = f"champion moved from {was} to v{current} outside evergreen"

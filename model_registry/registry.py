@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 TAG_PREFIX = "evergreen."
 IDEMPOTENCY_TAG = "evergreen.idempotency_key"
 GATE_DECISION_TAG = "evergreen.gate_decision"  # "pass" | "fail", set when a version is registered
+UNGATED = "UNGATED"  # starts the reason of a champion change to a version that never passed
 
 
 class NoEarlierChampionError(RegistryError):
@@ -282,11 +283,8 @@ class Registry(RegistryReader):
             current = aliases.get(CHAMPION)
             if current is None:
                 raise RegistryError(f"model {self.model_name!r} has no champion to roll back")
-            target = (
-                str(to)
-                if to is not None
-                else rollback_target(reversed(self._history.events()), current)
-            )
+            events = self._history.events()
+            target = str(to) if to is not None else rollback_target(reversed(events), current)
             if target is None:
                 raise NoEarlierChampionError(
                     f"no earlier champion to roll back to from v{current}: it was the first "
@@ -301,11 +299,11 @@ class Registry(RegistryReader):
                 raise UnknownVersionError(f"--to {to}: {exc}") from None
             if target == current:
                 return PromotionResult(False, target, current, False, f"v{target} already champion")
-            was_champion = any(e.version == target for e in self._history.events())
+            was_champion = any(e.version == target for e in events)
             if decision != "pass" and not was_champion:  # --to a rejected challenger: allowed,
                 # but never silently (as a hand move in the MLflow UI, `reconcile`)
                 reason = (
-                    f"UNGATED: v{target} never passed evergreen's gate (gate decision "
+                    f"{UNGATED}: v{target} never passed evergreen's gate (gate decision "
                     f"{decision!r}); {reason}"
                 )
             self.verify_artifacts(target)

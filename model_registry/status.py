@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from model_registry.ledger import REASONS_SEPARATOR, Ledger
-from model_registry.registry import Registry
+from model_registry.registry import UNGATED, Registry
 from model_registry.versions import VersionInfo
 
 # Version tags worth a column (prefix "evergreen." is implied); the rest stays in the JSON.
@@ -116,7 +116,7 @@ def render_history(events: Iterable[Any], console: Console) -> None:
         e = dataclasses.asdict(event) if is_record else dict(event)
         previous = f"v{e['previous']}" if e.get("previous") else "—"
         version = f"v{e['version']}" if e.get("version") else "—"  # "—": alias removed by hand
-        action = f"[red]{e['action']}[/]" if e["reason"].startswith("UNGATED") else e["action"]
+        action = f"[red]{e['action']}[/]" if e["reason"].startswith(UNGATED) else e["action"]
         at = e["at"][:16].replace("T", " ")
         table.add_row(at, action, version, previous, e["actor"], e["reason"])
     console.print(table)
