@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +13,6 @@ from pathlib import Path
 import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
 from continual.checkpoint import load_checkpoint
@@ -33,6 +31,7 @@ from tasks.events import emit
 from tasks.limits import promotion_slot
 from tasks.outcome import Decision, FlowOutcome
 from tasks.resume import discard_states
+from tasks.run_log import run_logger
 from tasks.staging import owned
 from tasks.state import ModelState, staging_dir, write_state
 from tasks.tracking import run_record
@@ -370,11 +369,8 @@ def challenger_workspace(
 
 
 def _log_kept_state(cadence: str) -> None:
-    message = (
-        "%s stopped at its time limit: its training state is kept, and the next run on the same "
-        "batches, champion and config resumes it (raise train.timeout_minutes to finish in one run)"
+    run_logger(__name__).warning(
+        "%s timed out: its training state is kept, and the next run on the same batches, "
+        "champion and config resumes it (raise train.timeout_minutes to finish in one run)",
+        cadence,
     )
-    try:
-        get_run_logger().warning(message, cadence)
-    except MissingContextError:  # called outside a flow run (tests, scripts)
-        logging.getLogger(__name__).warning(message, cadence)

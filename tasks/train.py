@@ -14,14 +14,12 @@ only; the promotion gate's rows are never looked at here.
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from prefect import get_run_logger
-from prefect.exceptions import MissingContextError
 
 from continual.distributed import DistributedJob
 from continual.fisher_kinds import FisherKind
@@ -37,6 +35,7 @@ from tasks.limits import training_slot
 from tasks.memory import DataMemory
 from tasks.progress import step_progress
 from tasks.resume import ResumeKey, checkpointing_for
+from tasks.run_log import run_logger
 from tasks.state import ModelState, TrainingFacts
 from tasks.validate import PreparedData
 
@@ -211,10 +210,7 @@ def fisher_rows(
 
 def log_info(message: str, *args: object) -> None:
     """Log to the Prefect run when there is one (tasks), else to this module's logger."""
-    try:
-        get_run_logger().info(message, *args)
-    except MissingContextError:
-        logging.getLogger(__name__).info(message, *args)
+    run_logger(__name__).info(message, *args)
 
 
 def learned_fields(memory: DataMemory) -> dict[str, Any]:
