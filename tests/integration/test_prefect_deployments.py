@@ -67,13 +67,21 @@ RETRIED_STATUS = (429, 502, 503)  # what Prefect's own client retries (PREFECT_C
 
 def _request(method: str, url: str, **kwargs) -> httpx.Response:
     """The REST call as Prefect's client makes it: a busy server (its SQLite locked by the
-    scheduler and the worker at once: 503 "Service Unavailable") is retried with backoff."""
+    scheduler and the worker at once: 503 "Service Unavailable", or no answer within the
+    request's timeout — seen once in CI while a flow run held the database) is retried with
+    backoff; the last attempt's error or response stands."""
     for attempt in range(6):
-        response = httpx.request(method, url, **kwargs)
-        if response.status_code not in RETRIED_STATUS:
-            return response
+        last = attempt == 5
+        try:
+            response = httpx.request(method, url, **kwargs)
+        except httpx.TimeoutException:
+            if last:
+                raise
+        else:
+            if response.status_code not in RETRIED_STATUS or last:
+                return response
         time.sleep(0.5 * 2**attempt)
-    return response
+    raise AssertionError("unreachable")
 
 
 def _deploy_command(*extra: str) -> list[str]:
