@@ -235,7 +235,7 @@ def run_load(root: Path, rounds: int, round_timeout: float = 900) -> LoadResult:
     landing = root / "landing"
     write_batch(landing, "2026-02-01", digits_frame(slice(0, 600)))
     config = write_config(root, landing, root / "home", **LOAD_SECTIONS)
-    with prefect_server(root / "prefect") as api:
+    with prefect_server(root / "prefect", backend="postgresql") as api:
         env = prefect_env(root / "prefect", api)
         _check(env, root, [str(BIN / "evergreen"), "run", "bootstrap", "--batch", "2026-02-01"])
         names = [arg for name in CADENCES for arg in ("--name", name)]

@@ -11,13 +11,15 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import httpx
 
 BIN = Path(sys.executable).parent
+POSTGRES = "postgresql://postgres@127.0.0.1:5432"  # the machine's PostgreSQL (trust auth)
 
 
 # Server ports come from below the kernel's ephemeral range (32768+ here, where bind(0), moto's
@@ -102,12 +104,15 @@ def background(
                     continue
 
 
-def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+def prefect_env(
+    home: Path, api_url: str | None = None, database_url: str | None = None
+) -> dict[str, str]:
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_API_DATABASE_CONNECTION_URL": database_url
+        or f"sqlite+aiosqlite:///{home}/prefect.db",
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
@@ -118,13 +123,48 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
 
 
 @contextmanager
-def prefect_server(home: Path) -> Iterator[str]:
-    """A real `prefect server start` on a free loopback port; yields its API URL."""
+def postgres_database() -> Iterator[str | None]:
+    """A new, empty database on the local PostgreSQL, dropped afterwards; yields its libpq URL,
+    or None when there is no PostgreSQL (or no driver) here, so the caller picks its fallback."""
+    try:
+        import psycopg2
+    except ImportError:
+        yield None
+        return
+    try:
+        admin = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3)
+    except psycopg2.OperationalError:
+        yield None
+        return
+    admin.autocommit = True
+    name = f"evergreen_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+@contextmanager
+def prefect_server(home: Path, *, backend: str = "sqlite") -> Iterator[str]:
+    """A real `prefect server start` on a free loopback port; yields its API URL.
+
+    `backend="postgresql"` puts its database on the local PostgreSQL, as production does: tests
+    that run several flow runs at once against one server use it, because SQLite serialises
+    every write and the server answers 503 while a write waits too long. Without a PostgreSQL
+    here such a test falls back to SQLite and says so on stdout."""
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     command = [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     log = home / "server.log"
-    with background(command, env=prefect_env(home), log=log) as process:
-        api = f"http://127.0.0.1:{port}/api"
-        wait_http(f"{api}/health", 180, process, log)
-        yield api
+    with postgres_database() if backend == "postgresql" else nullcontext() as database:
+        if backend == "postgresql" and database is None:
+            print("no PostgreSQL on 127.0.0.1:5432: the Prefect server runs on SQLite")
+        url = database.replace("postgresql://", "postgresql+asyncpg://") if database else None
+        with background(command, env=prefect_env(home, database_url=url), log=log) as process:
+            api = f"http://127.0.0.1:{port}/api"
+            wait_http(f"{api}/health", 180, process, log)
+            yield api

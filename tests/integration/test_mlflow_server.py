@@ -15,7 +15,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,15 +33,12 @@ from model_registry.registry import Registry
 from model_registry.run_record import ClassTable, DatasetRecord, RunRecord
 from model_registry.versions import CHECKPOINT_SUBPATH, ArtifactIntegrityError
 from tests.checkpoints import tiny_checkpoint
-from tests.integration.servers import BIN, background, free_port, wait_http
+from tests.integration.servers import BIN, background, free_port, postgres_database, wait_http
 
 pytestmark = pytest.mark.integration
 
 FEATURES = ["x0", "x1", "x2"]
 CLASSES = [0, 1]
-
-
-POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 
 @contextmanager
@@ -53,21 +49,10 @@ def backend_store(kind: str, root: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{root}/server.db"
         return
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 (PostgreSQL driver) not installed")
-    name = f"evergreen_{uuid.uuid4().hex[:12]}"
-    try:
-        admin = psycopg2.connect(f"{POSTGRES}/postgres", connect_timeout=3)
-    except psycopg2.OperationalError as error:
-        pytest.skip(f"no PostgreSQL on 127.0.0.1:5432 ({str(error).strip()[:80]})")
-    admin.autocommit = True
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    try:
-        yield f"{POSTGRES}/{name}"
-    finally:
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.close()
+    with postgres_database() as database:
+        if database is None:
+            pytest.skip("no PostgreSQL (or no psycopg2) on 127.0.0.1:5432")
+        yield database
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -45,7 +45,7 @@ def deployed(tmp_path_factory):
     write_batch(landing, "2026-02-02", digits_frame(slice(600, 800)))
     write_batch(landing, "2026-02-03", digits_frame(slice(800, 1200), shift=3))  # new writers
     config = write_config(root, landing, root / "home")
-    with prefect_server(root / "prefect") as api:
+    with prefect_server(root / "prefect", backend="postgresql") as api:
         env = prefect_env(root / "prefect", api)
         _check(env, root, [str(BIN / "evergreen"), "run", "bootstrap", "--batch", "2026-02-01"])
         _check(env, root, [str(BIN / "python"), "-c", NOTIFICATION_BLOCK])
