@@ -153,6 +153,17 @@ def _emit(
     return out
 
 
+def _pandas_index_columns(arrow_schema: pa.Schema) -> set[str]:
+    """The columns pandas stored a DataFrame's index in (`__index_level_0__` after a shuffle or
+    a filter, or the index's name): pandas reads them back as the index, so they are not data.
+    A RangeIndex is stored as metadata only and has no column."""
+    try:
+        metadata = arrow_schema.pandas_metadata or {}
+    except (ValueError, TypeError):  # malformed pandas metadata: every column is data
+        return set()
+    return {c for c in metadata.get("index_columns", []) if isinstance(c, str)}
+
+
 def _iter_parquet(
     handle: BinaryIO, ref: FileRef, chunk_rows: int, columns: list[str], schema: FileSchema
 ) -> Iterator[pd.DataFrame]:
@@ -160,7 +171,8 @@ def _iter_parquet(
         # pre_buffer reads ahead whole row groups (for high-latency stores); the handle is a
         # local or spooled file, where it only adds memory: 1M×64 float32 peaks ~300 MiB lower
         parquet = pq.ParquetFile(handle, pre_buffer=False)
-        names = parquet.schema_arrow.names
+        index = _pandas_index_columns(parquet.schema_arrow)
+        names = [n for n in parquet.schema_arrow.names if n not in index or n in columns]
         schema.columns.update(names)  # only the requested columns are read
         present = [c for c in columns if c in names]
         for record_batch in parquet.iter_batches(batch_size=chunk_rows, columns=present):

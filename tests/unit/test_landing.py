@@ -11,6 +11,7 @@ import pytest
 
 from data_plane.arrival import pending_batches
 from data_plane.landing import (
+    COLUMNS_IN_FILES_ATTR,
     SOURCE_COLUMN,
     BatchReadError,
     LandingZone,
@@ -162,6 +163,22 @@ def test_nullable_parquet_columns_come_back_as_numpy(zone: LandingZone) -> None:
     read = read_batch(zone, "b", make_config())
     assert read["f1"].dtype == np.float64 and np.isnan(read["f1"].iloc[0])
     assert read["label"].dtype == np.int64
+
+
+def test_a_pandas_index_stored_in_parquet_is_not_a_column(zone: LandingZone) -> None:
+    # `df.sample(frac=1).to_parquet(path)` stores the shuffled index as `__index_level_0__`;
+    # pandas reads it back as the index, so it is not data and must not count as an extra column
+    shuffled = make_batch(30).sample(frac=1.0, random_state=0)
+    buffer = io.BytesIO()
+    shuffled.to_parquet(buffer)
+    zone.write_bytes("b", "part-0.parquet", buffer.getvalue())
+    named = make_batch(30).rename_axis("row_id")  # a named index: also metadata, not a column
+    buffer = io.BytesIO()
+    named.to_parquet(buffer)
+    zone.write_bytes("c", "part-0.parquet", buffer.getvalue())
+    for batch_id in ("b", "c"):
+        read = read_batch(zone, batch_id, make_config())
+        assert read.attrs[COLUMNS_IN_FILES_ATTR] == sorted(make_batch(1).columns)
 
 
 def test_json_array_file_gets_a_hint(zone: LandingZone) -> None:
