@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 BATCH_IDS: Any = Field(
     None,
@@ -100,6 +100,14 @@ class MergeParams(ConfigParams):
     method: Literal["fisher", "linear", "ties", "dare", "dare_ties"] = MERGE_METHOD
     density: float | None = DENSITY
     seed: int = SEED
+
+    @field_validator("versions")
+    @classmethod
+    def _distinct(cls, versions: list[str]) -> list[str]:
+        """A version named twice is not a merge (`--versions 3 3` registered a copy of v3)."""
+        if len(set(versions)) < len(versions):
+            raise ValueError(f"name distinct versions to merge (got {versions})")
+        return versions
 
 
 class RollbackParams(ConfigParams):

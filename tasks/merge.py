@@ -33,6 +33,7 @@ from continual.standardization import (
 )
 from continual.task_merging import DEFAULT_DENSITY, TASK_METHODS, TaskMethod, task_merge
 from evergreen.config import EvergreenConfig
+from evergreen.errors import UsageError
 from model_registry.registry import Registry, UnknownVersionError
 from model_registry.versions import RegistryError
 from tasks.memory import DataMemory
@@ -63,7 +64,7 @@ def load_versions(cfg: EvergreenConfig, versions: list[str]) -> list[ModelState]
     states = [load_cached(cfg, registry, version) for version in versions]
     prune_after_use(cfg, registry, versions)
     if len({(s.spec.family, s.spec.n_features, s.spec.n_classes) for s in states}) != 1:
-        raise ValueError(f"versions {versions} have different architectures and cannot be merged")
+        raise UsageError(f"versions {versions} have different architectures and cannot be merged")
     return states
 
 
@@ -94,7 +95,8 @@ def common_ancestor(registry: Registry, versions: list[str]) -> str:
     each: a version is not its own ancestor, so merging v2 with its child v3 uses v2's parent).
 
     Raises:
-        ValueError: no such version; the message gives each version's ancestry.
+        UsageError: no such version (a usage error: another method or other versions); the
+            message gives each version's ancestry.
     """
     chains = {str(v): ancestry(registry, str(v)) for v in versions}
     first = chains[str(versions[0])]
@@ -105,7 +107,7 @@ def common_ancestor(registry: Registry, versions: list[str]) -> str:
         f"v{v}: {' → '.join('v' + a for a in chain) or 'none (trained from scratch)'}"
         for v, chain in chains.items()
     )
-    raise ValueError(
+    raise UsageError(
         f"versions {list(chains)} share no registered ancestor, and TIES/DARE merge task "
         f"vectors θ_v − θ_ancestor (ancestry: {lines}). Merge versions trained from a common "
         "registered version, or use --method fisher or linear"

@@ -76,6 +76,7 @@ def test_unparseable_config(project, capsys):
     [
         (["run", "daily-lora", "--versions", "1", "2"], "does not take --versions"),
         (["run", "merge", "--versions", "3"], "versions"),  # at least two
+        (["run", "merge", "--versions", "3", "3"], "distinct"),  # one version twice: not a merge
         (["run", "daily-lora", "--max-batches", "0"], "max_batches"),
         (["run", "merge", "--versions", "3", "5", "--method", "magic"], "method"),
         (["run", "merge", "--versions", "3", "5", "--method", "ties", "--density", "0"], "density"),
