@@ -151,10 +151,12 @@ def next_token_loss(logits: Tensor, ids: Tensor, pad_token_id: int) -> Tensor:
 
 @torch.no_grad()
 def token_log_likelihood(
-    model: nn.Module, ids: Tensor, *, batch_size: int = _SCORE_BATCH
+    model: nn.Module, ids: Tensor, *, batch_size: int = _SCORE_BATCH, empty: float = 0.0
 ) -> np.ndarray:
     """Per-row mean token log-likelihood [N] (float64; −NLL per predicted token, higher is
-    better). A row with a single token has nothing to predict and scores 0.0.
+    better). A row with a single token (or none) has nothing to predict and scores `empty`:
+    0.0 for the gate and the checks, whose paired differences it leaves unchanged; the served
+    model passes NaN, as such a row has no log-likelihood or perplexity to report.
 
     This is the one score of a causal LM: the gate, the keep/discard check of a LoRA update,
     the forgetting references and the served model all read it. exp(−score) is the row's
@@ -172,8 +174,9 @@ def token_log_likelihood(
             logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none"
         )
         counts = (labels != IGNORE_INDEX).sum(dim=1)
-        mean = -nll.sum(dim=1) / counts.clamp(min=1)
-        out.append(mean.double().cpu().numpy())
+        mean = (-nll.sum(dim=1) / counts.clamp(min=1)).double().cpu().numpy()
+        mean[(counts == 0).cpu().numpy()] = empty
+        out.append(mean)
     if not out:
         raise ValueError("token_log_likelihood: no rows to score")
     return np.concatenate(out)

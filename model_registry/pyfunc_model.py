@@ -114,8 +114,9 @@ class EvergreenPyfunc(PythonModel):
             `model_input`; for a causal LM [log_likelihood, perplexity(, generated)].
 
         Raises:
-            ValueError: feature columns are missing (the message names them), or a causal LM's
-                generation params are out of bounds.
+            ValueError: feature columns are missing (the message names them), a text model's
+                text is null in some rows, or a causal LM's generation params are out of
+                bounds.
         """
         if self.model is None or self.spec is None:
             raise RuntimeError("EvergreenPyfunc.predict called before the checkpoint was loaded")
@@ -151,7 +152,8 @@ class EvergreenPyfunc(PythonModel):
         )
 
         settings = generation_settings(params)  # refuse a bad request before any compute
-        log_likelihood = token_log_likelihood(model, self._inputs(features))
+        # a row with no token to predict has no score: NaN, not 0.0 (a perfect perplexity 1.0)
+        log_likelihood = token_log_likelihood(model, self._inputs(features), empty=np.nan)
         out = pd.DataFrame(
             {"log_likelihood": log_likelihood, "perplexity": np.exp(-log_likelihood)},
             index=features.index,
@@ -165,7 +167,17 @@ class EvergreenPyfunc(PythonModel):
     def _inputs(self, features: pd.DataFrame) -> torch.Tensor:
         tokenize = getattr(self.model, "tokenize", None)
         if callable(tokenize):  # text family: one text column → token ids
-            ids: torch.Tensor = tokenize(features.iloc[:, 0].astype(str).tolist())
+            texts = features.iloc[:, 0]
+            null = texts.isna()
+            if null.any():  # astype(str) would score the string "None" or "nan"
+                rows = list(texts.index[null])
+                raise ValueError(
+                    f"{texts.name!r} is null in {len(rows)} row{'s' if len(rows) > 1 else ''} "
+                    f"(row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}"
+                    f"{', …' if len(rows) > 5 else ''}): the model scores strings — drop "
+                    "those rows or fill them"
+                )
+            ids: torch.Tensor = tokenize(texts.astype(str).tolist())
             return ids
         bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
         if bad:

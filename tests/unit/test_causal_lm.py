@@ -274,6 +274,18 @@ def test_served_lm_generates_only_when_asked_and_declares_its_params(checkpoint,
         served.predict(None, frame, {"max_new_tokens": 1000})
 
 
+def test_served_lm_scores_no_row_it_cannot_score(checkpoint):
+    """A row with no token to predict (empty, or one token with no BOS) has no mean
+    log-likelihood: NaN, not 0.0 / perplexity 1.0 (a perfect score); a null text is refused
+    instead of being scored as the string "None"."""
+    served = EvergreenPyfunc().load_checkpoint_dir(checkpoint)
+    out = served.predict(None, pd.DataFrame({"text": ["bread of the", "", "boat"]}))
+    assert np.isfinite(out["log_likelihood"].iloc[0]) and out["log_likelihood"].iloc[0] < 0
+    assert out[["log_likelihood", "perplexity"]].iloc[1:].isna().all().all()
+    with pytest.raises(ValueError, match=r"'text' is null in 1 row \(row 8\)"):
+        served.predict(None, pd.DataFrame({"text": ["bread", None]}, index=[7, 8]))
+
+
 def test_tabular_signature_has_no_params(tmp_path):
     _, signature = example_and_signature(tiny_checkpoint(tmp_path / "c", 0, ["a", "b"], [0, 1]))
     assert signature.params is None
