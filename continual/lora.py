@@ -61,6 +61,11 @@ class LoraSettings:
             raise ValueError("target_modules is an empty list; use None for the default targets")
 
 
+class LoraTargetError(ValueError):
+    """`daily.target_modules` names a module the model does not have (a configuration error:
+    `evergreen.errors` reports it as such, exit 3)."""
+
+
 def _matches(module_name: str, target: str) -> bool:
     """peft's rule for a string target: the full name or a dotted suffix of it."""
     return module_name == target or module_name.endswith("." + target)
@@ -77,8 +82,9 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
         The peft model; B is zero-initialised, so it predicts exactly like `model` at first.
 
     Raises:
-        ValueError: a target matches no Linear layer (the message lists the available ones),
-            or the model already is a peft model.
+        LoraTargetError: a target matches no Linear layer (the message lists the available
+            ones).
+        ValueError: the model already is a peft model.
     """
     if isinstance(model, PeftModel):
         raise ValueError(
@@ -89,7 +95,11 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
     linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     absent = [t for t in targets if not any(_matches(name, t) for name in linear)]
     if absent:
-        raise ValueError(f"LoRA target modules {absent} match no Linear layer; available: {linear}")
+        names = sorted({name.rsplit(".", 1)[-1] for name in linear})
+        raise LoraTargetError(
+            f"LoRA target modules {absent} match no Linear layer; available: {names} (a "
+            f"module's name, or a dotted suffix of a full name such as {linear[0]!r})"
+        )
     config = LoraConfig(
         r=settings.r,
         lora_alpha=settings.alpha,

@@ -143,6 +143,20 @@ def test_s3_endpoint_down_is_a_connection_error():
     assert "list-type" not in failure.message and "bucket" not in failure.message
 
 
+def _unknown_lora_target() -> Exception:
+    """What `--set daily.target_modules=[foo]` raises when the daily attaches its adapter (was
+    exit 70, "unexpected ValueError … report it")."""
+    from torch import nn
+
+    from continual.lora import LoraSettings, attach_lora
+
+    try:
+        attach_lora(nn.Sequential(nn.Linear(2, 2)), LoraSettings(target_modules=["foo"]))
+    except ValueError as exc:
+        return exc
+    raise AssertionError("attach_lora accepted a target the model does not have")
+
+
 def _classified_from_a_flow(error: BaseException):
     """classify() of `error` as the CLI meets it: raised inside a flow, it arrives wrapped and
     classify walks the chain."""
@@ -162,6 +176,7 @@ def _classified_from_a_flow(error: BaseException):
         (RegistryError("model 'x' has no champion to roll back"), ExitCode.NO_CHAMPION, ""),
         (ArtifactIntegrityError("v3: model.safetensors sha256 differs"), ExitCode.REGISTRY, ""),
         (RuntimeError("boom"), ExitCode.INTERNAL, "--debug"),
+        (_unknown_lora_target(), ExitCode.CONFIG, "daily.target_modules: LoRA target modules"),
     ],
 )
 def test_classes_of_flow_failures(error, code, needle):

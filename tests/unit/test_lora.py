@@ -14,6 +14,7 @@ from continual.fisher import diagonal_fisher
 from continual.gating import decide
 from continual.lora import (
     LoraSettings,
+    LoraTargetError,
     adapter_snapshot,
     adapter_state_dict,
     attach_lora,
@@ -100,7 +101,9 @@ def test_attach_trains_only_adapter_and_starts_identical() -> None:
 
 
 def test_unknown_target_lists_available_linears() -> None:
-    with pytest.raises(ValueError, match=r"\['w_q'\] match no Linear layer; available: .*q_proj"):
+    with pytest.raises(
+        LoraTargetError, match=r"\['w_q'\] match no Linear layer; available: .*q_proj"
+    ):
         attach_lora(_champion(), LoraSettings(target_modules=["w_q"]))
 
 
