@@ -46,13 +46,15 @@ def daily_lora(
     batch_ids = discover_batches(cfg, CADENCE, selection(params))
     if not batch_ids:
         return conclude(cfg, nothing_to_do(CADENCE))
+    # a config that left the champion's classes or inputs is refused before any batch is
+    # validated under it (it would quarantine them all and never say why)
+    champion = require_champion(load_champion(cfg), CADENCE, cfg)
     raw = read_batches(cfg, batch_ids)
     memory = load_memory(cfg)
     # 2. validate, and remember what was accepted (kept even if the adapter is discarded)
     data = validate_batches(cfg, CADENCE, raw, memory, recheck=params.force)
     if data.empty:
         return conclude(cfg, all_quarantined(cfg, CADENCE, data))
-    champion = require_champion(load_champion(cfg), CADENCE, cfg)
     memory = commit_memory(cfg, memory, data.accepted())
     with challenger_workspace(cfg, CADENCE, data.batch_ids) as staging:
         # 3. train challenger (screened on the select rows: a discarded adapter is restored)

@@ -54,13 +54,15 @@ def stream_monitor(
     batch_ids = discover_batches(cfg, CADENCE, selection(params))
     if not batch_ids:
         return conclude(cfg, nothing_to_do(CADENCE))
+    # a config that left the champion's classes or inputs is refused before any batch is
+    # validated under it (it would quarantine them all and never say why)
+    champion = require_champion(load_champion(cfg), CADENCE, cfg)
     raw = read_batches(cfg, batch_ids)
     memory = load_memory(cfg)
     # 2. validate
     data = validate_batches(cfg, CADENCE, raw, memory, recheck=params.force)
     if data.empty:
         return conclude(cfg, all_quarantined(cfg, CADENCE, data))
-    champion = require_champion(load_champion(cfg), CADENCE, cfg)
     # 3. stream the samples through the champion, the detector and the EMA teacher
     frames = [data.frames[b] for b in data.batch_ids]
     report = monitor_stream(cfg, champion, frames, data.batch_ids, memory)
