@@ -184,9 +184,15 @@ def _extra_columns(df: pd.DataFrame, data_cfg: DataConfig) -> list[Failure]:
     extra = sorted(in_files - set(data_columns(data_cfg)) - {SOURCE_COLUMN})
     if not extra or data_cfg.extra_columns == "ignore":
         return []
+    where = (  # a text config refuses features: it reads one text column
+        f"fix the export (a text model reads data.text {data_cfg.text!r}"
+        f"{'' if data_cfg.text_only else ' and data.label ' + repr(data_cfg.label)})"
+        if data_cfg.text
+        else "add them to data.features, fix the export"
+    )
     message = (
-        f"the files hold columns the config does not list: {extra[:10]} — add them to "
-        "data.features, fix the export, or set data.extra_columns: ignore"
+        f"the files hold columns the config does not list: {extra[:10]} — {where}, or set "
+        "data.extra_columns: ignore"
     )
     return [Failure("expect_table_columns_to_match_set", None, len(extra), extra[:5], message)]
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from data_plane.gx_suite import ensure_suite
-from data_plane.landing import open_landing, read_batch
+from data_plane.landing import open_landing, read_batch, write_frame
 from data_plane.text_validation import text_change, text_change_failures, text_failures
 from data_plane.validation import read_and_validate, validate_batch
 from demo.text_timeline import make_text_frames, package_sentences
@@ -86,6 +86,19 @@ def test_null_text_and_unknown_label_block(tmp_path, frames):
     assert not report.success
     columns = {f.column for f in report.failures}
     assert {"text", "label"} <= columns
+
+
+def test_a_renamed_text_column_gets_text_advice(tmp_path, frames):
+    """The text under another name: the extra-column finding must not send a text model's user
+    to data.features (a text config refuses features); it names data.text."""
+    zone = open_landing(str(tmp_path / "landing"))
+    frame = frames[0].rename(columns={"text": "sentence"})
+    write_frame(zone, "b", frame)
+    cfg = _config()
+    _, report = read_and_validate(zone, "b", cfg, ensure_suite(tmp_path / "gx", cfg))
+    messages = " ".join(f.message for f in report.failures)
+    assert "['sentence']" in messages and "data.text" in messages, messages
+    assert "data.features" not in messages, messages
 
 
 def test_text_failures_are_empty_on_clean_rows(frames):
