@@ -162,15 +162,17 @@ def require_champion(
 
 
 def check_matches_champion(cfg: EvergreenConfig, champion: ModelState) -> None:
-    """A model's classes and input columns are fixed when its first champion is trained: a
-    config that changed them (a class added to data.classes, a feature renamed) would accept
-    rows the champion cannot learn, put them in the data memory, and fail every later run on
-    them. Order does not matter (the model reads its own spec's order).
+    """A model's classes and inputs (columns; a text model's `model.max_length`) are fixed when
+    its first champion is trained: a config that changed them (a class added to data.classes,
+    a feature renamed) would accept rows the champion cannot learn, put them in the data
+    memory, and fail every later run on them. Order does not matter (the model reads its own
+    spec's order).
 
     Raises:
-        ConfigError: the config's classes or input columns differ from the champion's.
+        ConfigError: the config's classes, input columns or text width differ from the
+            champion's.
     """
-    from continual.models import CAUSAL_LM
+    from continual.models import CAUSAL_LM, TEXT_FAMILIES
     from data_plane.profile import label_key
     from evergreen.errors import ConfigError
 
@@ -188,6 +190,9 @@ def check_matches_champion(cfg: EvergreenConfig, champion: ModelState) -> None:
     # a spec without column names (a version saved before they were recorded) reads by position
     if spec.feature_columns and sorted(columns) != sorted(spec.feature_columns):
         problems.append(f"{key} {list(columns)} (champion: {list(spec.feature_columns)})")
+    # a text model's input width: its token ids and the replay buffer's are max_length wide
+    if cfg.data.text and spec.family in TEXT_FAMILIES and cfg.model.max_length != spec.n_features:
+        problems.append(f"model.max_length {cfg.model.max_length} (champion: {spec.n_features})")
     if problems:
         raise ConfigError(
             f"the config does not match champion v{champion.version}: {'; '.join(problems)}. A "

@@ -78,3 +78,32 @@ def test_merge_of_a_version_that_does_not_exist_is_a_usage_error(tmp_path):
     with pytest.raises(UnknownVersionError, match=r"--versions: .*no version '99'") as info:
         require_versions(cfg, ["99"])
     assert classify(info.value).code == ExitCode.USAGE
+
+
+def test_a_text_config_whose_max_length_left_the_champions_is_a_config_error(tmp_path):
+    """`model.max_length` is the width of a text champion's inputs and of the token ids the
+    replay buffer stores: a changed one failed the run with 'unexpected ValueError: X must be
+    [N, 128], got [82, 64]' (exit 70) after committing the batch's rows to the memory."""
+    from types import SimpleNamespace
+
+    import pytest
+
+    from evergreen.config import config_from_dict
+    from evergreen.errors import ConfigError, ExitCode, classify
+
+    (tmp_path / "landing").mkdir()
+    tree = {
+        "home": str(tmp_path / "home"),
+        "data": {"landing": str(tmp_path / "landing"), "text": "text", "classes": ["a", "b"]},
+        "model": {"family": "hf", "hf_path": str(tmp_path), "max_length": 128},
+    }
+    spec = SimpleNamespace(
+        family="hf", classes=["a", "b"], feature_columns=["text"], n_features=128
+    )
+    champion = SimpleNamespace(spec=spec, version="4")
+    common.check_matches_champion(config_from_dict(tree), champion)
+    with pytest.raises(
+        ConfigError, match=r"champion v4: model.max_length 64 \(champion: 128\)"
+    ) as info:
+        common.check_matches_champion(config_from_dict(tree, ["model.max_length=64"]), champion)
+    assert classify(info.value).code == ExitCode.CONFIG
