@@ -695,13 +695,25 @@ def load_config(
 
 
 def _anchor_relative_paths(tree: dict[str, Any], folder: Path) -> None:
-    """Relative `home` and local `data.landing` are relative to the config file, not to the
-    working directory, so a command run from a sub-folder (which finds the nearest
-    evergreen.yaml) uses the same state. `$EVERGREEN_HOME` stays relative to the working directory.
+    """Relative `home`, local `data.landing` and a local `model.hf_path` are relative to the
+    config file, not to the working directory, so a command run from a sub-folder (which finds
+    the nearest evergreen.yaml) uses the same state, and a text version's spec names its base
+    model by a path that holds from any directory it is served from. `$EVERGREEN_HOME` stays
+    relative to the working directory.
     """
     home = tree.get("home", ".evergreen")
     if isinstance(home, str) and not Path(home).expanduser().is_absolute():
         tree["home"] = str(folder / home)
+    model = tree.get("model")
+    hf_path = model.get("hf_path") if isinstance(model, dict) else None
+    if (
+        isinstance(model, dict)
+        and isinstance(hf_path, str)
+        and hf_path
+        and not hf_path.startswith("package:")
+        and not Path(hf_path).expanduser().is_absolute()
+    ):
+        model["hf_path"] = str(folder / hf_path)
     data = tree.get("data")
     if not isinstance(data, dict):
         return  # validation names the missing section

@@ -166,3 +166,25 @@ def test_daily_lora_rank_follows_the_model_family_and_alpha_the_rank():
     assert (text.daily.lora_r, text.daily.lora_alpha) == (8, 16)
     reloaded = config_from_dict(text.model_dump(mode="json"))  # a logged config, read back
     assert (reloaded.daily.lora_r, reloaded.daily.lora_alpha) == (8, 16)
+
+
+def test_a_relative_hf_path_is_relative_to_the_config_file(tmp_path, monkeypatch):
+    """As home and data.landing: `hf_path: ./my-llama` (docs/CAUSAL_LM.md) named a folder of
+    the working directory, so a run from a sub-folder failed ('couldn't connect to
+    huggingface.co') and a version served from another directory could not find its base."""
+    project = tmp_path / "project"
+    (project / "landing").mkdir(parents=True)
+    tree = {
+        "data": {"landing": "./landing", "text": "text"},
+        "model": {"family": "hf-causal-lm", "hf_path": "./my-llama"},
+    }
+    (project / "evergreen.yaml").write_text(yaml.safe_dump(tree))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(project / "evergreen.yaml")
+    assert cfg.model.hf_path == str(project / "my-llama")
+    packaged = load_config(project / "evergreen.yaml", ["model.hf_path=package:some_model"])
+    assert packaged.model.hf_path == "package:some_model"
+    absolute = load_config(project / "evergreen.yaml", [f"model.hf_path={tmp_path / 'm'}"])
+    assert absolute.model.hf_path == str(tmp_path / "m")
