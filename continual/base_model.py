@@ -41,6 +41,11 @@ class BaseModelError(Exception):
     """The pretrained base a version was stored against is missing or has changed."""
 
 
+class ModelPathError(FileNotFoundError):
+    """`hf_path` names no local model (a configuration error: `evergreen.errors` reports it as
+    `model.hf_path`, exit 3)."""
+
+
 def resolve_hf_path(path: str | Path) -> Path:
     """Turn `hf_path` into a local directory.
 
@@ -49,7 +54,7 @@ def resolve_hf_path(path: str | Path) -> Path:
     across machines, where a plain path would point into one machine's virtualenv.
 
     Raises:
-        FileNotFoundError: the package cannot be imported.
+        ModelPathError: the package cannot be imported.
     """
     text = str(path)
     if not text.startswith("package:"):
@@ -58,9 +63,7 @@ def resolve_hf_path(path: str | Path) -> Path:
     try:
         module = importlib.import_module(name)
     except ImportError as exc:
-        raise FileNotFoundError(
-            f"hf_path {text!r}: cannot import package {name!r} ({exc})"
-        ) from exc
+        raise ModelPathError(f"hf_path {text!r}: cannot import package {name!r} ({exc})") from exc
     getter = getattr(module, "get_model_path", None)
     if callable(getter):
         return Path(getter())
@@ -125,11 +128,11 @@ def local_hf_directory(path: str | Path) -> Path:
     """`resolve_hf_path`, checked to hold a Hugging Face model (models are never downloaded).
 
     Raises:
-        FileNotFoundError: the directory has no config.json.
+        ModelPathError: the directory has no config.json (or the package cannot be imported).
     """
     directory = resolve_hf_path(path)
     if not (directory / "config.json").is_file():
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"hf_path {str(directory)!r} is not a local Hugging Face model directory "
             "(no config.json); models are never downloaded, point hf_path at a local copy"
         )

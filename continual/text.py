@@ -34,10 +34,15 @@ def load_tokenizer(directory: str) -> Any:
 
 
 def tokenizer_for(hf_path: str) -> Any:
-    """The tokenizer of `hf_path` (a directory or "package:NAME", see `resolve_hf_path`)."""
-    from continual.base_model import resolve_hf_path
+    """The tokenizer of `hf_path` (a directory or "package:NAME", see `resolve_hf_path`).
 
-    return load_tokenizer(str(resolve_hf_path(hf_path)))
+    Raises:
+        continual.base_model.ModelPathError: `hf_path` is no local model directory (checked
+            first: transformers would try the Hub and say it could not connect).
+    """
+    from continual.base_model import local_hf_directory
+
+    return load_tokenizer(str(local_hf_directory(hf_path)))
 
 
 def encode_texts(tokenizer: Any, texts: Sequence[str], max_length: int) -> Tensor:

@@ -199,6 +199,8 @@ def _by_type(error: BaseException) -> Failure | None:
         return Failure(ExitCode.REGISTRY, f"registry: {_first_line(error)}")
     if module.startswith("mlflow") and name in {"MlflowException", "RestException"}:
         return Failure(ExitCode.REGISTRY, f"MLflow: {_first_line(error)}")
+    if name == "ModelPathError":  # continual.base_model: hf_path names no local model
+        return Failure(ExitCode.CONFIG, f"model.hf_path: {_first_line(error)}")
     if name == "LoraTargetError":  # continual.lora: daily.target_modules names no module
         return Failure(ExitCode.CONFIG, f"daily.target_modules: {_first_line(error)}")
     if name == "BatchReadError":

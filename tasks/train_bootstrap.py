@@ -73,9 +73,11 @@ def _vocab_size(hf_path: str | None) -> int:
     """The vocabulary size (output logits) of a local causal LM, from its config.json."""
     from transformers import AutoConfig
 
-    from continual.base_model import resolve_hf_path
+    from continual.base_model import local_hf_directory  # no model there: model.hf_path, exit 3
 
-    config = AutoConfig.from_pretrained(str(resolve_hf_path(str(hf_path))), local_files_only=True)
+    config = AutoConfig.from_pretrained(
+        str(local_hf_directory(str(hf_path))), local_files_only=True
+    )
     return int(config.vocab_size)
 
 

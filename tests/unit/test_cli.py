@@ -157,6 +157,18 @@ def _unknown_lora_target() -> Exception:
     raise AssertionError("attach_lora accepted a target the model does not have")
 
 
+def _missing_model_directory() -> Exception:
+    """What a text run meets when model.hf_path names no folder: the tokenizer's load (was exit
+    70, "unexpected OSError: We couldn't connect to 'https://huggingface.co'…")."""
+    from continual.text import tokenizer_for
+
+    try:
+        tokenizer_for("/nonexistent-evergreen-model")
+    except OSError as exc:
+        return exc
+    raise AssertionError("tokenizer_for found a model that does not exist")
+
+
 def _classified_from_a_flow(error: BaseException):
     """classify() of `error` as the CLI meets it: raised inside a flow, it arrives wrapped and
     classify walks the chain."""
@@ -177,6 +189,7 @@ def _classified_from_a_flow(error: BaseException):
         (ArtifactIntegrityError("v3: model.safetensors sha256 differs"), ExitCode.REGISTRY, ""),
         (RuntimeError("boom"), ExitCode.INTERNAL, "--debug"),
         (_unknown_lora_target(), ExitCode.CONFIG, "daily.target_modules: LoRA target modules"),
+        (_missing_model_directory(), ExitCode.CONFIG, "model.hf_path: hf_path '/nonexistent"),
     ],
 )
 def test_classes_of_flow_failures(error, code, needle):
