@@ -296,7 +296,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     _console_without_tracebacks(args)
     result = _run_once(item.name, **params)
     console.print_json(json.dumps(result, default=str))
-    return 0 if result.get("decision") != "failed" else 1
+    if result.get("decision") != "failed":
+        return 0
+    _outcome_line(f"{item.name}: failed", result)
+    return 1
+
+
+def _outcome_line(what: str, result: dict[str, Any]) -> None:
+    """The one error line of a command that ran and did not do its job (exit 1): what, and the
+    outcome's first reason (every reason is in the JSON on stdout)."""
+    reasons = [str(r) for r in result.get("reasons") or [] if str(r).strip()]
+    first = reasons[0].strip().splitlines()[0] if reasons else "see the outcome on stdout"
+    print(f"evergreen: error: {what}: {first}", file=sys.stderr)
 
 
 def _run_once(name: str, **params: Any) -> dict[str, Any]:
@@ -421,7 +432,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         reason=args.reason,
     )
     console.print_json(json.dumps(result, default=str))
-    return 0 if result["decision"] == "rolled-back" else 1
+    if result["decision"] == "rolled-back":
+        return 0
+    _outcome_line("rollback: did not roll back", result)
+    return 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:

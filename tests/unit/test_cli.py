@@ -282,6 +282,18 @@ def test_a_rollback_that_cannot_roll_back_exits_as_the_readme_says(
     assert needle in _one_error_line(capsys)
 
 
+def test_a_rollback_to_the_champion_says_why_it_did_not_roll_back(project, capsys, monkeypatch):
+    """`evergreen rollback --to 1` when v1 is the champion exits 1: with the one error line
+    every failure prints (it printed none, only the JSON outcome on stdout)."""
+
+    def rollback_flow(name, **params):
+        return {"cadence": "rollback", "decision": "skipped", "reasons": ["v1 already champion"]}
+
+    monkeypatch.setattr("evergreen.cli.run_flow", rollback_flow)
+    assert main(["rollback", "--to", "1"]) == ExitCode.FLOW_FAILED
+    assert "rollback: did not roll back: v1 already champion" in _one_error_line(capsys)
+
+
 def test_debug_shows_the_traceback(project, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     uri = f"http://127.0.0.1:{_closed_port()}"
