@@ -276,7 +276,8 @@ def run_baselines(cfg, sequence: TaskSequence, cadence: str) -> dict[str, np.nda
     """Joint (retrained from scratch, product's step budget so far) on the product's training
     rows and on every landed row (`joint_all`: the bound a user compares with, which also
     learns the rows the product holds out to select and gate), and naive fine-tuning."""
-    from continual.training import accuracy, train
+    from continual.inference import accuracy
+    from continual.training import train
 
     rows = training_rows(cfg, sequence)
     landed = [task.train for task in sequence.tasks]

@@ -22,10 +22,11 @@ import torch
 from sklearn.datasets import load_digits
 
 from continual.ewc import EWC
+from continual.inference import accuracy
 from continual.metrics import AccuracyMatrix, average_accuracy, forgetting
 from continual.models import ModelSpec, build_model, fit_standardizer
 from continual.replay import ReservoirBuffer
-from continual.training import TrainSettings, accuracy, train
+from continual.training import TrainSettings, train
 
 RESULTS = Path(__file__).resolve().parent / "results" / "quality.json"
 

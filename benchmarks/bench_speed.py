@@ -87,8 +87,9 @@ def _bare_daily(config: str, batch_id: str) -> float:
     """The same LoRA update + evaluation, no Prefect, no MLflow, no GX; returns seconds."""
     import pandas as pd
 
+    from continual.inference import correct_mask
     from continual.lora import LoraSettings, attach_lora
-    from continual.training import TrainSettings, correct_mask, train
+    from continual.training import TrainSettings, train
     from evergreen.config import load_config
     from tasks.promote import load_champion
 

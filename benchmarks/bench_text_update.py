@@ -39,7 +39,8 @@ import tasks.train_bootstrap
 import tasks.train_ewc
 import tasks.train_lora
 import tasks.train_start
-from continual.training import accuracy, train
+from continual.inference import accuracy
+from continual.training import train
 from data_plane.splits import ThreeWaySplit, split_three_way
 from demo.text_demo import TEXT_CADENCES, text_demo_config_dict
 from demo.text_timeline import make_text_frames

@@ -1,4 +1,4 @@
-"""The one explicit training loop every cadence uses, and the evaluation helpers around it.
+"""The one explicit training loop every cadence uses (scoring a model: `continual.inference`).
 
 `train` counts optimiser steps, not epochs (small batches still get enough updates). The
 continual-learning methods plug in as explicit, optional arguments rather than callbacks on a
@@ -51,8 +51,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -62,7 +62,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from continual.acceleration import (
+    PRECISIONS,
+    Precision,
+    TrainingForward,
+    activation_checkpointing,
+    autocast_dtype,
+)
 from continual.batching import BatchStream, epoch_batches, length_grouped_batches
+from continual.divergence import DivergenceWatch
+from continual.inference import pad_token_id
 from continual.resume import Checkpointing, LoopState
 
 if TYPE_CHECKING:
@@ -71,19 +80,9 @@ if TYPE_CHECKING:
     from continual.replay import ReservoirBuffer
 
 log = logging.getLogger(__name__)
-Precision = Literal["auto", "bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = ("auto", "bf16", "fp32")
 LRSchedule = Literal["constant", "cosine"]
 LR_SCHEDULES: tuple[str, ...] = ("constant", "cosine")
 GPU_SYNC_EVERY = 16  # steps between read-backs of losses / gradient norms on an accelerator
-
-
-class TrainingDivergedError(RuntimeError):
-    """Training produced a non-finite loss or an exploding gradient; the run must stop.
-
-    Raised before the optimiser step that would have applied it, so the model holds the last
-    finite parameters. Callers train a copy (the champion is never touched): they drop it.
-    """
 
 
 @dataclass
@@ -205,27 +204,16 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-_TEXT_BATCH = 128  # most rows per inference pass of a text model
-
-
 def _index_batches(
     model: nn.Module, X: Tensor, batch_size: int, generator: torch.Generator
 ) -> BatchStream:
     """Length-grouped batches for token ids of a model with a `pad_token_id`, else plain ones."""
-    pad = _pad_token_id(model, X)
+    pad = pad_token_id(model, X)
     if pad is None:
         return BatchStream(lambda g: epoch_batches(len(X), batch_size, g), generator)
     from continual.text import sequence_lengths
 
     return length_grouped_batches(sequence_lengths(X, pad), batch_size, generator)
-
-
-def _pad_token_id(model: nn.Module, X: Tensor) -> int | None:
-    """The pad id when X holds right-padded token ids [N, L] for a text model, else None."""
-    if X.ndim != 2 or X.is_floating_point():
-        return None
-    pad = getattr(model, "pad_token_id", None)  # peft wrappers forward attribute lookups
-    return pad if isinstance(pad, int) else None
 
 
 def _check_inputs(X: Tensor, y: Tensor) -> None:
@@ -313,8 +301,8 @@ def train(
     cuda = [device.index or 0] if device.type == "cuda" else []
     # Under DDP the penalty addresses the wrapped module's parameter names.
     core = model.module if isinstance(model, DistributedDataParallel) else model
-    forward = _Forward(model, compile=settings.compile)
-    watch = _Watch(settings.abort_grad_norm)
+    forward = TrainingForward(model, compile=settings.compile)
+    watch = DivergenceWatch(settings.abort_grad_norm)
     sync_every = settings.sync_every or (1 if device.type == "cpu" else GPU_SYNC_EVERY)
     model.train()
     with (
@@ -355,111 +343,6 @@ def train(
     return result
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the training forward on `device`, or None for plain fp32.
-
-    "auto": bf16 on a CUDA device that supports it, else fp32 (CPU autocast is slower than fp32
-    on most CPUs). "bf16": CPU autocast on CPU (an explicit request, useful on CPUs with bf16
-    units); on a GPU without bf16 it is refused rather than silently run in fp32.
-
-    Raises:
-        ValueError: an unknown precision, or "bf16" on a CUDA device without bf16 support.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "fp32":
-        return None
-    if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if precision == "bf16":
-            raise ValueError(
-                f"precision 'bf16' was asked for, but {device} has no bf16 support; set "
-                "train.precision to 'auto' or 'fp32'"
-            )
-        return None
-    return torch.bfloat16 if precision == "bf16" else None
-
-
-class _Forward:
-    """The training forward: `model` itself, or `torch.compile(model)` when asked for.
-
-    Compilation happens lazily on the first call (and again on new input shapes); if it fails
-    (no C compiler, an unsupported op) the plain model takes over for the rest of the run, with
-    a warning, instead of failing the run. The compiled module shares the model's parameters.
-    """
-
-    def __init__(self, model: nn.Module, *, compile: bool) -> None:
-        self.model = model
-        self.compiled: Callable[[Tensor], Tensor] | None = None
-        if compile:
-            self.compiled = torch.compile(model)
-
-    def __call__(self, inputs: Tensor) -> Tensor:
-        if self.compiled is not None:
-            try:
-                return self.compiled(inputs)
-            except Exception as error:  # any backend failure: fall back to the plain model
-                log.warning(
-                    "torch.compile failed (%s: %s); training with the uncompiled model",
-                    type(error).__name__,
-                    str(error).splitlines()[0] if str(error) else "",
-                )
-                self.compiled = None
-        output: Tensor = self.model(inputs)
-        return output
-
-
-@contextmanager
-def activation_checkpointing(model: nn.Module, enabled: bool) -> Iterator[None]:
-    """Gradient checkpointing of the Hugging Face model inside `model` for the block.
-
-    Non-reentrant checkpointing: a LoRA adapter on a frozen base gets its gradients without
-    `enable_input_require_grads` (which the reentrant variant needs), and dropout is replayed
-    with the same RNG state in the recomputation. Switched off again afterwards (unless it was
-    on before). A model without such a module trains normally, with a warning.
-    """
-    hf = _checkpointable(model) if enabled else None
-    if enabled and hf is None:
-        log.warning(
-            "gradient_checkpointing: %s holds no Hugging Face model that supports it; "
-            "training without it",
-            type(model).__name__,
-        )
-    was_on = hf is not None and _hf_checkpointing(hf, "is")
-    if hf is not None and not was_on:
-        _hf_checkpointing(hf, "enable")
-    try:
-        yield
-    finally:
-        if hf is not None and not was_on:
-            _hf_checkpointing(hf, "disable")
-
-
-def _hf_checkpointing(hf: nn.Module, action: Literal["is", "enable", "disable"]) -> bool:
-    """transformers ≥ 5 names it activation checkpointing (the gradient_* names warn)."""
-    new = hasattr(hf, "activation_checkpointing_enable")
-    prefix = "activation_checkpointing" if new else "gradient_checkpointing"
-    if action == "is":
-        return bool(getattr(hf, f"is_{prefix}", False))
-    method = getattr(hf, f"{prefix}_{action}")
-    if action == "enable":
-        method(**{f"{prefix}_kwargs": {"use_reentrant": False}})
-    else:
-        method()
-    return True
-
-
-def _checkpointable(model: nn.Module) -> nn.Module | None:
-    """The outermost Hugging Face `PreTrainedModel` in `model` that supports checkpointing."""
-    for module in model.modules():
-        if getattr(type(module), "supports_gradient_checkpointing", False) and hasattr(
-            module, "gradient_checkpointing_enable"
-        ):
-            return module
-    return None
-
-
 def _micro_batches(
     model: nn.Module, xb: Tensor, yb: Tensor, k: int
 ) -> list[tuple[Tensor, Tensor, float]]:
@@ -473,7 +356,7 @@ def _micro_batches(
     if k == 1 or len(xb) == 1:
         return [(xb, yb, 1.0)]
     chunks = [c for c in torch.tensor_split(torch.arange(len(xb)), k) if len(c)]
-    pad = _pad_token_id(model, xb)
+    pad = pad_token_id(model, xb)
     if pad is not None and xb.shape[1] > 1:
         real = xb != pad
         counts = [float((real[c, 1:] & real[c, :-1]).sum()) for c in chunks]
@@ -530,59 +413,11 @@ def task_loss(model: nn.Module, logits: Tensor, xb: Tensor, yb: Tensor) -> Tenso
     if logits.ndim == 3:
         from continual.causal_lm import next_token_loss
 
-        pad = _pad_token_id(model, xb)
+        pad = pad_token_id(model, xb)
         if pad is None:
             raise ValueError("train: 3-D logits need token-id inputs and a model pad_token_id")
         return next_token_loss(logits, xb, pad)
     return F.cross_entropy(logits.float(), yb)
-
-
-class _Watch:
-    """Per-step losses and gradient norms kept on the device until `drain` reads them back in
-    one transfer and checks them in step order (the divergence abort)."""
-
-    def __init__(self, abort_grad_norm: float) -> None:
-        self.limit = abort_grad_norm
-        self.steps: list[int] = []
-        self.losses: list[Tensor] = []
-        self.norms: list[Tensor] = []
-
-    def add(self, step: int, loss: Tensor, grad_norm: Tensor) -> None:
-        """Keep the step's loss and gradient norm (no device work: two list appends)."""
-        self.steps.append(step)
-        self.losses.append(loss)
-        self.norms.append(grad_norm)
-
-    def drain(self) -> list[tuple[int, float]]:
-        """(step, loss) of the steps added since the last drain.
-
-        Raises:
-            TrainingDivergedError: at the first of them with a non-finite loss, or a non-finite
-                or exploding gradient norm.
-        """
-        if not self.steps:
-            return []
-        kept = [t.detach() for t in (*self.losses, *self.norms)]
-        if kept[0].device.type == "cpu":  # reading is free there; stacking would cost ~25 µs
-            flat = [float(t) for t in kept]
-        else:
-            flat = torch.stack([t.float() for t in kept]).cpu().tolist()  # the one sync
-        steps, n = self.steps, len(self.steps)
-        rows = list(zip(flat[:n], flat[n:], strict=True))
-        self.steps, self.losses, self.norms = [], [], []
-        for step, (loss, norm) in zip(steps, rows, strict=True):
-            _check_loss(loss, step)
-            _check_grad_norm(norm, self.limit, step)
-        return [(step, row[0]) for step, row in zip(steps, rows, strict=True)]
-
-
-def _check_loss(value: float, step: int) -> None:
-    """Raise TrainingDivergedError on a NaN/inf loss (bad inputs, a too-high learning rate)."""
-    if not np.isfinite(value):
-        raise TrainingDivergedError(
-            f"training diverged at step {step}: the loss is {value} (check the learning rate "
-            "and the batch's values; the champion is unchanged)"
-        )
 
 
 def _clip(
@@ -593,7 +428,7 @@ def _clip(
     model: nn.Module,
 ) -> Tensor:
     """Add a "gradient"-mode EWC penalty and clip; the total norm of the task gradient (before
-    the penalty and the clipping), left on the device for `_Watch`.
+    the penalty and the clipping), left on the device for `DivergenceWatch`.
 
     The divergence check sees the task gradient only: a strong EWC pull is intended, not a
     divergence.
@@ -606,89 +441,3 @@ def _clip(
         torch.nn.utils.clip_grad_norm_(params, clip)
         return norm
     return torch.nn.utils.clip_grad_norm_(params, clip)
-
-
-def _check_grad_norm(norm: float, limit: float, step: int) -> None:
-    """Raise TrainingDivergedError on a non-finite or exploding total gradient norm."""
-    if not np.isfinite(norm) or norm > limit:
-        raise TrainingDivergedError(
-            f"training diverged at step {step}: the gradient norm is {norm:.3g} (limit "
-            f"{limit:.3g}); lower the learning rate or check the batch's values — the champion "
-            "is unchanged"
-        )
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    tensor = next(iter(model.parameters()), None)
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-@torch.no_grad()
-def predict_logits(model: nn.Module, X: Tensor, *, batch_size: int = 1024) -> Tensor:
-    """Logits [N, C] as a CPU float tensor; the model is put in eval mode.
-
-    Args:
-        model: the model, on any device (inputs are moved to it).
-        X: inputs [N, ...].
-        batch_size: rows per forward pass.
-    """
-    model.eval()
-    device = _model_device(model)
-    pad = _pad_token_id(model, X)
-    order = None
-    if pad is not None:  # token ids: forward passes of similar length (continual.text)
-        from continual.text import inverse_order, length_order
-
-        order = length_order(X, pad)
-        X = X[order]
-        batch_size = min(batch_size, _TEXT_BATCH)  # attention memory grows with rows × length²
-    chunks = [
-        model(X[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(X), batch_size)
-    ]
-    if not chunks:
-        raise ValueError("predict_logits: X is empty")
-    logits = torch.cat(chunks)
-    return logits if order is None else logits[inverse_order(order)]
-
-
-def predict_proba(model: nn.Module, X: Tensor, *, batch_size: int = 1024) -> Tensor:
-    """Class probabilities [N, C] (softmax of the logits), CPU float."""
-    return torch.softmax(predict_logits(model, X, batch_size=batch_size), dim=-1)
-
-
-def correct_mask(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) -> np.ndarray:
-    """Boolean array [N]: whether the model's top class is the label (paired gate input)."""
-    predicted = predict_logits(model, X, batch_size=batch_size).argmax(dim=-1)
-    return (predicted == y.cpu()).numpy()
-
-
-def row_scores(model: nn.Module, X: Tensor, y: Tensor) -> np.ndarray:
-    """The per-row score the gate and every keep/discard check compare (higher is better):
-    correctness (0/1) of a classifier, the mean token log-likelihood of a causal LM."""
-    from continual.causal_lm import is_causal_lm, token_log_likelihood
-
-    if is_causal_lm(model):
-        return token_log_likelihood(model, X)
-    return correct_mask(model, X, y)
-
-
-def accuracy(model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024) -> float:
-    """Share of examples classified correctly."""
-    return float(correct_mask(model, X, y, batch_size=batch_size).mean())
-
-
-def per_example_loss(
-    model: nn.Module, X: Tensor, y: Tensor, *, batch_size: int = 1024
-) -> np.ndarray:
-    """Cross-entropy per example [N] as float64 (the drift monitor's input stream).
-
-    For a causal LM (logits [N, L, V]) the row's mean next-token NLL over its non-pad targets,
-    −`token_log_likelihood`: the same per-row quantity the gate scores, in nats, so a drift in
-    it is a drift in log-perplexity. Cross-entropy of [N, L, V] logits against the flow's [N]
-    placeholder labels has no meaning (torch refuses the shapes)."""
-    from continual.causal_lm import is_causal_lm, token_log_likelihood
-
-    if is_causal_lm(model):
-        return -token_log_likelihood(model, X, batch_size=min(batch_size, 64))
-    logits = predict_logits(model, X, batch_size=batch_size)
-    return F.cross_entropy(logits, y.cpu().long(), reduction="none").double().numpy()

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field, replace
 import pandas as pd
 import torch
 
+from continual.inference import accuracy
 from continual.models import TEXT_FAMILIES, ModelSpec, build_model, fit_standardizer
-from continual.training import accuracy, train
+from continual.training import train
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.state import ModelState

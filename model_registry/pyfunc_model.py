@@ -128,7 +128,7 @@ class EvergreenPyfunc(PythonModel):
                 f"input is missing feature columns {missing}; the model expects {columns}"
             )
         from continual.causal_lm import is_causal_lm
-        from continual.training import predict_proba
+        from continual.inference import predict_proba
 
         if is_causal_lm(self.model):  # continual pre-training: how well the model knows the text
             return self._language_model_output(self.model, frame[columns], params)

@@ -19,8 +19,8 @@ from prefect.cache_policies import NO_CACHE
 from continual.causal_lm import beats_uniform
 from continual.classification import ClassReport, class_report
 from continual.gating import GateDecision, GatePolicy, decide
+from continual.inference import predict_logits, row_scores
 from continual.models import CAUSAL_LM, ModelSpec
-from continual.training import predict_logits, row_scores
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.memory import BATCH_COLUMN, DataMemory
@@ -144,7 +144,7 @@ def _paired_scores(
     """Per-row scores {model: (new, retention)} (higher is better) and class reports.
 
     Classifiers: correctness of the top class (and a class report); causal LMs: the mean token
-    log-likelihood (`continual.training.row_scores`), no class report.
+    log-likelihood (`continual.inference.row_scores`), no class report.
     """
     label = cfg.data.label
     models = {"challenger": challenger, **({"champion": champion} if champion else {})}

@@ -17,7 +17,7 @@ from prefect.tasks import exponential_backoff
 
 from continual.checkpoint import load_checkpoint
 from continual.gating import GateDecision
-from continual.training import predict_logits
+from continual.inference import predict_logits
 from evergreen.config import EvergreenConfig
 from model_registry.fault_hooks import hang_here
 from model_registry.ledger import records_experiment

@@ -18,8 +18,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from continual.drift import AlphaSpending, DriftMonitor, within_batch_order
+from continual.inference import per_example_loss
 from continual.streaming import EMATeacher
-from continual.training import per_example_loss, task_loss
+from continual.training import task_loss
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.events import emit

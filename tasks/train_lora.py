@@ -15,8 +15,9 @@ from prefect.cache_policies import NO_CACHE
 from continual.ewc import EWC
 from continual.fisher import diagonal_fisher
 from continual.gating import GateDecision, decide, format_points
+from continual.inference import row_scores
 from continual.models import TEXT_FAMILIES
-from continual.training import TrainResult, row_scores
+from continual.training import TrainResult
 from evergreen.config import DailyConfig, EvergreenConfig
 from tasks.evaluate import gate_policy
 from tasks.memory import DataMemory

@@ -14,11 +14,12 @@ from prefect import get_run_logger
 
 from continual.distillation import TokenDistiller
 from continual.ewc import EWC
+from continual.inference import row_scores
 from continual.models import CAUSAL_LM, SPEC_ATTRIBUTE, ModelSpec
 from continual.probe import has_probe_head, probe_head_
 from continual.replay import ReservoirBuffer as ReplayBuffer
 from continual.standardization import Widening, can_follow, rescale_fisher, widen_
-from continual.training import TrainSettings, row_scores
+from continual.training import TrainSettings
 from evergreen.config import DailyConfig, EvergreenConfig, MonthlyConfig, WeeklyConfig
 from tasks.common import frame_to_tensors
 from tasks.evaluate import split_by_learned

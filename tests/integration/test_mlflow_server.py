@@ -26,7 +26,7 @@ import torch
 
 from continual.checkpoint import load_checkpoint
 from continual.classification import class_report
-from continual.training import predict_proba
+from continual.inference import predict_proba
 from model_registry.ledger import Ledger
 from model_registry.reconcile import reconcile_champion
 from model_registry.registry import Registry

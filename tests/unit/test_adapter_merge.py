@@ -7,6 +7,7 @@ import copy
 import torch
 from sklearn.datasets import load_digits
 
+from continual.inference import accuracy
 from continual.lora import (
     LoraSettings,
     adapter_snapshot,
@@ -22,7 +23,7 @@ from continual.lora_merge import (
 )
 from continual.merging import fisher_merge, fold_delta, merge_lora_deltas
 from continual.models import ModelSpec, build_model, fit_standardizer
-from continual.training import TrainSettings, accuracy, train
+from continual.training import TrainSettings, train
 
 
 def test_two_adapters_merge_on_delta_w_by_fisher_and_serve() -> None:

@@ -22,8 +22,9 @@ from continual.causal_lm import (
 )
 from continual.checkpoint import save_checkpoint
 from continual.distillation import TokenDistiller, distillation_loss
+from continual.inference import row_scores
 from continual.models import CAUSAL_LM, ModelSpec, build_model
-from continual.training import TrainSettings, row_scores, train
+from continual.training import TrainSettings, train
 from evergreen.config import EvergreenConfig
 from model_registry.pyfunc_model import EvergreenPyfunc, example_and_signature
 from tests.checkpoints import tiny_checkpoint
@@ -382,7 +383,7 @@ def test_merge_estimates_a_missing_own_fisher_on_a_frozen_loaded_version(model):
 def test_per_example_loss_of_a_causal_lm_is_the_rows_mean_token_nll(model):
     """The stream monitor's input for a causal LM: one loss per row, −(mean token log-lik.).
     Before: cross-entropy of [N, L, V] logits against [N] labels raised on the shapes."""
-    from continual.training import per_example_loss
+    from continual.inference import per_example_loss
 
     X = model.tokenize(sentences("office", 5, seed=4))
     y = torch.zeros(len(X), dtype=torch.long)  # placeholders, as the flows carry them

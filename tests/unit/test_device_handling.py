@@ -1,4 +1,4 @@
-"""What a GPU user expects of the training loop (continual/training.py), checked on CPU:
+"""What a GPU user expects of the training loop (continual/training.py, continual/acceleration.py), checked on CPU:
 gradient accumulation, the precision setting, torch.compile, gradient checkpointing of a
 Hugging Face model, and losses read back from the device in batches."""
 
@@ -15,18 +15,16 @@ import pytest
 import torch
 from torch import nn
 
+from continual.acceleration import _hf_checkpointing, activation_checkpointing, autocast_dtype
 from continual.causal_lm import HFCausalLM
+from continual.divergence import TrainingDivergedError
 from continual.ewc import EWC
 from continual.models import CAUSAL_LM, ModelSpec, build_model
 from continual.replay import ReservoirBuffer
 from continual.resume import Checkpointing
 from continual.training import (
-    TrainingDivergedError,
     TrainResult,
     TrainSettings,
-    _hf_checkpointing,
-    activation_checkpointing,
-    autocast_dtype,
     train,
 )
 from evergreen.config import TrainConfig
@@ -272,7 +270,7 @@ def test_a_failed_compilation_falls_back_to_the_plain_model(
     torch._dynamo.reset()
     X, y, _ = _digits()
     settings = TrainSettings(steps=5, batch_size=32, seed=2, compile=True)
-    with caplog.at_level(logging.WARNING, logger="continual.training"):
+    with caplog.at_level(logging.WARNING, logger="continual.acceleration"):
         fell_back = train(_mlp(), X[:320], y[:320], settings, device=CPU)
     torch._dynamo.reset()
     plain = train(_mlp(), X[:320], y[:320], TrainSettings(**{**vars(settings), "compile": False}))
@@ -333,7 +331,7 @@ def test_gradient_checkpointing_on_a_model_without_it_warns_and_trains(
 ) -> None:
     X, y, _ = _digits()
     settings = TrainSettings(steps=3, gradient_checkpointing=True)
-    with caplog.at_level(logging.WARNING, logger="continual.training"):
+    with caplog.at_level(logging.WARNING, logger="continual.acceleration"):
         result = train(_mlp(), X[:300], y[:300], settings, device=CPU)
     assert result.steps == 3 and "gradient_checkpointing" in caplog.text
 

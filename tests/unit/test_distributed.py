@@ -9,8 +9,9 @@ from torch import nn
 from continual.distributed import DistributedJob, rank_seed, rank_settings, shard_rows
 from continual.ewc import EWC
 from continual.fisher import diagonal_fisher
+from continual.inference import accuracy
 from continual.models import ModelSpec, build_model
-from continual.training import TrainSettings, accuracy
+from continual.training import TrainSettings
 from tasks.distributed import DistributedTrainingError, run_distributed
 
 

@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 
 from continual.fisher import diagonal_fisher
 from continual.gating import decide
+from continual.inference import accuracy, correct_mask
 from continual.lora import (
     LoraSettings,
     LoraTargetError,
@@ -34,7 +35,7 @@ from continual.lora_merge import (
 )
 from continual.merging import fold_delta, merge_lora_deltas
 from continual.models import ModelSpec, build_model, fit_standardizer
-from continual.training import TrainSettings, accuracy, correct_mask, train
+from continual.training import TrainSettings, train
 
 
 @lru_cache(maxsize=1)

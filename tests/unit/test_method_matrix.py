@@ -24,12 +24,13 @@ from torch import nn
 from continual.checkpoint import load_checkpoint, save_checkpoint
 from continual.distillation import Distiller
 from continual.ewc import EWC
+from continual.inference import accuracy, predict_logits
 from continual.lora import LoraSettings, attach_lora, load_adapter
 from continual.metrics import AccuracyMatrix, average_accuracy, forgetting
 from continual.models import ModelSpec, build_model
 from continual.replay import ReservoirBuffer
 from continual.streaming import EMATeacher
-from continual.training import TrainResult, TrainSettings, accuracy, predict_logits, train
+from continual.training import TrainResult, TrainSettings, train
 
 METHODS = ["naive", "ewc", "replay", "ewc+replay", "lora", "distill", "ema"]
 EWC_LAMBDA = 100.0  # per-example Fisher; chosen on the forgetting sequence below

@@ -24,7 +24,7 @@ import torch
 from rich.console import Console
 
 from continual.checkpoint import load_checkpoint
-from continual.training import predict_proba
+from continual.inference import predict_proba
 from evergreen.config import config_from_dict
 from model_registry.ledger import Ledger, PromotionEvent, ensure_experiment, rollback_target
 from model_registry.locking import promotion_lock

@@ -9,10 +9,10 @@ import torch
 
 from continual.batching import length_grouped_batches
 from continual.fisher import fisher_paths
+from continual.inference import predict_logits
 from continual.lora import LoraSettings, attach_lora
 from continual.models import ModelSpec, build_model
 from continual.text import encode_texts, inverse_order, length_order, tokenizer_for
-from continual.training import predict_logits
 from demo.text_timeline import package_sentences
 from tasks.common import frame_to_tensors
 from tasks.state import make_trainable

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from continual.ewc import EWC
+from continual.inference import accuracy
 from continual.models import ModelSpec, build_model
 from continual.probe import probe_head_
 from continual.replay import ReservoirBuffer
-from continual.training import TrainSettings, accuracy, train
+from continual.training import TrainSettings, train
 from demo.text_timeline import package_sentences
 from tasks.state import ModelState, parameters_of
 from tasks.train_start import start_update

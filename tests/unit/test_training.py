@@ -1,4 +1,4 @@
-"""The training loop and evaluation helpers (continual/training.py) on real digits."""
+"""The training loop (continual/training.py) and the scoring helpers (continual/inference.py) on real digits."""
 
 from __future__ import annotations
 
@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from continual.models import ModelSpec, build_model
-from continual.training import (
-    TrainResult,
-    TrainSettings,
+from continual.inference import (
     accuracy,
     correct_mask,
     per_example_loss,
-    pick_device,
     predict_logits,
     predict_proba,
-    train,
 )
+from continual.models import ModelSpec, build_model
+from continual.training import TrainResult, TrainSettings, pick_device, train
 from tests.digits_tensors import digits_tensors as _digits
 
 CPU = torch.device("cpu")
@@ -298,7 +295,7 @@ def test_pick_device() -> None:
 
 
 def test_a_nan_loss_aborts_training_with_the_reason() -> None:
-    from continual.training import TrainingDivergedError
+    from continual.divergence import TrainingDivergedError
 
     X, y, _ = _digits()
     X = X[:200].clone()
@@ -312,7 +309,7 @@ def test_a_nan_loss_aborts_training_with_the_reason() -> None:
 
 
 def test_an_exploding_gradient_aborts_training_instead_of_being_clipped() -> None:
-    from continual.training import TrainingDivergedError
+    from continual.divergence import TrainingDivergedError
 
     X, y, _ = _digits()
     blown_up = X[:200] * 1e9  # finite, but activations and gradients ~1e9: clipping would hide it
