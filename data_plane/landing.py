@@ -409,6 +409,7 @@ def iter_batch_frames(
     *,
     chunk_rows: int = 50_000,
     seen_columns: set[str] | None = None,
+    text: bool = False,
 ) -> Iterator[pd.DataFrame]:
     """Stream a batch as DataFrame chunks of at most `chunk_rows` rows.
 
@@ -416,7 +417,8 @@ def iter_batch_frames(
     validation to report) plus `_source_file`. Files are checked against the first file's
     schema once read; a mismatch raises after that file's chunks were yielded, so use
     `read_batch` when all-or-nothing matters. Every column the files hold (requested or not) is
-    added to `seen_columns` when given.
+    added to `seen_columns` when given. `text`: a text batch (CSV cells read as written: only
+    an empty cell is missing, not the word 'NA' or 'None').
 
     Raises:
         BatchReadError: no data files, an empty/corrupt/non-UTF-8/unparseable file, or files
@@ -434,7 +436,7 @@ def iter_batch_frames(
         if ref.name.lower().endswith(".parquet"):
             handle = _seekable(handle)
         with handle:
-            yield from readers.read_file(handle, ref, columns, chunk_rows, schema)
+            yield from readers.read_file(handle, ref, columns, chunk_rows, schema, text=text)
         if seen_columns is not None:
             seen_columns.update(schema.columns)
         if first is None:
@@ -459,7 +461,12 @@ def read_batch(
     seen: set[str] = set()
     frames = list(
         iter_batch_frames(
-            zone, batch_id, file_columns(data_cfg), chunk_rows=chunk_rows, seen_columns=seen
+            zone,
+            batch_id,
+            file_columns(data_cfg),
+            chunk_rows=chunk_rows,
+            seen_columns=seen,
+            text=bool(data_cfg.text),
         )
     )
     frame = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]

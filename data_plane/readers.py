@@ -185,10 +185,15 @@ def _iter_parquet(
         ) from exc
 
 
-def _iter_csv(handle: BinaryIO, ref: FileRef, chunk_rows: int) -> Iterator[pd.DataFrame]:
+def _iter_csv(
+    handle: BinaryIO, ref: FileRef, chunk_rows: int, *, literal: bool = False
+) -> Iterator[pd.DataFrame]:
+    # literal (a text batch): cells as written, only an empty cell is missing — pandas' default
+    # would read the sentences 'NA', 'None', 'null' or 'nan' as missing values
+    missing: dict[str, Any] = {"keep_default_na": False, "na_values": [""]} if literal else {}
     try:
         for chunk in pd.read_csv(
-            handle, chunksize=chunk_rows, encoding="utf-8", encoding_errors="strict"
+            handle, chunksize=chunk_rows, encoding="utf-8", encoding_errors="strict", **missing
         ):
             _require_commas(chunk, ref)
             yield chunk
@@ -282,9 +287,16 @@ def _iter_jsonl(handle: BinaryIO, ref: FileRef, chunk_rows: int) -> Iterator[pd.
 
 
 def read_file(
-    handle: BinaryIO, ref: FileRef, columns: list[str], chunk_rows: int, schema: FileSchema
+    handle: BinaryIO,
+    ref: FileRef,
+    columns: list[str],
+    chunk_rows: int,
+    schema: FileSchema,
+    *,
+    text: bool = False,
 ) -> Iterator[pd.DataFrame]:
-    """Chunks of one file (requested columns that exist + `_source_file`).
+    """Chunks of one file (requested columns that exist + `_source_file`). `text`: a text
+    batch, whose CSV cells are read as written (only an empty cell is missing).
 
     Raises:
         BatchReadError: the file is unreadable or holds no rows.
@@ -293,7 +305,7 @@ def read_file(
     if suffix == "parquet":
         chunks = _iter_parquet(handle, ref, chunk_rows, columns, schema)
     elif suffix == "csv":
-        chunks = _iter_csv(handle, ref, chunk_rows)
+        chunks = _iter_csv(handle, ref, chunk_rows, literal=text)
     else:
         chunks = _iter_jsonl(handle, ref, chunk_rows)
     for frame in chunks:

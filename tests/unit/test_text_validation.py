@@ -101,6 +101,17 @@ def test_a_renamed_text_column_gets_text_advice(tmp_path, frames):
     assert "data.features" not in messages, messages
 
 
+def test_a_csv_text_cell_that_reads_like_a_missing_value_is_text(tmp_path):
+    """pandas' CSV reader turns the cells 'NA', 'None', 'null', 'N/A', 'nan' into missing
+    values: a text batch holding such a sentence was quarantined as 'column text has 3
+    missing values'. In a text batch only an empty cell is missing."""
+    zone = open_landing(str(tmp_path / "landing"))
+    zone.write_bytes("b", "p.csv", b"text,label\nNA,pandas\nNone,torch\nnull,mlflow\n,torch\n")
+    frame = read_batch(zone, "b", _config())
+    assert frame["text"].tolist()[:3] == ["NA", "None", "null"]
+    assert pd.isna(frame["text"].iloc[3])  # an empty cell is still missing
+
+
 def test_text_failures_are_empty_on_clean_rows(frames):
     assert text_failures(frames[1], _config()) == []
 
