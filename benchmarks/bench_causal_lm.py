@@ -80,6 +80,7 @@ from benchmarks.lm_domains import (
     build_domains,
     build_tiny_llama,
     corpus_log_perplexity,
+    pretrain_tiny_llama,
     scores,
     target_checks,
 )
@@ -116,12 +117,23 @@ class Budget:
     # `update_steps` steps; `replay_aware_sets` turns them into the product's `epochs`
     update_epochs: float = 0.0
     joint_steps: int = 0  # joint training's budget; 0: bootstrap + one update per later domain
+    # > 0: the base is pre-trained on `PRETRAIN_PACKAGES` for this many steps before domain 1
+    # (a general-purpose LM that the sequence continues, as continual pre-training of an LLM
+    # does) instead of starting from random weights; joint training starts from it too
+    pretrain_steps: int = 0
 
     def joint_budget(self, domains: int) -> int:
         return self.joint_steps or self.bootstrap_steps + (domains - 1) * self.update_steps
 
 
 FULL = Budget(("torch", "sympy", "mlflow", "scipy"), 700, 300, 150)
+# never in the pre-training corpus: both domain sequences, the project itself, and packages
+# whose docstrings are mostly another sequence's (torch's functorch, numpy's f2py)
+NOT_PRETRAINED = {
+    *FULL.packages, "networkx", "numpy", "transformers", "sqlalchemy", "evergreen", "continual",
+    "tasks", "flows", "data_plane", "model_registry", "demo", "benchmarks", "tests",
+    "functorch", "torchgen",
+}  # fmt: skip
 QUICK = Budget(("torch", "sympy"), 300, 60, 40)
 
 
@@ -372,9 +384,7 @@ def _run(budget: Budget, quick: bool, keep: bool, methods: tuple[str, ...]) -> d
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     started, code = time.perf_counter(), _code_state()
     domains = build_domains(budget.packages, budget.per_domain)
-    model_dir = build_tiny_llama(
-        workdir / "tiny-llama", [t for d in domains for t in d.train], budget.size
-    )
+    model_dir = base_model(workdir / "tiny-llama", domains, budget)
     counts = [predicted_tokens(model_dir, budget.size.max_length, d.held_out) for d in domains]
     runs = {}
     for method in methods:
@@ -393,10 +403,60 @@ def _run(budget: Budget, quick: bool, keep: bool, methods: tuple[str, ...]) -> d
     result = _result(budget, quick, domains, counts, runs, code)
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     if not quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(result, indent=2))
-        RESULTS.with_suffix(".md").write_text(markdown(result) + "\n")
+        path = results_path(budget)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2))
+        path.with_suffix(".md").write_text(markdown(result) + "\n")
     return result
+
+
+def base_model(directory: Path, domains: list[Domain], budget: Budget) -> Path:
+    """The tiny Llama every method (joint training included) starts from: random weights with a
+    tokenizer trained on the landed text, or (`budget.pretrain_steps`) pre-trained on other
+    packages' text, its tokenizer trained on that text and the landed text."""
+    landed = [t for d in domains for t in d.train]
+    if not budget.pretrain_steps:
+        return build_tiny_llama(directory, landed, budget.size)
+    seen = set(landed) | {t for d in domains for t in d.held_out}
+    general = [t for t in general_sentences() if t not in seen]
+    build_tiny_llama(directory, general + landed, budget.size)
+    print(
+        f"pre-training on {len(general)} sentences, {budget.pretrain_steps} steps", file=sys.stderr
+    )
+    pretrain_tiny_llama(
+        directory,
+        general,
+        budget.pretrain_steps,
+        budget.size.max_length,
+        batch_size=budget.batch_size,
+        lr=budget.lr,
+    )
+    return directory
+
+
+def general_sentences() -> list[str]:
+    """The pre-training corpus: the module-docstring sentences of every installed package
+    outside `NOT_PRETRAINED`, in package-name order (deterministic for one environment)."""
+    import pkgutil
+
+    from demo.text_timeline import package_sentences
+
+    names = sorted(
+        {m.name for m in pkgutil.iter_modules() if m.ispkg and not m.name.startswith("_")}
+        - NOT_PRETRAINED
+    )
+    sentences: list[str] = []
+    for name in names:
+        try:
+            sentences += package_sentences(name)
+        except (ModuleNotFoundError, OSError, ValueError):
+            continue
+    return list(dict.fromkeys(sentences))
+
+
+def results_path(budget: Budget) -> Path:
+    """causal_lm.json, or causal_lm_pretrained.json for a pre-trained base."""
+    return RESULTS.with_name("causal_lm_pretrained.json") if budget.pretrain_steps else RESULTS
 
 
 def targets(methods: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
@@ -488,6 +548,12 @@ def _matrix_table(
     return [*lines, ""]
 
 
+def _base(b: dict[str, Any]) -> str:
+    if b.get("pretrain_steps"):
+        return f"base pre-trained {b['pretrain_steps']} steps on other packages' text"
+    return "random initial weights"
+
+
 def _update_budget(b: dict[str, Any]) -> str:
     if b.get("update_epochs"):
         return f"{b['update_epochs']:g} passes over the new rows per update at its replay mix"
@@ -506,7 +572,7 @@ def markdown(result: dict[str, Any]) -> str:
         "",
         f"Held-out perplexity after the last domain (geometric mean over domains; tiny Llama "
         f"hidden {b['size']['hidden']}, {b['size']['layers']} layers, BPE "
-        f"{b['size']['vocab']}; bootstrap {b['bootstrap_steps']} steps, "
+        f"{b['size']['vocab']}, {_base(b)}; bootstrap {b['bootstrap_steps']} steps, "
         f"{_update_budget(b)}, batch {b['batch_size']}, lr {b['lr']:g}). "
         "Forgetting: mean log-perplexity increase on the earlier domains since their best "
         "(nats). Decisions of the gate as shipped, one letter per update.",
@@ -572,8 +638,15 @@ def main() -> None:
         "instead of a fixed step count (prints only)",
     )
     parser.add_argument("--joint-steps", type=int, help="joint training's budget (prints only)")
+    parser.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=0,
+        help="pre-train the base on other packages' text for this many steps first "
+        "(writes causal_lm_pretrained.json)",
+    )
     args = parser.parse_args()
-    budget = QUICK if args.quick else FULL
+    budget = replace(QUICK if args.quick else FULL, pretrain_steps=args.pretrain_steps)
     if args.packages or args.per_domain:  # a validation sequence: prints only, as --quick
         budget = replace(
             budget,

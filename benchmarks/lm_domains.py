@@ -150,6 +150,39 @@ def build_tiny_llama(directory: Path, texts: Sequence[str], size: ModelSize, see
     return directory
 
 
+def pretrain_tiny_llama(
+    directory: Path,
+    texts: Sequence[str],
+    steps: int,
+    max_length: int,
+    *,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+) -> Path:
+    """Pre-train the LM saved in `directory` on `texts` for `steps` steps (warm-up 5 %, cosine to
+    0.1 × lr, as the family trains) and save it back: the general-purpose base a continual
+    pre-training sequence starts from, instead of random weights."""
+    import torch
+
+    from continual.causal_lm import HFCausalLM
+    from continual.training import TrainSettings, train
+
+    model = HFCausalLM(directory, max_length=max_length)
+    X = model.tokenize(list(texts))
+    settings = TrainSettings(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=0,
+        lr_schedule="cosine",
+        warmup_steps=round(0.05 * steps),
+        min_lr_ratio=0.1,
+    )
+    train(model, X, torch.zeros(len(X), dtype=torch.long), settings, device="cpu")
+    model.lm.save_pretrained(directory)
+    return directory
+
+
 def corpus_log_perplexity(row_log_likelihood: np.ndarray, predicted_tokens: np.ndarray) -> float:
     """Token-weighted log-perplexity of a text set: total NLL / total predicted tokens, from
     each row's mean token log-likelihood (what the served model returns) and token count.
