@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 
 from data_plane.landing import LandingZone, data_columns, iter_batch_frames
-from data_plane.messages import Failure
+from data_plane.messages import Failure, row_count
 from data_plane.readers import SOURCE_COLUMN, BatchReadError
 
 if TYPE_CHECKING:
@@ -137,10 +137,10 @@ def _failures(tally: _Tally, cfg: DataConfig) -> list[Failure]:
             if count is None or (kind.endswith("between") and column in mistyped):
                 continue  # GX cannot compare text: the type failure is the cause
             samples = tally.samples.get((kind, column), [])
-            message = f"column {column!r}: {count} rows fail {kind} (e.g. {samples})"
+            message = f"column {column!r}: {row_count(count)} fail {kind} (e.g. {samples})"
             found.append(Failure(kind, column, count, samples, message))
     if not cfg.min_rows <= tally.rows <= cfg.max_rows:
-        message = f"{tally.rows} rows; expected between {cfg.min_rows} and {cfg.max_rows}"
+        message = f"{row_count(tally.rows)}; expected between {cfg.min_rows} and {cfg.max_rows}"
         found.append(Failure("expect_table_row_count_to_be_between", None, None, [], message))
     duplicates = _duplicates(tally.hashes) if not missing else 0
     if tally.rows and duplicates / tally.rows > cfg.max_duplicate_fraction:

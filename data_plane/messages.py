@@ -182,6 +182,11 @@ def _counts(result: dict[str, Any]) -> str:
     return ", ".join(f"{p['value']!r} ×{p['count']}" for p in pairs[:_SAMPLES])
 
 
+def row_count(count: object) -> str:
+    """ "1 row", "3 rows" (a count that is not 1, or not known, is plural)."""
+    return f"{count} row{'' if count == 1 else 's'}"
+
+
 def _missing(count: object) -> str:
     """ "1 missing value (null/NaN)", "3 missing values (null/NaN)"."""
     return f"{count} missing value{'' if count == 1 else 's'} (null/NaN)"
@@ -353,17 +358,17 @@ def _message(
         classes = list(kwargs.get("value_set") or cfg.classes)
         continuous = _continuous_labels(frame, column, classes)
         if continuous:
-            return f"{col} has {count} rows with labels not in data.classes {classes}: {continuous}"
+            return f"{col} has {row_count(count)} with labels not in data.classes {classes}: {continuous}"
         source = "data.classes" if classes == list(cfg.classes) else "the suite's value_set"
         return (
-            f"{col} has {count} rows with labels not in {source} {classes}: "
+            f"{col} has {row_count(count)} with labels not in {source} {classes}: "
             f"{_counts(result)}{where} — new_class_policy={cfg.new_class_policy}: the batch is "
             "held back; if the class is real, add it to data.classes (a champion's classes are fixed "
             "when it is first trained: after bootstrap, a new class needs a new model)"
         )
     if kind == "expect_table_row_count_to_be_between":
         return (
-            f"the batch has {result.get('observed_value')} rows; expected between "
+            f"the batch has {row_count(result.get('observed_value'))}; expected between "
             f"{kwargs.get('min_value')} and {kwargs.get('max_value')} (data.min_rows/max_rows)"
         )
     if kind == "expect_compound_columns_to_be_unique":

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from data_plane.drift import population_stability_index as psi
-from data_plane.messages import Failure
+from data_plane.messages import Failure, row_count
 
 if TYPE_CHECKING:
     from evergreen.config import DataConfig
@@ -45,6 +45,11 @@ def _is_utf8(value: Any) -> bool:
     except UnicodeEncodeError:  # lone surrogates ("\udcff" from errors="surrogateescape")
         return False
     return True
+
+
+def _rows_of(count: int, column: str, what: str) -> str:
+    """ "1 row of 'text' is …", "3 rows of 'text' are …"."""
+    return f"{row_count(count)} of {column!r} {'is' if count == 1 else 'are'} {what}"
 
 
 def _failure(column: str, rows: list[tuple[Any, Any]], message: str) -> Failure:
@@ -71,18 +76,18 @@ def text_failures(frame: pd.DataFrame, data_cfg: DataConfig) -> list[Failure]:
     ]
     checks: list[tuple[list[tuple[Any, Any]], str]] = []
     not_text = [(i, v) for i, v in rows if not isinstance(v, str | bytes)]
-    checks.append((not_text, f"{len(not_text)} rows of {column!r} are not text"))
+    checks.append((not_text, _rows_of(len(not_text), column, "not text")))
     bad = [(i, v) for i, v in rows if isinstance(v, str | bytes) and not _is_utf8(v)]
-    checks.append((bad, f"{len(bad)} rows of {column!r} are not valid UTF-8 — re-export as UTF-8"))
+    checks.append((bad, _rows_of(len(bad), column, "not valid UTF-8 — re-export as UTF-8")))
     blank = [(i, v) for i, v in rows if not _as_text(v).strip()]
-    checks.append((blank, f"{len(blank)} rows of {column!r} are empty or whitespace only"))
+    checks.append((blank, _rows_of(len(blank), column, "empty or whitespace only")))
     long = [(i, v) for i, v in rows if len(_as_text(v)) > data_cfg.max_text_chars]
     longest = max((len(_as_text(v)) for _, v in long), default=0)
     checks.append(
         (
             long,
-            f"{len(long)} rows of {column!r} are longer than data.max_text_chars="
-            f"{data_cfg.max_text_chars} characters (longest {longest}) — a broken export or a "
+            _rows_of(len(long), column, "longer than data.max_text_chars=")
+            + f"{data_cfg.max_text_chars} characters (longest {longest}) — a broken export or a "
             "pasted file; split it, or raise data.max_text_chars",
         )
     )

@@ -70,12 +70,11 @@ INTERACTIVE_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "10",
 }
 INTERACTIVE = {"status", "history", "report", "ui"}
-# The demo prints its own timeline; flow-run logs stay in the Prefect UI/API (and the text demo's
-# model loads draw no "Loading weights" bars between the table lines).
+# The demo prints its own timeline; flow-run logs stay in the Prefect UI/API (model loads draw no
+# "Loading weights" bars anywhere: `evergreen/__init__.py`).
 DEMO_DEFAULTS = {
     "PREFECT_LOGGING_LEVEL": "WARNING",
     "OMP_NUM_THREADS": "1",
-    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
