@@ -81,11 +81,42 @@ def _vocab_size(hf_path: str | None) -> int:
     return int(config.vocab_size)
 
 
+def missing_classes(spec: ModelSpec, labels: pd.Series) -> list[object]:
+    """The classes of a classifier's spec that no training row carries (none for a causal LM)."""
+    present = {str(v) for v in labels.unique()}
+    return [c for c in spec.classes if str(c) not in present]
+
+
+def warn_missing_classes(cfg: EvergreenConfig, spec: ModelSpec, train_df: pd.DataFrame) -> None:
+    """A first champion trained without some of `data.classes` never predicts them until an
+    update brings rows of them (the gate's exchange rule lets such an update through), and one
+    trained on a single class predicts it for every row: say so in the run's log, not silently."""
+    if spec.family == CAUSAL_LM or cfg.data.label not in train_df.columns:
+        return
+    absent = missing_classes(spec, train_df[cfg.data.label])
+    if not absent:
+        return
+    from tasks.run_log import run_logger
+
+    seen = len(spec.classes) - len(absent)
+    run_logger().warning(
+        "the first champion trains on %d of the %d classes of data.classes (no training row of "
+        "%s): it will not predict %s until an update trains on rows of %s%s",
+        seen,
+        len(spec.classes),
+        absent,
+        "them" if len(absent) > 1 else "it",
+        "them" if len(absent) > 1 else "it",
+        "; with one class it predicts that class for every row" if seen == 1 else "",
+    )
+
+
 @task(cache_policy=NO_CACHE, timeout_seconds=3600)
 def train_first_model(cfg: EvergreenConfig, data: PreparedData, memory: DataMemory) -> ModelState:
     """Plain training of the first champion; its own Fisher seeds online EWC."""
     train_df = data.train
     spec = new_spec(cfg, train_df)
+    warn_missing_classes(cfg, spec, train_df)
     torch.manual_seed(cfg.bootstrap.train.seed)
     model = build_model(spec)
     X, y = frame_to_tensors(train_df, spec, cfg.data.label)
