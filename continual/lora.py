@@ -43,12 +43,15 @@ class LoraSettings:
         dropout: dropout on the LoRA branch input.
         target_modules: Linear layer names (or name suffixes) to adapt; None picks
             `default_lora_targets(model)` (q_proj/v_proj, query/value, else all but classifier).
+        seed: seeds the random initialisation of A (B starts at zero), so an adapter does not
+            depend on what else drew from torch's global generator earlier in the process.
     """
 
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
     target_modules: list[str] | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -107,7 +110,10 @@ def attach_lora(model: nn.Module, settings: LoraSettings) -> PeftModel:
         target_modules=list(targets),
         bias="none",
     )
-    return get_peft_model(model, config)
+    # peft draws A from torch's global generator: seeded here, and the caller's stream restored
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(settings.seed)
+        return get_peft_model(model, config)
 
 
 def adapter_snapshot(peft_model: nn.Module) -> dict[str, Tensor]:

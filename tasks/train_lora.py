@@ -92,6 +92,7 @@ def _lora_settings(daily: DailyConfig) -> LoraSettings:
         alpha=daily.lora_alpha,
         dropout=daily.lora_dropout,
         target_modules=daily.target_modules,
+        seed=daily.train.seed,
     )
 
 

@@ -101,6 +101,29 @@ def test_attach_trains_only_adapter_and_starts_identical() -> None:
         assert torch.equal(peft_model(d["X"][:50]), expected)  # B = 0 at start
 
 
+def test_adapter_init_follows_its_seed_not_the_process_history() -> None:
+    """A's initial values come from `LoraSettings.seed`, whatever drew from torch's global
+    generator before (in one process the demo's earlier flows did, so a daily's adapter used to
+    depend on the order of the steps before it), and the global stream is left where it was."""
+
+    def lora_a(seed: int, draws_before: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(123)
+        torch.rand(draws_before)
+        peft_model = attach_lora(_champion(), _qv(r=4, seed=seed))
+        return {n: p.detach().clone() for n, p in peft_model.named_parameters() if "lora_A" in n}
+
+    first, second = lora_a(0, draws_before=1), lora_a(0, draws_before=1000)
+    assert first and all(torch.equal(first[n], second[n]) for n in first)
+    other = lora_a(1, draws_before=1)
+    assert not all(torch.equal(first[n], other[n]) for n in first)
+    champion = _champion()  # building a model draws from the global generator itself
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    attach_lora(champion, _qv(r=4))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_unknown_target_lists_available_linears() -> None:
     with pytest.raises(
         LoraTargetError, match=r"\['w_q'\] match no Linear layer; available: .*q_proj"
