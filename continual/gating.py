@@ -262,29 +262,46 @@ def format_points(value: float, signed: bool = True) -> str:
     return text.replace("-", "−")
 
 
+def format_difference(value: float, binary: bool, signed: bool = True) -> str:
+    """A difference of scores as the reasons print it: of 0/1 correctness in points
+    (0.067 → "+6.7 pts"), of any other score as itself (a causal LM's mean token
+    log-likelihood, in nats: 0.067 → "+0.067") — "pts" of a log-likelihood would read as
+    accuracy."""
+    if binary:
+        return f"{format_points(value, signed)} pts"
+    text = f"{value:+.3f}" if signed else f"{value:.3f}"
+    return text.replace("-", "−")
+
+
+def _limit(value: float, binary: bool, noun: str) -> str:
+    """ "5.0-pt tolerance" for 0/1 correctness, "0.050 tolerance" for other scores."""
+    return f"{format_points(value, False)}-pt {noun}" if binary else f"{value:.3f} {noun}"
+
+
 def _check(
     test: PairedTestResult, label: str, tolerance: float, superior: bool, policy: GatePolicy
 ) -> _Check:
     """Rule 2a/2b and the power note (rule 3) for one paired test."""
-    metric = "accuracy" if test.method.startswith("McNemar") else "mean score"
+    binary = test.method.startswith("McNemar")
+    metric = "accuracy" if binary else "mean score"
     change = test.diff
     verb = (
-        f"fell {format_points(-change, False)} pts"
+        f"fell {format_difference(-change, binary, False)}"
         if change < 0
-        else f"rose {format_points(change, False)} pts"
+        else f"rose {format_difference(change, binary, False)}"
     )
     if change == 0:
         verb = "was unchanged"
     margin, bound = (
-        (0.0, "0") if superior else (-tolerance, f"−{format_points(tolerance, False)}-pt tolerance")
+        (0.0, "0") if superior else (-tolerance, f"−{_limit(tolerance, binary, 'tolerance')}")
     )
     passed = test.ci_low > margin
     mde = minimum_detectable_effect(test.se, confidence=policy.confidence)
     kind = "superior" if superior else "non-inferior"
     reason = (
         f"{label} {metric} {verb} ({test.champion_mean:.3f} → {test.challenger_mean:.3f}, "
-        f"{policy.confidence * 100:g}% lower bound {format_points(test.ci_low)} pts "
-        f"{'>' if passed else '≤'} {bound}, n={test.n}, MDE {format_points(mde, False)} pts) — "
+        f"{policy.confidence * 100:g}% lower bound {format_difference(test.ci_low, binary)} "
+        f"{'>' if passed else '≤'} {bound}, n={test.n}, MDE {format_difference(mde, binary, False)}) — "
         + (f"{kind}." if passed else f"not shown {kind}: rejected.")
     )
     problems = []
@@ -292,12 +309,12 @@ def _check(
         problems.append(f"n={test.n} < min_examples {policy.min_examples}")
     if mde > tolerance:
         consequence = (
-            f"an improvement of {format_points(tolerance, False)} pts is detected"
+            f"an improvement of {format_difference(tolerance, binary, False)} is detected"
             if superior
             else "even an unchanged challenger passes it"
         )
         problems.append(
-            f"MDE {format_points(mde, False)} pts > {format_points(tolerance, False)}-pt tolerance, so "
+            f"MDE {format_difference(mde, binary, False)} > {_limit(tolerance, binary, 'tolerance')}, so "
             f"{consequence} less than {MDE_POWER:.0%} of the time"
         )
     if not problems:
@@ -378,11 +395,11 @@ def _forgetting_check(
     limit = point_limit(budget, rows, binary)
     passed = forgetting <= limit + _ROUNDING
     verdict = "within" if passed else "beyond"
-    bound = f"{format_points(budget, False)}-pt budget"
+    bound = _limit(budget, binary, "budget")
     if limit > budget:
-        bound += f" (one row of {rows}: {format_points(limit, False)} pts)"
+        bound += f" (one row of {rows}: {format_difference(limit, binary, False)})"
     reason = (
-        f"cumulative forgetting {format_points(forgetting)} pts against the fixed references of "
+        f"cumulative forgetting {format_difference(forgetting, binary)} against the fixed references of "
         f"{len(covered)} earlier batch(es) (n={rows}; largest loss: batch {worst!r} "
         f"{references[worst]:.3f} → {by_batch[worst][0]:.3f}) — {verdict} the "
         f"{bound}" + ("." if passed else ": rejected.")
@@ -415,12 +432,13 @@ def _exchange_check(
     gain_proven = new_test.ci_low >= policy.exchange_gain
     passed = gain_proven and within
     verdict = "promoted by exchange" if passed else "no exchange"
-    floor = f" (one row: {format_points(limit, False)} pts)" if limit > cap else ""
+    floor = f" (one row: {format_difference(limit, binary, False)})" if limit > cap else ""
     reason = (
-        f"exchange: new-data gain lower bound {format_points(new_test.ci_low)} pts "
-        f"{'≥' if gain_proven else '<'} {format_points(policy.exchange_gain, False)} pts, retention given "
-        f"up {format_points(lost, False)} pts (point estimate, retention and cumulative) "
-        f"{'≤' if within else '>'} {format_points(cap, False)} pts{floor} — {verdict}."
+        f"exchange: new-data gain lower bound {format_difference(new_test.ci_low, binary)} "
+        f"{'≥' if gain_proven else '<'} {format_difference(policy.exchange_gain, binary, False)}, "
+        f"retention given up {format_difference(lost, binary, False)} (point estimate, retention "
+        f"and cumulative) {'≤' if within else '>'} {format_difference(cap, binary, False)}{floor} "
+        f"— {verdict}."
     )
     return _Check(passed, [reason])
 

@@ -14,7 +14,7 @@ from prefect.cache_policies import NO_CACHE
 
 from continual.ewc import EWC
 from continual.fisher import diagonal_fisher
-from continual.gating import GateDecision, decide, format_points
+from continual.gating import GateDecision, decide, format_difference
 from continual.inference import row_scores
 from continual.models import TEXT_FAMILIES
 from continual.training import TrainResult
@@ -228,12 +228,12 @@ def screened(check: GateDecision) -> GateDecision:
     test = check.new_data
     if check.promote or not check.underpowered or test is None:
         return check
-    change = format_points(test.diff)
+    change = format_difference(test.diff, binary=test.method.startswith("McNemar"))
     if test.diff < 0:
-        note = f"The adapter scored {change} pts on the select rows: discarded."
+        note = f"The adapter scored {change} on the select rows: discarded."
         return replace(check, reasons=(*check.reasons, note))
     note = (
-        f"The select rows cannot decide and the adapter scored {change} pts on them: kept, "
+        f"The select rows cannot decide and the adapter scored {change} on them: kept, "
         "the promotion gate decides on its own rows."
     )
     return replace(check, promote=True, reasons=(*check.reasons, note))

@@ -400,7 +400,11 @@ def test_continuous_scores_go_through_the_paired_bootstrap() -> None:
     champion = rng.random(200)
     decision = decide(challenger_new_correct=champion - 0.2, champion_new_correct=champion)
     assert decision.new_data is not None and decision.new_data.method == "paired bootstrap"
-    assert not decision.promote and "mean score fell 20.0 pts" in decision.reasons[0]
+    assert not decision.promote
+    # in the score's own unit (a causal LM's: nats), not in accuracy points
+    assert "mean score fell 0.200 (" in decision.reasons[0]
+    assert "≤ −0.050 tolerance" in decision.reasons[0]
+    assert not any("pts" in reason for reason in decision.reasons)
     # identical differences: the SE is floored at three examples moving across the score range
     spread = max(champion.max(), (champion - 0.2).max()) - min(champion.min(), champion.min() - 0.2)
     assert decision.new_data.se == pytest.approx(np.sqrt(3 * spread**2 / 200) / np.sqrt(200))
@@ -566,3 +570,24 @@ def test_the_one_row_floor_leaves_large_sets_and_other_scores_alone():
     nats = _old_batch(14, 1)  # log-likelihoods: 0 and 1 here are not "rows right"
     nats["challenger_retention_correct"] = np.full(14, 1.0 - 1 / 14)
     assert not decide(**scores, **nats).promote
+
+
+def test_log_likelihood_reasons_speak_in_the_scores_unit() -> None:
+    """Per-row log-likelihoods (a causal LM's gate): the retention, forgetting and exchange lines
+    give differences as scores (nats), never as accuracy points."""
+    rng = np.random.default_rng(3)
+    new = rng.normal(-3.0, 0.3, 300)
+    old = rng.normal(-3.2, 0.3, 300)
+    decision = decide(
+        challenger_new_correct=new + 0.3,
+        champion_new_correct=new,
+        challenger_retention_correct=old - 0.04,
+        champion_retention_correct=old,
+        retention_groups=["b1"] * 300,
+        references={"b1": float(old.mean())},
+    )
+    text = " ".join(decision.reasons)
+    assert "pts" not in text and "-pt" not in text
+    assert "cumulative forgetting +0.040 against" in text
+    assert "retention mean score fell 0.040 (" in text
+    assert "exchange: new-data gain lower bound +0.300 ≥ 0.100, retention given up 0.040" in text
