@@ -58,8 +58,9 @@ competing model. It is deliberately not the max over all champions so far (the m
 forgetting of the metrics): a max over repeated noisy measurements on the same rows is biased
 upwards by about 1-2 standard errors per batch and would block everything.
 
-Every check adds one reason — a full sentence with the means, the difference in points, the
-one-sided bound, the tolerance, n and the MDE — whether it accepts or rejects.
+Every check adds one reason — a full sentence with the means, the difference (in points for 0/1
+correctness, in the score's own unit otherwise: nats for a causal LM), the one-sided bound, the
+tolerance, n and the MDE — whether it accepts or rejects.
 """
 
 from __future__ import annotations
