@@ -283,7 +283,7 @@ def _check(
     test: PairedTestResult, label: str, tolerance: float, superior: bool, policy: GatePolicy
 ) -> _Check:
     """Rule 2a/2b and the power note (rule 3) for one paired test."""
-    binary = test.method.startswith("McNemar")
+    binary = test.on_correctness
     metric = "accuracy" if binary else "mean score"
     change = test.diff
     verb = (

@@ -55,6 +55,12 @@ class PairedTestResult:
     p_value: float
     se: float
 
+    @property
+    def on_correctness(self) -> bool:
+        """Whether the scores were 0/1 correctness (McNemar), so differences are accuracy
+        points; otherwise they are in the score's own unit (the paired bootstrap)."""
+        return self.method in (MCNEMAR_EXACT, MCNEMAR_CHI2)
+
     def to_dict(self) -> dict[str, float | int | str]:
         """Plain fields (JSON-able)."""
         return asdict(self)

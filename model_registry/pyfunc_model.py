@@ -171,9 +171,10 @@ class EvergreenPyfunc(PythonModel):
             null = texts.isna()
             if null.any():  # astype(str) would score the string "None" or "nan"
                 rows = list(texts.index[null])
+                plural = "s" if len(rows) > 1 else ""
                 raise ValueError(
-                    f"{texts.name!r} is null in {len(rows)} row{'s' if len(rows) > 1 else ''} "
-                    f"(row{'s' if len(rows) > 1 else ''} {', '.join(map(str, rows[:5]))}"
+                    f"{texts.name!r} is null in {len(rows)} row{plural} "
+                    f"(row{plural} {', '.join(map(str, rows[:5]))}"
                     f"{', …' if len(rows) > 5 else ''}): the model scores strings — drop "
                     "those rows or fill them"
                 )

@@ -13,6 +13,7 @@ from continual.models import CAUSAL_LM, TEXT_FAMILIES, ModelSpec, build_model, f
 from evergreen.config import EvergreenConfig
 from tasks.common import frame_to_tensors
 from tasks.memory import DataMemory
+from tasks.run_log import run_logger
 from tasks.state import ModelState
 from tasks.train import (
     fisher_kind,
@@ -96,17 +97,16 @@ def warn_missing_classes(cfg: EvergreenConfig, spec: ModelSpec, train_df: pd.Dat
     absent = missing_classes(spec, train_df[cfg.data.label])
     if not absent:
         return
-    from tasks.run_log import run_logger
-
     seen = len(spec.classes) - len(absent)
+    them = "them" if len(absent) > 1 else "it"
     run_logger().warning(
         "the first champion trains on %d of the %d classes of data.classes (no training row of "
         "%s): it will not predict %s until an update trains on rows of %s%s",
         seen,
         len(spec.classes),
         absent,
-        "them" if len(absent) > 1 else "it",
-        "them" if len(absent) > 1 else "it",
+        them,
+        them,
         "; with one class it predicts that class for every row" if seen == 1 else "",
     )
 

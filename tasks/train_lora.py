@@ -228,7 +228,7 @@ def screened(check: GateDecision) -> GateDecision:
     test = check.new_data
     if check.promote or not check.underpowered or test is None:
         return check
-    change = format_difference(test.diff, binary=test.method.startswith("McNemar"))
+    change = format_difference(test.diff, binary=test.on_correctness)
     if test.diff < 0:
         note = f"The adapter scored {change} on the select rows: discarded."
         return replace(check, reasons=(*check.reasons, note))
