@@ -117,7 +117,7 @@ class Budget:
     # `update_steps` steps; `replay_aware_sets` turns them into the product's `epochs`
     update_epochs: float = 0.0
     joint_steps: int = 0  # joint training's budget; 0: bootstrap + one update per later domain
-    # > 0: the base is pre-trained on `PRETRAIN_PACKAGES` for this many steps before domain 1
+    # > 0: the base is pre-trained on `general_sentences()` for this many steps before domain 1
     # (a general-purpose LM that the sequence continues, as continual pre-training of an LLM
     # does) instead of starting from random weights; joint training starts from it too
     pretrain_steps: int = 0

@@ -37,17 +37,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from tests.digits_pipeline import digits_frame, write_batch, write_config
-from tests.integration.servers import BIN, background, prefect_env, prefect_server
+from tests.integration.servers import BIN, background, prefect_env, prefect_request, prefect_server
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 CADENCES = ("monthly-finetune", "weekly-replay", "daily-lora", "stream-monitor")
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 DONE = ("promoted", "rejected", "quarantined", "skipped")
-RETRIED_STATUS = (429, 502, 503)  # what Prefect's own client retries
 BATCH_ROWS = 120
 # small and fast: the load is in the orchestration (4 worker subprocesses, MLflow, slots)
 LOAD_SECTIONS: dict[str, dict[str, Any]] = {
@@ -104,23 +101,6 @@ class LoadResult:
         ]
 
 
-def request(method: str, url: str, **kwargs: Any) -> httpx.Response:
-    """A REST call retried as Prefect's client retries a busy server (429/502/503, and a read
-    that timed out: a POST must then carry an idempotency key)."""
-    for attempt in range(6):
-        try:
-            response = httpx.request(method, url, timeout=60, **kwargs)
-        except httpx.TimeoutException:
-            if attempt == 5:
-                raise
-            time.sleep(0.5 * 2**attempt)
-            continue
-        if response.status_code not in RETRIED_STATUS:
-            return response
-        time.sleep(0.5 * 2**attempt)
-    return response
-
-
 def _check(env: dict[str, str], cwd: Path, command: list[str]) -> None:
     done = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
@@ -130,7 +110,7 @@ def _check(env: dict[str, str], cwd: Path, command: list[str]) -> None:
 def _deployment_ids(api: str) -> dict[str, str]:
     ids = {}
     for name in CADENCES:
-        response = request("GET", f"{api}/deployments/name/{name}/{name}")
+        response = prefect_request("GET", f"{api}/deployments/name/{name}/{name}", timeout=60)
         response.raise_for_status()
         ids[name] = response.json()["id"]
     return ids
@@ -141,7 +121,9 @@ def _start(api: str, deployment_id: str, batch_id: str) -> str:
         "parameters": {"config_path": "evergreen.yaml", "batch_ids": [batch_id]},
         "idempotency_key": f"load-{deployment_id}-{batch_id}",  # a retried POST: the same run
     }
-    response = request("POST", f"{api}/deployments/{deployment_id}/create_flow_run", json=body)
+    response = prefect_request(
+        "POST", f"{api}/deployments/{deployment_id}/create_flow_run", json=body, timeout=60
+    )
     if response.status_code not in (200, 201):  # 200: the idempotency key's existing run
         raise RuntimeError(f"create_flow_run: {response.status_code} {response.text}")
     return str(response.json()["id"])
@@ -149,7 +131,7 @@ def _start(api: str, deployment_id: str, batch_id: str) -> str:
 
 def _due_runs(api: str, ids: dict[str, str]) -> list[dict[str, Any]]:
     """Flow runs of the four deployments that are due now (not the cron schedule's future ones)."""
-    runs = request(
+    runs = prefect_request(
         "POST",
         f"{api}/flow_runs/filter",
         json={
@@ -157,6 +139,7 @@ def _due_runs(api: str, ids: dict[str, str]) -> list[dict[str, Any]]:
             "flow_runs": {"expected_start_time": {"before_": _in_seconds(120)}},
             "limit": 200,
         },
+        timeout=60,
     ).json()
     return list(runs)
 
@@ -208,7 +191,7 @@ def active_slots(api: str, pipeline: str) -> dict[str, int]:
 
     slots = {}
     for name in (training_limit(pipeline), promotion_limit(pipeline)):
-        response = request("GET", f"{api}/v2/concurrency_limits/{name}")
+        response = prefect_request("GET", f"{api}/v2/concurrency_limits/{name}", timeout=60)
         response.raise_for_status()
         slots[name] = int(response.json()["active_slots"])
     return slots

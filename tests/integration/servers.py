@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -120,6 +121,27 @@ def prefect_env(
     if api_url:
         env["PREFECT_API_URL"] = api_url
     return env
+
+
+RETRIED_STATUS = (429, 502, 503)  # what Prefect's own client retries (PREFECT_CLIENT_MAX_RETRIES)
+
+
+def prefect_request(method: str, url: str, **kwargs: Any) -> httpx.Response:
+    """A REST call to a test Prefect server, retried with backoff as Prefect's own client
+    retries a busy server (429/502/503, or no answer within the `timeout` given: a POST must
+    then carry an idempotency key); the last attempt's error or response stands."""
+    for attempt in range(6):
+        last = attempt == 5
+        try:
+            response = httpx.request(method, url, **kwargs)
+        except httpx.TimeoutException:
+            if last:
+                raise
+        else:
+            if response.status_code not in RETRIED_STATUS or last:
+                return response
+        time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
 
 
 @contextmanager

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
 import pytest
 
 from benchmarks.screenshots import run_form
@@ -30,7 +29,13 @@ from evergreen.deployments import CONFIG_VARIABLE, DRIFT_COOLDOWN_SECONDS, TRIGG
 from model_registry.ledger import Ledger
 from model_registry.registry import Registry
 from tests.digits_pipeline import digits_frame, write_batch, write_config
-from tests.integration.servers import BIN, background, prefect_env, prefect_server
+from tests.integration.servers import (
+    BIN,
+    background,
+    prefect_env,
+    prefect_request,
+    prefect_server,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,28 +67,6 @@ NOTIFICATION_BLOCK = (
 )
 
 
-RETRIED_STATUS = (429, 502, 503)  # what Prefect's own client retries (PREFECT_CLIENT_MAX_RETRIES)
-
-
-def _request(method: str, url: str, **kwargs) -> httpx.Response:
-    """The REST call as Prefect's client makes it: a busy server (its SQLite locked by the
-    scheduler and the worker at once: 503 "Service Unavailable", or no answer within the
-    request's timeout — seen once in CI while a flow run held the database) is retried with
-    backoff; the last attempt's error or response stands."""
-    for attempt in range(6):
-        last = attempt == 5
-        try:
-            response = httpx.request(method, url, **kwargs)
-        except httpx.TimeoutException:
-            if last:
-                raise
-        else:
-            if response.status_code not in RETRIED_STATUS or last:
-                return response
-        time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
-
-
 def _deploy_command(*extra: str) -> list[str]:
     return [str(BIN / "evergreen"), "deploy", "--prefect-file", str(ROOT / "prefect.yaml"), *extra]
 
@@ -94,7 +77,7 @@ def _check(env, cwd, command):
 
 
 def _deployment(api: str, name: str) -> dict:
-    response = _request("GET", f"{api}/deployments/name/{name}/{name}", timeout=30)
+    response = prefect_request("GET", f"{api}/deployments/name/{name}/{name}", timeout=30)
     response.raise_for_status()
     return response.json()
 
@@ -102,7 +85,7 @@ def _deployment(api: str, name: str) -> dict:
 def _wait_final(api: str, run_id: str, timeout: float = 900) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        run = _request("GET", f"{api}/flow_runs/{run_id}", timeout=30).json()
+        run = prefect_request("GET", f"{api}/flow_runs/{run_id}", timeout=30).json()
         if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
             return run
         time.sleep(3)
@@ -130,7 +113,7 @@ def test_scheduled_runs_have_the_expected_next_times(deployed):
     deployment = _deployment(deployed["api"], "daily-lora")
     deadline, runs = time.monotonic() + 120, []
     while time.monotonic() < deadline and not runs:
-        runs = _request(
+        runs = prefect_request(
             "POST",
             f"{deployed['api']}/flow_runs/filter",
             timeout=30,
@@ -154,7 +137,7 @@ def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
     registry = Registry.from_config(cfg)
     champion_before = registry.champion().version
     deployment = _deployment(deployed["api"], "daily-lora")
-    response = _request(
+    response = prefect_request(
         "POST",
         f"{deployed['api']}/deployments/{deployment['id']}/create_flow_run",
         timeout=30,
@@ -178,7 +161,7 @@ def test_custom_run_of_daily_lora_updates_or_keeps_the_champion(deployed):
     else:
         assert entry.outcome == "rejected" and entry.details["reasons"]
         assert champion_after == champion_before
-    artifacts = _request(
+    artifacts = prefect_request(
         "POST",
         f"{deployed['api']}/artifacts/filter",
         timeout=30,
@@ -216,7 +199,7 @@ def test_custom_run_forms_on_the_server_are_flat_typed_documented_with_defaults(
 
 def test_invalid_parameters_are_refused_by_the_schema(deployed):
     deployment = _deployment(deployed["api"], "daily-lora")
-    response = _request(
+    response = prefect_request(
         "POST",
         f"{deployed['api']}/deployments/{deployment['id']}/create_flow_run",
         timeout=30,
@@ -304,7 +287,7 @@ def test_drift_trigger_is_one_automation_with_cooldown_and_event_parameters(rede
 
 
 def _runs_of(api: str, deployment_id: str) -> list[dict]:
-    return _request(
+    return prefect_request(
         "POST",
         f"{api}/flow_runs/filter",
         timeout=30,
@@ -323,7 +306,7 @@ def test_drift_event_triggers_the_update_deployment(deployed):
     weekly = _deployment(api, "weekly-replay")
     before = {r["id"] for r in _runs_of(api, weekly["id"])}
     monitor = _deployment(api, "stream-monitor")
-    response = _request(
+    response = prefect_request(
         "POST",
         f"{api}/deployments/{monitor['id']}/create_flow_run",
         timeout=30,
@@ -334,7 +317,7 @@ def test_drift_event_triggers_the_update_deployment(deployed):
     assert run["state_type"] == "COMPLETED", (deployed["root"] / "worker.log").read_text()[-4000:]
     deadline, triggered, events = time.monotonic() + 180, [], []
     while time.monotonic() < deadline and not (triggered and events):
-        events = _request(
+        events = prefect_request(
             "POST",
             f"{api}/events/filter",
             timeout=30,
@@ -369,10 +352,10 @@ def _another_drift_event_is_held_back_by_the_cooldown(api, weekly_id, before, fi
         "resource": {"prefect.resource.id": "evergreen.model.digits-test"},
         "payload": {"source": "test", "batch_id": "2026-02-03"},
     }
-    assert _request("POST", f"{api}/events", json=[event], timeout=30).status_code == 204
+    assert prefect_request("POST", f"{api}/events", json=[event], timeout=30).status_code == 204
     deadline, seen = time.monotonic() + 60, []
     while time.monotonic() < deadline and not seen:
-        seen = _request(
+        seen = prefect_request(
             "POST", f"{api}/events/filter", timeout=30, json={"filter": {"id": {"id": [event_id]}}}
         ).json()["events"]
         time.sleep(1)
@@ -386,7 +369,7 @@ def _logs_of(api: str, run_id: str, text: str, timeout: float = 240) -> list[str
     """Messages of the run's logs holding `text`, once the worker has started it."""
     deadline, found = time.monotonic() + timeout, []
     while time.monotonic() < deadline and not found:
-        logs = _request(
+        logs = prefect_request(
             "POST",
             f"{api}/logs/filter",
             timeout=30,
