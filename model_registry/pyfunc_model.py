@@ -114,9 +114,9 @@ class EvergreenPyfunc(PythonModel):
             `model_input`; for a causal LM [log_likelihood, perplexity(, generated)].
 
         Raises:
-            ValueError: feature columns are missing (the message names them), a text model's
-                text is null in some rows, or a causal LM's generation params are out of
-                bounds.
+            ValueError: feature columns are missing or not numeric, or hold NaN/±inf (the
+                message names them and the rows), a text model's text is null in some rows, or a
+                causal LM's generation params are out of bounds.
         """
         if self.model is None or self.spec is None:
             raise RuntimeError("EvergreenPyfunc.predict called before the checkpoint was loaded")
@@ -132,7 +132,11 @@ class EvergreenPyfunc(PythonModel):
 
         if is_causal_lm(self.model):  # continual pre-training: how well the model knows the text
             return self._language_model_output(self.model, frame[columns], params)
-        proba = predict_proba(self.model, self._inputs(frame[columns])).numpy()
+        inputs = self._inputs(frame[columns])
+        if len(inputs) == 0:  # an empty request: no rows, the same columns
+            proba = np.zeros((0, len(self.spec.classes)))
+        else:
+            proba = predict_proba(self.model, inputs).numpy()
         best = proba.argmax(axis=1)
         labels = np.asarray(self.spec.classes, dtype=object)[best]
         output: dict[str, Any] = {"prediction": labels.tolist(), "probability": proba.max(axis=1)}
@@ -180,15 +184,29 @@ class EvergreenPyfunc(PythonModel):
                 )
             ids: torch.Tensor = tokenize(texts.astype(str).tolist())
             return ids
+        import torch
+
+        if features.empty:  # MLflow's schema enforcement hands an empty request over as object
+            return torch.zeros((0, features.shape[1]), dtype=torch.float32)
         bad = [c for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
         if bad:
             raise ValueError(
                 f"feature columns {bad} are not numeric (dtypes "
                 f"{[str(features[c].dtype) for c in bad]}); the model expects numbers"
             )
-        import torch
-
-        return torch.from_numpy(features.to_numpy(dtype=np.float32, copy=True))
+        values = features.to_numpy(dtype=np.float32, copy=True)
+        finite = np.isfinite(values)
+        if not finite.all():  # NaN logits: argmax would answer the first class, confidently
+            whole = finite.all(axis=0)
+            columns = [str(c) for c, ok in zip(features.columns, whole, strict=True) if not ok]
+            rows = list(features.index[~finite.all(axis=1)])
+            plural = "s" if len(rows) > 1 else ""
+            raise ValueError(
+                f"feature columns {columns} hold NaN or ±inf in {len(rows)} row{plural} "
+                f"(row{plural} {', '.join(map(str, rows[:5]))}{', …' if len(rows) > 5 else ''})"
+                ": the model scores finite numbers — drop those rows or fill them"
+            )
+        return torch.from_numpy(values)
 
 
 def probability_columns(classes: list[Any]) -> list[str]:

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from urllib.request import url2pathname
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -450,6 +451,27 @@ def test_pyfunc_reports_missing_and_non_numeric_columns(store):
     frame = pd.DataFrame({c: [1.0] for c in FEATURES}).assign(f2=["x"])
     with pytest.raises(ValueError, match=r"\['f2'\] are not numeric"):
         model.predict(None, frame)
+
+
+def test_pyfunc_refuses_nan_and_inf_features_instead_of_predicting_the_first_class(store):
+    """A NaN or ±inf feature gave NaN logits, whose argmax is class 0: a confident-looking
+    label with NaN probabilities. The request is refused, naming the columns and rows."""
+    model = EvergreenPyfunc().load_checkpoint_dir(store["checkpoints"][0])
+    frame = pd.DataFrame({c: [1.0, 2.0, 3.0] for c in FEATURES}, index=[10, 11, 12])
+    frame.loc[11, "f1"] = np.nan
+    frame.loc[12, "f3"] = np.inf
+    with pytest.raises(ValueError, match=r"\['f1', 'f3'\].*rows 11, 12"):
+        model.predict(None, frame)
+    out = model.predict(None, frame.loc[[10]])
+    assert out["probability"].notna().all()
+
+
+def test_pyfunc_answers_an_empty_request_with_no_rows(store):
+    """MLflow's schema enforcement hands an empty frame over as object columns."""
+    model = EvergreenPyfunc().load_checkpoint_dir(store["checkpoints"][0])
+    empty = pd.DataFrame({c: pd.Series([], dtype=object) for c in FEATURES})
+    out = model.predict(None, empty)
+    assert len(out) == 0 and out.columns[0] == "prediction"
 
 
 @pytest.mark.slow
