@@ -182,6 +182,27 @@ def _counts(result: dict[str, Any]) -> str:
     return ", ".join(f"{p['value']!r} ×{p['count']}" for p in pairs[:_SAMPLES])
 
 
+def _label_counts(
+    frame: pd.DataFrame,
+    column: str | None,
+    allowed: list[Any],
+    count: object,
+    result: dict[str, Any],
+) -> str:
+    """Every unknown label with its count over the batch; GX keeps only a sample of the
+    unexpected values (on 300 bad rows it reported 'eleven' ×10), so the sample is shown as
+    one ("e.g. …") when the batch's own tally does not add up to GX's count."""
+    if column is not None and column in frame.columns:
+        unknown = frame[column][~frame[column].isin(allowed)].dropna()
+        if len(unknown) == count:
+            every = Counter(_hashable(v) for v in unknown.tolist())
+            tally = every.most_common(_SAMPLES)
+            more = len(every) - len(tally)
+            shown = ", ".join(f"{value!r} ×{n}" for value, n in tally)
+            return shown + (f", … {more} more" if more > 0 else "")
+    return f"e.g. {_counts(result)}"
+
+
 def row_count(count: object) -> str:
     """ "1 row", "3 rows" (a count that is not 1, or not known, is plural)."""
     return f"{count} row{'' if count == 1 else 's'}"
@@ -362,7 +383,7 @@ def _message(
         source = "data.classes" if classes == list(cfg.classes) else "the suite's value_set"
         return (
             f"{col} has {row_count(count)} with labels not in {source} {classes}: "
-            f"{_counts(result)}{where} — new_class_policy={cfg.new_class_policy}: the batch is "
+            f"{_label_counts(frame, column, classes, count, result)}{where} — new_class_policy={cfg.new_class_policy}: the batch is "
             "held back; if the class is real, add it to data.classes (a champion's classes are fixed "
             "when it is first trained: after bootstrap, a new class needs a new model)"
         )

@@ -200,6 +200,18 @@ def test_opt_in_range_blocking_uses_mostly(tmp_path, first_batch):
     assert all(f.severity == "critical" for f in report.failures)
 
 
+def test_unknown_labels_are_counted_over_the_batch_not_over_gx_samples(tmp_path, first_batch):
+    """GX keeps a sample of the unexpected values: 'x ×7, y ×3' on 85 bad rows read as totals."""
+    later = _digits(slice(400, 700))
+    later["label"] = later["label"].astype(object)
+    later.loc[:239, "label"] = "eleven"
+    later.loc[240:, "label"] = "twelve"
+    report = _validate(tmp_path, later, _accepted(first_batch))
+    [failure] = [f for f in report.failures if "labels not in" in f.message]
+    assert "300 rows with labels not in data.classes" in failure.message
+    assert "'eleven' ×240, 'twelve' ×60" in failure.message, failure.message
+
+
 def test_inferred_ranges_widen_as_data_is_accepted(first_batch):
     brighter = _digits(slice(400, 700), lambda im: im * 1.6)
     profile = _accepted(first_batch)
