@@ -56,13 +56,31 @@ class DataProfile:
     class_counts: dict[str, int] = field(default_factory=dict)
     batches: int = 0
     rows: int = 0
+    # content digest of each accepted batch (its rows as a multiset) → the batch's id
+    digests: dict[str, str] = field(default_factory=dict)
 
     @property
     def empty(self) -> bool:
         return self.batches == 0
 
-    def updated(self, frame: pd.DataFrame, features: Iterable[str], label: str) -> DataProfile:
-        """A new profile that also covers `frame` (an accepted batch); self is not changed."""
+    def updated(
+        self,
+        frame: pd.DataFrame,
+        features: Iterable[str],
+        label: str,
+        *,
+        batch_id: str | None = None,
+        columns: list[str] | None = None,
+    ) -> DataProfile:
+        """A new profile that also covers `frame` (an accepted batch); self is not changed.
+
+        With `batch_id`, the batch's content digest over `columns` (default: the features and
+        the label) is remembered, so the same rows landed again under another id are found
+        (`repeated_batch`)."""
+        features = list(features)
+        digests = dict(self.digests)
+        if batch_id is not None:
+            digests.setdefault(batch_digest(frame, columns or [*features, label]), batch_id)
         ranges = {name: FeatureRange(r.low, r.high) for name, r in self.ranges.items()}
         for name in features:
             values = _finite(frame[name])
@@ -79,7 +97,15 @@ class DataProfile:
         counts = dict(self.class_counts)
         for value, count in frame[label].map(label_key).value_counts().items():
             counts[str(value)] = counts.get(str(value), 0) + int(count)
-        return DataProfile(ranges, counts, self.batches + 1, self.rows + len(frame))
+        return DataProfile(ranges, counts, self.batches + 1, self.rows + len(frame), digests)
+
+    def repeated_batch(self, frame: pd.DataFrame, batch_id: str, columns: list[str]) -> str | None:
+        """The id of an accepted batch whose rows are exactly `frame`'s (in any row or column
+        order) under another id — a batch landed twice —, else None."""
+        if not self.digests:
+            return None
+        first = self.digests.get(batch_digest(frame, columns))
+        return first if first is not None and first != batch_id else None
 
     def to_json(self) -> str:
         return json.dumps(
@@ -88,6 +114,7 @@ class DataProfile:
                 "class_counts": self.class_counts,
                 "batches": self.batches,
                 "rows": self.rows,
+                "digests": self.digests,
             },
             indent=1,
         )
@@ -97,7 +124,15 @@ class DataProfile:
         data = json.loads(text)
         ranges = {n: FeatureRange(float(lo), float(hi)) for n, (lo, hi) in data["ranges"].items()}
         counts = {str(k): int(v) for k, v in data.get("class_counts", {}).items()}
-        return cls(ranges, counts, int(data.get("batches", 0)), int(data.get("rows", 0)))
+        digests = {str(k): str(v) for k, v in data.get("digests", {}).items()}
+        return cls(ranges, counts, int(data.get("batches", 0)), int(data.get("rows", 0)), digests)
+
+
+def batch_digest(frame: pd.DataFrame, columns: list[str]) -> str:
+    """A batch's rows over `columns` as a multiset: row order, column order and dtypes aside."""
+    from data_plane.splits import content_hash
+
+    return content_hash(frame, sorted(columns, key=str))[:32]
 
 
 def _finite(series: pd.Series) -> np.ndarray:

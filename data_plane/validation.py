@@ -171,6 +171,7 @@ def validate_batch(
     if result.get("data_docs_url"):
         stats["data_docs"] = result["data_docs_url"]
     if not failures:  # change checks need clean numbers to mean anything
+        failures += _repeated_batch(frame, batch_id, data_cfg, profile)
         _change_checks(frame, data_cfg, profile, reference, failures, warnings, stats)
     report = ValidationReport(batch_id, not failures, len(frame), failures, stats, None, warnings)
     report.gx_result = messages.compact_result(result)
@@ -195,6 +196,22 @@ def _extra_columns(df: pd.DataFrame, data_cfg: DataConfig) -> list[Failure]:
         "data.extra_columns: ignore"
     )
     return [Failure("expect_table_columns_to_match_set", None, len(extra), extra[:5], message)]
+
+
+def _repeated_batch(
+    frame: pd.DataFrame, batch_id: str, data_cfg: DataConfig, profile: DataProfile | None
+) -> list[Failure]:
+    """A batch whose rows are exactly those of a batch already accepted under another id: a
+    re-export or a copy landed twice. It holds nothing new and would train its rows twice."""
+    first = profile.repeated_batch(frame, batch_id, data_columns(data_cfg)) if profile else None
+    if first is None:
+        return []
+    message = (
+        f"the batch holds the same rows as batch {first!r}, already accepted (in any order): a "
+        "batch landed twice adds nothing and would weigh its rows twice — remove the copy, or "
+        "land the rows that are really new"
+    )
+    return [Failure("repeated_batch", None, len(frame), [], message)]
 
 
 def _change_checks(

@@ -28,6 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from continual.replay import ReservoirBuffer
+from data_plane.landing import data_columns
 from data_plane.profile import DataProfile
 from data_plane.splits import ThreeWaySplit, row_hashes, update_retention
 from evergreen.config import EvergreenConfig
@@ -146,7 +147,13 @@ class DataMemory:
             stored[role] = _still_stored(
                 self.held_out.get(role), held_out[role], self.stored.get(role, {})
             )
-        profile = self.profile.updated(frame, cfg.data.features, cfg.data.label)
+        profile = self.profile.updated(
+            frame,
+            cfg.data.features,
+            cfg.data.label,
+            batch_id=batch_id,
+            columns=data_columns(cfg.data),
+        )
         return DataMemory((*self.batches, batch_id), buffer, held_out, profile, None, stored)
 
     def save(self, directory: Path) -> Path:

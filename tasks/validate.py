@@ -213,7 +213,13 @@ def validate_batches(
         hint = held_out_hint(cfg, batch.batch_id, prepared.splits[batch.batch_id])
         if hint:
             get_run_logger().info(hint)
-        profile = profile.updated(frame, cfg.data.features, cfg.data.label)
+        profile = profile.updated(
+            frame,
+            cfg.data.features,
+            cfg.data.label,
+            batch_id=batch.batch_id,
+            columns=data_columns(cfg.data),
+        )
     if prepared.batch_ids:
         whole = pd.concat(prepared.frames.values(), ignore_index=True)
         prepared.data_hash = content_hash(whole, columns)[:16]

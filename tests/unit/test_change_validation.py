@@ -212,6 +212,26 @@ def test_unknown_labels_are_counted_over_the_batch_not_over_gx_samples(tmp_path,
     assert "'eleven' ×240, 'twelve' ×60" in failure.message, failure.message
 
 
+def test_a_batch_landed_twice_under_another_id_is_quarantined(tmp_path, first_batch):
+    """An exact re-export of an accepted batch (same rows, any order, any column order) under a
+    new batch_id adds no information and would train its rows twice: it is quarantined naming
+    the batch it repeats. The same batch revalidated (another cadence, --force) still passes."""
+    cfg = _config()
+    suite = ensure_suite(tmp_path, cfg)
+    profile = DataProfile().updated(first_batch, PIXELS, "label", batch_id="2026-01-02")
+    again = first_batch.sample(frac=1.0, random_state=1)[["label", *PIXELS[::-1]]]
+    report = validate_batch(again, "2026-01-02-reexport", cfg, suite, profile=profile)
+    assert not report.success
+    [failure] = report.failures
+    assert "the same rows as batch '2026-01-02'" in failure.message, failure.message
+    assert validate_batch(first_batch, "2026-01-02", cfg, suite, profile=profile).success
+    one_row_more = pd.concat([first_batch, _digits(slice(400, 401))], ignore_index=True)
+    assert validate_batch(one_row_more, "other", cfg, suite, profile=profile).success
+    assert DataProfile.from_json(profile.to_json()) == profile
+    legacy = '{"ranges": {}, "class_counts": {}, "batches": 1, "rows": 3}'
+    assert DataProfile.from_json(legacy).digests == {}
+
+
 def test_inferred_ranges_widen_as_data_is_accepted(first_batch):
     brighter = _digits(slice(400, 700), lambda im: im * 1.6)
     profile = _accepted(first_batch)
