@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 import pandas as pd
 
 from data_plane import readers
+from data_plane.profile import canonical_labels
 
 if TYPE_CHECKING:
     from evergreen.config import DataConfig
@@ -473,6 +474,8 @@ def read_batch(
     frame = readers.numpy_dtypes(frame.reset_index(drop=True))
     if data_cfg.text_only:  # a causal LM's text has no label: one placeholder class
         frame[data_cfg.label] = data_cfg.classes[0]
+    elif data_cfg.label in frame.columns and data_cfg.classes:
+        frame[data_cfg.label] = canonical_labels(frame[data_cfg.label], list(data_cfg.classes))
     frame.attrs[COLUMNS_IN_FILES_ATTR] = sorted(seen)
     return frame
 

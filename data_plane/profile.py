@@ -150,6 +150,33 @@ def label_key(value: Any) -> str:
     return str(value)
 
 
+def canonical_labels(labels: pd.Series, classes: list[Any]) -> pd.Series:
+    """`labels` with every value that names a class in another type replaced by that class:
+    "2" (quoted by a JSON producer) or 2.0 → 2, a boolean True/False → 1/0 for classes [0, 1].
+    Validation checks labels against `data.classes` by equality and training by `label_key`,
+    so without this "2" was quarantined although it is class 2, and True passed validation
+    (True == 1) and then failed training. Other values (unknown labels, nulls) are kept as they
+    are, for validation to report."""
+    lookup = {label_key(c): c for c in classes}
+    uniques = labels.dropna().unique()
+    mapping: dict[Any, Any] = {}
+    for value in uniques:
+        key = label_key(value)
+        if key not in lookup and isinstance(value, bool | np.bool_):
+            key = str(int(value))
+        target = lookup.get(key)
+        if target is not None and (type(value) is not type(target) or value != target):
+            mapping[value] = target
+    if not mapping:
+        return labels
+    codes, found = pd.factorize(labels)  # nulls get code -1: the appended None
+    values = np.array([mapping.get(v, v) for v in found] + [None], dtype=object)
+    out = pd.Series(values[codes], index=labels.index, name=labels.name)
+    if (codes < 0).any():
+        out = out.where(codes >= 0, labels)  # a null stays the null it was
+    return out.infer_objects()
+
+
 @dataclass(frozen=True)
 class GrossChangeRule:
     """Thresholds of the gross-breakage rule (see the module docstring)."""

@@ -180,6 +180,32 @@ def test_zone_valid_batch_in_three_formats_passes(zone: LandingZone, tmp_path: P
     }
 
 
+def test_labels_that_name_a_class_in_another_type_are_read_as_that_class(
+    zone: LandingZone, tmp_path: Path
+) -> None:
+    """JSON producers quote numbers ("2") and Parquet has boolean targets: "2" was quarantined
+    as 'not in data.classes [0, 1, 2]' although training maps it to class 2, and True passed
+    validation (True == 1) and then failed training ('True' is not a class, exit 70)."""
+    from tasks.common import encode_labels
+
+    suite_file = _suite_for_tests(tmp_path / "home")
+    frame = make_batch(60, seed=12)
+    write_frame(zone, "quoted", frame.assign(label=frame["label"].astype(str)), fmt="jsonl")
+    read, report = read_and_validate(zone, "quoted", make_config(), suite_file)
+    assert report.success, report.summary()
+    assert read is not None and read["label"].tolist() == frame["label"].tolist()
+    binary = make_config(classes=[0, 1])
+    flags = frame.assign(label=frame["label"] == 1)
+    write_frame(zone, "flags", flags, fmt="parquet")
+    read, report = read_and_validate(zone, "flags", binary, ensure_suite(tmp_path / "b", binary))
+    assert report.success, report.summary()
+    assert read is not None
+    assert encode_labels(read["label"], [0, 1]).tolist() == flags["label"].astype(int).tolist()
+    write_frame(zone, "unknown", frame.assign(label="7"), fmt="jsonl")
+    _, report = read_and_validate(zone, "unknown", make_config(), suite_file)
+    assert not report.success and "'7' ×60" in report.failures[0].message
+
+
 def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Path) -> None:
     home = tmp_path / "home"
     path = _suite_for_tests(home)
