@@ -459,6 +459,7 @@ def decide(
     retention_groups: ArrayLike | None = None,
     references: Mapping[str, float] | None = None,
     policy: GatePolicy = GatePolicy(),
+    floor_score: str = "accuracy",
 ) -> GateDecision:
     """Promote or reject a challenger (the rule is in the module docstring).
 
@@ -474,6 +475,8 @@ def decide(
             first learned the batch reached on it), for the cumulative forgetting budget; needs
             `retention_groups`. Batches without a reference are not counted.
         policy: tolerances and test settings.
+        floor_score: what a first champion's `challenger_new_correct` measures, as its reason
+            names it against `policy.min_accuracy` (a causal LM's is not an accuracy).
 
     Returns:
         The decision with its reasons, test results and metrics.
@@ -491,7 +494,7 @@ def decide(
     if champion_new_correct is None:
         if champion_retention_correct is not None:
             raise ValueError("champion_retention_correct was given without champion_new_correct")
-        return _first_champion(new, retained, by_batch, policy)
+        return _first_champion(new, retained, by_batch, policy, floor_score)
     champion_new = _scores(champion_new_correct, "champion_new_correct")
     new_test = _paired(champion_new, new, "new-data", policy)
     superior = policy.new_data_rule == "superior"
@@ -551,12 +554,13 @@ def _first_champion(
     retained: np.ndarray | None,
     by_batch: dict[str, tuple[float, int]],
     policy: GatePolicy,
+    floor_score: str,
 ) -> GateDecision:
     accuracy = float(new.mean())
     promote = accuracy >= policy.min_accuracy
     verdict = "meets" if promote else "is below"
     reason = (
-        f"No champion yet: new-data accuracy {accuracy:.3f} {verdict} the "
+        f"No champion yet: new-data {floor_score} {accuracy:.3f} {verdict} the "
         f"{policy.min_accuracy:.3f} floor (min_accuracy)."
     )
     return GateDecision(
