@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from continual.causal_lm import beats_uniform
 from continual.classification import ClassReport, class_report
-from continual.gating import GateDecision, GatePolicy, decide
+from continual.gate_policy import GateDecision, GatePolicy
+from continual.gating import decide
 from continual.inference import predict_logits, row_scores
 from continual.models import CAUSAL_LM, ModelSpec
 from evergreen.config import EvergreenConfig

@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from continual.checkpoint import load_checkpoint
-from continual.gating import GateDecision
+from continual.gate_policy import GateDecision
 from continual.inference import predict_logits
 from evergreen.config import EvergreenConfig
 from model_registry.fault_hooks import hang_here

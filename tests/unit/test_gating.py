@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from continual.gate_policy import GatePolicy
 from continual.gate_power import (
     Scenario,
     gate_rule,
@@ -15,7 +16,7 @@ from continual.gate_power import (
     paired_correctness,
     promotion_rates,
 )
-from continual.gating import GatePolicy, accuracy_by_batch, decide
+from continual.gating import accuracy_by_batch, decide
 from continual.paired_tests import (
     MCNEMAR_CHI2,
     MCNEMAR_EXACT,
