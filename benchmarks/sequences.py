@@ -42,12 +42,15 @@ Families (task 0 is always the untouched digits, or the first class group):
               gate), `load_breast_cancer` 569 rows and 2 classes (≈ 107 per task, ≈ 27 gate
               rows: the gate's minimum detectable effect would exceed 20 pts, and no class
               arrival is possible).
+- `sensor-classes`: the same calibrated sensors (no drift), classes arriving: {0,1}, then {2},
+              {3}, {4}.
 
 VALIDATION vs TEST (decided here, once): defaults may be tuned on VALIDATION only; TEST is run for
 the final check and never tuned on. The two splits share no family and no seed.
 - VALIDATION: `rotate`, `gain`, `classes-a` × seeds 0, 1, 2.
-- TEST: `roll`, `thicken`, `permute`, `classes-b`, `sensors` × seeds 10, 11, 12. (`sensors` was
-  added after the defaults were tuned, to check they generalise beyond images: never tuned on.)
+- TEST: `roll`, `thicken`, `permute`, `classes-b`, `sensors`, `sensor-classes` × seeds 10, 11,
+  12. (The two sensor families were added after the defaults were tuned, to check they
+  generalise beyond images: never tuned on.)
 """
 
 from __future__ import annotations
@@ -184,10 +187,18 @@ def _domain_sequence(
 
 
 def _class_sequence(
-    family: str, seed: int, groups: list[tuple[int, ...]], n_tasks: int
+    family: str,
+    seed: int,
+    groups: list[tuple[int, ...]],
+    n_tasks: int,
+    source: tuple[np.ndarray, np.ndarray] | None = None,
+    columns: list[str] = PIXELS,
+    classes: list[int] = CLASSES,
 ) -> TaskSequence:
-    """Task k: every training-pool scan of group k's classes; test: its test-pool scans."""
-    images, labels = _digits()
+    """Task k: every training-pool scan of group k's classes; test: its test-pool scans.
+    `source`: (values, labels) — the digits' images unless given."""
+    images, labels = source if source is not None else _digits()
+    what = "digits" if source is None else "classes"
     rng = np.random.default_rng(seed)
     train_pool, test_pool = _test_pool(labels, rng)
     tasks = []
@@ -196,9 +207,9 @@ def _class_sequence(
         test_scans = test_pool[np.isin(labels[test_pool], group)]
         tasks.append(
             Task(
-                name="digits " + ",".join(map(str, group)),
-                train=_frame(images[train_scans], labels[train_scans]),
-                test=_frame(images[test_scans], labels[test_scans]),
+                name=f"{what} " + ",".join(map(str, group)),
+                train=_frame(images[train_scans], labels[train_scans], columns),
+                test=_frame(images[test_scans], labels[test_scans], columns),
                 train_scans=train_scans,
                 test_scans=test_scans,
             )
@@ -208,8 +219,8 @@ def _class_sequence(
         seed=seed,
         kind="class",
         tasks=tuple(tasks),
-        features=tuple(PIXELS),
-        classes=tuple(CLASSES),
+        features=tuple(columns),
+        classes=tuple(classes),
     )
 
 
@@ -339,6 +350,13 @@ def sensors_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
     )
 
 
+def sensor_classes_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
+    world = sensor_world(seed)
+    source = (world.readings(world.values, 0), world.labels)
+    groups = [(0, 1), (2,), (3,), (4,)]
+    return _class_sequence("sensor-classes", seed, groups, n_tasks, source, SENSORS, SENSOR_CLASSES)
+
+
 def rotate_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
     shifts = [(f"rotate {a}°", rotate(a)) for a in (0, 15, 30, 45)]
     return _domain_sequence("rotate", seed, shifts, n_tasks)
@@ -387,10 +405,13 @@ FAMILIES: dict[str, Callable[..., TaskSequence]] = {
     "permute": permute_sequence,
     "classes-b": classes_b_sequence,
     "sensors": sensors_sequence,
+    "sensor-classes": sensor_classes_sequence,
 }
 
 VALIDATION = Split("validation", ("rotate", "gain", "classes-a"), (0, 1, 2))
-TEST = Split("test", ("roll", "thicken", "permute", "classes-b", "sensors"), (10, 11, 12))
+TEST = Split(
+    "test", ("roll", "thicken", "permute", "classes-b", "sensors", "sensor-classes"), (10, 11, 12)
+)
 SPLITS = {"validation": VALIDATION, "test": TEST}
 
 

@@ -20,14 +20,15 @@ from benchmarks.sequences import (
 )
 
 DOMAIN = ["rotate", "gain", "roll", "thicken", "permute", "sensors"]
-DIGITS = sorted(set(FAMILIES) - {"sensors"})
+SENSOR_FAMILIES = {"sensors", "sensor-classes"}
+DIGITS = sorted(set(FAMILIES) - SENSOR_FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_frames_are_landable_numeric_and_sized(family):
     sequence = build_sequence(family, seed=0)
     features = list(sequence.features)
-    assert features == (SENSORS if family == "sensors" else PIXELS)
+    assert features == (SENSORS if family in SENSOR_FAMILIES else PIXELS)
     assert len(sequence.tasks) == 4
     for task in sequence.tasks:
         for frame in (task.train, task.test):
@@ -36,7 +37,7 @@ def test_frames_are_landable_numeric_and_sized(family):
             assert pd.api.types.is_integer_dtype(frame[LABEL])
             assert np.isfinite(frame[features].to_numpy()).all()
             assert set(frame[LABEL]) <= set(sequence.classes)
-            if family != "sensors":  # pixels; sensor readings may be negative
+            if family not in SENSOR_FAMILIES:  # pixels; sensor readings may be negative
                 assert frame[features].to_numpy().min() >= 0
         assert len(task.train) == len(task.train_scans) >= 250
         assert len(task.test) == len(task.test_scans) >= 85
@@ -75,6 +76,7 @@ def test_domain_tasks_cover_every_class_and_share_one_test_pool(family):
     [
         ("classes-a", [{0, 1, 2, 3}, {4, 5}, {6, 7}, {8, 9}]),
         ("classes-b", [{5, 6, 7, 8}, {9, 0}, {1, 2}, {3, 4}]),
+        ("sensor-classes", [{0, 1}, {2}, {3}, {4}]),
     ],
 )
 def test_class_arrival_groups(family, groups):
@@ -108,6 +110,13 @@ def test_sensors_age_five_more_per_task_and_the_others_stay_calibrated():
         drifted_before = drifted
     assert sequence.classes == tuple(SENSOR_CLASSES)
     assert sorted(sequence.tasks[0].train[LABEL].unique()) == SENSOR_CLASSES
+
+
+def test_arriving_sensor_classes_are_read_by_calibrated_sensors():
+    calibrated = build_sequence("sensors", seed=12).tasks[0]
+    arriving = build_sequence("sensor-classes", seed=12).tasks[1]
+    both = calibrated.test.merge(arriving.test, on=[*SENSORS, LABEL])
+    assert len(both) == len(arriving.test) > 0  # the same rows, the same readings
 
 
 def test_sensor_units_differ_by_orders_of_magnitude():
@@ -158,7 +167,7 @@ def test_splits_share_no_family_and_no_seed():
     assert not set(VALIDATION.families) & set(TEST.families)
     assert not set(VALIDATION.seeds) & set(TEST.seeds)
     assert set(VALIDATION.families) | set(TEST.families) == set(FAMILIES)
-    assert "sensors" in TEST.families and set(DIGITS) >= set(VALIDATION.families)
+    assert set(TEST.families) >= SENSOR_FAMILIES and set(DIGITS) >= set(VALIDATION.families)
 
 
 def test_bad_arguments_name_the_problem():
