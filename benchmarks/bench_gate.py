@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 from scipy import special
 
+from continual.gate_policy import GatePolicy
 from continual.gate_power import (
     Scenario,
     Trial,
@@ -47,7 +48,7 @@ from continual.gate_power import (
     promotion_rates,
     successor,
 )
-from continual.gating import GatePolicy, decide
+from continual.gating import decide
 from continual.paired_tests import newcombe_paired_ci
 
 RESULTS = Path(__file__).resolve().parent / "results" / "gate.json"

@@ -50,7 +50,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from benchmarks.sequences import CLASSES, LABEL, PIXELS, SPLITS, TaskSequence, build_sequence
+from benchmarks.sequences import LABEL, SPLITS, TaskSequence, build_sequence
 from continual.metrics import AccuracyMatrix, average_accuracy, forgetting
 
 RESULTS = Path(__file__).resolve().parent / "results" / "product_quality.json"
@@ -107,17 +107,21 @@ def last_json(text: str) -> dict:
 
 def overrides_for(root: Path, name: str, sequence: TaskSequence, declare_bounds: bool) -> list[str]:
     """Only data keys, home and registry.name: the shipped defaults do the rest."""
+    features = list(sequence.features)
     sets = [
         f"home={root / 'home'}",
         f"registry.name={name}",
         f"data.landing={root / 'landing'}",
-        f"data.features=[{', '.join(PIXELS)}]",
+        f"data.features=[{', '.join(features)}]",
         f"data.label={LABEL}",
-        f"data.classes={CLASSES}",
+        f"data.classes={list(sequence.classes)}",
     ]
-    if declare_bounds:  # what a user who knows the whole range would declare
-        top = float(np.ceil(max(t.train[PIXELS].to_numpy().max() for t in sequence.tasks)))
-        sets.append("data.feature_bounds={" + ", ".join(f"{p}: [0, {top}]" for p in PIXELS) + "}")
+    if declare_bounds:  # what a user who knows the whole range would declare ([0, top] for pixels)
+        values = [t.train[features].to_numpy() for t in sequence.tasks]
+        low = min(0.0, float(np.floor(min(v.min() for v in values))))
+        top = float(np.ceil(max(v.max() for v in values)))
+        bounds = ", ".join(f"{f}: [{low}, {top}]" for f in features)
+        sets.append("data.feature_bounds={" + bounds + "}")
     return sets
 
 
@@ -165,7 +169,8 @@ def served_row(cfg, sequence: TaskSequence, seen: int, ref: str = "@champion") -
         model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.name}{ref}")
     row = []
     for task in sequence.tasks[:seen]:
-        predicted = model.predict(task.test[PIXELS])["prediction"].astype(int).to_numpy()
+        predicted = model.predict(task.test[list(sequence.features)])["prediction"]
+        predicted = predicted.astype(int).to_numpy()
         row.append(float(np.mean(predicted == task.test[LABEL].to_numpy())))
     return row
 
@@ -606,7 +611,7 @@ def main() -> None:
     parser.add_argument(
         "--declare-bounds",
         action="store_true",
-        help="declare data.feature_bounds [0, max over the sequence] for every pixel",
+        help="declare data.feature_bounds [min(0, min), max] over the sequence for every feature",
     )
     parser.add_argument("--keep", action="store_true", help="keep the homes (printed)")
     parser.add_argument(

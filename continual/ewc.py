@@ -8,10 +8,10 @@ State, per model version:
 - `fisher`: the online accumulator F ← γ·F + F_own (raw, as estimated), which the penalty uses.
 - `anchor`: θ*, the weights the accumulator was last consolidated at.
 
-On disk (`save`/`load`) the anchor may be left out when it is the weights saved beside it
-(`anchor_in_model`), and, for a version stored against a parent version, accumulator entries
-equal to the parent's (or to γ·F_parent + F_own) are taken from the parent's state
-(`ParentFisher`, format evergreen.ewc/3); `tasks.state` resolves both.
+On disk (`save`/`load`; the file format is `continual.ewc_state`) the anchor may be left out
+when it is the weights saved beside it (`anchor_in_model`), and, for a version stored against a
+parent version, accumulator entries equal to the parent's (or to γ·F_parent + F_own) are taken
+from the parent's state (`ParentFisher`, format evergreen.ewc/3); `tasks.state` resolves both.
 
 Normalisation: the penalty uses F̂ = F / mean(F), the mean taken over every entry of every
 tensor (`fisher_scale`; saved in the metadata, raw tensors on disk). λ then means "the stiffness
@@ -43,62 +43,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from continual.ewc_state import (
+    RESERVED_METADATA,
+    EWCStateError,
+    ParentFisher,
+    ParentFisherSource,
+    StoredEWC,
+    plus_own,
+    read_state,
+    write_state,
+)
 from continual.fisher import diagonal_fisher
 from continual.fisher_kinds import FISHER_KINDS, FisherKind, LossFn
 
-FORMAT = "evergreen.ewc/2"  # /2 adds own.<name> tensors and mode/kind/normalize metadata
-# /3: some Fisher entries are the parent version's (by reference): only written when they are,
-# so a state without references stays readable by releases that know /2
-FORMAT_WITH_PARENT = "evergreen.ewc/3"
-_READABLE_FORMATS = ("evergreen.ewc/1", FORMAT, FORMAT_WITH_PARENT)
-_RESERVED_METADATA = (
-    "format",
-    "lambda",
-    "gamma",
-    "names",
-    "own_names",
-    "mode",
-    "fisher_kind",
-    "normalize",
-    "fisher_scale",
-    "parent_sha256",
-    "from_parent",
-    "parent_plus_own",
-)
 EWCMode = Literal["proximal", "gradient"]
 EWC_MODES: tuple[str, ...] = ("proximal", "gradient")
-
-
-class EWCStateError(ValueError):
-    """A saved EWC state is missing, truncated, corrupt or inconsistent."""
-
-
-@dataclass(frozen=True)
-class ParentFisher:
-    """The Fisher accumulator of the version a state is stored against, resolved in full.
-
-    Attributes:
-        fisher: the parent's accumulator as it loads (its own references resolved).
-        sha256: digest of the parent's EWC file: the one its checkpoint manifest records.
-    """
-
-    fisher: dict[str, Tensor]
-    sha256: str
-
-
-ParentFisherSource = Callable[[], ParentFisher]
 
 
 def _validate_state(fisher: dict[str, Tensor], anchor: dict[str, Tensor], what: str) -> None:
@@ -379,7 +344,7 @@ class EWC:
             elif fresh is None:
                 fisher[name] = old.clone() if untouched == "keep" else self.gamma * old
             else:
-                fisher[name] = _plus_own(fresh, old, self.gamma)
+                fisher[name] = plus_own(fresh, old, self.gamma)
         self._anchor = {n: params[n].detach().clone() for n in fisher}
         self._set_fisher(fisher, own)
 
@@ -401,75 +366,24 @@ class EWC:
         anchor_in_model: bool = False,
         parent: ParentFisher | None = None,
     ) -> None:
-        """Write `fisher.<name>`/`anchor.<name>`/`own.<name>` tensors + metadata to
-        safetensors, atomically. `anchor_in_model`: the anchor is the weights saved beside this
-        file (check with `anchored_at`); it is not written, and `load` takes it from
-        `model_parameters` — for a text model that is the size of the trained weights saved.
-
-        `parent`: the accumulator of the version this one is stored against. Entries equal to
-        the parent's are not written (metadata `from_parent`), nor are those that equal
-        γ·F_parent + F_own computed as `consolidate` does (`parent_plus_own`); `load` then
-        needs the parent's Fisher, checked against `parent_sha256`. Written as format
-        evergreen.ewc/3 only when something is taken from the parent."""
-        extra = dict(metadata or {})
-        clash = [k for k in extra if k in _RESERVED_METADATA]
-        if clash or not all(isinstance(v, str) for v in extra.values()):
-            raise ValueError(f"EWC metadata must map str->str without keys {_RESERVED_METADATA}")
-        meta = {
-            **extra,
-            "format": FORMAT,
+        """Write the state to safetensors, atomically (`continual.ewc_state.write_state`: the
+        layout, `anchor_in_model` and what `parent` saves)."""
+        settings = {
             "lambda": repr(self.lam),
             "gamma": repr(self.gamma),
             "mode": self.mode,
             "fisher_kind": self.kind,
             "normalize": json.dumps(self._normalize),
             "fisher_scale": repr(self._scale),  # informational: recomputed from the tensors
-            "names": json.dumps(list(self._fisher)),  # safetensors sorts keys; keep model order
         }
-        stored = self._fisher
-        if parent is not None:
-            same, derived = self._taken_from(parent.fisher)
-            if same or derived:
-                meta.update(
-                    format=FORMAT_WITH_PARENT,
-                    parent_sha256=parent.sha256,
-                    from_parent=json.dumps(same),
-                    parent_plus_own=json.dumps(derived),
-                )
-                skip = {*same, *derived}
-                stored = {n: f for n, f in self._fisher.items() if n not in skip}
-        groups = {"fisher": stored}
-        if anchor_in_model:
-            meta["anchor"] = "model"
-        else:
-            groups["anchor"] = self._anchor
-        if self._own is not None:
-            meta["own_names"] = json.dumps(list(self._own))
-            groups["own"] = self._own
-        tensors = {
-            f"{prefix}.{n}": t.detach().cpu().contiguous()
-            for prefix, group in groups.items()
-            for n, t in group.items()
-        }
-        _write_atomically(Path(path), tensors, meta)
-
-    def _taken_from(self, parent: dict[str, Tensor]) -> tuple[list[str], list[str]]:
-        """Names whose accumulator is bit-for-bit the parent's, and those that are
-        γ·F_parent + F_own as `load` recomputes them (`_plus_own`)."""
-        same, derived = [], []
-        for name, f in self._fisher.items():
-            old = parent.get(name)
-            if old is None or old.shape != f.shape or old.dtype != f.dtype:
-                continue
-            if torch.equal(f, old.to(f.device)):
-                same.append(name)
-            elif (
-                self._own is not None
-                and name in self._own
-                and torch.equal(f, _plus_own(self._own[name], old, self.gamma).to(f.device))
-            ):
-                derived.append(name)
-        return same, derived
+        write_state(
+            Path(path),
+            StoredEWC(self._fisher, self._anchor, self._own, self.gamma),
+            settings,
+            dict(metadata or {}),
+            anchor_in_model=anchor_in_model,
+            parent=parent,
+        )
 
     @classmethod
     def load(
@@ -496,24 +410,14 @@ class EWC:
                 entries from a parent that is not given or is not the recorded one.
         """
         path = Path(path)
-        meta, tensors = _read_state_file(path)
-        try:
-            names = json.loads(meta["names"])
-            own_names = json.loads(meta["own_names"]) if "own_names" in meta else None
-            own = None if own_names is None else {n: tensors.pop(f"own.{n}") for n in own_names}
-            fisher = _fisher_of(path, meta, names, tensors, own, parent)
-            anchor = _anchor_of(path, meta, names, tensors, model_parameters)
-        except (KeyError, ValueError, TypeError) as exc:
-            raise EWCStateError(f"{path}: tensors do not match the stored names: {exc}") from exc
-        if tensors:
-            raise EWCStateError(f"{path}: unexpected tensors {sorted(tensors)[:5]}")
+        meta, stored = read_state(path, model_parameters=model_parameters, parent=parent)
         try:
             ewc = cls(
-                fisher,
-                anchor,
+                stored.fisher,
+                stored.anchor,
                 float(meta["lambda"]) if lam is None else lam,
                 float(meta.get("gamma", 1.0)) if gamma is None else gamma,
-                own_fisher=own,
+                own_fisher=stored.own,
                 # stored strings; the EWC setters reject anything but a known mode and kind
                 mode=mode or cast(EWCMode, meta.get("mode", "proximal")),
                 kind=cast(FisherKind, meta.get("fisher_kind", "auto")),
@@ -521,117 +425,5 @@ class EWC:
             )
         except (ValueError, KeyError) as exc:
             raise EWCStateError(f"{path}: inconsistent EWC state: {exc}") from exc
-        ewc.metadata = {k: v for k, v in meta.items() if k not in _RESERVED_METADATA}
+        ewc.metadata = {k: v for k, v in meta.items() if k not in RESERVED_METADATA}
         return ewc
-
-
-def read_fisher(path: str | Path, parent: ParentFisherSource | None = None) -> dict[str, Tensor]:
-    """Only the accumulator of a saved state (its parent's entries resolved): what a child
-    stored against this version takes entries from. Needs no model weights.
-
-    Raises:
-        FileNotFoundError, EWCStateError: as `EWC.load`.
-    """
-    path = Path(path)
-    meta, tensors = _read_state_file(path)
-    try:
-        names = json.loads(meta["names"])
-        own_names = json.loads(meta["own_names"]) if "own_names" in meta else []
-        own = {n: tensors[f"own.{n}"] for n in own_names}
-        return _fisher_of(path, meta, names, tensors, own, parent)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise EWCStateError(f"{path}: tensors do not match the stored names: {exc}") from exc
-
-
-def _read_state_file(path: Path) -> tuple[dict[str, str], dict[str, Tensor]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"EWC state {path} not found")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            meta: dict[str, str] = handle.metadata() or {}
-            tensors: dict[str, Tensor] = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
-    except Exception as exc:
-        raise EWCStateError(f"{path} is not a readable safetensors file: {exc}") from exc
-    if meta.get("format") not in _READABLE_FORMATS:
-        raise EWCStateError(
-            f"{path}: metadata format is {meta.get('format')!r}, not one of {_READABLE_FORMATS}"
-        )
-    return meta, tensors
-
-
-def _plus_own(own: Tensor, parent: Tensor, gamma: float) -> Tensor:
-    """γ·F_parent + F_own: the one expression `EWC.consolidate` accumulates with and `load`
-    recomputes a `parent_plus_own` entry with (they must agree bit for bit)."""
-    return torch.add(own, parent.to(own.device, own.dtype), alpha=gamma)
-
-
-def _fisher_of(
-    path: Path,
-    meta: dict[str, str],
-    names: list[str],
-    tensors: dict[str, Tensor],
-    own: dict[str, Tensor] | None,
-    parent: ParentFisherSource | None,
-) -> dict[str, Tensor]:
-    """The accumulator: stored entries, and those taken from the parent (format /3)."""
-    same = json.loads(meta.get("from_parent", "[]"))
-    derived = json.loads(meta.get("parent_plus_own", "[]"))
-    if not same and not derived:
-        return {n: tensors.pop(f"fisher.{n}") for n in names}
-    if parent is None:
-        raise EWCStateError(
-            f"{path}: {len(same) + len(derived)} Fisher entries are its parent version's; "
-            "load it with the parent (tasks.state.read_state resolves it)"
-        )
-    source = parent()
-    if source.sha256 != meta.get("parent_sha256"):
-        raise EWCStateError(
-            f"{path}: its Fisher references the parent's EWC state with sha256 "
-            f"{str(meta.get('parent_sha256'))[:12]}…, but the parent's file is "
-            f"{source.sha256[:12]}…: the parent version changed; restore it to load this one"
-        )
-    taken = set(same) | set(derived)
-    fisher = {}
-    for name in names:
-        if name not in taken:
-            fisher[name] = tensors.pop(f"fisher.{name}")
-        elif name in same:
-            fisher[name] = source.fisher[name]  # copied by EWC()
-        else:
-            if own is None:
-                raise EWCStateError(f"{path}: {name!r} is γ·F_parent + F_own without F_own")
-            fisher[name] = _plus_own(own[name], source.fisher[name], float(meta["gamma"]))
-    return fisher
-
-
-def _anchor_of(
-    path: Path,
-    meta: dict[str, str],
-    names: list[str],
-    tensors: dict[str, Tensor],
-    model_parameters: dict[str, Tensor] | None,
-) -> dict[str, Tensor]:
-    """The stored anchor, or, for a state saved with `anchor_in_model`, the model's weights."""
-    if meta.get("anchor") != "model":
-        return {n: tensors.pop(f"anchor.{n}") for n in names}
-    if model_parameters is None:
-        raise EWCStateError(f"{path}: the anchor is the model's weights; pass model_parameters")
-    missing = [n for n in names if n not in model_parameters]
-    if missing:
-        raise EWCStateError(f"{path}: the model has no parameters {missing[:5]} for the anchor")
-    return {n: model_parameters[n].detach().clone() for n in names}
-
-
-def _write_atomically(path: Path, tensors: dict[str, Tensor], meta: dict[str, str]) -> None:
-    """safetensors file via a fsynced temp file + rename: never a half-written state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -23,7 +23,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from continual.gating import GatePolicy, decide
+from continual.gate_policy import GatePolicy
+from continual.gating import decide
 
 
 def _cells(accuracy: float, discordance: float, effect: float) -> tuple[float, float]:

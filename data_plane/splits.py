@@ -87,8 +87,8 @@ def _uniform(df: pd.DataFrame, columns: list[str], salt: str) -> np.ndarray:
 class ThreeWaySplit:
     """A batch split by role: rows that train, rows that select, rows the promotion gate scores.
 
-    Selecting (early stopping, the LoRA keep/discard check, λ calibration) on the rows the gate
-    then scores would bias the gate; keeping three disjoint parts keeps the gate honest.
+    Selecting (λ calibration, the LoRA keep/discard check; early stopping, were it added) on the
+    rows the gate then scores would bias the gate; three disjoint parts keep the gate honest.
     """
 
     train: pd.DataFrame

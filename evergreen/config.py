@@ -103,7 +103,8 @@ class DataConfig(_Strict):
         0.1,
         gt=0,
         lt=1,
-        description="Share of each batch that selects (early stopping, LoRA keep/discard, λ).",
+        description="Share of each batch that selects: λ calibration (`ewc_lambda: auto`) and "
+        "the daily LoRA's keep/discard screen; never trained on, never gated on.",
     )
     gate_fraction: float = Field(
         0.25, gt=0, lt=1, description="Share of each batch the promotion gate scores."

@@ -70,7 +70,8 @@ def causal_lm_defaults(cfg: EvergreenConfig) -> None:
     `CAUSAL_LM_WARMUP_FRACTION`) unless its `train` sets them.
 
     Raises:
-        ValueError: features instead of text, or data.classes set (it learns text, not labels).
+        ValueError: features instead of text, or data.classes or data.label set (it learns
+            text, not labels).
     """
     if not cfg.data.text:
         raise ValueError(
@@ -81,6 +82,11 @@ def causal_lm_defaults(cfg: EvergreenConfig) -> None:
         raise ValueError(
             "model.family hf-causal-lm learns the text itself, not labels: remove data.classes "
             f"(got {cfg.data.classes}); batches need only the {cfg.data.text!r} column"
+        )
+    if cfg.data.label != type(cfg.data).model_fields["label"].default:
+        raise ValueError(
+            "model.family hf-causal-lm learns the text itself, not labels: remove data.label "
+            f"(got {cfg.data.label!r}); batches need only the {cfg.data.text!r} column"
         )
     cfg.data.classes = list(TEXT_ONLY_CLASSES)
     # the classifiers' 0.75 would starve the new text

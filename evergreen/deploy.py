@@ -88,8 +88,11 @@ def deploy_all(
     if done.returncode != 0:  # the command ran and failed: exit 1, prefect's reasons above
         console.print(f"[red]prefect deploy failed[/red]:\n{done.stderr[-4000:]}")
         return 1
+    where = [f"working directory {Path.cwd()}", f"home {cfg.home_path}"]
+    if config_path is not None:
+        where.insert(1, f"config {config_path.resolve()}")
     console.print(
         f"deployments registered; start a worker: prefect worker start --pool {WORK_POOL}  "
-        f"(working directory {Path.cwd()}, config {cfg.home_path})"
+        f"({', '.join(where)})"
     )
     return 0

@@ -28,8 +28,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Run, RunTag
 
 from model_registry import pyfunc_model
-from model_registry.ledger import RunLog, default_artifact_location, is_remote, run_seq
 from model_registry.locking import promotion_lock
+from model_registry.run_log import RunLog, default_artifact_location, is_remote, run_seq
 
 SNAPSHOT_ARTIFACT = "memory"
 SHA_PREFIX = "evergreen.sha256."

@@ -20,9 +20,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from model_registry.ledger import PromotionEvent, now_iso
 from model_registry.locking import promotion_lock
+from model_registry.promotion_history import PromotionEvent
 from model_registry.registry import GATE_DECISION_TAG, UNGATED, Registry
+from model_registry.run_log import now_iso
 from model_registry.versions import CHALLENGER, CHAMPION, RegistryError
 
 MANUAL = "manual"

@@ -9,7 +9,7 @@ stored files changed after logging is never served. Alias `champion` is what ser
 
 Promotion is compare-and-set under `locking.promotion_lock` (see there for what holds across
 hosts); every champion change is a `PromotionEvent`, stored as a run in the bookkeeping
-experiment `<experiment>-records` (`ledger.RunLog`), which `rollback` and `history` read.
+experiment `<experiment>-records` (`run_log.RunLog`), which `rollback` and `history` read.
 
 This module holds the writes; reading, verified downloads and the names both share (aliases,
 errors, `VersionInfo`) are `model_registry.versions`' (`RegistryReader`, the base of `Registry`).
@@ -27,8 +27,9 @@ from mlflow.exceptions import MlflowException
 
 from model_registry import pyfunc_model
 from model_registry.fault_hooks import hang_here
-from model_registry.ledger import PromotionEvent, ensure_experiment, now_iso, rollback_target
 from model_registry.locking import promotion_lock
+from model_registry.promotion_history import PromotionEvent, rollback_target
+from model_registry.run_log import ensure_experiment, now_iso
 from model_registry.run_record import RunRecord, log_record
 from model_registry.versions import (
     CHALLENGER,

@@ -26,9 +26,8 @@ from mlflow.exceptions import MlflowException
 from continual.base_model import BaseModelError, check_checkpoint_base, hash_differences
 from continual.lineage import ParentReference, ParentVersionError, read_parent
 from model_registry import pyfunc_model
-from model_registry.ledger import (
-    PromotionEvent,
-    PromotionHistory,
+from model_registry.promotion_history import PromotionEvent, PromotionHistory
+from model_registry.run_log import (
     RunLog,
     default_artifact_location,
     is_remote,

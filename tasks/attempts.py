@@ -33,7 +33,8 @@ from typing import Any
 from urllib.parse import quote, unquote
 
 from evergreen.config import EvergreenConfig
-from model_registry.ledger import Ledger, now_iso
+from model_registry.ledger import Ledger
+from model_registry.run_log import now_iso
 from tasks.staging import STALE_AFTER_SECONDS
 
 ATTEMPTS_DIR = "attempts"

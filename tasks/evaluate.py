@@ -18,7 +18,8 @@ from prefect.cache_policies import NO_CACHE
 
 from continual.causal_lm import beats_uniform
 from continual.classification import ClassReport, class_report
-from continual.gating import GateDecision, GatePolicy, decide
+from continual.gate_policy import GateDecision, GatePolicy
+from continual.gating import decide
 from continual.inference import predict_logits, row_scores
 from continual.models import CAUSAL_LM, ModelSpec
 from evergreen.config import EvergreenConfig
@@ -184,9 +185,10 @@ def evaluate_against_champion(
     challenger_new, challenger_retention = scores["challenger"]
     champion_new, champion_retention = scores.get("champion", (None, None))
     assert challenger_new is not None  # the gate has new rows (checked above)
-    judged_new = challenger_new
-    if champion is None and challenger.spec.family == CAUSAL_LM and challenger_new is not None:
+    judged_new, floor_score = challenger_new, "accuracy"
+    if champion is None and challenger.spec.family == CAUSAL_LM:
         judged_new = beats_uniform(challenger_new, challenger.spec.n_classes)
+        floor_score = "share of rows predicted better than a uniform guess"
     decision = decide(
         challenger_new_correct=judged_new,
         champion_new_correct=champion_new,
@@ -195,6 +197,7 @@ def evaluate_against_champion(
         retention_groups=None if retention.empty else retention[BATCH_COLUMN].astype(str).tolist(),
         references=champion.references if champion else None,
         policy=gate_policy(cfg),
+        floor_score=floor_score,
     )
     logger = get_run_logger()
     for reason in decision.reasons:

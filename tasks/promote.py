@@ -16,13 +16,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
 from continual.checkpoint import load_checkpoint
-from continual.gating import GateDecision
+from continual.gate_policy import GateDecision
 from continual.inference import predict_logits
 from evergreen.config import EvergreenConfig
 from model_registry.fault_hooks import hang_here
-from model_registry.ledger import records_experiment
 from model_registry.reconcile import ABANDONED, DECISION_TAG, clear_abandoned, reconcile_champion
 from model_registry.registry import IDEMPOTENCY_TAG, Registry
+from model_registry.run_log import records_experiment
 from model_registry.versions import ArtifactIntegrityError, VersionInfo
 from tasks import attempts, ledger
 from tasks.common import current_flow_run_id, frame_to_tensors, git_commit

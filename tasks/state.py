@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from continual.checkpoint import load_checkpoint, save_checkpoint
-from continual.ewc import EWC, EWCStateError, ParentFisher, read_fisher
+from continual.ewc import EWC
+from continual.ewc_state import EWCStateError, ParentFisher, read_fisher
 from continual.lineage import (
     ParentReference,
     ParentResolver,

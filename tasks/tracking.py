@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
+import torch
 
 from evergreen.config import EvergreenConfig
 from model_registry.run_record import ClassTable, DatasetRecord, RunRecord
@@ -51,7 +52,9 @@ def widening_params(reg: Registration) -> dict[str, str]:
     new_std, old_std = reg.challenger.spec.input_std, parent.spec.input_std if parent else None
     if not new_std or not old_std or len(new_std) != len(old_std):
         return {}
-    widened = sum(1 for new, old in zip(new_std, old_std, strict=True) if new != old)
+    # at the model's float32 precision: a spec may hold float64 stds (the first champion's) or
+    # float32 ones (a merge writes its buffers), so exact float equality would count every feature
+    widened = int((torch.tensor(new_std).float() != torch.tensor(old_std).float()).sum())
     return {"standardize.widened_features": str(widened)}
 
 

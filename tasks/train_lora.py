@@ -14,7 +14,8 @@ from prefect.cache_policies import NO_CACHE
 
 from continual.ewc import EWC
 from continual.fisher import diagonal_fisher
-from continual.gating import GateDecision, decide, format_difference
+from continual.gate_policy import GateDecision
+from continual.gating import decide, format_difference
 from continual.inference import row_scores
 from continual.models import TEXT_FAMILIES
 from continual.training import TrainResult

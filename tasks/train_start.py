@@ -133,9 +133,19 @@ def follow_data_scale(champion: ModelState, X: torch.Tensor, memory: DataMemory)
         return champion
     _log_widening(champion.spec, widening)
     ewc = None if champion.ewc is None else _rescaled_ewc(champion.ewc, model, widening)
-    spec = dataclasses.replace(champion.spec, input_std=widening.new_std.tolist())
+    spec = dataclasses.replace(champion.spec, input_std=_widened_spec_std(champion.spec, widening))
     setattr(model, SPEC_ATTRIBUTE, spec)  # what a torchrun rank rebuilds it from
     return dataclasses.replace(champion, model=model, spec=spec, ewc=ewc)
+
+
+def _widened_spec_std(spec: ModelSpec, widening: Widening) -> list[float]:
+    """The spec's std with only the widened features replaced: the others keep the parent's
+    values exactly (a float64 list for the first champion; the buffer is float32), so comparing
+    a challenger's spec with its parent's counts the features really widened."""
+    std = list(spec.input_std) if spec.input_std is not None else widening.old_std.tolist()
+    for j in widening.features:
+        std[j] = float(widening.new_std[j])
+    return std
 
 
 def _log_widening(spec: ModelSpec, widening: Widening) -> None:

@@ -107,7 +107,7 @@ def test_05b_a_daily_version_stores_its_own_fisher_and_references_the_rest(pipel
     read_state resolves them from the registry."""
     from safetensors import safe_open
 
-    from continual.ewc import FORMAT_WITH_PARENT
+    from continual.ewc_state import FORMAT_WITH_PARENT
     from tasks.state import EWC_FILE, read_state
 
     registry = pipeline["registry"]

@@ -101,6 +101,7 @@ def test_causal_lm_training_warms_up_and_decays_the_lr_unless_set():
     ("tree", "message"),
     [
         (_config(classes=["a", "b"]), "remove data.classes"),
+        (_config(label="topic"), "remove data.label"),
         (
             {
                 "data": {"landing": "/tmp/x", "features": ["f"]},

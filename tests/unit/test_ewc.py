@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from continual.ewc import EWC, EWCStateError
+from continual.ewc import EWC
+from continual.ewc_state import EWCStateError
 from continual.fisher import diagonal_fisher
 from continual.merging import fisher_merge
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from continual.gate_policy import GatePolicy
 from continual.gate_power import (
     Scenario,
     gate_rule,
@@ -15,7 +16,7 @@ from continual.gate_power import (
     paired_correctness,
     promotion_rates,
 )
-from continual.gating import GatePolicy, accuracy_by_batch, decide
+from continual.gating import accuracy_by_batch, decide
 from continual.paired_tests import (
     MCNEMAR_CHI2,
     MCNEMAR_EXACT,
@@ -368,7 +369,10 @@ def test_no_champion_uses_the_accuracy_floor() -> None:
     assert decide(challenger_new_correct=correct, policy=policy).promote
     rejected = decide(challenger_new_correct=correct[1:], policy=policy)
     assert not rejected.promote and "below the 0.700 floor" in rejected.reasons[0]
+    assert "new-data accuracy 0.667" in rejected.reasons[0]
     assert rejected.new_data is None and rejected.negative_flip_rate is None
+    named = decide(challenger_new_correct=correct, policy=policy, floor_score="share of rows")
+    assert "new-data share of rows 0.700 meets" in named.reasons[0]
 
 
 def test_decision_exports_flat_metrics_and_json() -> None:

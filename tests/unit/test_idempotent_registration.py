@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from continual.gating import GateDecision
+from continual.gate_policy import GateDecision
 from evergreen.config import EvergreenConfig, config_from_dict
 from model_registry.registry import Registry
 from tasks import promote

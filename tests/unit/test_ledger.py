@@ -6,8 +6,9 @@ import threading
 
 import pytest
 
-from model_registry.ledger import Ledger, RunLog, default_artifact_location, is_remote
+from model_registry.ledger import Ledger
 from model_registry.locking import LockTimeoutError, lock_path, promotion_lock
+from model_registry.run_log import RunLog, default_artifact_location, is_remote
 
 
 @pytest.fixture(scope="module")

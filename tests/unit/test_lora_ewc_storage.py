@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 
 from continual.checkpoint import CheckpointError, reference_model
-from continual.ewc import EWC, FORMAT_WITH_PARENT, EWCStateError, ParentFisher
+from continual.ewc import EWC
+from continual.ewc_state import FORMAT_WITH_PARENT, EWCStateError, ParentFisher
 from continual.lineage import PARENT_FILE
 from continual.merging import fisher_merge, zero_filled
 from tasks.state import EWC_FILE, ModelState, make_trainable, read_state, write_state

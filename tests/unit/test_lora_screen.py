@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from continual.gating import GatePolicy, decide
+from continual.gate_policy import GatePolicy
+from continual.gating import decide
 from tasks.train_lora import screened
 
 

@@ -9,8 +9,9 @@ import pytest
 from mlflow import MlflowClient
 from rich.console import Console
 
-from model_registry.ledger import Ledger, PromotionEvent, RunLog, now_iso
+from model_registry.ledger import Ledger
 from model_registry.locking import promotion_lock
+from model_registry.promotion_history import PromotionEvent
 from model_registry.reconcile import (
     ABANDONED,
     ABANDONED_AFTER_SECONDS,
@@ -20,6 +21,7 @@ from model_registry.reconcile import (
     reconcile_champion,
 )
 from model_registry.registry import Registry
+from model_registry.run_log import RunLog, now_iso
 from model_registry.status import render_history
 from tests.checkpoints import tiny_checkpoint
 

@@ -27,10 +27,12 @@ from rich.console import Console
 from continual.checkpoint import load_checkpoint
 from continual.inference import predict_proba
 from evergreen.config import config_from_dict
-from model_registry.ledger import Ledger, PromotionEvent, ensure_experiment, rollback_target
+from model_registry.ledger import Ledger
 from model_registry.locking import promotion_lock
+from model_registry.promotion_history import PromotionEvent, rollback_target
 from model_registry.pyfunc_model import EvergreenPyfunc, file_sha256
 from model_registry.registry import Registry, StaleChampionError
+from model_registry.run_log import ensure_experiment
 from model_registry.status import ledger_why, render_status, status_snapshot
 from model_registry.versions import CHECKPOINT_SUBPATH, ArtifactIntegrityError, RegistryError
 from tests.checkpoints import tiny_checkpoint

@@ -7,30 +7,38 @@ import pandas as pd
 import pytest
 
 from benchmarks.sequences import (
-    CLASSES,
     FAMILIES,
     LABEL,
     PIXELS,
+    SENSOR_CLASSES,
+    SENSORS,
     SPLITS,
     TEST,
     VALIDATION,
     build_sequence,
+    sensor_world,
 )
 
-DOMAIN = ["rotate", "gain", "roll", "thicken", "permute"]
+DOMAIN = ["rotate", "gain", "roll", "thicken", "permute", "sensors"]
+SENSOR_FAMILIES = {"sensors", "sensor-classes"}
+DIGITS = sorted(set(FAMILIES) - SENSOR_FAMILIES)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_frames_are_landable_numeric_and_sized(family):
     sequence = build_sequence(family, seed=0)
+    features = list(sequence.features)
+    assert features == (SENSORS if family in SENSOR_FAMILIES else PIXELS)
     assert len(sequence.tasks) == 4
     for task in sequence.tasks:
         for frame in (task.train, task.test):
-            assert list(frame.columns) == [*PIXELS, LABEL]
-            assert all(pd.api.types.is_float_dtype(frame[p]) for p in PIXELS)
+            assert list(frame.columns) == [*features, LABEL]
+            assert all(pd.api.types.is_float_dtype(frame[p]) for p in features)
             assert pd.api.types.is_integer_dtype(frame[LABEL])
-            assert np.isfinite(frame[PIXELS].to_numpy()).all()
-            assert frame[PIXELS].to_numpy().min() >= 0
+            assert np.isfinite(frame[features].to_numpy()).all()
+            assert set(frame[LABEL]) <= set(sequence.classes)
+            if family not in SENSOR_FAMILIES:  # pixels; sensor readings may be negative
+                assert frame[features].to_numpy().min() >= 0
         assert len(task.train) == len(task.train_scans) >= 250
         assert len(task.test) == len(task.test_scans) >= 85
 
@@ -58,7 +66,7 @@ def test_no_test_scan_is_ever_a_training_scan(family):
 def test_domain_tasks_cover_every_class_and_share_one_test_pool(family):
     sequence = build_sequence(family, seed=2)
     for task in sequence.tasks:
-        assert sorted(task.train[LABEL].unique()) == CLASSES
+        assert sorted(task.train[LABEL].unique()) == list(sequence.classes)
         np.testing.assert_array_equal(task.test_scans, sequence.tasks[0].test_scans)
         np.testing.assert_array_equal(task.test[LABEL], sequence.tasks[0].test[LABEL])
 
@@ -68,6 +76,7 @@ def test_domain_tasks_cover_every_class_and_share_one_test_pool(family):
     [
         ("classes-a", [{0, 1, 2, 3}, {4, 5}, {6, 7}, {8, 9}]),
         ("classes-b", [{5, 6, 7, 8}, {9, 0}, {1, 2}, {3, 4}]),
+        ("sensor-classes", [{0, 1}, {2}, {3}, {4}]),
     ],
 )
 def test_class_arrival_groups(family, groups):
@@ -77,13 +86,42 @@ def test_class_arrival_groups(family, groups):
         assert set(task.test[LABEL]) == group
 
 
-@pytest.mark.parametrize("family", DOMAIN)
+@pytest.mark.parametrize("family", sorted(set(DOMAIN) - {"sensors"}))
 def test_each_shift_really_changes_the_images(family):
     sequence = build_sequence(family, seed=0)
     first = sequence.tasks[0].test[PIXELS].to_numpy()
     for task in sequence.tasks[1:]:
         # same scans, same labels, different pixels: a mean change of at least 1 grey level
         assert np.abs(task.test[PIXELS].to_numpy() - first).mean() > 1.0
+
+
+def test_sensors_age_five_more_per_task_and_the_others_stay_calibrated():
+    sequence = build_sequence("sensors", seed=10)
+    world = sensor_world(10)
+    first = sequence.tasks[0].test[SENSORS].to_numpy()
+    unit = world.scale  # one generator unit of each sensor, in its own units
+    drifted_before = np.zeros(len(SENSORS), dtype=bool)
+    for t, task in enumerate(sequence.tasks[1:], start=1):
+        change = np.abs(task.test[SENSORS].to_numpy() - first).mean(axis=0) / unit
+        drifted = change > 1e-3
+        assert drifted.sum() == 5 * t
+        assert (drifted >= drifted_before).all()  # a sensor that drifted keeps drifting
+        assert change[drifted].min() > 0.2  # at least a fifth of a unit on average
+        drifted_before = drifted
+    assert sequence.classes == tuple(SENSOR_CLASSES)
+    assert sorted(sequence.tasks[0].train[LABEL].unique()) == SENSOR_CLASSES
+
+
+def test_arriving_sensor_classes_are_read_by_calibrated_sensors():
+    calibrated = build_sequence("sensors", seed=12).tasks[0]
+    arriving = build_sequence("sensor-classes", seed=12).tasks[1]
+    both = calibrated.test.merge(arriving.test, on=[*SENSORS, LABEL])
+    assert len(both) == len(arriving.test) > 0  # the same rows, the same readings
+
+
+def test_sensor_units_differ_by_orders_of_magnitude():
+    spread = build_sequence("sensors", seed=11).tasks[0].train[SENSORS].std().to_numpy()
+    assert spread.max() / spread.min() > 1e3
 
 
 def test_first_task_is_the_untouched_digits():
@@ -129,6 +167,7 @@ def test_splits_share_no_family_and_no_seed():
     assert not set(VALIDATION.families) & set(TEST.families)
     assert not set(VALIDATION.seeds) & set(TEST.seeds)
     assert set(VALIDATION.families) | set(TEST.families) == set(FAMILIES)
+    assert set(TEST.families) >= SENSOR_FAMILIES and set(DIGITS) >= set(VALIDATION.families)
 
 
 def test_bad_arguments_name_the_problem():
@@ -155,3 +194,18 @@ def test_a_partial_product_run_gets_its_own_result_entry() -> None:
     assert result_key({**full, "families": ["gain"], "overrides": ["daily.lora_r=8"]}) == (
         "validation/daily-lora/gain/set:daily.lora_r=8"
     )
+
+
+def test_the_product_run_declares_the_sequence_own_columns_and_classes(tmp_path) -> None:
+    """The benchmark sets data.features/classes (and declared bounds) from the sequence."""
+    from benchmarks.bench_product_quality import overrides_for
+
+    sensors = build_sequence("sensors", seed=10, n_tasks=2)
+    sets = overrides_for(tmp_path, "pq", sensors, declare_bounds=True)
+    assert f"data.features=[{', '.join(SENSORS)}]" in sets
+    assert "data.classes=[0, 1, 2, 3, 4]" in sets
+    bounds = next(s for s in sets if s.startswith("data.feature_bounds="))
+    assert bounds.count("sensor_") == 20 and ": [-" in bounds  # readings below 0 are declared
+    digits = overrides_for(tmp_path, "pq", build_sequence("gain", 0, n_tasks=2), True)
+    assert "data.classes=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]" in digits
+    assert "pixel_63: [0.0, 22.0]" in next(s for s in digits if "feature_bounds" in s)  # 16×1.3+0.5

@@ -194,3 +194,32 @@ def test_the_run_records_how_many_features_an_update_widened():
     assert widening_params(reg) == {"standardize.widened_features": "2"}
     reg.parent = None  # bootstrap: nothing to compare with
     assert widening_params(reg) == {}
+
+
+def test_the_widened_spec_changes_only_the_widened_features():
+    """The run records how many features an update widened by comparing the challenger's
+    spec with its parent's (`tasks.tracking.widening_params`): a feature that was not widened
+    must keep its parent's std, not count because of a float32 rounding of it (the first
+    champion's spec holds float64 stds; a merge writes its buffers, float32), or every feature
+    counts as widened."""
+    from types import SimpleNamespace
+
+    from tasks.tracking import widening_params
+
+    model, spec = _mlp([1.1, 0.02, 3.3])
+    torch.manual_seed(3)
+    X = torch.randn(200, 3) * torch.tensor([1.0, 1.0, 3.0])
+    base = follow_data_scale(ModelState(model=model, spec=spec), X, DataMemory())
+    assert base.spec.input_std is not None and spec.input_std is not None
+    pairs = zip(base.spec.input_std, spec.input_std, strict=True)
+    assert [j for j, (new, old) in enumerate(pairs) if new != old] == [1]
+    assert base.spec.input_std[1] > 0.5
+    assert torch.equal(  # the model reads what its spec says, at its buffer's precision
+        base.model.standardize.input_std, torch.tensor(base.spec.input_std, dtype=torch.float32)
+    )
+    merged = torch.tensor([1.1, 3.0, 3.3], dtype=torch.float32).tolist()  # as tasks.merge writes
+    _, merged_spec = _mlp(merged)
+    reg = SimpleNamespace(
+        challenger=SimpleNamespace(spec=merged_spec), parent=SimpleNamespace(spec=spec)
+    )
+    assert widening_params(reg) == {"standardize.widened_features": "1"}
