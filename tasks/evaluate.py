@@ -23,6 +23,7 @@ from continual.gating import decide
 from continual.inference import predict_logits, row_scores
 from continual.models import CAUSAL_LM, ModelSpec
 from evergreen.config import EvergreenConfig
+from evergreen.errors import ConfigError
 from tasks.common import frame_to_tensors
 from tasks.memory import BATCH_COLUMN, DataMemory
 from tasks.state import ModelState
@@ -180,7 +181,11 @@ def evaluate_against_champion(
     learned = champion.learned if champion else frozenset()
     new, retention = split_by_learned(memory, learned, "gate")
     if new.empty:
-        raise ValueError("no gate rows to evaluate on: raise data.gate_fraction or batch sizes")
+        raise ConfigError(
+            "no gate rows to evaluate on: the batches the champion has not learned are too "
+            f"small for data.gate_fraction {cfg.data.gate_fraction} — land larger batches or "
+            f"raise data.min_rows ({cfg.data.min_rows})"
+        )
     scores, reports = _paired_scores(cfg, champion, challenger, new, retention)
     challenger_new, challenger_retention = scores["challenger"]
     champion_new, champion_retention = scores.get("champion", (None, None))

@@ -21,6 +21,7 @@ from continual.replay import ReservoirBuffer as ReplayBuffer
 from continual.standardization import Widening, can_follow, rescale_fisher, widen_
 from continual.training import TrainSettings
 from evergreen.config import DailyConfig, EvergreenConfig, MonthlyConfig, WeeklyConfig
+from evergreen.errors import ConfigError
 from tasks.common import frame_to_tensors
 from tasks.evaluate import split_by_learned
 from tasks.memory import DataMemory
@@ -78,15 +79,36 @@ def learning_rows(
     X, y = frame_to_tensors(data.train, champion.spec, cfg.data.label)
     carried = set(memory.batches) - set(champion.learned) - set(data.batch_ids)
     if memory.buffer is None or not carried:
-        return X, y
+        return _some_rows(cfg, data, X, y)
     bX, by, batch_ids = memory.buffer.tensors()
     keep = torch.tensor([b in carried for b in batch_ids], dtype=torch.bool)
     if not bool(keep.any()):
-        return X, y
+        return _some_rows(cfg, data, X, y)
     get_run_logger().info(
         "carrying %d train rows of %d unlearned earlier batch(es)", int(keep.sum()), len(carried)
     )
     return torch.cat([X, bX[keep].to(X.dtype)]), torch.cat([y, by[keep]])
+
+
+def _some_rows(
+    cfg: EvergreenConfig, data: PreparedData, X: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(X, y)`, unless there is nothing to train on: batches so small (`data.min_rows` lowered)
+    that every row went to the select or gate role (a one-row batch can).
+
+    Raises:
+        ConfigError: no training rows (names the batches, their sizes and what to change).
+    """
+    if len(X):
+        return X, y
+    sizes = ", ".join(f"{b} ({len(data.frames.get(b, ()))} rows)" for b in data.batch_ids)
+    raise ConfigError(
+        f"no training rows: every row of {sizes} went to the held-out roles "
+        f"(data.select_fraction {cfg.data.select_fraction}, data.gate_fraction "
+        f"{cfg.data.gate_fraction}), which never train; the rows are kept in the data memory — "
+        f"land larger batches, or raise data.min_rows ({cfg.data.min_rows}) so that a batch "
+        "this small is quarantined instead"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
