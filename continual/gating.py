@@ -29,12 +29,12 @@ Decision rule (`decide`), with diff = challenger − champion on the same exampl
    row (the LCB of diff over the new and retention rows together > 0: the pipeline's own
    objective, accuracy on everything seen), and what it gives up is bounded: the point
    estimates of its retention loss and of its cumulative forgetting are each ≤
-   `exchange_max_loss` (10 pts). The same one-row floor applies to both point limits. This is
-   the class-arrival / strong-drift case: a model that learns ten classes where the champion
-   knew four cannot keep the four-class specialist's accuracy on them (joint training on
-   everything loses it too: 4-9 pts per arriving class on overlapping tabular classes), and
-   without the exchange such updates are rejected forever — the champion stays safe and
-   useless. The reason line says "exchange". After an exchange the traded loss is accepted:
+   `exchange_max_loss` (10 pts; `retention_tolerance` when that is larger). The same one-row
+   floor applies to both point limits. This is the class-arrival / strong-drift case: a model
+   that learns ten classes where the champion knew four cannot keep the four-class
+   specialist's accuracy on them (joint training on everything loses it too: 4-9 pts per
+   arriving class on overlapping tabular classes), and without the exchange such updates are
+   rejected forever — the champion stays safe and useless. The reason line says "exchange". After an exchange the traded loss is accepted:
    the earlier batches' references fall to what the challenger keeps
    (`continual.gate_policy.rebased_references`), so the next update is not charged for it
    again (with fixed references every later class arrival was rejected, forever).
@@ -288,7 +288,8 @@ def _exchange_check(
     its own rows."""
     if policy.exchange_gain is None:
         return _Check(False, [])
-    cap = policy.exchange_max_loss
+    # never stricter than the plain rule: a pipeline that tolerates more per promotion trades more
+    cap = max(policy.exchange_max_loss, policy.retention_tolerance)
     losses = [(0.0, cap)]
     if retention_test is not None:
         losses.append((-retention_test.diff, point_limit(cap, retention_test.n, binary)))

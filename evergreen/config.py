@@ -589,7 +589,7 @@ class GateConfig(_Strict):
         ge=0,
         lt=1,
         description="The most an exchange may give up: retention loss and cumulative forgetting "
-        "(point estimates). The earlier batches' references then fall to what the promoted "
+        "(point estimates; retention_tolerance when that is larger). The earlier batches' references then fall to what the promoted "
         "challenger keeps, so the traded loss is not charged again.",
     )
     min_accuracy: float = Field(0.0, ge=0, le=1, description="Floor for the first champion.")
