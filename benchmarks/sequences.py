@@ -44,10 +44,14 @@ Families (task 0 is always the untouched digits, or the first class group):
               arrival is possible).
 - `sensor-classes`: the same calibrated sensors (no drift), classes arriving: {0,1}, then {2},
               {3}, {4}.
+- `sensor-arrival`: its VALIDATION counterpart — other worlds (the validation seeds), another
+              arrival order: {3,4}, then {0}, {1}, {2}. Added when `sensor-classes` showed the
+              gate stalling on overlapping classes, so that the gate's change could be chosen
+              and checked without looking at the test family again.
 
 VALIDATION vs TEST (decided here, once): defaults may be tuned on VALIDATION only; TEST is run for
 the final check and never tuned on. The two splits share no family and no seed.
-- VALIDATION: `rotate`, `gain`, `classes-a` × seeds 0, 1, 2.
+- VALIDATION: `rotate`, `gain`, `classes-a`, `sensor-arrival` × seeds 0, 1, 2.
 - TEST: `roll`, `thicken`, `permute`, `classes-b`, `sensors`, `sensor-classes` × seeds 10, 11,
   12. (The two sensor families were added after the defaults were tuned, to check they
   generalise beyond images: never tuned on.)
@@ -350,11 +354,17 @@ def sensors_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
     )
 
 
-def sensor_classes_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
-    world = sensor_world(seed)
-    source = (world.readings(world.values, 0), world.labels)
-    groups = [(0, 1), (2,), (3,), (4,)]
-    return _class_sequence("sensor-classes", seed, groups, n_tasks, source, SENSORS, SENSOR_CLASSES)
+def _sensor_arrival(family: str, groups: list[tuple[int, ...]]) -> Callable[..., TaskSequence]:
+    def build(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
+        world = sensor_world(seed)
+        source = (world.readings(world.values, 0), world.labels)
+        return _class_sequence(family, seed, groups, n_tasks, source, SENSORS, SENSOR_CLASSES)
+
+    return build
+
+
+sensor_classes_sequence = _sensor_arrival("sensor-classes", [(0, 1), (2,), (3,), (4,)])
+sensor_arrival_sequence = _sensor_arrival("sensor-arrival", [(3, 4), (0,), (1,), (2,)])
 
 
 def rotate_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
@@ -406,9 +416,10 @@ FAMILIES: dict[str, Callable[..., TaskSequence]] = {
     "classes-b": classes_b_sequence,
     "sensors": sensors_sequence,
     "sensor-classes": sensor_classes_sequence,
+    "sensor-arrival": sensor_arrival_sequence,
 }
 
-VALIDATION = Split("validation", ("rotate", "gain", "classes-a"), (0, 1, 2))
+VALIDATION = Split("validation", ("rotate", "gain", "classes-a", "sensor-arrival"), (0, 1, 2))
 TEST = Split(
     "test", ("roll", "thicken", "permute", "classes-b", "sensors", "sensor-classes"), (10, 11, 12)
 )

@@ -60,6 +60,14 @@ class GatePolicy:
             "2d); None: never."
         ),
     )
+    exchange_max_loss: float = field(
+        default=0.10,
+        metadata=_help(
+            "What an exchange (rule 2d) may give up at most: retention loss and cumulative "
+            "forgetting, point estimates; the exchange also needs a proven net gain on new + "
+            "retention rows together."
+        ),
+    )
     min_examples: int = field(
         default=500, metadata=_help("Fewer paired examples than this flag a check underpowered.")
     )
@@ -82,6 +90,10 @@ class GatePolicy:
             raise ValueError(
                 f"new_data_rule must be one of {NEW_DATA_RULES}, got {self.new_data_rule!r}"
             )
+        if not 0.0 <= self.exchange_max_loss < 1.0:
+            raise ValueError(
+                f"exchange_max_loss must be in [0, 1) (0.01 = 1 point), got {self.exchange_max_loss}"
+            )
         if self.exchange_gain is not None and not 0.0 < self.exchange_gain < 1.0:
             raise ValueError(f"exchange_gain must be in (0, 1) or None, got {self.exchange_gain}")
         if self.min_examples < 1:
@@ -99,7 +111,9 @@ class GateDecision:
     `new_data`/`retention` hold the paired tests (their `ci_low` is the one-sided lower bound);
     `retention_by_batch` the challenger's accuracy on each batch's retention rows (store it as the
     batch's reference when it should become one); `forgetting` the accumulated loss against the
-    references (None when none applied).
+    references (None when none applied); `exchanged` whether the exchange (rule 2d) promoted it —
+    the loss it traded is then accepted, and the batches' references move down to what the
+    challenger keeps (`rebased_references`).
     """
 
     promote: bool
@@ -115,11 +129,13 @@ class GateDecision:
     forgetting: float | None = None
     retention_by_batch: dict[str, float] = field(default_factory=dict)
     policy: GatePolicy | None = None
+    exchanged: bool = False
 
     def to_metrics(self) -> dict[str, float]:
         """Flat float metrics for MLflow ("gate.promote", "gate.new.lcb", ...); None omitted."""
         metrics = {
             "gate.promote": float(self.promote),
+            "gate.exchanged": float(self.exchanged),
             "gate.underpowered": float(self.underpowered),
             "gate.challenger_new_accuracy": self.challenger_new_accuracy,
         }
@@ -153,5 +169,18 @@ class GateDecision:
             "underpowered": self.underpowered,
             "forgetting": self.forgetting,
             "retention_by_batch": dict(self.retention_by_batch),
+            "exchanged": self.exchanged,
             "policy": None if self.policy is None else asdict(self.policy),
         }
+
+
+def rebased_references(references: dict[str, float], decision: GateDecision) -> dict[str, float]:
+    """The references a promoted challenger carries on: after an exchange, each earlier batch's
+    reference falls to the challenger's accuracy on it where that is lower — the loss was traded
+    in the open for a proven gain, and charging it again at every later update would reject
+    them all (an arriving class that overlaps old ones costs even joint training old accuracy,
+    every time). Otherwise the references stay fixed, so unexplained losses still add up."""
+    if not decision.exchanged:
+        return dict(references)
+    kept = decision.retention_by_batch
+    return {b: min(ref, kept[b]) if b in kept else ref for b, ref in references.items()}

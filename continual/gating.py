@@ -25,13 +25,19 @@ Decision rule (`decide`), with diff = challenger − champion on the same exampl
    worse", and such a challenger is rejected.
 2d. Exchange (`exchange_gain`, None disables): a challenger that passes 2a but fails only 2b
    and/or 2c is still promoted when its new-data gain is PROVEN large (LCB of the new-data diff
-   ≥ `exchange_gain`, 10 pts by default) and what it gives up is bounded: the point estimates
-   of its retention loss and of its cumulative forgetting are each ≤ `retention_tolerance`.
-   The same one-row floor applies to both point limits. This is the class-arrival /
-   strong-drift case: a model that learns ten classes where the
-   champion knew four cannot keep the four-class specialist's accuracy on them (joint training
-   on everything loses it too), and without the exchange such updates are rejected forever —
-   the champion stays safe and useless. The reason line says "exchange".
+   ≥ `exchange_gain`, 10 pts by default), the trade is a PROVEN net gain on every held-out
+   row (the LCB of diff over the new and retention rows together > 0: the pipeline's own
+   objective, accuracy on everything seen), and what it gives up is bounded: the point
+   estimates of its retention loss and of its cumulative forgetting are each ≤
+   `exchange_max_loss` (10 pts; `retention_tolerance` when that is larger). The same one-row
+   floor applies to both point limits. This is the class-arrival / strong-drift case: a model
+   that learns ten classes where the champion knew four cannot keep the four-class
+   specialist's accuracy on them (joint training on everything loses it too: 4-9 pts per
+   arriving class on overlapping tabular classes), and without the exchange such updates are
+   rejected forever — the champion stays safe and useless. The reason line says "exchange". After an exchange the traded loss is accepted:
+   the earlier batches' references fall to what the challenger keeps
+   (`continual.gate_policy.rebased_references`), so the next update is not charged for it
+   again (with fixed references every later class arrival was rejected, forever).
 3. Power, reported but never blocking: for each paired check, the minimum detectable effect at
    80% power, MDE = (z_{1−α} + z_{0.8})·SE, where SE is that of the paired difference. A
    check is underpowered when n < `min_examples` or MDE > its tolerance: then even an unchanged
@@ -46,8 +52,9 @@ approximate coverage. The price is power (roughly the product of the checks' pow
 check raises the false-rejection rate). Check 2c can only add rejections, so it keeps the bound.
 The exchange 2d is the one deliberate exception: P(promote | retention loss ≥ tolerance + 1 pt)
 stays ≤ α for updates whose new-data gain is not proven ≥ `exchange_gain` (every cell of
-`benchmarks/bench_gate.py`, whose challengers gain 5 pts); with a proven large gain a point loss
-up to `retention_tolerance` is accepted by design.
+`benchmarks/bench_gate.py`, whose challengers gain 5 pts); with a proven large gain and a
+proven net gain a point loss up to `exchange_max_loss` is accepted by design, in the open (the
+reason says so, `GateDecision.exchanged`), never as noise.
 
 Why 2c. Each gate compares with the current champion only, so losses within the tolerance
 would pile up across promotions (five promotions that each lose 1 pt can each pass, losing 5 pts
@@ -270,15 +277,19 @@ def _forgetting_check(
 def _exchange_check(
     new_test: PairedTestResult,
     retention_test: PairedTestResult | None,
+    pooled_test: PairedTestResult,
     forgetting: tuple[float | None, int],
     policy: GatePolicy,
     binary: bool,
 ) -> _Check:
-    """Rule 2d: a proven large new-data gain may buy a bounded retention loss. `forgetting` is
-    (the cumulative loss or None, its rows); each loss has the one-row floor of its own rows."""
+    """Rule 2d: a proven large new-data gain may buy a bounded retention loss when the trade is
+    a proven net gain on every held-out row (`pooled_test`: new and retention rows together).
+    `forgetting` is (the cumulative loss or None, its rows); each loss has the one-row floor of
+    its own rows."""
     if policy.exchange_gain is None:
         return _Check(False, [])
-    cap = policy.retention_tolerance
+    # never stricter than the plain rule: a pipeline that tolerates more per promotion trades more
+    cap = max(policy.exchange_max_loss, policy.retention_tolerance)
     losses = [(0.0, cap)]
     if retention_test is not None:
         losses.append((-retention_test.diff, point_limit(cap, retention_test.n, binary)))
@@ -287,14 +298,18 @@ def _exchange_check(
     lost, limit = max(losses, key=lambda pair: pair[0] - pair[1])  # the nearest to its limit
     within = all(loss <= bound + _ROUNDING for loss, bound in losses)
     gain_proven = new_test.ci_low >= policy.exchange_gain
-    passed = gain_proven and within
+    net_gain = pooled_test.ci_low > 0
+    passed = gain_proven and within and net_gain
     verdict = "promoted by exchange" if passed else "no exchange"
     floor = f" (one row: {format_difference(limit, binary, False)})" if limit > cap else ""
     reason = (
         f"exchange: new-data gain lower bound {format_difference(new_test.ci_low, binary)} "
         f"{'≥' if gain_proven else '<'} {format_difference(policy.exchange_gain, binary, False)}, "
         f"retention given up {format_difference(lost, binary, False)} (point estimate, retention "
-        f"and cumulative) {'≤' if within else '>'} {format_difference(cap, binary, False)}{floor} "
+        f"and cumulative) {'≤' if within else '>'} {format_difference(cap, binary, False)}{floor}, "
+        f"net change on all {pooled_test.n} held-out rows "
+        f"{format_difference(pooled_test.diff, binary)} (lower bound "
+        f"{format_difference(pooled_test.ci_low, binary)} {'>' if net_gain else '≤'} 0) "
         f"— {verdict}."
     )
     return _Check(passed, [reason])
@@ -377,11 +392,20 @@ def decide(
         checks.append(budget_check)
     reasons = [reason for check in checks for reason in check.reasons]
     promote = all(check.passed for check in checks)
+    exchanged = False
     if not promote and checks[0].passed:
+        pooled = new_test
+        if retention_test is not None:
+            pooled = _paired(
+                np.concatenate([champion_new, flips[0]]),
+                np.concatenate([new, flips[1]]),
+                "pooled",
+                policy,
+            )
         exchange = _exchange_check(
-            new_test, retention_test, (forgetting, forgetting_rows), policy, binary
+            new_test, retention_test, pooled, (forgetting, forgetting_rows), policy, binary
         )
-        promote = exchange.passed
+        promote = exchanged = exchange.passed
         # the rule that decided comes first: a promotion by exchange would otherwise read as
         # "retention … rejected" wherever the reasons are cut short (tables, tags)
         reasons = exchange.reasons + reasons if promote else reasons + exchange.reasons
@@ -402,6 +426,7 @@ def decide(
         forgetting=forgetting,
         retention_by_batch={b: mean for b, (mean, _) in by_batch.items()},
         policy=policy,
+        exchanged=exchanged,
     )
 
 

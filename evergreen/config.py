@@ -580,8 +580,17 @@ class GateConfig(_Strict):
         gt=0,
         lt=1,
         description="A challenger whose new-data gain is proven (one-sided lower bound) to be at "
-        "least this may give up retention up to retention_tolerance (point estimate): new "
-        "classes or a strong drift cost some old accuracy even for joint training. null: never.",
+        "least this, and whose net change on new + retention rows together is proven positive, "
+        "may give up retention up to exchange_max_loss (point estimate): new classes or a strong "
+        "drift cost some old accuracy even for joint training. null: never.",
+    )
+    exchange_max_loss: float = Field(
+        0.10,
+        ge=0,
+        lt=1,
+        description="The most an exchange may give up: retention loss and cumulative forgetting "
+        "(point estimates; retention_tolerance when that is larger). The earlier batches' references then fall to what the promoted "
+        "challenger keeps, so the traded loss is not charged again.",
     )
     min_accuracy: float = Field(0.0, ge=0, le=1, description="Floor for the first champion.")
     n_bootstrap: int = Field(2000, gt=99)

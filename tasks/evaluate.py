@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from continual.causal_lm import beats_uniform
 from continual.classification import ClassReport, class_report
-from continual.gate_policy import GateDecision, GatePolicy
+from continual.gate_policy import GateDecision, GatePolicy, rebased_references
 from continual.gating import decide
 from continual.inference import predict_logits, row_scores
 from continual.models import CAUSAL_LM, ModelSpec
@@ -38,6 +38,7 @@ def gate_policy(cfg: EvergreenConfig) -> GatePolicy:
         new_data_rule=g.new_data_rule,
         forgetting_budget=g.forgetting_budget,
         exchange_gain=g.exchange_gain,
+        exchange_max_loss=g.exchange_max_loss,
         min_examples=g.min_examples,
         min_accuracy=g.min_accuracy,
         n_bootstrap=g.n_bootstrap,
@@ -109,11 +110,15 @@ def _truth(spec: ModelSpec, frame: pd.DataFrame, label: str) -> np.ndarray | Non
 
 
 def _references(
-    champion: ModelState | None, new: pd.DataFrame, correct: np.ndarray | None
+    champion: ModelState | None,
+    new: pd.DataFrame,
+    correct: np.ndarray | None,
+    decision: GateDecision,
 ) -> dict[str, float]:
-    """The champion's references plus, for each batch first learned now, the challenger's
-    accuracy on it: fixed from then on (if this challenger becomes champion)."""
-    references = dict(champion.references) if champion else {}
+    """The champion's references (re-based after an exchange: `rebased_references`) plus, for
+    each batch first learned now, the challenger's accuracy on it: fixed from then on (if this
+    challenger becomes champion)."""
+    references = rebased_references(dict(champion.references), decision) if champion else {}
     if correct is None:
         return references
     per_batch = pd.Series(correct, index=new.index).groupby(new[BATCH_COLUMN].astype(str)).mean()
@@ -207,7 +212,7 @@ def evaluate_against_champion(
     logger = get_run_logger()
     for reason in decision.reasons:
         logger.info("gate: %s", reason)
-    references = _references(champion, new, challenger_new)
+    references = _references(champion, new, challenger_new, decision)
     return Evaluation(
         decision,
         replace(challenger, references=references),

@@ -20,7 +20,7 @@ from benchmarks.sequences import (
 )
 
 DOMAIN = ["rotate", "gain", "roll", "thicken", "permute", "sensors"]
-SENSOR_FAMILIES = {"sensors", "sensor-classes"}
+SENSOR_FAMILIES = {"sensors", "sensor-classes", "sensor-arrival"}
 DIGITS = sorted(set(FAMILIES) - SENSOR_FAMILIES)
 
 
@@ -77,6 +77,7 @@ def test_domain_tasks_cover_every_class_and_share_one_test_pool(family):
         ("classes-a", [{0, 1, 2, 3}, {4, 5}, {6, 7}, {8, 9}]),
         ("classes-b", [{5, 6, 7, 8}, {9, 0}, {1, 2}, {3, 4}]),
         ("sensor-classes", [{0, 1}, {2}, {3}, {4}]),
+        ("sensor-arrival", [{3, 4}, {0}, {1}, {2}]),
     ],
 )
 def test_class_arrival_groups(family, groups):
@@ -167,7 +168,8 @@ def test_splits_share_no_family_and_no_seed():
     assert not set(VALIDATION.families) & set(TEST.families)
     assert not set(VALIDATION.seeds) & set(TEST.seeds)
     assert set(VALIDATION.families) | set(TEST.families) == set(FAMILIES)
-    assert set(TEST.families) >= SENSOR_FAMILIES and set(DIGITS) >= set(VALIDATION.families)
+    assert set(TEST.families) >= {"sensors", "sensor-classes"}
+    assert set(DIGITS) | {"sensor-arrival"} >= set(VALIDATION.families)
 
 
 def test_bad_arguments_name_the_problem():
@@ -186,7 +188,7 @@ def test_a_partial_product_run_gets_its_own_result_entry() -> None:
         "split": "validation",
         "cadence": "daily-lora",
         "declare_bounds": False,
-        "families": ["rotate", "gain", "classes-a"],
+        "families": list(VALIDATION.families),
         "seeds": [0, 1, 2],
     }
     assert result_key(full) == "validation/daily-lora"
