@@ -64,7 +64,7 @@ class GatePolicy:
         default=0.10,
         metadata=_help(
             "What an exchange (rule 2d) may give up at most: retention loss and cumulative "
-            "forgetting, point estimates; the exchange also needs a proven net gain on new + "
+            "forgetting, point estimates; the exchange also needs a net gain on new + "
             "retention rows together."
         ),
     )

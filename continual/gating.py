@@ -25,10 +25,10 @@ Decision rule (`decide`), with diff = challenger − champion on the same exampl
    worse", and such a challenger is rejected.
 2d. Exchange (`exchange_gain`, None disables): a challenger that passes 2a but fails only 2b
    and/or 2c is still promoted when its new-data gain is PROVEN large (LCB of the new-data diff
-   ≥ `exchange_gain`, 10 pts by default), the trade is a PROVEN net gain on every held-out
-   row (the LCB of diff over the new and retention rows together > 0: the pipeline's own
-   objective, accuracy on everything seen), and what it gives up is bounded: the point
-   estimates of its retention loss and of its cumulative forgetting are each ≤
+   ≥ `exchange_gain`, 10 pts by default), the trade is a net gain on every held-out row
+   (diff over the new and retention rows together > 0, a point estimate like the losses: the
+   pipeline's own objective, accuracy on everything seen — a class learned on 60 rows cannot
+   pay for 8 pts lost on 2,000), and what it gives up is bounded: the point estimates of its retention loss and of its cumulative forgetting are each ≤
    `exchange_max_loss` (10 pts; `retention_tolerance` when that is larger). The same one-row
    floor applies to both point limits. This is the class-arrival / strong-drift case: a model
    that learns ten classes where the champion knew four cannot keep the four-class
@@ -53,7 +53,7 @@ check raises the false-rejection rate). Check 2c can only add rejections, so it 
 The exchange 2d is the one deliberate exception: P(promote | retention loss ≥ tolerance + 1 pt)
 stays ≤ α for updates whose new-data gain is not proven ≥ `exchange_gain` (every cell of
 `benchmarks/bench_gate.py`, whose challengers gain 5 pts); with a proven large gain and a
-proven net gain a point loss up to `exchange_max_loss` is accepted by design, in the open (the
+net gain a point loss up to `exchange_max_loss` is accepted by design, in the open (the
 reason says so, `GateDecision.exchanged`), never as noise.
 
 Why 2c. Each gate compares with the current champion only, so losses within the tolerance
@@ -283,7 +283,7 @@ def _exchange_check(
     binary: bool,
 ) -> _Check:
     """Rule 2d: a proven large new-data gain may buy a bounded retention loss when the trade is
-    a proven net gain on every held-out row (`pooled_test`: new and retention rows together).
+    a net gain on every held-out row (`pooled_test`: new and retention rows together).
     `forgetting` is (the cumulative loss or None, its rows); each loss has the one-row floor of
     its own rows."""
     if policy.exchange_gain is None:
@@ -298,7 +298,7 @@ def _exchange_check(
     lost, limit = max(losses, key=lambda pair: pair[0] - pair[1])  # the nearest to its limit
     within = all(loss <= bound + _ROUNDING for loss, bound in losses)
     gain_proven = new_test.ci_low >= policy.exchange_gain
-    net_gain = pooled_test.ci_low > 0
+    net_gain = pooled_test.diff > 0
     passed = gain_proven and within and net_gain
     verdict = "promoted by exchange" if passed else "no exchange"
     floor = f" (one row: {format_difference(limit, binary, False)})" if limit > cap else ""
@@ -308,8 +308,7 @@ def _exchange_check(
         f"retention given up {format_difference(lost, binary, False)} (point estimate, retention "
         f"and cumulative) {'≤' if within else '>'} {format_difference(cap, binary, False)}{floor}, "
         f"net change on all {pooled_test.n} held-out rows "
-        f"{format_difference(pooled_test.diff, binary)} (lower bound "
-        f"{format_difference(pooled_test.ci_low, binary)} {'>' if net_gain else '≤'} 0) "
+        f"{format_difference(pooled_test.diff, binary)} {'>' if net_gain else '≤'} 0 "
         f"— {verdict}."
     )
     return _Check(passed, [reason])

@@ -580,7 +580,7 @@ class GateConfig(_Strict):
         gt=0,
         lt=1,
         description="A challenger whose new-data gain is proven (one-sided lower bound) to be at "
-        "least this, and whose net change on new + retention rows together is proven positive, "
+        "least this, and whose net change on new + retention rows together is positive, "
         "may give up retention up to exchange_max_loss (point estimate): new classes or a strong "
         "drift cost some old accuracy even for joint training. null: never.",
     )

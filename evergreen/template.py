@@ -92,7 +92,7 @@ gate:                             # non-inferiority on paired per-example correc
   confidence: 0.95                # one-sided
   new_data_rule: non_inferior     # or superior: require a proven improvement on new data
   forgetting_budget: 0.025        # what may really be lost: cumulative, vs each batch's fixed reference accuracy
-  exchange_gain: 0.10              # a proven >= 10-pt gain on new data (and a proven net gain) may cost old accuracy (null: never)
+  exchange_gain: 0.10              # a proven >= 10-pt gain on new data (and a net gain on all held-out rows) may cost old accuracy (null: never)
   exchange_max_loss: 0.10          # ... at most this much (retention and cumulative, point estimates)
   min_examples: 500               # fewer paired rows: the decision is flagged underpowered
   min_accuracy: 0.0               # floor for the first champion

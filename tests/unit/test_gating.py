@@ -544,7 +544,7 @@ def test_an_exchange_needs_a_proven_net_gain_on_every_held_out_row():
         assert decision.promote is promoted and decision.exchanged is promoted
         exchange = next(r for r in decision.reasons if r.startswith("exchange:"))
         assert f"net change on all {60 + n_old} held-out rows" in exchange
-        assert ("≤ 0) — no exchange" in exchange) is not promoted
+        assert ("≤ 0 — no exchange" in exchange) is not promoted
 
 
 def test_after_an_exchange_the_traded_loss_is_not_charged_again():
