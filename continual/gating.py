@@ -25,17 +25,18 @@ Decision rule (`decide`), with diff = challenger − champion on the same exampl
    worse", and such a challenger is rejected.
 2d. Exchange (`exchange_gain`, None disables): a challenger that passes 2a but fails only 2b
    and/or 2c is still promoted when its new-data gain is PROVEN large (LCB of the new-data diff
-   ≥ `exchange_gain`, 10 pts by default), the trade is a net gain on every held-out row
-   (diff over the new and retention rows together > 0, a point estimate like the losses: the
+   ≥ `exchange_gain`, 10 pts by default), the trade is a net gain on every held-out row (diff
+   over the new and retention rows together > 0, a point estimate like the losses: the
    pipeline's own objective, accuracy on everything seen — a class learned on 60 rows cannot
-   pay for 8 pts lost on 2,000), and what it gives up is bounded: the point estimates of its retention loss and of its cumulative forgetting are each ≤
-   `exchange_max_loss` (10 pts; `retention_tolerance` when that is larger). The same one-row
-   floor applies to both point limits. This is the class-arrival / strong-drift case: a model
-   that learns ten classes where the champion knew four cannot keep the four-class
-   specialist's accuracy on them (joint training on everything loses it too: 4-9 pts per
-   arriving class on overlapping tabular classes), and without the exchange such updates are
-   rejected forever — the champion stays safe and useless. The reason line says "exchange". After an exchange the traded loss is accepted:
-   the earlier batches' references fall to what the challenger keeps
+   pay for 8 pts lost on 2,000), and what it gives up is bounded: the point estimates of its
+   retention loss and of its cumulative forgetting are each ≤ `exchange_max_loss` (10 pts;
+   `retention_tolerance` when that is larger). The same one-row floor applies to both point
+   limits. This is the class-arrival / strong-drift case: a model that learns ten classes
+   where the champion knew four cannot keep the four-class specialist's accuracy on them
+   (joint training on everything loses it too: 4-9 pts per arriving class on overlapping
+   tabular classes), and without the exchange such updates are rejected forever — the
+   champion stays safe and useless. The reason line says "exchange". After an exchange the
+   traded loss is accepted: the earlier batches' references fall to what the challenger keeps
    (`continual.gate_policy.rebased_references`), so the next update is not charged for it
    again (with fixed references every later class arrival was rejected, forever).
 3. Power, reported but never blocking: for each paired check, the minimum detectable effect at
@@ -277,14 +278,14 @@ def _forgetting_check(
 def _exchange_check(
     new_test: PairedTestResult,
     retention_test: PairedTestResult | None,
-    pooled_test: PairedTestResult,
+    net: tuple[float, int],
     forgetting: tuple[float | None, int],
     policy: GatePolicy,
     binary: bool,
 ) -> _Check:
     """Rule 2d: a proven large new-data gain may buy a bounded retention loss when the trade is
-    a net gain on every held-out row (`pooled_test`: new and retention rows together).
-    `forgetting` is (the cumulative loss or None, its rows); each loss has the one-row floor of
+    a net gain on every held-out row (`net`: the mean change over the new and retention rows
+    together, and their number). `forgetting` is (the cumulative loss or None, its rows); each loss has the one-row floor of
     its own rows."""
     if policy.exchange_gain is None:
         return _Check(False, [])
@@ -298,7 +299,8 @@ def _exchange_check(
     lost, limit = max(losses, key=lambda pair: pair[0] - pair[1])  # the nearest to its limit
     within = all(loss <= bound + _ROUNDING for loss, bound in losses)
     gain_proven = new_test.ci_low >= policy.exchange_gain
-    net_gain = pooled_test.diff > 0
+    net_change, net_rows = net
+    net_gain = net_change > 0
     passed = gain_proven and within and net_gain
     verdict = "promoted by exchange" if passed else "no exchange"
     floor = f" (one row: {format_difference(limit, binary, False)})" if limit > cap else ""
@@ -307,8 +309,8 @@ def _exchange_check(
         f"{'≥' if gain_proven else '<'} {format_difference(policy.exchange_gain, binary, False)}, "
         f"retention given up {format_difference(lost, binary, False)} (point estimate, retention "
         f"and cumulative) {'≤' if within else '>'} {format_difference(cap, binary, False)}{floor}, "
-        f"net change on all {pooled_test.n} held-out rows "
-        f"{format_difference(pooled_test.diff, binary)} {'>' if net_gain else '≤'} 0 "
+        f"net change on all {net_rows} held-out rows "
+        f"{format_difference(net_change, binary)} {'>' if net_gain else '≤'} 0 "
         f"— {verdict}."
     )
     return _Check(passed, [reason])
@@ -393,16 +395,12 @@ def decide(
     promote = all(check.passed for check in checks)
     exchanged = False
     if not promote and checks[0].passed:
-        pooled = new_test
-        if retention_test is not None:
-            pooled = _paired(
-                np.concatenate([champion_new, flips[0]]),
-                np.concatenate([new, flips[1]]),
-                "pooled",
-                policy,
-            )
+        before, after = (champion_new, new)
+        if retention_test is not None:  # flips holds the retention scores then
+            before, after = np.concatenate([before, flips[0]]), np.concatenate([after, flips[1]])
+        net = (float(np.mean(after - before)), len(after))
         exchange = _exchange_check(
-            new_test, retention_test, pooled, (forgetting, forgetting_rows), policy, binary
+            new_test, retention_test, net, (forgetting, forgetting_rows), policy, binary
         )
         promote = exchanged = exchange.passed
         # the rule that decided comes first: a promotion by exchange would otherwise read as
