@@ -1,7 +1,9 @@
 """Shared test set-up: quiet, offline, deterministic, isolated from a developer's own settings."""
 
+import atexit
 import logging
 import os
+import shutil
 import tempfile
 
 from evergreen.cli import QUIET_DEFAULTS
@@ -13,15 +15,24 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
+
+def _temporary_folder(prefix: str) -> str:
+    """A folder for this test process, removed when it exits (registered before Prefect's own
+    exit handlers, so it runs after them: the ephemeral server is stopped by then)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 # Ephemeral Prefect keeps its database under PREFECT_HOME: tests get their own, not ~/.prefect.
-os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="evergreen-tests-prefect-")
+os.environ["PREFECT_HOME"] = _temporary_folder("evergreen-tests-prefect-")
 # Base-model file hashes are cached across processes (continual.base_model): not in ~/.cache.
 os.environ["EVERGREEN_HASH_CACHE"] = os.path.join(
-    tempfile.mkdtemp(prefix="evergreen-tests-hashes-"), "file-sha256.json"
+    _temporary_folder("evergreen-tests-hashes-"), "file-sha256.json"
 )
 
 # Parent versions a child version is loaded on are cached across processes (continual.lineage).
-os.environ["EVERGREEN_PARENT_CACHE"] = tempfile.mkdtemp(prefix="evergreen-tests-parents-")
+os.environ["EVERGREEN_PARENT_CACHE"] = _temporary_folder("evergreen-tests-parents-")
 
 # A developer's own settings must not redirect the tests' stores.
 for _key in ("MLFLOW_TRACKING_URI", "EVERGREEN_HOME", "EVERGREEN_CONFIG", "PREFECT_API_URL"):
