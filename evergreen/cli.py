@@ -286,6 +286,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         model(**params)
     except ValueError as error:  # pydantic.ValidationError
         raise UsageError(f"{item.name}: {_one_line_invalid(error)}") from error
+    if item.name == "rollback":
+        _refuse_impossible_rollback(cfg, given.get("to"))
     if item.consumes_batches:  # no-op fast path: same ledger rule, no flow run (evergreen.pending)
         from evergreen.pending import nothing_pending, skipped_outcome
 
@@ -420,8 +422,26 @@ def _reconcile(registry: Registry) -> None:
         err_console.print(f"[{colour}]recorded:[/{colour}] {found.event.reason}", highlight=False)
 
 
+def _refuse_impossible_rollback(cfg: EvergreenConfig, to: str | None) -> None:
+    """Refuse a rollback that cannot happen — no champion (exit 4), no earlier champion (1),
+    `--to` a version that does not exist (2) — before a flow run starts: the flow refuses them
+    too, but as a failed task and flow run whose ERROR log lines reach the console ahead of the
+    one error line, even with --quiet. A champion moved by hand is recorded first (as the flow's
+    start does), so the walk back reads the history the flow would read.
+
+    Raises:
+        RegistryError, NoEarlierChampionError, UnknownVersionError: `Registry.check_rollback`.
+    """
+    from model_registry.registry import Registry
+
+    registry = Registry.from_config(cfg)
+    _reconcile(registry)
+    registry.check_rollback(to)
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
-    _config(args)
+    cfg = _config(args)
+    _refuse_impossible_rollback(cfg, args.to)
     _console_without_tracebacks(args)
     result = _run_once(
         "rollback",

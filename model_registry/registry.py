@@ -282,22 +282,8 @@ class Registry(RegistryReader):
         with promotion_lock(self.model_name, self.lock_dir):
             aliases = self._aliases()
             current = aliases.get(CHAMPION)
-            if current is None:
-                raise RegistryError(f"model {self.model_name!r} has no champion to roll back")
             events = self._history.events()
-            target = str(to) if to is not None else rollback_target(reversed(events), current)
-            if target is None:
-                raise NoEarlierChampionError(
-                    f"no earlier champion to roll back to from v{current}: it was the first "
-                    "champion, or every champion before it was itself rolled back from; pass a "
-                    "version (--to N)"
-                )
-            try:
-                decision = self._model_version(target).tags.get(GATE_DECISION_TAG, "none")
-            except RegistryError as exc:
-                if to is None:
-                    raise
-                raise UnknownVersionError(f"--to {to}: {exc}") from None
+            target, decision = self._rollback_target(to, current, events)
             if target == current:
                 return PromotionResult(False, target, current, False, f"v{target} already champion")
             was_champion = any(e.version == target for e in events)
@@ -316,7 +302,47 @@ class Registry(RegistryReader):
             True, target, current, False, f"rolled back from v{current}: {reason}"
         )
 
+    def check_rollback(self, to: str | None = None) -> str:
+        """The version `rollback(to=to)` would restore, read without the lock and without moving
+        anything, so a command can refuse a rollback that cannot happen before it starts a
+        flow run that would fail on it. `rollback` checks again under the lock, so a champion
+        moved in between is still caught.
+
+        Raises:
+            RegistryError: no champion; NoEarlierChampionError, UnknownVersionError: as
+                `rollback`.
+        """
+        target, _ = self._rollback_target(to, self._aliases().get(CHAMPION), self._history.events())
+        return target
+
     # ---- internals -----------------------------------------------------------------------
+
+    def _rollback_target(
+        self, to: str | None, current: str | None, events: list[PromotionEvent]
+    ) -> tuple[str, str]:
+        """(the version to restore, its gate decision tag) — or why there is none.
+
+        Raises:
+            RegistryError: no champion to roll back from.
+            NoEarlierChampionError: `to` is None and the history has no earlier champion.
+            UnknownVersionError: `to` names a version the registered model does not have.
+        """
+        if current is None:
+            raise RegistryError(f"model {self.model_name!r} has no champion to roll back")
+        target = str(to) if to is not None else rollback_target(reversed(events), current)
+        if target is None:
+            raise NoEarlierChampionError(
+                f"no earlier champion to roll back to from v{current}: it was the first "
+                "champion, or every champion before it was itself rolled back from; pass a "
+                "version (--to N)"
+            )
+        try:
+            decision = self._model_version(target).tags.get(GATE_DECISION_TAG, "none")
+        except RegistryError as exc:
+            if to is None:
+                raise
+            raise UnknownVersionError(f"--to {to}: {exc}") from None
+        return target, decision
 
     def _move_champion(self, event: PromotionEvent, aliases: dict[str, str]) -> None:
         """Set the alias, drop a challenger alias on it, record the event, verify by re-reading.

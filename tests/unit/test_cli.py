@@ -187,6 +187,9 @@ def _classified_from_a_flow(error: BaseException):
         (NoChampionError("daily-lora needs a champion: run bootstrap"), ExitCode.NO_CHAMPION, ""),
         (RegistryError("model 'x' has no champion to roll back"), ExitCode.NO_CHAMPION, ""),
         (ArtifactIntegrityError("v3: model.safetensors sha256 differs"), ExitCode.REGISTRY, ""),
+        # the rollback flow's own refusals (a champion moved after the CLI's check)
+        (NoEarlierChampionError("no earlier champion to roll back to from v1"), 1, "rollback: "),
+        (UnknownVersionError("--to 99: model 'm' has no version '99'"), 2, "--to 99"),
         (RuntimeError("boom"), ExitCode.INTERNAL, "--debug"),
         (_unknown_lora_target(), ExitCode.CONFIG, "daily.target_modules: LoRA target modules"),
         (_missing_model_directory(), ExitCode.CONFIG, "model.hf_path: hf_path '/nonexistent"),
@@ -250,35 +253,49 @@ def test_an_unreadable_batch_stays_a_data_error():
         assert classify(error).code == ExitCode.DATA
 
 
+def _first_champion(project: Path) -> str:
+    """Register a real (tiny) version in the project's registry and make it the champion."""
+    from evergreen.config import load_config
+    from model_registry.registry import Registry
+    from tests.checkpoints import tiny_checkpoint
+
+    registry = Registry.from_config(load_config(project / "evergreen.yaml"))
+    checkpoint = tiny_checkpoint(project / "ckpt", 0, ["a", "b"], [0, 1])
+    version = registry.log_version(checkpoint, lineage={"gate_decision": "pass"}).version
+    registry.promote(version, expected_champion=None, reason="first")
+    return version
+
+
+def _no_flow_run(name, **params):
+    raise AssertionError(f"a {name} flow run was started for a rollback that cannot happen")
+
+
 def test_no_champion_via_the_cli(project, capsys, monkeypatch):
-    """`evergreen rollback` before any champion: the registry's answer, not a traceback."""
-
-    def rollback_flow(name, **params):  # what the rollback flow raises on an empty registry
-        raise RegistryError("model 'evergreen' has no champion to roll back")
-
-    monkeypatch.setattr("evergreen.cli.run_flow", rollback_flow)
+    """`evergreen rollback` before any champion: the registry's answer, not a traceback, and
+    no flow run (whose failure Prefect logs at ERROR, even with -q)."""
+    monkeypatch.setattr("evergreen.cli.run_flow", _no_flow_run)
     assert main(["rollback"]) == ExitCode.NO_CHAMPION
     assert "no champion" in _one_error_line(capsys)
 
 
 @pytest.mark.parametrize(
-    ("error", "code", "needle"),
+    ("argv", "code", "needle"),
     [
-        (NoEarlierChampionError("no earlier champion to roll back to from v1"), 1, "rollback: "),
-        (UnknownVersionError("--to 99: model 'm' has no version '99'"), 2, "--to 99"),
+        (["rollback"], 1, "rollback: no earlier champion"),
+        (["run", "rollback"], 1, "rollback: no earlier champion"),
+        (["rollback", "--to", "99"], 2, "--to 99: model 'evergreen' has no version '99'"),
+        (["run", "rollback", "--to", "99"], 2, "--to 99: model 'evergreen' has no version"),
     ],
 )
 def test_a_rollback_that_cannot_roll_back_exits_as_the_readme_says(
-    project, capsys, monkeypatch, error, code, needle
+    project, capsys, monkeypatch, argv, code, needle
 ):
     """From the first champion: the command ran and did not roll back (1); `--to` a version
-    that does not exist: a bad flag (2) — not "the registry refused" (5)."""
-
-    def rollback_flow(name, **params):
-        raise error
-
-    monkeypatch.setattr("evergreen.cli.run_flow", rollback_flow)
-    assert main(["rollback"]) == code
+    that does not exist: a bad flag (2) — not "the registry refused" (5). Both refused before
+    a flow run starts."""
+    _first_champion(project)
+    monkeypatch.setattr("evergreen.cli.run_flow", _no_flow_run)
+    assert main(argv) == code
     assert needle in _one_error_line(capsys)
 
 
@@ -286,12 +303,15 @@ def test_a_rollback_to_the_champion_says_why_it_did_not_roll_back(project, capsy
     """`evergreen rollback --to 1` when v1 is the champion exits 1: with the one error line
     every failure prints (it printed none, only the JSON outcome on stdout)."""
 
-    def rollback_flow(name, **params):
-        return {"cadence": "rollback", "decision": "skipped", "reasons": ["v1 already champion"]}
+    version = _first_champion(project)
+
+    def rollback_flow(name, **params):  # what the flow answers (a champion is no refusal)
+        reasons = [f"v{version} already champion"]
+        return {"cadence": "rollback", "decision": "skipped", "reasons": reasons}
 
     monkeypatch.setattr("evergreen.cli.run_flow", rollback_flow)
-    assert main(["rollback", "--to", "1"]) == ExitCode.FLOW_FAILED
-    assert "rollback: did not roll back: v1 already champion" in _one_error_line(capsys)
+    assert main(["rollback", "--to", version]) == ExitCode.FLOW_FAILED
+    assert f"rollback: did not roll back: v{version} already champion" in _one_error_line(capsys)
 
 
 def test_debug_shows_the_traceback(project, capsys, monkeypatch):
