@@ -155,8 +155,9 @@ def token_log_likelihood(
 ) -> np.ndarray:
     """Per-row mean token log-likelihood [N] (float64; −NLL per predicted token, higher is
     better). A row with a single token (or none) has nothing to predict and scores `empty`:
-    0.0 for the gate and the checks, whose paired differences it leaves unchanged; the served
-    model passes NaN, as such a row has no log-likelihood or perplexity to report.
+    0.0 for the keep/discard check, whose paired differences it leaves unchanged (the promotion
+    gate leaves such rows out: `has_next_token`); the served model passes NaN, as such a row has
+    no log-likelihood or perplexity to report.
 
     This is the one score of a causal LM: the gate, the keep/discard check of a LoRA update,
     the forgetting references and the served model all read it. exp(−score) is the row's
@@ -180,6 +181,13 @@ def token_log_likelihood(
     if not out:
         raise ValueError("token_log_likelihood: no rows to score")
     return np.concatenate(out)
+
+
+def has_next_token(model: nn.Module, ids: Tensor) -> np.ndarray:
+    """Whether each row of right-padded token ids [N, L] has a token to predict (two or more
+    non-pad tokens) — the rows `token_log_likelihood` gives a score rather than `empty`."""
+    pad = int(model.pad_token_id)  # type: ignore[arg-type]  # an HFCausalLM, maybe under peft
+    return (next_token_labels(ids, pad) != IGNORE_INDEX).any(dim=1).cpu().numpy()
 
 
 def beats_uniform(log_likelihood: np.ndarray, vocab_size: int) -> np.ndarray:

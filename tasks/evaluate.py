@@ -16,7 +16,7 @@ import pandas as pd
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from continual.causal_lm import beats_uniform
+from continual.causal_lm import beats_uniform, has_next_token
 from continual.classification import ClassReport, class_report
 from continual.gate_policy import GateDecision, GatePolicy, rebased_references
 from continual.gating import decide
@@ -141,6 +141,37 @@ def _lm_scores(
     return Scored(score(new), score(retention))
 
 
+def _scorable(
+    challenger: ModelState, new: pd.DataFrame, retention: pd.DataFrame, label: str
+) -> tuple[pd.DataFrame, pd.DataFrame, str | None]:
+    """A causal LM's gate rows that have a token to predict, and a reason naming those left out.
+
+    A row of fewer than 2 tokens has no log-likelihood: it scores 0.0 for both models, a tie
+    that carries no evidence but counts in the paired tests' n (narrowing their intervals and
+    diluting the difference), and 0.0 nats is the best score a row can have (it raised a first
+    champion's floor and the references of its batch). Classifiers keep every row (None).
+    """
+    if challenger.spec.family != CAUSAL_LM:
+        return new, retention, None
+
+    def keep(frame: pd.DataFrame) -> pd.DataFrame:
+        if frame.empty:
+            return frame
+        ids = frame_to_tensors(frame, challenger.spec, label)[0]
+        return frame[has_next_token(challenger.model, ids)]
+
+    kept_new, kept_retention = keep(new), keep(retention)
+    dropped = {"new": len(new) - len(kept_new), "retention": len(retention) - len(kept_retention)}
+    if not any(dropped.values()):
+        return new, retention, None
+    counts = " and ".join(f"{n} {role}" for role, n in dropped.items() if n)
+    reason = (
+        f"left out {counts} gate row(s) of fewer than 2 tokens: a causal LM predicts no token of "
+        "them, so they carry no evidence either way"
+    )
+    return kept_new, kept_retention, reason
+
+
 def _paired_scores(
     cfg: EvergreenConfig,
     champion: ModelState | None,
@@ -191,6 +222,12 @@ def evaluate_against_champion(
             f"small for data.gate_fraction {cfg.data.gate_fraction} — land larger batches or "
             f"raise data.min_rows ({cfg.data.min_rows})"
         )
+    new, retention, left_out = _scorable(challenger, new, retention, cfg.data.label)
+    if new.empty:
+        raise ConfigError(
+            "no gate rows to evaluate on: every gate row of the batches the champion has not "
+            "learned has fewer than 2 tokens, so a causal LM has no token of them to predict"
+        )
     scores, reports = _paired_scores(cfg, champion, challenger, new, retention)
     challenger_new, challenger_retention = scores["challenger"]
     champion_new, champion_retention = scores.get("champion", (None, None))
@@ -209,6 +246,8 @@ def evaluate_against_champion(
         policy=gate_policy(cfg),
         floor_score=floor_score,
     )
+    if left_out:
+        decision = replace(decision, reasons=(*decision.reasons, left_out))
     logger = get_run_logger()
     for reason in decision.reasons:
         logger.info("gate: %s", reason)

@@ -4,6 +4,8 @@ from the previous champion."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +18,7 @@ from continual.causal_lm import (
     HFCausalLM,
     generate_continuations,
     generation_settings,
+    has_next_token,
     next_token_labels,
     next_token_loss,
     token_log_likelihood,
@@ -32,9 +35,14 @@ from tests.tiny_llama import sentences, tiny_llama
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> HFCausalLM:
-    path = tiny_llama(tmp_path_factory.mktemp("llama") / "m")
-    built = build_model(ModelSpec(family=CAUSAL_LM, n_features=16, n_classes=42, hf_path=str(path)))
+def llama_path(tmp_path_factory) -> Path:
+    return tiny_llama(tmp_path_factory.mktemp("llama") / "m")
+
+
+@pytest.fixture(scope="module")
+def model(llama_path) -> HFCausalLM:
+    spec = ModelSpec(family=CAUSAL_LM, n_features=16, n_classes=42, hf_path=str(llama_path))
+    built = build_model(spec)
     assert isinstance(built, HFCausalLM)
     return built
 
@@ -67,6 +75,69 @@ def _config(**data) -> dict:
         "data": {"landing": "/tmp/x", "text": "text", **data},
         "model": {"family": "hf-causal-lm", "hf_path": "/tmp/m"},
     }
+
+
+def test_the_gate_leaves_out_rows_with_no_token_to_predict(model, llama_path):
+    """A one-word row has no next token to predict: it scored 0.0 for champion and challenger,
+    a tie that counted in the gate's n (and 0.0 nats, the best score a row can have, in its
+    batch's reference and a first champion's floor). The gate now decides as it would on the
+    rows it can score, and says how many it left out."""
+    import copy
+
+    from prefect.logging import disable_run_logger
+
+    from evergreen.errors import ConfigError
+    from tasks.evaluate import evaluate_against_champion
+    from tasks.memory import BATCH_COLUMN, DataMemory
+    from tasks.state import ModelState
+
+    spec = ModelSpec(
+        family=CAUSAL_LM,
+        n_features=16,
+        n_classes=42,
+        feature_columns=["text"],
+        hf_path=str(llama_path),
+    )
+    old, new = sentences("kitchen", 30, seed=1), sentences("harbour", 30, seed=2)
+    trained = copy.deepcopy(model)
+    X = model.tokenize(sentences("harbour", 64, seed=3))
+    train(trained, X, torch.zeros(len(X), dtype=torch.long), TrainSettings(steps=10, lr=1e-2))
+    challenger = ModelState(model=trained, spec=spec)
+    champion = ModelState(
+        model=model, spec=spec, version="1", learned=frozenset({"b1"}), references={"b1": -3.0}
+    )
+    scorable = pd.DataFrame({"text": old + new, BATCH_COLUMN: ["b1"] * 30 + ["b2"] * 30})
+    one_word = pd.DataFrame({"text": ["bread", "salt", "boat", "gull", "tide"]})
+    one_word[BATCH_COLUMN] = ["b1", "b2", "b2", "b2", "b2"]
+    assert not has_next_token(model, model.tokenize(one_word["text"].tolist())).any()
+    cfg = EvergreenConfig.model_validate(
+        {**_config(), "model": {"family": CAUSAL_LM, "hf_path": str(llama_path)}}
+    )
+
+    def gate(rows: pd.DataFrame, champion: ModelState | None):
+        memory = DataMemory(batches=("b1", "b2"), held_out={"gate": rows.reset_index(drop=True)})
+        with disable_run_logger():
+            return evaluate_against_champion.fn(cfg, champion, challenger, memory)
+
+    clean = gate(scorable, champion)
+    mixed = gate(pd.concat([scorable, one_word]), champion)
+    assert mixed.decision.new_data.n == clean.decision.new_data.n == 30
+    assert mixed.decision.retention.n == clean.decision.retention.n == 30
+    assert mixed.decision.new_data == clean.decision.new_data
+    assert mixed.decision.retention == clean.decision.retention
+    assert mixed.challenger.references == clean.challenger.references
+    assert mixed.decision.promote == clean.decision.promote
+    note = "left out 4 new and 1 retention gate row(s) of fewer than 2 tokens"
+    assert mixed.decision.reasons == (*clean.decision.reasons, mixed.decision.reasons[-1])
+    assert mixed.decision.reasons[-1].startswith(note)
+    assert not any("fewer than 2 tokens" in r for r in clean.decision.reasons)
+    with pytest.raises(ConfigError, match=r"every gate row .* has fewer than 2 tokens"):
+        gate(pd.concat([scorable[:30], one_word[1:]]), champion)  # no new row to score
+    first = gate(pd.concat([scorable, one_word]), None)  # a first champion's floor
+    assert (
+        first.decision.challenger_new_accuracy
+        == gate(scorable, None).decision.challenger_new_accuracy
+    )
 
 
 def test_causal_lm_config_needs_no_classes_and_replays_half_weekly():
