@@ -165,7 +165,7 @@ def canonical_labels(labels: pd.Series, classes: list[Any]) -> pd.Series:
         if key not in lookup and isinstance(value, bool | np.bool_):
             key = str(int(value))
         target = lookup.get(key)
-        if target is not None and (type(value) is not type(target) or value != target):
+        if target is not None and not _is_class(value, target):
             mapping[value] = target
     if not mapping:
         return labels
@@ -175,6 +175,16 @@ def canonical_labels(labels: pd.Series, classes: list[Any]) -> pd.Series:
     if (codes < 0).any():
         out = out.where(codes >= 0, labels)  # a null stays the null it was
     return out.infer_objects()
+
+
+def _is_class(value: Any, target: Any) -> bool:
+    """Whether label `value` already is class `target`: equal and of the same type, a numpy
+    scalar read as the Python value it holds (np.int64(2) is class 2, so an int64 label column
+    is not rebuilt every batch; "2" and 2.0 are not). A boolean is only ever the same boolean:
+    np.True_ still becomes True, and True the class 1."""
+    if isinstance(value, np.generic) and not isinstance(value, np.bool_):
+        value = value.item()
+    return type(value) is type(target) and bool(value == target)
 
 
 @dataclass(frozen=True)

@@ -206,6 +206,31 @@ def test_labels_that_name_a_class_in_another_type_are_read_as_that_class(
     assert not report.success and "'7' ×60" in report.failures[0].message
 
 
+def test_labels_already_of_their_classes_are_not_rebuilt() -> None:
+    """An int64 label column (every Parquet or CSV batch of integer classes) was rebuilt as an
+    object array and re-inferred on every read: np.int64(2) is not of type int. It comes back
+    as it is; the labels named in another type are mapped as before."""
+    from data_plane.profile import canonical_labels
+
+    classes = [0, 1, 2]
+    ints = pd.Series(np.array([2, 0, 1, 2], dtype=np.int64), name="label")
+    assert canonical_labels(ints, classes) is ints and ints.dtype == np.int64
+    texts = pd.Series(["b", "a", None], dtype=object)
+    assert canonical_labels(texts, ["a", "b"]) is texts
+    for given, expected in [
+        (["2", "0", "1"], [2, 0, 1]),  # quoted by a JSON producer
+        ([2.0, 0.0, 1.0], [2, 0, 1]),  # a float column
+        ([True, False, True], [1, 0, 1]),  # a boolean target for classes [0, 1]
+        ([np.True_, np.False_], [1, 0]),
+    ]:
+        labels = pd.Series(given)
+        out = canonical_labels(labels, classes)
+        assert out is not labels and out.tolist() == expected, (given, out.tolist())
+        assert out.dtype == np.int64, (given, out.dtype)
+    flags = pd.Series([np.True_, np.False_])  # classes that are booleans: kept exactly as now
+    assert canonical_labels(flags, [True, False]).tolist() == [True, False]
+
+
 def test_suite_file_is_reviewable_and_user_edits_are_honoured(zone, tmp_path: Path) -> None:
     home = tmp_path / "home"
     path = _suite_for_tests(home)
