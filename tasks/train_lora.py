@@ -12,12 +12,13 @@ import torch
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
+from continual.causal_lm import has_next_token
 from continual.ewc import EWC
 from continual.fisher import diagonal_fisher
 from continual.gate_policy import GateDecision
 from continual.gating import decide, format_difference
 from continual.inference import row_scores
-from continual.models import TEXT_FAMILIES
+from continual.models import CAUSAL_LM, TEXT_FAMILIES
 from continual.training import TrainResult
 from evergreen.config import DailyConfig, EvergreenConfig
 from tasks.evaluate import gate_policy
@@ -199,12 +200,18 @@ def _selection_decision(
     """The gate's rule on the select rows of every batch, pooled: is the adapted model shown
     not worse than the champion on held-out data it was not trained on? (Pooling gives the
     check enough rows to decide on small daily batches; the promotion gate then checks new
-    and retention rows separately, on its own rows.)"""
+    and retention rows separately, on its own rows.) A causal LM's rows of fewer than 2 tokens
+    are left out, as the gate leaves them out (`tasks.evaluate`)."""
     parts = [part for part in (selection.new, selection.old) if part is not None]
     if not parts:
         raise ValueError("no select rows to judge the update on: raise data.select_fraction")
     X = torch.cat([X for X, _ in parts])
     y = torch.cat([y for _, y in parts])
+    if champion.spec.family == CAUSAL_LM:  # rows with no token to predict carry no evidence
+        scorable = torch.from_numpy(has_next_token(champion.model, X))
+        X, y = X[scorable], y[scorable]
+        if not len(X):
+            raise ValueError("no select row has two tokens or more: raise data.select_fraction")
     return screened(
         decide(
             challenger_new_correct=row_scores(candidate, X, y),

@@ -486,3 +486,35 @@ def test_the_streams_online_step_trains_a_causal_lm_on_its_next_token_loss(model
     with torch.no_grad():
         after = float(next_token_loss(student(X), X, model.pad_token_id))
     assert after < before
+
+
+def test_the_lora_select_check_leaves_out_rows_with_no_token_to_predict(model, llama_path):
+    """The daily's keep/discard check on the select rows reads them as the gate does: one-word
+    rows (no token to predict) would be ties at 0.0 counted in its n."""
+    import copy
+
+    from evergreen.config import EvergreenConfig
+    from tasks.state import ModelState
+    from tasks.train_lora import _selection_decision
+    from tasks.train_start import Selection
+
+    spec = ModelSpec(family=CAUSAL_LM, n_features=16, n_classes=42, hf_path=str(llama_path))
+    trained = copy.deepcopy(model)
+    X = model.tokenize(sentences("harbour", 64, seed=3))
+    train(trained, X, torch.zeros(len(X), dtype=torch.long), TrainSettings(steps=10, lr=1e-2))
+    champion = ModelState(model=model, spec=spec)
+    cfg = EvergreenConfig.model_validate(
+        {**_config(), "model": {"family": CAUSAL_LM, "hf_path": str(llama_path)}}
+    )
+
+    def check(texts: list[str]):
+        ids = model.tokenize(texts)
+        selection = Selection(new=(ids, torch.zeros(len(ids), dtype=torch.long)), old=None)
+        return _selection_decision(cfg, champion, selection, trained)
+
+    clean = sentences("harbour", 30, seed=4)
+    mixed = check([*clean, "bread", "salt", "boat", "gull"])
+    assert mixed.new_data.n == check(clean).new_data.n == 30
+    assert mixed.new_data == check(clean).new_data
+    with pytest.raises(ValueError, match="two tokens"):
+        check(["bread", "salt"])
