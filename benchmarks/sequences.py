@@ -48,10 +48,17 @@ Families (task 0 is always the untouched digits, or the first class group):
               arrival order: {3,4}, then {0}, {1}, {2}. Added when `sensor-classes` showed the
               gate stalling on overlapping classes, so that the gate's change could be chosen
               and checked without looking at the test family again.
+- `scramble`: VALIDATION counterpart of `permute`: a fixed random order of the sixteen 2×2 pixel
+              blocks per task (task 0 identity) — a new input layout that keeps local strokes.
+- `sensor-ageing`: VALIDATION counterpart of `sensors`: other worlds, each drift step twice as
+              large (gain r ~ U(0.2, 0.6), offset ±U(0.5, 1.5)).
+              These two were added when `permute` and `sensors` stayed more than 2 pts below
+              joint training, so that a change for domain shift could be chosen on them.
 
 VALIDATION vs TEST (decided here, once): defaults may be tuned on VALIDATION only; TEST is run for
 the final check and never tuned on. The two splits share no family and no seed.
-- VALIDATION: `rotate`, `gain`, `classes-a`, `sensor-arrival` × seeds 0, 1, 2.
+- VALIDATION: `rotate`, `gain`, `classes-a`, `sensor-arrival`, `scramble`, `sensor-ageing` ×
+  seeds 0, 1, 2.
 - TEST: `roll`, `thicken`, `permute`, `classes-b`, `sensors`, `sensor-classes` × seeds 10, 11,
   12. (The two sensor families were added after the defaults were tuned, to check they
   generalise beyond images: never tuned on.)
@@ -60,6 +67,7 @@ the final check and never tuned on. The two splits share no family and no seed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
@@ -261,6 +269,22 @@ def thicken(size: tuple[int, int], factor: float = 1.0) -> Transform:
     return shift
 
 
+def scramble(seed: int, task: int) -> Transform:
+    """A fixed permutation of the sixteen 2×2 pixel blocks for (seed, task); task 0 is the
+    identity. A new input layout that keeps each block's local strokes (`permute` keeps none)."""
+    if task == 0:
+        return lambda images: images.copy()
+    blocks = np.random.default_rng([seed, task, 104729]).permutation(16)
+
+    def shuffle(images: np.ndarray) -> np.ndarray:
+        tiles = images.reshape(len(images), 4, 2, 4, 2).transpose(0, 1, 3, 2, 4)
+        tiles = tiles.reshape(len(images), 16, 2, 2)[:, blocks]
+        grid = tiles.reshape(len(images), 4, 4, 2, 2).transpose(0, 1, 3, 2, 4)
+        return grid.reshape(images.shape)
+
+    return shuffle
+
+
 def permute(seed: int, task: int) -> Transform:
     """A fixed pixel permutation for (seed, task); task 0 is the identity."""
     if task == 0:
@@ -340,7 +364,20 @@ def sensor_world(seed: int) -> SensorWorld:
 
 
 def sensors_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
+    return _ageing_sequence("sensors", seed, n_tasks)
+
+
+def sensor_ageing_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
+    """`sensors`' VALIDATION counterpart: other worlds, and every drift step twice as large."""
+    return _ageing_sequence("sensor-ageing", seed, n_tasks, severity=2.0)
+
+
+def _ageing_sequence(family: str, seed: int, n_tasks: int, severity: float = 1.0) -> TaskSequence:
     world = sensor_world(seed)
+    if severity != 1.0:
+        world = dataclasses.replace(
+            world, rate=world.rate * severity, offset=world.offset * severity
+        )
 
     def ageing(task: int) -> Transform:
         return lambda values: world.readings(values, task)
@@ -350,7 +387,7 @@ def sensors_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
 
     shifts = [(name(t), ageing(t)) for t in range(MAX_TASKS)]
     return _domain_sequence(
-        "sensors", seed, shifts, n_tasks, (world.values, world.labels), SENSORS, SENSOR_CLASSES
+        family, seed, shifts, n_tasks, (world.values, world.labels), SENSORS, SENSOR_CLASSES
     )
 
 
@@ -393,6 +430,11 @@ def thicken_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
     return _domain_sequence("thicken", seed, shifts, n_tasks)
 
 
+def scramble_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
+    shifts = [(f"block order {t}" if t else "identity", scramble(seed, t)) for t in range(4)]
+    return _domain_sequence("scramble", seed, shifts, n_tasks)
+
+
 def permute_sequence(seed: int, n_tasks: int = MAX_TASKS) -> TaskSequence:
     shifts = [(f"permutation {t}" if t else "identity", permute(seed, t)) for t in range(4)]
     return _domain_sequence("permute", seed, shifts, n_tasks)
@@ -417,9 +459,15 @@ FAMILIES: dict[str, Callable[..., TaskSequence]] = {
     "sensors": sensors_sequence,
     "sensor-classes": sensor_classes_sequence,
     "sensor-arrival": sensor_arrival_sequence,
+    "scramble": scramble_sequence,
+    "sensor-ageing": sensor_ageing_sequence,
 }
 
-VALIDATION = Split("validation", ("rotate", "gain", "classes-a", "sensor-arrival"), (0, 1, 2))
+VALIDATION = Split(
+    "validation",
+    ("rotate", "gain", "classes-a", "sensor-arrival", "scramble", "sensor-ageing"),
+    (0, 1, 2),
+)
 TEST = Split(
     "test", ("roll", "thicken", "permute", "classes-b", "sensors", "sensor-classes"), (10, 11, 12)
 )

@@ -51,7 +51,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -184,6 +184,8 @@ class TrainResult:
     examples_seen: int = 0
     device: str = "cpu"
     resumed_at: int = 0  # the step a saved state resumed from (0: trained from the start)
+    # trainable parameters (CPU copies) after each step of `snapshot_at` the run passed
+    snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
     def _window(self) -> int:
         return max(1, len(self.losses) // 10)
@@ -254,6 +256,7 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     device: torch.device | str | None = None,
     checkpointing: Checkpointing | None = None,
+    snapshot_at: Collection[int] = (),
 ) -> TrainResult:
     """Train `model` in place for `settings.steps` AdamW steps on mini-batches of (X, y).
 
@@ -276,6 +279,10 @@ def train(
             losses) is the same as that of a run never interrupted. The caller builds the
             fingerprint from everything the run depends on (data, settings, starting weights,
             method state) and removes the file when it no longer needs it.
+        snapshot_at: steps after which to keep a CPU copy of the trainable parameters
+            (`result.snapshots`), so a caller can score earlier points of the run and keep the
+            best (early stopping on held-out rows) without training again. A resumed run has
+            none of the steps it did not redo.
 
     Returns:
         TrainResult with one loss per step (task loss, plus distillation; without the EWC
@@ -331,6 +338,8 @@ def train(
             if ewc is not None and ewc.mode == "proximal":
                 ewc.proximal_step_(core, optimizer.param_groups[0]["lr"])
             result.examples_seen += len(yb)
+            if step in snapshot_at:
+                result.snapshots[step] = trainable_copy(core)
             result.losses += [value for _, value in done]
             if save and checkpointing is not None:
                 loop.save(checkpointing, step, settings.steps, time.perf_counter() - started)
@@ -341,6 +350,26 @@ def train(
     result.steps = settings.steps
     result.seconds += time.perf_counter() - started
     return result
+
+
+def trainable_copy(model: nn.Module) -> dict[str, Tensor]:
+    """CPU copies of the parameters that train (a LoRA model: its adapters only)."""
+    return {
+        name: p.detach().to("cpu", copy=True)
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+
+
+def load_trainable_(model: nn.Module, snapshot: dict[str, Tensor]) -> None:
+    """Put a `trainable_copy` back into `model` (in place, on the model's device)."""
+    parameters = dict(model.named_parameters())
+    missing = sorted(set(snapshot) - set(parameters))
+    if missing:
+        raise KeyError(f"the snapshot names parameters the model lacks: {missing[:5]}")
+    with torch.no_grad():
+        for name, value in snapshot.items():
+            parameters[name].copy_(value)
 
 
 def _micro_batches(

@@ -455,6 +455,16 @@ class _EWCSection(_DistillFields):
         default_factory=lambda: list(LAMBDA_GRID), min_length=1, description="Candidates of 'auto'."
     )
     fisher_decay: float = Field(0.9, ge=0, le=1, description="Online EWC: F = γ·F_old + F_own.")
+    step_grid: list[float] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="Shares of the run's step count (`train.steps` / `train.epochs`) at which "
+        "each λ's challenger is scored on the select rows: training runs to the largest share "
+        "and the best (λ, share) is kept — early stopping on the select rows. [1] (default): "
+        "exactly the step count. [1, 2] pays twice the training for a choice that a few dozen "
+        "select rows could not make reliably on the validation families (docs/CONTRACTS.md, "
+        '"Step counts"); with hundreds of select rows per batch it can.',
+    )
 
     @field_validator("ewc_lambda")
     @classmethod
@@ -469,6 +479,13 @@ class _EWCSection(_DistillFields):
         if any(v < 0 for v in value):
             raise ValueError("lambda_grid values must be >= 0")
         return value
+
+    @field_validator("step_grid")
+    @classmethod
+    def _shares_positive(cls, value: list[float]) -> list[float]:
+        if any(not v > 0 for v in value):
+            raise ValueError("step_grid shares must be > 0 (1 = the run's step count)")
+        return sorted(set(value))
 
 
 class MonthlyConfig(_EWCSection):

@@ -61,6 +61,8 @@ monthly:                          # full fine-tune + online EWC
   # ewc_lambda: auto              # auto: best of lambda_grid on the select rows; or a number;
   #                               # unset: auto, or 1000 for model.family hf (same for weekly)
   lambda_grid: [0, 1, 10, 100]    # on the normalised Fisher
+  # step_grid: [1]                # shares of the step count scored on the select rows
+  #                               # (early stopping); [1, 2]: twice the training, best kept
   fisher_decay: 0.9               # F = gamma * F_old + F_own
   replay_ratio: 0.5               # rehearsal from the data memory (0 = EWC alone: cannot learn new classes)
 

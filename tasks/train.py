@@ -122,6 +122,8 @@ def _fit_distributed(
     # the config refuses distillation under torchrun: the ranks carry no teacher
     if methods.pop("distiller", None) is not None:
         raise ValueError("distillation does not run under train.processes > 1")
+    if methods.pop("snapshot_at", ()):  # the ranks return the last step's weights only
+        log_info("train.processes > 1 keeps no snapshot: the last step is the only candidate")
     job = DistributedJob(model, X, y, settings, fisher_kind=fisher_kind, **methods)
     outcome = run_distributed(job, processes, get_run_logger().info)
     assert outcome.result is not None

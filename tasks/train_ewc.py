@@ -1,6 +1,7 @@
 """Weekly and monthly: a challenger fine-tuned with online EWC (+ replay of the data memory),
-λ calibrated on the select rows when set to "auto", its Fisher consolidated on this version's
-rows (F ← γ·F_old + F_own) so the next update is anchored with it."""
+λ and the step count chosen on the select rows (`ewc_lambda: auto`, `step_grid`), its Fisher
+consolidated on this version's rows (F ← γ·F_old + F_own) so the next update is anchored with
+it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from continual.ewc import EWC
 from continual.models import ModelSpec
-from continual.training import TrainResult
+from continual.training import TrainResult, TrainSettings, load_trainable_, trainable_copy
 from evergreen.config import EvergreenConfig
 from tasks.memory import DataMemory
 from tasks.state import ModelState, parameters_of
@@ -32,8 +33,20 @@ from tasks.validate import PreparedData
 
 # one λ's fit: (model, its EWC state, training, own Fisher from the ranks when distributed)
 _Fitted = tuple[torch.nn.Module, EWC, TrainResult, dict[str, torch.Tensor] | None]
-# one λ of the calibration grid: (λ, select score, model, its EWC state, training, own Fisher)
-_Calibrated = tuple[float, float, torch.nn.Module, EWC, TrainResult, dict[str, torch.Tensor] | None]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Calibrated:
+    """The kept candidate of one λ: its select score, the step it was kept at, the model (its
+    parameters those of that step), EWC state, training and own Fisher."""
+
+    lam: float
+    score: float
+    step: int
+    model: torch.nn.Module
+    ewc: EWC
+    result: TrainResult
+    own: dict[str, torch.Tensor] | None
 
 
 def _anchored_ewc(
@@ -72,6 +85,7 @@ def _ewc_challenger(
     section = getattr(cfg, section_name)
     update = prepare_update(cfg, champion, data, memory, section)
     grid = section.lambda_grid if section.ewc_lambda == "auto" else [float(section.ewc_lambda)]
+    settings, scored_steps = step_plan(update.settings, section.step_grid)
     # EWC anchors where the update starts: for a text model that is the champion's encoder with
     # the head the probe just re-fitted on new + replayed rows. Anchored at the champion's old
     # head instead, the head's Fisher (hundreds of times the average weight's) pulls it back to
@@ -85,7 +99,7 @@ def _ewc_challenger(
             model,
             update.X,
             update.y,
-            update.settings,
+            settings,
             f"{label} λ={lam:g}",
             cfg=cfg,
             processes=section.train.processes,
@@ -95,17 +109,32 @@ def _ewc_challenger(
             replay=update.buffer,
             replay_ratio=section.replay_ratio,
             distiller=update.distiller,
+            snapshot_at=scored_steps[:-1],
         )
         return model, ewc, result, own
 
-    best, scores, seconds = _calibrate_lambda(grid, fit_at, update.selection)
-    lam, _score, model, ewc, _result, own = best
-    if len(grid) > 1:
-        get_run_logger().info("λ calibration on select rows: %s → λ=%g", scores, lam)
+    best, scores, seconds = _calibrate(grid, scored_steps, fit_at, update.selection)
+    if len(scores) > 1:
+        get_run_logger().info(
+            "calibration on select rows: %s → λ=%g at step %d of %d",
+            scores,
+            best.lam,
+            best.step,
+            scored_steps[-1],
+        )
     rows = (update.X, update.y)
-    fisher_metrics = _consolidate(ewc, model, own, champion.spec, rows, section_name)
+    fisher_metrics = _consolidate(best.ewc, best.model, best.own, champion.spec, rows, section_name)
     state = _ewc_version(cfg, champion, memory, update, section_name, best, seconds)
-    return state, {"ewc.lambda": lam, **fisher_metrics, **scores}
+    metrics = {"ewc.lambda": best.lam, "train.kept_step": float(best.step)}
+    return state, {**metrics, **fisher_metrics, **scores}
+
+
+def step_plan(settings: TrainSettings, shares: list[float]) -> tuple[TrainSettings, list[int]]:
+    """The run stretched to the largest share of its step count, and the steps scored (each
+    share × steps, at least 1, ascending); the warm-up keeps its share of the run."""
+    steps = sorted({max(1, round(share * settings.steps)) for share in shares})
+    warmup = min(round(settings.warmup_steps * steps[-1] / settings.steps), steps[-1] - 1)
+    return dataclasses.replace(settings, steps=steps[-1], warmup_steps=warmup), steps
 
 
 def _ewc_version(
@@ -118,44 +147,82 @@ def _ewc_version(
     seconds: float,
 ) -> ModelState:
     """The kept λ's challenger as a version; its training facts count the whole grid's time."""
-    lam, _score, model, ewc, result, _own = kept
     section = getattr(cfg, section_name)
     return ModelState(
-        model=model,
+        model=kept.model,
         spec=update.base.spec,
-        ewc=ewc,
+        ewc=kept.ewc,
         references=dict(champion.references),
         training=training_facts(
             cfg,
             section_name,
-            update.settings,
-            result,
+            dataclasses.replace(update.settings, steps=kept.result.steps),
+            kept.result,
             rows=len(update.X),
             seconds=seconds,
-            chosen={"ewc": {"lambda": lam}, "replay_ratio": section.replay_ratio},
+            chosen={
+                "ewc": {"lambda": kept.lam},
+                "replay_ratio": section.replay_ratio,
+                "kept_step": kept.step,
+            },
         ),
         **learned_fields(memory),
     )
 
 
-def _calibrate_lambda(
-    grid: list[float], fit_at: Callable[[float], _Fitted], selection: Selection
+def _calibrate(
+    grid: list[float],
+    scored_steps: list[int],
+    fit_at: Callable[[float], _Fitted],
+    selection: Selection,
 ) -> tuple[_Calibrated, dict[str, float], float]:
-    """Fit one challenger per λ of the grid and keep the best on the select rows (the first of
-    equals; a grid of one λ is not scored). Returns the kept one, each λ's score as a run
-    metric, and the training seconds of the whole grid."""
+    """Fit one challenger per λ of the grid, score it at each of `scored_steps` on the select
+    rows and keep the best (λ, step): the first of equals, so the smaller λ and the shorter run
+    win ties; a single candidate is not scored. Returns the kept one, each candidate's score as
+    a run metric, and the training seconds of the whole grid."""
     best: _Calibrated | None = None
     scores: dict[str, float] = {}
     seconds = 0.0
+    single = len(grid) == 1 and len(scored_steps) == 1
     for lam in grid:
         model, ewc, result, own = fit_at(lam)
         seconds += result.seconds
-        score = selection.score(model) if len(grid) > 1 else float("nan")
-        scores[f"calibration.lambda_{lam:g}"] = score
-        if best is None or score > best[1]:
-            best = (lam, score, model, ewc, result, own)
+        step, score, by_step = _best_step(model, result, scored_steps, selection, single)
+        for at, value in by_step.items():
+            name = f"calibration.lambda_{lam:g}"
+            scores[name if len(scored_steps) == 1 else f"{name}.step_{at}"] = value
+        if best is None or score > best.score:
+            best = _Calibrated(lam, score, step, model, ewc, result, own)
     assert best is not None
     return best, scores, seconds
+
+
+def _best_step(
+    model: torch.nn.Module,
+    result: TrainResult,
+    scored_steps: list[int],
+    selection: Selection,
+    single: bool,
+) -> tuple[int, float, dict[int, float]]:
+    """Score the run's snapshots and its last step on the select rows and leave `model` at the
+    best of them (the earliest of equals); returns that step, its score and every scored
+    step's score. A step whose snapshot a resumed run lacks is not a candidate."""
+    last = scored_steps[-1]
+    if single:
+        return last, float("nan"), {last: float("nan")}
+    final = trainable_copy(model)
+    candidates = [(at, result.snapshots[at]) for at in scored_steps[:-1] if at in result.snapshots]
+    candidates.append((last, final))
+    best_step, best_score = last, float("-inf")
+    scored: dict[int, float] = {}
+    for at, parameters in candidates:
+        load_trainable_(model, parameters)
+        scored[at] = selection.score(model)
+        if scored[at] > best_score:
+            best_step, best_score = at, scored[at]
+    load_trainable_(model, dict(candidates)[best_step])
+    result.snapshots.clear()  # the kept parameters are in the model; free the copies
+    return best_step, best_score, scored
 
 
 def _consolidate(

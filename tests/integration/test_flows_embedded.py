@@ -195,9 +195,15 @@ def test_05_update_cadences_train_and_gate(pipeline, flow, batch):
     before = _champion(pipeline)
     # weekly-replay is the cadence drift starts: it is told why, and records it
     why = {"trigger": "re-run after the export fix"} if flow == "weekly-replay" else {}
-    result = _run(pipeline, flow, batch_ids=[batch], **why)
+    # weekly also chooses its step count on the select rows (early stopping): half or all
+    steps = ["weekly.step_grid=[0.5,1]"] if flow == "weekly-replay" else []
+    result = _run(pipeline, flow, batch_ids=[batch], overrides=steps, **why)
     assert result["decision"] in ("promoted", "rejected"), result
     assert result["metrics"]["gate.retention.n"] > 0
+    kept = result["metrics"]["train.kept_step"]
+    scored = [k for k in result["metrics"] if k.startswith("calibration.lambda_10.step_")]
+    assert len(scored) == (2 if steps else 0)
+    assert kept in {float(k.rsplit("_", 1)[1]) for k in scored} if steps else kept > 0
     tags = pipeline["registry"].get_version(result["version"]).tags
     assert tags["evergreen.parent_version"] == before
     assert tags["evergreen.cadence"] == flow

@@ -20,7 +20,7 @@ from benchmarks.sequences import (
 )
 
 DOMAIN = ["rotate", "gain", "roll", "thicken", "permute", "sensors"]
-SENSOR_FAMILIES = {"sensors", "sensor-classes", "sensor-arrival"}
+SENSOR_FAMILIES = {"sensors", "sensor-classes", "sensor-arrival", "sensor-ageing"}
 DIGITS = sorted(set(FAMILIES) - SENSOR_FAMILIES)
 
 
@@ -87,7 +87,7 @@ def test_class_arrival_groups(family, groups):
         assert set(task.test[LABEL]) == group
 
 
-@pytest.mark.parametrize("family", sorted(set(DOMAIN) - {"sensors"}))
+@pytest.mark.parametrize("family", sorted(set(DOMAIN) - {"sensors", "sensor-ageing"}))
 def test_each_shift_really_changes_the_images(family):
     sequence = build_sequence(family, seed=0)
     first = sequence.tasks[0].test[PIXELS].to_numpy()
@@ -163,13 +163,42 @@ def test_permute_uses_a_different_fixed_permutation_per_task():
     assert not np.array_equal(tasks[1].test.to_numpy(), tasks[2].test.to_numpy())
 
 
+def test_scramble_moves_whole_blocks_in_a_fixed_order_per_task():
+    from benchmarks.sequences import scramble
+
+    grid = np.arange(64.0).reshape(1, 8, 8)
+    moved = scramble(0, 1)(grid)[0]
+    assert sorted(moved.ravel()) == list(range(64))  # every pixel once
+    for i in range(0, 8, 2):  # each 2×2 block is some original block, kept whole
+        for j in range(0, 8, 2):
+            block = moved[i : i + 2, j : j + 2]
+            top, left = divmod(int(block[0, 0]), 8)
+            np.testing.assert_array_equal(block, grid[0, top : top + 2, left : left + 2])
+    assert not np.array_equal(moved, grid[0])
+    assert not np.array_equal(scramble(0, 2)(grid), scramble(0, 1)(grid))
+    np.testing.assert_array_equal(scramble(0, 0)(grid), grid)
+
+
+def test_sensor_ageing_drifts_twice_as_far_as_sensors():
+    for seed in (0, 1):
+        world = sensor_world(seed)
+        calm = build_sequence("sensors", seed).tasks[3].test[SENSORS].to_numpy()
+        aged = build_sequence("sensor-ageing", seed).tasks[3].test[SENSORS].to_numpy()
+        first = build_sequence("sensors", seed).tasks[0].test[SENSORS].to_numpy()
+        calm_change = np.abs(calm - first).mean(axis=0) / world.scale
+        aged_change = np.abs(aged - first).mean(axis=0) / world.scale
+        drifted = calm_change > 1e-3
+        assert (aged_change[drifted] > 1.5 * calm_change[drifted]).all()
+        assert (aged_change[~drifted] < 1e-9).all()
+
+
 def test_splits_share_no_family_and_no_seed():
     assert set(SPLITS) == {"validation", "test"}
     assert not set(VALIDATION.families) & set(TEST.families)
     assert not set(VALIDATION.seeds) & set(TEST.seeds)
     assert set(VALIDATION.families) | set(TEST.families) == set(FAMILIES)
     assert set(TEST.families) >= {"sensors", "sensor-classes"}
-    assert set(DIGITS) | {"sensor-arrival"} >= set(VALIDATION.families)
+    assert set(DIGITS) | {"sensor-arrival", "sensor-ageing"} >= set(VALIDATION.families)
 
 
 def test_bad_arguments_name_the_problem():

@@ -357,3 +357,33 @@ def test_train_applies_the_schedule_to_the_optimiser():
     finally:
         torch.optim.AdamW.step = original  # type: ignore[method-assign]
     assert seen == pytest.approx([lr_at(settings, k) for k in range(1, 7)])
+
+
+def test_a_snapshot_is_the_shorter_run_and_loads_back() -> None:
+    """Step k's snapshot of a long run holds what a run of k steps ends with (constant lr, same
+    seed), so scoring it is early stopping without a second training; `load_trainable_` puts
+    it back into the model."""
+    from continual.training import load_trainable_, trainable_copy
+
+    X, y, _ = _digits()
+    long_model, short_model = _model(), _model()
+    long = train(
+        long_model,
+        X[:400],
+        y[:400],
+        TrainSettings(steps=30, batch_size=16),
+        device=CPU,
+        snapshot_at=(10, 20, 99),
+    )
+    train(short_model, X[:400], y[:400], TrainSettings(steps=20, batch_size=16), device=CPU)
+    assert sorted(long.snapshots) == [10, 20]  # a step the run never reaches has none
+    short = trainable_copy(short_model)
+    assert short.keys() == long.snapshots[20].keys()
+    assert all(torch.equal(short[n], long.snapshots[20][n]) for n in short)
+    assert not torch.equal(
+        trainable_copy(long_model)["classifier.weight"], short["classifier.weight"]
+    )
+    load_trainable_(long_model, long.snapshots[20])
+    assert torch.equal(predict_logits(long_model, X[:50]), predict_logits(short_model, X[:50]))
+    with pytest.raises(KeyError, match="lacks"):
+        load_trainable_(long_model, {"nope.weight": torch.zeros(1)})
