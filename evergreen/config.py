@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from evergreen.config_base import StrictModel
 from evergreen.config_families import (
     CAUSAL_LM_FAMILY,
     TEXT_ONLY_CLASSES,
@@ -33,12 +34,7 @@ SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
 BUILTIN_FAMILIES = ("mlp", "transformer", "hf", "hf-causal-lm")
 
 
-class _Strict(BaseModel):
-    # unknown keys are typos; NaN/inf pass `gt=`/`le=` bounds in pydantic unless refused here
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
-class ChangeConfig(_Strict):
+class ChangeConfig(StrictModel):
     """How validation treats *change* (as opposed to corruption, which always blocks)."""
 
     block: list[Literal["range", "drift", "class_mix", "text_drift"]] = Field(
@@ -80,7 +76,7 @@ class ChangeConfig(_Strict):
     )
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     landing: str = Field(
         "./landing", description="Landing zone: a local folder or s3://bucket/prefix."
     )
@@ -218,7 +214,7 @@ class DataConfig(_Strict):
         return value
 
 
-class MemoryConfig(_Strict):
+class MemoryConfig(StrictModel):
     """The pipeline's data memory, shared by every cadence (model_registry/memory.py)."""
 
     replay_capacity: int = Field(
@@ -236,7 +232,7 @@ class MemoryConfig(_Strict):
     seed: int = Field(0, description="Seeds the replay buffer's sampling.")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     family: str = Field(
         "mlp", description='"mlp", "transformer", "hf", or "package.module:factory".'
     )
@@ -287,7 +283,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class RegistryConfig(_Strict):
+class RegistryConfig(StrictModel):
     tracking_uri: str | None = Field(
         None, description="null = $MLFLOW_TRACKING_URI if set, else embedded SQLite under home."
     )
@@ -311,7 +307,7 @@ def _env_processes() -> int:
     return int(raw)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     steps: int = Field(300, gt=0, description="Fewest optimiser steps (count steps, not epochs).")
     epochs: float = Field(
         0.0,
@@ -421,11 +417,11 @@ class TrainConfig(_Strict):
 LAMBDA_GRID = [0.0, 1.0, 10.0, 100.0]
 
 
-class BootstrapConfig(_Strict):
+class BootstrapConfig(StrictModel):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(steps=600))
 
 
-class _DistillFields(_Strict):
+class _DistillFields(StrictModel):
     """Distillation from the previous champion (causal LMs only; `continual.distillation`)."""
 
     distill_weight: float = Field(
@@ -533,7 +529,7 @@ class DailyConfig(_DistillFields):
     )
 
 
-class StreamConfig(_Strict):
+class StreamConfig(StrictModel):
     ema_decay: float = Field(0.99, gt=0, lt=1)
     ph_delta: float = Field(
         0.05, ge=0, description="Page-Hinkley δ: loss drift tolerated per sample (loss units)."
@@ -559,14 +555,14 @@ class StreamConfig(_Strict):
     lr: float = Field(1e-3, gt=0)
 
 
-class ConsolidateConfig(_Strict):
+class ConsolidateConfig(StrictModel):
     mode: Literal["ema", "interpolate"] = "ema"
     decay: float = Field(0.5, gt=0, lt=1, description="EMA decay over the lineage (old weight).")
     alpha: float = Field(0.5, ge=0, le=1, description="Interpolation weight of the champion.")
     lineage: int = Field(3, ge=2, description="How many recent champions to consolidate.")
 
 
-class GateConfig(_Strict):
+class GateConfig(StrictModel):
     """The promotion gate (continual/gating.py); defaults measured in benchmarks/bench_gate.py."""
 
     new_data_tolerance: float = Field(
@@ -613,7 +609,7 @@ class GateConfig(_Strict):
     n_bootstrap: int = Field(2000, gt=99)
 
 
-class EvergreenConfig(_Strict):
+class EvergreenConfig(StrictModel):
     home: str = Field(
         ".evergreen", description="State: MLflow store, artifacts, reports.", validate_default=True
     )
