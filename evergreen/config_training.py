@@ -1,6 +1,7 @@
 """The model and one training run: `model:` (which network is trained) and the `train:` block
 that every training cadence's section holds (steps, optimiser, processes, checkpoints,
-precision, learning-rate schedule). `evergreen.config` re-exports these names.
+precision, learning-rate schedule). Each cadence's own knobs are in `evergreen.config_cadences`;
+`evergreen.config` re-exports these names.
 """
 
 from __future__ import annotations
