@@ -1,16 +1,17 @@
 """What each model family changes in a config, and the checks that span sections.
 
-`evergreen.config` holds the schema (sections, fields, their bounds) and loading; its
-`EvergreenConfig` validator calls these once every section is parsed: a causal LM's and a
-pretrained text classifier's defaults (filled in key by key, only where the file leaves a key
-unset) and the rules no single section can check on its own (distillation, the replay mix).
+`evergreen.config` (with its `config_*` section modules) holds the schema (sections, fields,
+their bounds) and loading; its `EvergreenConfig` validator calls these once every section is
+parsed: a causal LM's and a pretrained text classifier's defaults (filled in key by key, only
+where the file leaves a key unset) and the rules no single section can check on its own
+(distillation, the replay mix).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Literal
 
-if TYPE_CHECKING:  # config.py imports this module for its validator
+if TYPE_CHECKING:  # config.py imports this module for its validator (config_data.py too)
     from evergreen.config import EvergreenConfig
 
 CAUSAL_LM_FAMILY = "hf-causal-lm"
