@@ -154,10 +154,10 @@ def token_log_likelihood(
     model: nn.Module, ids: Tensor, *, batch_size: int = _SCORE_BATCH, empty: float = 0.0
 ) -> np.ndarray:
     """Per-row mean token log-likelihood [N] (float64; −NLL per predicted token, higher is
-    better). A row with a single token (or none) has nothing to predict and scores `empty`:
-    0.0 for the keep/discard check, whose paired differences it leaves unchanged (the promotion
-    gate leaves such rows out: `has_next_token`); the served model passes NaN, as such a row has
-    no log-likelihood or perplexity to report.
+    better). A row with a single token (or none) has nothing to predict and scores `empty`
+    (0.0 by default); the promotion gate and the daily's keep/discard check leave such rows out
+    (`has_next_token`), and the served model passes NaN, as such a row has no log-likelihood or
+    perplexity to report.
 
     This is the one score of a causal LM: the gate, the keep/discard check of a LoRA update,
     the forgetting references and the served model all read it. exp(−score) is the row's
