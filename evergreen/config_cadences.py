@@ -61,7 +61,7 @@ class _EWCSection(_DistillFields):
         "and the best (λ, share) is kept — early stopping on the select rows. [1] (default): "
         "exactly the step count. [1, 2] pays twice the training for a choice that a few dozen "
         "select rows could not make reliably on the validation families (docs/CONTRACTS.md, "
-        '"Step counts"); with hundreds of select rows per batch it can.',
+        '"Step counts"); batches that leave hundreds of select rows may choose better.',
     )
 
     @field_validator("ewc_lambda")
