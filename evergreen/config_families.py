@@ -23,6 +23,9 @@ TEXT_ONLY_CLASSES = ["text"]
 # on a validation sequence; 80/20 before it: docs/CAUSAL_LM.md). The daily LoRA keeps 80/20.
 CAUSAL_LM_REPLAY_RATIO = 0.5
 CAUSAL_LM_DAILY_REPLAY_RATIO = 0.2
+# The causal LM's daily LoRA keeps the 150 steps its recipe was measured with (docs/CAUSAL_LM.md)
+# unless `daily.train.steps` is set; the classifiers' default is 300 (`DailyConfig`).
+CAUSAL_LM_DAILY_STEPS = 150
 # Every training run of a causal LM (bootstrap and updates): linear warm-up over 5 % of its
 # steps, then cosine decay to 0.1 × lr; an update re-warms and re-decays (docs/CAUSAL_LM.md,
 # chosen on a validation domain sequence by `benchmarks.causal_lm_recipe`).
@@ -66,7 +69,8 @@ def daily_lora_defaults(cfg: EvergreenConfig) -> None:
 def causal_lm_defaults(cfg: EvergreenConfig) -> None:
     """Check and complete a causal-LM config: text and no classes (the placeholder class is
     filled in); weekly and daily replay `CAUSAL_LM_REPLAY_RATIO` and
-    `CAUSAL_LM_DAILY_REPLAY_RATIO` old text unless their `replay_ratio` is set; every section's
+    `CAUSAL_LM_DAILY_REPLAY_RATIO` old text unless their `replay_ratio` is set; the daily trains
+    `CAUSAL_LM_DAILY_STEPS` unless its `train.steps` is set; every section's
     training warms up and decays its learning rate (`CAUSAL_LM_LR_SCHEDULE`,
     `CAUSAL_LM_WARMUP_FRACTION`) unless its `train` sets them.
 
@@ -95,6 +99,9 @@ def causal_lm_defaults(cfg: EvergreenConfig) -> None:
         cfg.weekly.replay_ratio = CAUSAL_LM_REPLAY_RATIO
     if "replay_ratio" not in cfg.daily.model_fields_set:
         cfg.daily.replay_ratio = CAUSAL_LM_DAILY_REPLAY_RATIO
+    daily_set = cfg.daily.train.model_fields_set if "train" in cfg.daily.model_fields_set else set()
+    if "steps" not in daily_set:
+        cfg.daily.train.steps = CAUSAL_LM_DAILY_STEPS
     for train in (cfg.bootstrap.train, cfg.weekly.train, cfg.monthly.train, cfg.daily.train):
         if "lr_schedule" not in train.model_fields_set:
             train.lr_schedule = CAUSAL_LM_LR_SCHEDULE

@@ -72,7 +72,7 @@ weekly:                           # experience replay + EWC
   #                               # batch); unset: 0.75, or 0.5 for model.family hf-causal-lm
 
 daily:                            # online LoRA, kept only if it passes the gate's rule on select rows
-  train: {steps: 150, lr: 0.003}
+  train: {steps: 300, lr: 0.003}
   # lora_r: 32                    # adapter rank; unset: 32, or 8 for model.family hf / hf-causal-lm
   # lora_alpha: 64                # unset: 2 × lora_r (the update is scaled by alpha / r)
   target_modules: null            # null: q_proj/v_proj where present, else every Linear but the head
@@ -123,7 +123,7 @@ _TEXT_LINES = {
     "  train: {steps: 300, epochs: 5}  # + processes: 2 → torchrun DDP (any section; unset: $EVERGREEN_TRAIN_PROCESSES or 1)\n": (
         "  train: {steps: 1, epochs: 10, batch_size: 16}  # lr unset: 3e-5\n"
     ),
-    "  train: {steps: 150, lr: 0.003}\n": (
+    "  train: {steps: 300, lr: 0.003}\n": (
         "  train: {steps: 1, epochs: 2, batch_size: 16, lr: 0.001}  # the LoRA adapters only\n"
     ),
 }

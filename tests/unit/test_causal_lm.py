@@ -151,6 +151,19 @@ def test_causal_lm_config_needs_no_classes_and_replays_half_weekly():
     assert again.data.text_only
 
 
+def test_the_daily_keeps_150_steps_for_a_causal_lm_unless_set():
+    """The classifiers' daily default rose to 300 steps (chosen on tabular validation families);
+    the causal LM keeps the 150 its recipe was measured with, and a set count stands."""
+    assert EvergreenConfig.model_validate(_config()).daily.train.steps == 150
+    chosen = _config()
+    chosen["daily"] = {"train": {"steps": 40}}
+    assert EvergreenConfig.model_validate(chosen).daily.train.steps == 40
+    tabular = EvergreenConfig.model_validate(
+        {"data": {"landing": "/tmp/x", "features": ["a"], "classes": [0, 1]}}
+    )
+    assert tabular.daily.train.steps == 300
+
+
 def test_causal_lm_training_warms_up_and_decays_the_lr_unless_set():
     cfg = EvergreenConfig.model_validate(_config())
     for section in (cfg.bootstrap.train, cfg.weekly.train, cfg.monthly.train, cfg.daily.train):
