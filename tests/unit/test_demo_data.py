@@ -173,7 +173,10 @@ def test_demo_config_validates_with_the_shipped_model_and_training_defaults(tmp_
         assert getattr(cfg, section).train == getattr(defaults, section).train, section
     assert cfg.data.feature_bounds == {}  # the demo learns from change; nothing is declared
     assert cfg.registry.tracking_uri is None
-    assert cfg.daily.train.steps < cfg.weekly.train.steps < cfg.monthly.train.steps
+    # the daily stays the cheapest update: one adapter of at most the weekly's step floor,
+    # where the weekly trains one challenger per λ of its grid
+    assert cfg.daily.train.steps <= cfg.weekly.train.steps < cfg.monthly.train.steps
+    assert len(cfg.weekly.lambda_grid) > 1
 
 
 @pytest.mark.slow
