@@ -455,6 +455,7 @@ def run(
     workdir = Path(tempfile.mkdtemp(prefix="evergreen-product-quality-"))
     os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     started, code = time.perf_counter(), _code_state()
+    partial = workdir.parent / f"{workdir.name}.runs.jsonl"  # survives a kill; removed at the end
     runs = []
     for family in families:
         for seed in seeds:
@@ -462,8 +463,8 @@ def run(
             runs.append(
                 run_sequence(family, seed, cadence, n_tasks, declare_bounds, workdir, overrides)
             )
-            with (workdir.parent / f"{workdir.name}.runs.jsonl").open("a") as partial:
-                partial.write(json.dumps(runs[-1], default=str) + "\n")  # survives a kill
+            with partial.open("a") as lines:
+                lines.write(json.dumps(runs[-1], default=str) + "\n")
     if keep:
         print(f"homes kept under {workdir} (<workdir> in the JSON)", file=sys.stderr)
     else:
@@ -486,6 +487,7 @@ def run(
     }
     if not quick:
         save(result)
+    partial.unlink(missing_ok=True)  # the result holds every run now
     return result
 
 
