@@ -210,9 +210,11 @@ def _best_step(
     last = scored_steps[-1]
     if single:
         return last, float("nan"), {last: float("nan")}
-    final = trainable_copy(model)
-    candidates = [(at, result.snapshots[at]) for at in scored_steps[:-1] if at in result.snapshots]
-    candidates.append((last, final))
+    earlier = [(at, result.snapshots[at]) for at in scored_steps[:-1] if at in result.snapshots]
+    if not earlier:  # one step to score (the default grid): no copy, nothing to load back
+        score = selection.score(model)
+        return last, score, {last: score}
+    candidates = [*earlier, (last, trainable_copy(model))]
     best_step, best_score = last, float("-inf")
     scored: dict[int, float] = {}
     for at, parameters in candidates:
